@@ -1,0 +1,112 @@
+"""The ``mobile-vla`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mobile_vla import __version__
+from mobile_vla.config import Config, load_config
+from mobile_vla.errors import MobileVLAError
+
+log = logging.getLogger("mobile_vla")
+
+
+def _config_from(args: argparse.Namespace, overrides: Sequence[str]) -> Config:
+    return load_config(args.config, overrides)
+
+
+def cmd_collect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.sim.collect import collect
+    from mobile_vla.sim.scenario import parse_scenarios
+
+    cfg = _config_from(args, overrides)
+    seed = cfg.seed if args.seed is None else args.seed
+    cells = parse_scenarios(args.scenarios)
+    results = collect(args.out, args.episodes, cells, seed=seed, workers=args.workers,
+                      cfg=cfg.sim, progress=not args.quiet)
+    ok = sum(r.success for r in results)
+    frames = sum(r.frames for r in results)
+    print(f"wrote {len(results)} episodes ({frames} frames) to {args.out}; "
+          f"expert reached the goal in {ok}/{len(results)}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.data.episodes import scan_episodes
+    from mobile_vla.data.inspect import DatasetSummary
+
+    cfg = _config_from(args, overrides)
+    data = cfg.data
+    scan = scan_episodes(args.data, args.pattern or data.pattern, data.action_names,
+                         data.instruction_template, deep=args.deep, progress=not args.quiet)
+    summary = DatasetSummary(scan, data.action_names)
+    if not scan.episodes and not scan.bad:
+        raise MobileVLAError(
+            f"no files matching '{args.pattern or data.pattern}' in dataset folder '{args.data}'"
+        )
+    print(json.dumps(summary.to_json(), indent=2) if args.json else summary.to_text())
+    return 1 if scan.bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mobile-vla",
+        description="Turn a pretrained VLM into a VLA policy for a mobile robot.",
+        epilog="Config keys can be overridden on any command as --section.key=value.",
+    )
+    parser.add_argument("--version", action="version", version=f"mobile-vla {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("collect", help="simulated expert episodes in the robot's HDF5 format")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--episodes", required=True, type=int, help="number of episodes")
+    p.add_argument("--scenarios", nargs="+", default=None,
+                   help="grid cells: layout/side/distance joined by _ (1box_left, 2box_far, "
+                        "right, ...), or 'all' (default)")
+    p.add_argument("--seed", type=int, default=None, help="collection seed (default: config seed)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (sim section)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("inspect", help="validate a dataset folder and print its statistics")
+    p.add_argument("data", type=Path, help="folder of episode files")
+    p.add_argument("--pattern", default=None, help="glob pattern (default: data.pattern)")
+    p.add_argument("--deep", action="store_true", help="decode every frame of every file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (data section)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [r for r in rest if r.startswith("--") and "=" in r]
+    stray = [r for r in rest if r not in overrides]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)} "
+                     "(config overrides take the form --section.key=value)")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args, overrides) or 0)
+    except MobileVLAError as exc:
+        print(f"mobile-vla {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mobile-vla {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

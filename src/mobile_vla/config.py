@@ -1,0 +1,452 @@
+"""Configuration: dataclasses, YAML files with ``parent:`` inheritance, dotted overrides.
+
+Every key that exists has an effect; unknown keys are refused with the closest valid key
+suggested; values are type-checked and range-checked where they enter, with the key named.
+
+    cfg = load_config("configs/builtin_frozen.yaml", ["data.window_size=4", "--seed=3"])
+    save_config(cfg, run_dir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from mobile_vla.errors import ConfigError
+from mobile_vla.io import atomic_write_text
+
+T = TypeVar("T")
+
+ACTION_NAMES = ("linear_x", "linear_y", "angular_z")
+LAYOUTS = ("1box", "2box")
+SIDES = ("left", "right")
+DISTANCES = ("close", "medium", "far")
+TARGETS = ("bottle", "basket")
+DEFAULT_INSTRUCTION_TEMPLATE = (
+    "Navigate around obstacles and reach the front of the beverage bottle on the {side}"
+)
+
+
+def _fail(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentConfig:
+    """Training-time image augmentation, applied identically to every frame of a window."""
+
+    color_jitter: float = 0.0
+    """Strength s of brightness, contrast and saturation jitter: each factor in [1-s, 1+s]."""
+    shift_pixels: int = 0
+    """Random shift: pad by this many pixels (edge replicate) and crop back at a random offset."""
+    mirror_prob: float = 0.0
+    """Probability of mirroring: image flipped, linear_y and angular_z negated, left<->right."""
+
+    def validate(self, prefix: str) -> None:
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise _fail(f"{prefix}.color_jitter", "in [0, 1)", self.color_jitter)
+        if self.shift_pixels < 0:
+            raise _fail(f"{prefix}.shift_pixels", ">= 0", self.shift_pixels)
+        if not 0.0 <= self.mirror_prob <= 1.0:
+            raise _fail(f"{prefix}.mirror_prob", "in [0, 1]", self.mirror_prob)
+
+
+@dataclass
+class DataConfig:
+    """Where the episodes are and how they become training samples."""
+
+    path: str = "data/sim"
+    """Folder of episode files (relative paths are taken from the working directory)."""
+    pattern: str = "episode_*.h5"
+    """Glob pattern of episode files inside ``path``."""
+    skip_bad: bool = False
+    """Skip malformed files (and report them) instead of refusing the dataset."""
+    action_names: list[str] = field(default_factory=lambda: list(ACTION_NAMES))
+    """Names of the columns of the files' ``actions`` dataset, in order."""
+    action_dims: list[str] = field(default_factory=lambda: ["linear_x", "linear_y"])
+    """Which action columns the model predicts, by name."""
+    window_size: int = 8
+    """Frames of history per sample (the current frame and the ones before it)."""
+    fwd_pred_next_n: int = 10
+    """Length of the predicted action chunk."""
+    chunk_offset: int = 0
+    """First chunk action relative to the current frame: 0 = a_t..a_{t+n-1}; 1 = a_{t+1}..."""
+    image_size: list[int] = field(default_factory=lambda: [224, 224])
+    """Frames are resized to [height, width] (the robot node sends 224x224)."""
+    instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE
+    """Instruction for files without ``language_instruction``; ``{side}`` comes from the name."""
+    val_fraction: float = 0.1
+    """Share of episodes per (scenario, side) stratum held out for validation."""
+    normalization: Literal["none", "minmax", "meanstd", "quantile"] = "quantile"
+    """Action normalization: minmax/quantile map [min,max] / [q01,q99] to [-1,1]; meanstd z-scores."""
+    frame_cache: bool = True
+    """Decode and resize each frame once into a memory-mapped cache (else decode per sample)."""
+    cache_dir: str = ""
+    """Frame cache folder; empty = ``<path>/.mobile_vla_cache``."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, prefix: str) -> None:
+        if not self.action_names or len(set(self.action_names)) != len(self.action_names):
+            raise _fail(f"{prefix}.action_names", "a non-empty list of distinct names",
+                        self.action_names)
+        if not self.action_dims:
+            raise _fail(f"{prefix}.action_dims", "a non-empty list", self.action_dims)
+        for name in self.action_dims:
+            if name not in self.action_names:
+                raise _fail(f"{prefix}.action_dims", f"names from action_names {self.action_names}",
+                            name)
+        if len(set(self.action_dims)) != len(self.action_dims):
+            raise _fail(f"{prefix}.action_dims", "distinct names", self.action_dims)
+        if self.window_size < 1:
+            raise _fail(f"{prefix}.window_size", ">= 1", self.window_size)
+        if self.fwd_pred_next_n < 1:
+            raise _fail(f"{prefix}.fwd_pred_next_n", ">= 1", self.fwd_pred_next_n)
+        if self.chunk_offset not in (0, 1):
+            raise _fail(f"{prefix}.chunk_offset", "0 or 1", self.chunk_offset)
+        if len(self.image_size) != 2 or min(self.image_size) < 8:
+            raise _fail(f"{prefix}.image_size", "[height, width], each >= 8", self.image_size)
+        if "{side}" not in self.instruction_template:
+            raise _fail(f"{prefix}.instruction_template", "a template containing '{side}'",
+                        self.instruction_template)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise _fail(f"{prefix}.val_fraction", "in [0, 1)", self.val_fraction)
+        if not self.pattern:
+            raise _fail(f"{prefix}.pattern", "a non-empty glob pattern", self.pattern)
+        self.augment.validate(f"{prefix}.augment")
+
+    @property
+    def action_indices(self) -> list[int]:
+        """Column indices of ``action_dims`` in the files' ``actions``."""
+        return [self.action_names.index(name) for name in self.action_dims]
+
+    def resolved_cache_dir(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else Path(self.path) / ".mobile_vla_cache"
+
+
+@dataclass
+class SimConfig:
+    """The MuJoCo arena, the robot and the scripted expert."""
+
+    image_size: list[int] = field(default_factory=lambda: [224, 224])
+    """Camera frame [height, width]."""
+    control_hz: float = 10.0
+    """Control rate: one action and one frame per 1/control_hz seconds."""
+    physics_timestep: float = 0.005
+    """MuJoCo integration step in seconds (must divide the control period)."""
+    episode_length: int = 18
+    """Frames per collected episode; 0 = run the expert to completion (up to max_steps)."""
+    max_steps: int = 60
+    """Step limit for run-to-completion episodes and for closed-loop evaluation."""
+    teleop_actions: bool = True
+    """Expert emits teleoperation-style values in {-speed, 0, +speed} like the real robot."""
+    speed: float = 1.15
+    """Teleoperation magnitude and continuous-mode speed limit (m/s, rad/s)."""
+    action_noise: float = 0.0
+    """Per-step probability that the executed command is replaced by a random one (the recorded
+    action stays the expert's corrective label, DART-style)."""
+    noise_steps: int = 2
+    """How many consecutive steps one perturbation lasts."""
+    paraphrase_prob: float = 0.5
+    """Probability that an episode's instruction is a paraphrase instead of the canonical one."""
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    """Target objects to draw from: bottle and/or basket."""
+    yaw_jitter_deg: float = 0.0
+    """Initial heading noise; in continuous mode the expert corrects it with angular_z."""
+    randomize_appearance: bool = True
+    """Random colours, floor/wall textures and lighting per episode (else a fixed look)."""
+
+    def validate(self, prefix: str) -> None:
+        if len(self.image_size) != 2 or min(self.image_size) < 8:
+            raise _fail(f"{prefix}.image_size", "[height, width], each >= 8", self.image_size)
+        if self.control_hz <= 0:
+            raise _fail(f"{prefix}.control_hz", "> 0", self.control_hz)
+        if self.physics_timestep <= 0:
+            raise _fail(f"{prefix}.physics_timestep", "> 0", self.physics_timestep)
+        substeps = 1.0 / (self.control_hz * self.physics_timestep)
+        if abs(substeps - round(substeps)) > 1e-6 or round(substeps) < 1:
+            raise _fail(f"{prefix}.physics_timestep", "a divisor of the control period",
+                        self.physics_timestep)
+        if self.episode_length < 0:
+            raise _fail(f"{prefix}.episode_length", ">= 0 (0 = run to completion)",
+                        self.episode_length)
+        if self.max_steps < 1:
+            raise _fail(f"{prefix}.max_steps", ">= 1", self.max_steps)
+        if self.speed <= 0:
+            raise _fail(f"{prefix}.speed", "> 0", self.speed)
+        if not 0.0 <= self.action_noise <= 1.0:
+            raise _fail(f"{prefix}.action_noise", "in [0, 1]", self.action_noise)
+        if self.noise_steps < 1:
+            raise _fail(f"{prefix}.noise_steps", ">= 1", self.noise_steps)
+        if not 0.0 <= self.paraphrase_prob <= 1.0:
+            raise _fail(f"{prefix}.paraphrase_prob", "in [0, 1]", self.paraphrase_prob)
+        if not self.targets or any(t not in TARGETS for t in self.targets):
+            raise _fail(f"{prefix}.targets", f"a non-empty list from {list(TARGETS)}",
+                        self.targets)
+        if not 0.0 <= self.yaw_jitter_deg <= 45.0:
+            raise _fail(f"{prefix}.yaw_jitter_deg", "in [0, 45]", self.yaw_jitter_deg)
+
+    @property
+    def substeps(self) -> int:
+        return round(1.0 / (self.control_hz * self.physics_timestep))
+
+
+@dataclass
+class Config:
+    """The whole configuration. One seed drives everything."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        self.data.validate("data")
+        self.sim.validate("sim")
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass
+# --------------------------------------------------------------------------------------------
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise _fail(key, "a mapping", value)
+        return from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise _fail(key, _type_name(tp), value)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise _fail(key, _type_name(tp), value)
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _fail(key, _type_name(tp), value)
+        (arg,) = get_args(tp)[:1] or (Any,)
+        return [_convert(arg, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _fail(key, "a mapping", value)
+        _, varg = get_args(tp) or (str, Any)
+        return {str(k): _convert(varg, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise _fail(key, "null", value)
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _fail(key, "true or false", value)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail(key, "an integer", value)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fail(key, "a number", value)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise _fail(key, "a string", value)
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")  # programming error
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def unknown_key_error(key: str, valid: Iterable[str], prefix: str, source: str = "") -> ConfigError:
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean '{_join(prefix, close[0])}'?)" if close else ""
+    where = f" in {source}" if source else ""
+    return ConfigError(
+        f"config key '{_join(prefix, key)}' is not known{where}{hint}; "
+        f"valid keys{' of ' + prefix if prefix else ''}: {', '.join(sorted(valid))}"
+    )
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "", source: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types."""
+    fields = _fields(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise unknown_key_error(str(key), fields, prefix, source)
+        kwargs[key] = _convert(fields[key], value, _join(prefix, key))
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# YAML files, inheritance, overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config and everything it inherits through ``parent:`` (child keys win)."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise ConfigError(f"config '{path}' inherits from itself: {chain}")
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    parents = raw.pop("parent", None)
+    if parents is None:
+        return raw
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"config key 'parent' in '{path}' must be a file name or a list of them")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+        merged = _deep_merge(merged, read_yaml_tree(parent_path, (*_seen, resolved)))
+    return _deep_merge(merged, raw)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"--data.window_size=4"`` -> ``("data.window_size", 4)``; values are parsed as YAML."""
+    body = text[2:] if text.startswith("--") else text
+    if "=" not in body:
+        raise ConfigError(f"override '{text}' must have the form key=value (e.g. data.window_size=4)")
+    key, value = body.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML") from exc
+    return key, parsed
+
+
+def _apply_override(tree: dict[str, Any], key: str, value: Any, cls: type) -> None:
+    parts = key.split(".")
+    node = tree
+    current_cls: Any = cls
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        if not dataclasses.is_dataclass(current_cls):
+            raise ConfigError(f"override '{key}': '{prefix}' is not a section")
+        fields = _fields(current_cls)
+        if part not in fields:
+            raise unknown_key_error(part, fields, prefix, "the command line")
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+            current_cls = fields[part]
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    cls: type[T] = Config,  # type: ignore[assignment]
+) -> T:
+    """Load ``path`` (with its parents), apply dotted overrides, validate, and return ``cls``."""
+    tree: dict[str, Any] = read_yaml_tree(path) if path is not None else {}
+    source = str(path) if path is not None else ""
+    # Validate file keys before overrides so errors name the file.
+    from_dict(cls, tree, source=source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply_override(tree, key, value, cls)
+    cfg = from_dict(cls, tree, source=source)
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate()
+    return cfg
+
+
+def config_to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config (every key, defaults included) atomically."""
+    atomic_write_text(path, config_to_yaml(cfg))

@@ -1,0 +1,166 @@
+"""Training samples: a window of frames and the action chunk that follows.
+
+For every frame ``t`` of an episode (the "current" frame) one sample holds
+
+* ``images``      uint8 (window_size, 3, H, W): frames t-window_size+1 .. t; frames before the
+  episode start repeat frame 0 and are marked False in ``obs_mask``;
+* ``actions``     float32 (fwd_pred_next_n, D): normalized actions a_{t+o} .. a_{t+o+n-1}
+  (o = ``chunk_offset``) of the ``action_dims`` columns; steps past the episode end are zero
+  and marked False in ``action_mask``;
+* ``instruction`` str, ``side`` (+1 left, -1 right, 0 unknown, after any mirroring), and the
+  episode/frame indices.
+
+So an episode shorter than window + chunk still gives one sample per frame, padded and masked,
+never dropped. Randomness (augmentation) comes from a generator seeded by (seed, epoch, index),
+so a sample depends only on its index and epoch; nothing reseeds a global RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mobile_vla.config import Config, DataConfig
+from mobile_vla.data.augmentation import augment
+from mobile_vla.data.episodes import Split, load_episodes, split_episodes
+from mobile_vla.data.frame_cache import DirectFrames, FrameCache
+from mobile_vla.data.hdf5 import EpisodeInfo
+from mobile_vla.data.normalization import ActionStats, Normalizer
+
+SIDE_VALUE = {"left": 1, "right": -1}
+
+
+def side_of_instruction(text: str) -> int:
+    """+1 if the instruction says left, -1 if right, 0 if neither or both."""
+    words = set(text.lower().replace(",", " ").replace(".", " ").split())
+    left, right = "left" in words, "right" in words
+    return 1 if left and not right else -1 if right and not left else 0
+
+
+def window_indices(t: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frame indices of the window ending at ``t`` (clamped at 0) and the mask of real frames."""
+    raw = np.arange(t - window + 1, t + 1)
+    return np.maximum(raw, 0), raw >= 0
+
+
+def chunk_indices(t: int, n: int, offset: int, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Action indices of the chunk after ``t`` and the mask of steps inside the episode."""
+    raw = np.arange(t + offset, t + offset + n)
+    valid = raw < num_frames
+    return np.where(valid, raw, 0), valid
+
+
+class EpisodeDataset(Dataset):
+    """Window + chunk samples over a list of episodes (see module docstring)."""
+
+    def __init__(
+        self,
+        episodes: Sequence[EpisodeInfo],
+        cfg: DataConfig,
+        normalizer: Normalizer,
+        train: bool = False,
+        seed: int = 0,
+        frame_source: FrameCache | DirectFrames | None = None,
+    ) -> None:
+        self.episodes = list(episodes)
+        self.cfg = cfg
+        self.normalizer = normalizer
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.action_idx = cfg.action_indices
+        self.frames = frame_source if frame_source is not None else make_frame_source(cfg)
+        index = []
+        for e, ep in enumerate(self.episodes):
+            # A frame yields a sample when its chunk has at least one action inside the episode.
+            last = ep.num_frames - cfg.chunk_offset
+            index.extend((e, t) for t in range(max(last, 0)))
+        self.index = np.asarray(index, dtype=np.int64).reshape(-1, 2)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Changes the augmentation draws; call once per epoch (workers see it after a re-fork)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _window_frames(self, ep: EpisodeInfo, frame_idx: np.ndarray) -> np.ndarray:
+        if isinstance(self.frames, FrameCache):
+            return np.asarray(self.frames.frames(ep)[frame_idx])
+        return self.frames.window(ep, frame_idx)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        e, t = (int(v) for v in self.index[i])
+        ep = self.episodes[e]
+        cfg = self.cfg
+        frame_idx, obs_mask = window_indices(t, cfg.window_size)
+        act_idx, act_mask = chunk_indices(t, cfg.fwd_pred_next_n, cfg.chunk_offset, ep.num_frames)
+        frames = self._window_frames(ep, frame_idx)
+        actions = ep.actions[act_idx][:, self.action_idx]
+        instruction = ep.instruction
+        mirrored = False
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+            action_names = [cfg.action_names[k] for k in self.action_idx]
+            aug = augment(frames, actions, instruction, action_names, cfg.augment, rng)
+            frames, actions, instruction, mirrored = (
+                aug.frames, aug.actions, aug.instruction, aug.mirrored
+            )
+        norm = self.normalizer.normalize(actions)
+        norm[~act_mask] = 0.0
+        return {
+            "images": torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2))),
+            "obs_mask": torch.from_numpy(obs_mask),
+            "actions": torch.from_numpy(norm),
+            "action_mask": torch.from_numpy(act_mask),
+            "instruction": instruction,
+            "side": side_of_instruction(instruction),
+            "mirrored": mirrored,
+            "episode": e,
+            "frame": t,
+        }
+
+
+def make_frame_source(cfg: DataConfig) -> FrameCache | DirectFrames:
+    if cfg.frame_cache:
+        return FrameCache(cfg.resolved_cache_dir(), cfg.image_size)
+    return DirectFrames(cfg.image_size)
+
+
+@dataclass
+class DataBundle:
+    """Everything training needs from the data layer."""
+
+    split: Split
+    stats: ActionStats
+    normalizer: Normalizer
+    train: EpisodeDataset
+    val: EpisodeDataset
+
+
+def build_datasets(cfg: Config, progress: bool = False) -> DataBundle:
+    """Load and validate the episodes, split them, fit normalization on the training split,
+    build (or reuse) the frame cache, and return the two datasets."""
+    data = cfg.data
+    episodes = load_episodes(data, progress=progress)
+    split = split_episodes(episodes, data.val_fraction, cfg.seed)
+    names = [data.action_names[k] for k in data.action_indices]
+    stats = ActionStats.from_arrays(names, [ep.actions[:, data.action_indices] for ep in split.train])
+    normalizer = Normalizer(stats, data.normalization)
+    source = make_frame_source(data)
+    if isinstance(source, FrameCache):
+        source.ensure(episodes, progress=progress)
+    return DataBundle(
+        split=split,
+        stats=stats,
+        normalizer=normalizer,
+        train=EpisodeDataset(split.train, data, normalizer, True, cfg.seed, source),
+        val=EpisodeDataset(split.val, data, normalizer, False, cfg.seed, source),
+    )

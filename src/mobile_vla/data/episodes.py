@@ -1,0 +1,128 @@
+"""Finding, validating and splitting the episodes of a dataset folder."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mobile_vla.config import ACTION_NAMES, DEFAULT_INSTRUCTION_TEMPLATE, DataConfig
+from mobile_vla.data.hdf5 import EpisodeInfo, read_episode_info, verify_frames
+from mobile_vla.errors import DataError, EpisodeError
+from mobile_vla.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScanResult:
+    """Every file matched in a folder: the good episodes and one error per bad file."""
+
+    folder: Path
+    pattern: str
+    episodes: list[EpisodeInfo] = field(default_factory=list)
+    bad: list[EpisodeError] = field(default_factory=list)
+
+
+def find_episode_files(folder: str | Path, pattern: str = "episode_*.h5") -> list[Path]:
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"dataset folder '{folder}' does not exist")
+    if not folder.is_dir():
+        raise DataError(f"dataset path '{folder}' is not a folder")
+    return sorted(p for p in folder.glob(pattern) if p.is_file())
+
+
+def scan_episodes(
+    folder: str | Path,
+    pattern: str = "episode_*.h5",
+    action_names: Sequence[str] = ACTION_NAMES,
+    instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE,
+    deep: bool = False,
+    progress: bool = False,
+) -> ScanResult:
+    """Validate every matching file. ``deep`` decodes every frame (slow on real 720p data)."""
+    files = find_episode_files(folder, pattern)
+    result = ScanResult(Path(folder), pattern)
+    for path in tqdm(files, desc="validate", unit="file", disable=not progress):
+        try:
+            info = read_episode_info(path, action_names, instruction_template)
+            if deep:
+                verify_frames(path)
+        except EpisodeError as exc:
+            result.bad.append(exc)
+            continue
+        result.episodes.append(info)
+    return result
+
+
+def load_episodes(cfg: DataConfig, progress: bool = False) -> list[EpisodeInfo]:
+    """The episodes training and evaluation use.
+
+    Bad files refuse the whole dataset (every one is listed) unless ``cfg.skip_bad`` is set,
+    in which case they are reported and skipped.
+    """
+    scan = scan_episodes(cfg.path, cfg.pattern, cfg.action_names, cfg.instruction_template,
+                         progress=progress)
+    if not scan.episodes and not scan.bad:
+        raise DataError(f"no files matching '{cfg.pattern}' in dataset folder '{cfg.path}'")
+    if scan.bad:
+        listing = "; ".join(str(e) for e in scan.bad)
+        if not cfg.skip_bad:
+            raise DataError(
+                f"{len(scan.bad)} bad episode file(s) in '{cfg.path}' (fix them or pass "
+                f"--data.skip_bad=true): {listing}"
+            )
+        log.warning("skipping %d bad episode file(s) in %s: %s", len(scan.bad), cfg.path, listing)
+    if not scan.episodes:
+        raise DataError(f"no usable episodes in '{cfg.path}' ({len(scan.bad)} bad file(s))")
+    return scan.episodes
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+@dataclass
+class Split:
+    train: list[EpisodeInfo]
+    val: list[EpisodeInfo]
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"train": [e.path.name for e in self.train], "val": [e.path.name for e in self.val]}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(path, self.to_json())
+
+
+def split_episodes(episodes: Sequence[EpisodeInfo], val_fraction: float, seed: int) -> Split:
+    """Episode-level split stratified by (scenario, side), deterministic from ``seed``.
+
+    Each stratum gives ``round(val_fraction * n)`` episodes to validation, at least one when
+    ``val_fraction > 0`` and the stratum has two or more, and always keeps one for training.
+    The result does not depend on the order episodes are listed in.
+    """
+    strata: dict[str, list[EpisodeInfo]] = defaultdict(list)
+    for ep in episodes:
+        strata[ep.stratum].append(ep)
+    train: list[EpisodeInfo] = []
+    val: list[EpisodeInfo] = []
+    for key in sorted(strata):
+        group = sorted(strata[key], key=lambda e: e.path.name)
+        rng = np.random.default_rng([seed, _stable_int(key)])
+        order = rng.permutation(len(group))
+        n_val = round(val_fraction * len(group)) if val_fraction > 0 else 0
+        if val_fraction > 0 and len(group) >= 2:
+            n_val = max(n_val, 1)
+        n_val = min(n_val, len(group) - 1)
+        val.extend(group[i] for i in order[:n_val])
+        train.extend(group[i] for i in order[n_val:])
+    train.sort(key=lambda e: e.path.name)
+    val.sort(key=lambda e: e.path.name)
+    return Split(train, val)

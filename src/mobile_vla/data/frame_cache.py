@@ -1,0 +1,197 @@
+"""Frames decoded and resized once, into memory-mappable ``.npy`` files.
+
+An entry is keyed by the SHA-256 of the source file's bytes and the target size::
+
+    <root>/frames/<sha[:2]>/<sha>_<H>x<W>.npy      uint8 (T, H, W, 3)
+
+so an episode that changes on disk gets a new entry, and the same content is shared between
+folders. Hashing reads the file once; the digest is remembered in ``<root>/index.json`` under the
+file's (size, mtime, inode), as git does, and recomputed whenever those change. An entry that is
+truncated or has the wrong shape is reported in one log line and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mobile_vla.data.hdf5 import EpisodeInfo, FrameReader
+from mobile_vla.io import atomic_path, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+_HASH_CHUNK = 1 << 22
+
+
+def resize_frames(frames: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize uint8 (T, H, W, 3) frames to ``size`` = (height, width) with antialiased bilinear,
+    as the robot node does before JPEG-encoding (no crop: the aspect ratio is not kept)."""
+    h, w = int(size[0]), int(size[1])
+    if frames.shape[1:3] == (h, w):
+        return np.ascontiguousarray(frames)
+    out = np.empty((frames.shape[0], h, w, 3), np.uint8)
+    for i, frame in enumerate(frames):
+        out[i] = np.asarray(Image.fromarray(frame).resize((w, h), Image.BILINEAR))
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FrameCache:
+    """Per-episode memory-mapped frames at one target size."""
+
+    def __init__(self, root: str | Path, size: Sequence[int]) -> None:
+        self.root = Path(root)
+        self.size = (int(size[0]), int(size[1]))
+        self._index_path = self.root / "index.json"
+        self._index: dict[str, dict] | None = None
+        self._maps: dict[Path, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.rebuilt: list[str] = []  # entries found corrupt and rebuilt, for reporting
+
+    # ---- content keys -----------------------------------------------------------------
+    def _load_index(self) -> dict[str, dict]:
+        if self._index is None:
+            try:
+                self._index = json.loads(self._index_path.read_text())
+                if not isinstance(self._index, dict):
+                    raise ValueError("index is not a mapping")
+            except FileNotFoundError:
+                self._index = {}
+            except (ValueError, UnicodeDecodeError):
+                log.warning("frame cache index %s is corrupt; rebuilding it", self._index_path)
+                self._index = {}
+        return self._index
+
+    def content_key(self, path: str | Path) -> str:
+        path = Path(path).resolve()
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        index = self._load_index()
+        entry = index.get(str(path))
+        if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
+            return entry["sha256"]
+        sha = file_sha256(path)
+        index[str(path)] = {"stat": stamp, "sha256": sha}
+        return sha
+
+    def save_index(self) -> None:
+        if self._index is not None:
+            atomic_write_json(self._index_path, self._index)
+
+    def entry_path(self, sha: str) -> Path:
+        h, w = self.size
+        return self.root / "frames" / sha[:2] / f"{sha}_{h}x{w}.npy"
+
+    # ---- entries --------------------------------------------------------------------------
+    def _open_entry(self, entry: Path, num_frames: int) -> np.ndarray | None:
+        """The mapped entry, or None when it is missing; a bad entry is logged and removed."""
+        if not entry.exists():
+            return None
+        expected = (num_frames, *self.size, 3)
+        try:
+            arr = np.load(entry, mmap_mode="r", allow_pickle=False)
+            problem = None
+            if arr.dtype != np.uint8 or arr.shape != expected:
+                problem = f"holds {arr.dtype} {arr.shape}, expected uint8 {expected}"
+        except (ValueError, OSError, EOFError) as exc:
+            problem = f"is unreadable ({str(exc).splitlines()[0][:100]})"
+        if problem is None:
+            return arr
+        msg = f"frame cache entry {entry.name} {problem}; rebuilding it"
+        log.warning(msg)
+        self.rebuilt.append(msg)
+        entry.unlink(missing_ok=True)
+        return None
+
+    def _build_entry(self, episode: EpisodeInfo, entry: Path) -> None:
+        with FrameReader(episode.path) as reader:
+            def write(tmp: Path) -> None:
+                out = np.lib.format.open_memmap(
+                    tmp, mode="w+", dtype=np.uint8, shape=(episode.num_frames, *self.size, 3)
+                )
+                for t in range(episode.num_frames):
+                    out[t] = resize_frames(reader.frames([t]), self.size)[0]
+                out.flush()
+                del out
+
+            with atomic_path(entry, suffix=".npy") as tmp:
+                write(tmp)
+
+    def frames(self, episode: EpisodeInfo) -> np.ndarray:
+        """uint8 (T, H, W, 3) memory map of the episode's resized frames (built on first use)."""
+        with self._lock:
+            cached = self._maps.get(episode.path)
+            if cached is not None:
+                return cached
+            entry = self.entry_path(self.content_key(episode.path))
+            arr = self._open_entry(entry, episode.num_frames)
+            if arr is None:
+                self._build_entry(episode, entry)
+                arr = self._open_entry(entry, episode.num_frames)
+                if arr is None:  # pragma: no cover - disk full or similar
+                    raise OSError(f"frame cache entry {entry} could not be written")
+            self._maps[episode.path] = arr
+            return arr
+
+    def ensure(self, episodes: Sequence[EpisodeInfo], progress: bool = False) -> None:
+        """Build every missing entry up front (with a progress bar) and save the hash index."""
+        for ep in tqdm(episodes, desc="frame cache", unit="ep", disable=not progress):
+            self.frames(ep)
+        self.save_index()
+
+    def __getstate__(self) -> dict:
+        # Worker processes re-open their own maps.
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        state["_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class DirectFrames:
+    """Frames read straight from the HDF5 files and resized on every access (no cache)."""
+
+    def __init__(self, size: Sequence[int], max_open: int = 32) -> None:
+        self.size = (int(size[0]), int(size[1]))
+        self.max_open = max_open
+        self._readers: dict[Path, FrameReader] = {}
+
+    def window(self, episode: EpisodeInfo, indices: Sequence[int]) -> np.ndarray:
+        reader = self._readers.get(episode.path)
+        if reader is None:
+            if len(self._readers) >= self.max_open:
+                _, old = self._readers.popitem()
+                old.close()
+            reader = self._readers[episode.path] = FrameReader(episode.path)
+        unique = sorted(set(int(i) for i in indices))
+        decoded = dict(zip(unique, resize_frames(reader.frames(unique), self.size), strict=True))
+        return np.stack([decoded[int(i)] for i in indices])
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size, "max_open": self.max_open, "_readers": {}}
+
+
+def cache_size_bytes(root: str | Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total

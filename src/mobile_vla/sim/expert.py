@@ -1,0 +1,130 @@
+"""The scripted expert and the episode loop that records what a teleoperator would.
+
+The expert drives into a lane beside the obstacle on the instructed side, holds it past the
+obstacle, then centres on the target and stops in the goal region. It is closed-loop (it reads
+the robot's pose every step), so it recovers from perturbations: with ``action_noise`` the
+*executed* command is sometimes replaced by a random one while the *recorded* action stays the
+expert's corrective label (DART-style noise injection).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mobile_vla.config import SimConfig
+from mobile_vla.sim.env import NavEnv, Outcome
+from mobile_vla.sim.scenario import ROBOT_HALF, Scenario
+
+LANE_CLEARANCE = 0.11  # gap between the robot's side and the obstacle's edge in the lane
+PASS_MARGIN = 0.08  # how far past the obstacle the robot goes before turning in
+STOP_TOLERANCE = 0.06
+
+
+@dataclass
+class ExpertEpisode:
+    frames: np.ndarray  # uint8 (T, H, W, 3)
+    actions: np.ndarray  # float32 (T, 3): the command at frame t
+    event_types: list[str]
+    outcome: Outcome
+    perturbed: list[bool] = field(default_factory=list)
+
+
+class Expert:
+    """Pose -> body-frame command for one scenario."""
+
+    def __init__(self, scenario: Scenario, cfg: SimConfig) -> None:
+        self.s, self.cfg = scenario, cfg
+        lo, hi = scenario.obstacle_y
+        sign = scenario.side_sign
+        edge = hi if sign > 0 else lo
+        self.lane_y = edge + sign * (ROBOT_HALF + LANE_CLEARANCE)
+        front, back = scenario.obstacle_x
+        self.lane_entry_x = front - ROBOT_HALF - 0.06  # body must be in the lane before this
+        self.lane_exit_x = back + ROBOT_HALF + PASS_MARGIN
+        self.goal_x, self.goal_y = scenario.goal_center
+
+    def target_point(self, x: float, y: float) -> tuple[float, float]:
+        """Where the expert heads from (x, y), in world coordinates."""
+        if x >= self.lane_exit_x:
+            return self.goal_x, self.goal_y
+        outward = (y - self.lane_y) * self.s.side_sign  # > 0: further out than the lane
+        in_lane = outward >= -(STOP_TOLERANCE + 0.005)
+        ty = y if outward > 0 else self.lane_y
+        # Advance only while in the lane, or while there is room to finish the side step.
+        may_advance = in_lane or x < self.lane_entry_x - 0.12
+        return (self.lane_exit_x + 0.2 if may_advance else x), ty
+
+    def act(self, pose: tuple[float, float, float]) -> np.ndarray:
+        x, y, yaw = pose
+        tx, ty = self.target_point(x, y)
+        c, s = math.cos(yaw), math.sin(yaw)
+        err = np.array([c * (tx - x) + s * (ty - y), -s * (tx - x) + c * (ty - y)])  # body frame
+        speed = self.cfg.speed
+        if self.cfg.teleop_actions:
+            lin = np.where(np.abs(err) > STOP_TOLERANCE, np.sign(err) * speed, 0.0)
+            wz = 0.0 if abs(yaw) < math.radians(4) else -math.copysign(speed, yaw)
+        else:
+            lin = np.clip(err * self.cfg.control_hz * 0.6, -speed, speed)
+            lin[np.abs(err) <= STOP_TOLERANCE / 3] = 0.0
+            wz = float(np.clip(-yaw * self.cfg.control_hz * 0.5, -speed, speed))
+        return np.array([lin[0], lin[1], wz], dtype=np.float32)
+
+    def done(self, pose: tuple[float, float, float]) -> bool:
+        x, y, _ = pose
+        return (x >= self.lane_exit_x and abs(x - self.goal_x) <= STOP_TOLERANCE
+                and abs(y - self.goal_y) <= STOP_TOLERANCE)
+
+
+def _event(t: int, action: np.ndarray) -> str:
+    if t == 0:
+        return "episode_start"
+    return "start_action" if np.any(action != 0) else "stop_action"
+
+
+def run_expert(env: NavEnv, scenario: Scenario, rng: np.random.Generator | None = None,
+               record_frames: bool = True) -> ExpertEpisode:
+    """Drive one episode with the expert.
+
+    ``cfg.episode_length > 0`` records exactly that many frames (the expert holds still once
+    done); ``0`` runs until the expert has stopped in the goal (the stop frame is recorded), or
+    for ``cfg.max_steps`` steps.
+    """
+    cfg = env.cfg
+    rng = rng if rng is not None else np.random.default_rng(scenario.seed)
+    expert = Expert(scenario, cfg)
+    obs = env.reset(scenario)
+    to_completion = cfg.episode_length == 0
+    num_frames = cfg.max_steps + 1 if to_completion else cfg.episode_length
+    frames, actions, events, perturbed = [], [], [], []
+    noise_left = 0
+    for t in range(num_frames):
+        pose = env.pose
+        label = np.zeros(3, np.float32) if expert.done(pose) else expert.act(pose)
+        if record_frames:
+            frames.append(obs["image"])
+        actions.append(label)
+        events.append(_event(t, label))
+        if to_completion and not label.any():
+            perturbed.append(False)
+            break
+        if noise_left == 0 and cfg.action_noise > 0 and rng.random() < cfg.action_noise:
+            noise_left = cfg.noise_steps
+        executed = label
+        if noise_left > 0:
+            noise_left -= 1
+            executed = rng.choice([-cfg.speed, 0.0, cfg.speed], size=3).astype(np.float32)
+            executed[2] = 0.0
+        perturbed.append(executed is not label)
+        if t < num_frames - 1:
+            obs, _ = env.step(executed)
+    h, w = cfg.image_size
+    return ExpertEpisode(
+        frames=np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8),
+        actions=np.stack(actions).astype(np.float32),
+        event_types=events,
+        outcome=env.outcome(),
+        perturbed=perturbed,
+    )
