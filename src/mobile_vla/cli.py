@@ -27,12 +27,21 @@ def cmd_collect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     cfg = _config_from(args, overrides)
     seed = cfg.seed if args.seed is None else args.seed
     cells = parse_scenarios(args.scenarios)
-    results = collect(args.out, args.episodes, cells, seed=seed, workers=args.workers,
-                      cfg=cfg.sim, progress=not args.quiet)
+    results = collect(
+        args.out,
+        args.episodes,
+        cells,
+        seed=seed,
+        workers=args.workers,
+        cfg=cfg.sim,
+        progress=not args.quiet,
+    )
     ok = sum(r.success for r in results)
     frames = sum(r.frames for r in results)
-    print(f"wrote {len(results)} episodes ({frames} frames) to {args.out}; "
-          f"expert reached the goal in {ok}/{len(results)}")
+    print(
+        f"wrote {len(results)} episodes ({frames} frames) to {args.out}; "
+        f"expert reached the goal in {ok}/{len(results)}"
+    )
     return 0
 
 
@@ -42,8 +51,14 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
     cfg = _config_from(args, overrides)
     data = cfg.data
-    scan = scan_episodes(args.data, args.pattern or data.pattern, data.action_names,
-                         data.instruction_template, deep=args.deep, progress=not args.quiet)
+    scan = scan_episodes(
+        args.data,
+        args.pattern or data.pattern,
+        data.action_names,
+        data.instruction_template,
+        deep=args.deep,
+        progress=not args.quiet,
+    )
     summary = DatasetSummary(scan, data.action_names)
     if not scan.episodes and not scan.bad:
         raise MobileVLAError(
@@ -66,9 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("collect", help="simulated expert episodes in the robot's HDF5 format")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--episodes", required=True, type=int, help="number of episodes")
-    p.add_argument("--scenarios", nargs="+", default=None,
-                   help="grid cells: layout/side/distance joined by _ (1box_left, 2box_far, "
-                        "right, ...), or 'all' (default)")
+    p.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=None,
+        help="grid cells: layout/side/distance joined by _ (1box_left, 2box_far, "
+        "right, ...), or 'all' (default)",
+    )
     p.add_argument("--seed", type=int, default=None, help="collection seed (default: config seed)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--config", type=Path, default=None, help="YAML config (sim section)")
@@ -92,8 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [r for r in rest if r.startswith("--") and "=" in r]
     stray = [r for r in rest if r not in overrides]
     if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)} "
-                     "(config overrides take the form --section.key=value)")
+        parser.error(
+            f"unrecognized arguments: {' '.join(stray)} "
+            "(config overrides take the form --section.key=value)"
+        )
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

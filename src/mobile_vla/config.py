@@ -91,7 +91,7 @@ class DataConfig:
     val_fraction: float = 0.1
     """Share of episodes per (scenario, side) stratum held out for validation."""
     normalization: Literal["none", "minmax", "meanstd", "quantile"] = "quantile"
-    """Action normalization: minmax/quantile map [min,max] / [q01,q99] to [-1,1]; meanstd z-scores."""
+    """minmax / quantile map [min, max] / [q01, q99] to [-1, 1]; meanstd z-scores; none."""
     frame_cache: bool = True
     """Decode and resize each frame once into a memory-mapped cache (else decode per sample)."""
     cache_dir: str = ""
@@ -100,14 +100,16 @@ class DataConfig:
 
     def validate(self, prefix: str) -> None:
         if not self.action_names or len(set(self.action_names)) != len(self.action_names):
-            raise _fail(f"{prefix}.action_names", "a non-empty list of distinct names",
-                        self.action_names)
+            raise _fail(
+                f"{prefix}.action_names", "a non-empty list of distinct names", self.action_names
+            )
         if not self.action_dims:
             raise _fail(f"{prefix}.action_dims", "a non-empty list", self.action_dims)
         for name in self.action_dims:
             if name not in self.action_names:
-                raise _fail(f"{prefix}.action_dims", f"names from action_names {self.action_names}",
-                            name)
+                raise _fail(
+                    f"{prefix}.action_dims", f"names from action_names {self.action_names}", name
+                )
         if len(set(self.action_dims)) != len(self.action_dims):
             raise _fail(f"{prefix}.action_dims", "distinct names", self.action_dims)
         if self.window_size < 1:
@@ -119,8 +121,11 @@ class DataConfig:
         if len(self.image_size) != 2 or min(self.image_size) < 8:
             raise _fail(f"{prefix}.image_size", "[height, width], each >= 8", self.image_size)
         if "{side}" not in self.instruction_template:
-            raise _fail(f"{prefix}.instruction_template", "a template containing '{side}'",
-                        self.instruction_template)
+            raise _fail(
+                f"{prefix}.instruction_template",
+                "a template containing '{side}'",
+                self.instruction_template,
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise _fail(f"{prefix}.val_fraction", "in [0, 1)", self.val_fraction)
         if not self.pattern:
@@ -177,11 +182,15 @@ class SimConfig:
             raise _fail(f"{prefix}.physics_timestep", "> 0", self.physics_timestep)
         substeps = 1.0 / (self.control_hz * self.physics_timestep)
         if abs(substeps - round(substeps)) > 1e-6 or round(substeps) < 1:
-            raise _fail(f"{prefix}.physics_timestep", "a divisor of the control period",
-                        self.physics_timestep)
+            raise _fail(
+                f"{prefix}.physics_timestep",
+                "a divisor of the control period",
+                self.physics_timestep,
+            )
         if self.episode_length < 0:
-            raise _fail(f"{prefix}.episode_length", ">= 0 (0 = run to completion)",
-                        self.episode_length)
+            raise _fail(
+                f"{prefix}.episode_length", ">= 0 (0 = run to completion)", self.episode_length
+            )
         if self.max_steps < 1:
             raise _fail(f"{prefix}.max_steps", ">= 1", self.max_steps)
         if self.speed <= 0:
@@ -193,8 +202,7 @@ class SimConfig:
         if not 0.0 <= self.paraphrase_prob <= 1.0:
             raise _fail(f"{prefix}.paraphrase_prob", "in [0, 1]", self.paraphrase_prob)
         if not self.targets or any(t not in TARGETS for t in self.targets):
-            raise _fail(f"{prefix}.targets", f"a non-empty list from {list(TARGETS)}",
-                        self.targets)
+            raise _fail(f"{prefix}.targets", f"a non-empty list from {list(TARGETS)}", self.targets)
         if not 0.0 <= self.yaw_jitter_deg <= 45.0:
             raise _fail(f"{prefix}.yaw_jitter_deg", "in [0, 45]", self.yaw_jitter_deg)
 
@@ -245,19 +253,18 @@ def _type_name(tp: Any) -> str:
     )
 
 
-def _convert(tp: Any, value: Any, key: str) -> Any:
+def _convert(tp: Any, value: Any, key: str, source: str = "") -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise _fail(key, "a mapping", value)
-        return from_dict(tp, value, key)
+        return from_dict(tp, value, key, source)
     if origin in (Union, types.UnionType):
-        errors = []
         for arg in get_args(tp):
             try:
-                return _convert(arg, value, key)
-            except ConfigError as exc:
-                errors.append(exc)
+                return _convert(arg, value, key, source)
+            except ConfigError:
+                continue
         raise _fail(key, _type_name(tp), value)
     if origin is Literal:
         if value not in get_args(tp):
@@ -321,7 +328,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "", source: s
     for key, value in data.items():
         if key not in fields:
             raise unknown_key_error(str(key), fields, prefix, source)
-        kwargs[key] = _convert(fields[key], value, _join(prefix, key))
+        kwargs[key] = _convert(fields[key], value, _join(prefix, key), source)
     return cls(**kwargs)
 
 
@@ -389,7 +396,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``"--data.window_size=4"`` -> ``("data.window_size", 4)``; values are parsed as YAML."""
     body = text[2:] if text.startswith("--") else text
     if "=" not in body:
-        raise ConfigError(f"override '{text}' must have the form key=value (e.g. data.window_size=4)")
+        raise ConfigError(
+            f"override '{text}' must have the form key=value (e.g. data.window_size=4)"
+        )
     key, value = body.split("=", 1)
     key = key.strip()
     if not key:

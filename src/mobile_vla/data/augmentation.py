@@ -30,8 +30,9 @@ def mirror_sign(action_names: Sequence[str]) -> np.ndarray:
     return np.array([-1.0 if n in MIRROR_NEGATED else 1.0 for n in action_names], np.float32)
 
 
-def mirror(frames: np.ndarray, actions: np.ndarray, instruction: str,
-           action_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, str]:
+def mirror(
+    frames: np.ndarray, actions: np.ndarray, instruction: str, action_names: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, str]:
     return (
         np.ascontiguousarray(frames[..., ::-1, :]),
         actions * mirror_sign(action_names),
@@ -55,12 +56,17 @@ def random_shift(frames: np.ndarray, pad: int, rng: np.random.Generator) -> np.n
     h, w = frames.shape[-3:-1]
     padded = np.pad(frames, [(0, 0), (pad, pad), (pad, pad), (0, 0)], mode="edge")
     dy, dx = rng.integers(0, 2 * pad + 1, size=2)
-    return np.ascontiguousarray(padded[:, dy:dy + h, dx:dx + w])
+    return np.ascontiguousarray(padded[:, dy : dy + h, dx : dx + w])
 
 
-def augment(frames: np.ndarray, actions: np.ndarray, instruction: str,
-            action_names: Sequence[str], cfg: AugmentConfig,
-            rng: np.random.Generator) -> Augmented:
+def augment(
+    frames: np.ndarray,
+    actions: np.ndarray,
+    instruction: str,
+    action_names: Sequence[str],
+    cfg: AugmentConfig,
+    rng: np.random.Generator,
+) -> Augmented:
     mirrored = bool(cfg.mirror_prob > 0 and rng.random() < cfg.mirror_prob)
     if mirrored:
         frames, actions, instruction = mirror(frames, actions, instruction, action_names)

@@ -111,7 +111,10 @@ class EpisodeDataset(Dataset):
             action_names = [cfg.action_names[k] for k in self.action_idx]
             aug = augment(frames, actions, instruction, action_names, cfg.augment, rng)
             frames, actions, instruction, mirrored = (
-                aug.frames, aug.actions, aug.instruction, aug.mirrored
+                aug.frames,
+                aug.actions,
+                aug.instruction,
+                aug.mirrored,
             )
         norm = self.normalizer.normalize(actions)
         norm[~act_mask] = 0.0
@@ -152,7 +155,9 @@ def build_datasets(cfg: Config, progress: bool = False) -> DataBundle:
     episodes = load_episodes(data, progress=progress)
     split = split_episodes(episodes, data.val_fraction, cfg.seed)
     names = [data.action_names[k] for k in data.action_indices]
-    stats = ActionStats.from_arrays(names, [ep.actions[:, data.action_indices] for ep in split.train])
+    stats = ActionStats.from_arrays(
+        names, [ep.actions[:, data.action_indices] for ep in split.train]
+    )
     normalizer = Normalizer(stats, data.normalization)
     source = make_frame_source(data)
     if isinstance(source, FrameCache):

@@ -68,8 +68,9 @@ def load_episodes(cfg: DataConfig, progress: bool = False) -> list[EpisodeInfo]:
     Bad files refuse the whole dataset (every one is listed) unless ``cfg.skip_bad`` is set,
     in which case they are reported and skipped.
     """
-    scan = scan_episodes(cfg.path, cfg.pattern, cfg.action_names, cfg.instruction_template,
-                         progress=progress)
+    scan = scan_episodes(
+        cfg.path, cfg.pattern, cfg.action_names, cfg.instruction_template, progress=progress
+    )
     if not scan.episodes and not scan.bad:
         raise DataError(f"no files matching '{cfg.pattern}' in dataset folder '{cfg.path}'")
     if scan.bad:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,7 +83,11 @@ class FrameCache:
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
         index = self._load_index()
         entry = index.get(str(path))
-        if isinstance(entry, dict) and entry.get("stat") == stamp and isinstance(entry.get("sha256"), str):
+        if (
+            isinstance(entry, dict)
+            and entry.get("stat") == stamp
+            and isinstance(entry.get("sha256"), str)
+        ):
             return entry["sha256"]
         sha = file_sha256(path)
         index[str(path)] = {"stat": stamp, "sha256": sha}
@@ -120,18 +123,13 @@ class FrameCache:
         return None
 
     def _build_entry(self, episode: EpisodeInfo, entry: Path) -> None:
-        with FrameReader(episode.path) as reader:
-            def write(tmp: Path) -> None:
-                out = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=np.uint8, shape=(episode.num_frames, *self.size, 3)
-                )
-                for t in range(episode.num_frames):
-                    out[t] = resize_frames(reader.frames([t]), self.size)[0]
-                out.flush()
-                del out
-
-            with atomic_path(entry, suffix=".npy") as tmp:
-                write(tmp)
+        shape = (episode.num_frames, *self.size, 3)
+        with FrameReader(episode.path) as reader, atomic_path(entry, suffix=".npy") as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            for t in range(episode.num_frames):
+                out[t] = resize_frames(reader.frames([t]), self.size)[0]
+            out.flush()
+            del out  # unmap before the rename
 
     def frames(self, episode: EpisodeInfo) -> np.ndarray:
         """uint8 (T, H, W, 3) memory map of the episode's resized frames (built on first use)."""
@@ -188,10 +186,3 @@ class DirectFrames:
 
     def __getstate__(self) -> dict:
         return {"size": self.size, "max_open": self.max_open, "_readers": {}}
-
-
-def cache_size_bytes(root: str | Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
-    return total

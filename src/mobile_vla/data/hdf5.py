@@ -14,6 +14,7 @@ here lets an h5py traceback through.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -71,8 +72,14 @@ def derive_instruction(side: str | None, template: str = DEFAULT_INSTRUCTION_TEM
     return template.format(side=side)
 
 
-_SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left",
-         "LEFT": "RIGHT", "RIGHT": "LEFT"}
+_SWAP = {
+    "left": "right",
+    "right": "left",
+    "Left": "Right",
+    "Right": "Left",
+    "LEFT": "RIGHT",
+    "RIGHT": "LEFT",
+}
 _SWAP_RE = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
 
 
@@ -137,8 +144,10 @@ class EpisodeInfo:
     @property
     def stratum(self) -> str:
         """The key episodes are stratified by when splitting (scenario and side)."""
-        return self.scenario if self.side is None or self.side in self.scenario else (
-            f"{self.scenario}_{self.side}"
+        return (
+            self.scenario
+            if self.side is None or self.side in self.scenario
+            else (f"{self.scenario}_{self.side}")
         )
 
 
@@ -209,8 +218,9 @@ def _validate_open_file(
             f"dataset 'actions' must have shape (T, {width}) for {list(action_names)}, "
             f"found {found}",
         )
-    if not (np.issubdtype(actions_ds.dtype, np.floating) or
-            np.issubdtype(actions_ds.dtype, np.integer)):
+    if not (
+        np.issubdtype(actions_ds.dtype, np.floating) or np.issubdtype(actions_ds.dtype, np.integer)
+    ):
         raise EpisodeError(path, f"dataset 'actions' must be float32, found {actions_ds.dtype}")
     if actions_ds.shape[0] != num_frames:
         raise EpisodeError(
@@ -223,15 +233,15 @@ def _validate_open_file(
     if bad.any():
         t, d = np.argwhere(bad)[0]
         raise EpisodeError(
-            path, f"dataset 'actions' contains NaN or inf (first at frame {t}, "
-                  f"{action_names[d]})"
+            path, f"dataset 'actions' contains NaN or inf (first at frame {t}, {action_names[d]})"
         )
     attrs = {str(k): _py(v) for k, v in fh.attrs.items()}
     declared = attrs.get("num_frames")
     if isinstance(declared, int) and declared != num_frames:
         raise EpisodeError(
-            path, f"attribute num_frames={declared} but 'images' has {num_frames} frames "
-                  "(incomplete write?)"
+            path,
+            f"attribute num_frames={declared} but 'images' has {num_frames} frames "
+            "(incomplete write?)",
         )
 
     event_types = None
@@ -239,24 +249,29 @@ def _validate_open_file(
         event_types = _decode_strings(fh["action_event_types"], "action_event_types", path)
         if len(event_types) != num_frames:
             raise EpisodeError(
-                path, f"length mismatch: 'action_event_types' has {len(event_types)} entries "
-                      f"but the episode has {num_frames} frames"
+                path,
+                f"length mismatch: 'action_event_types' has {len(event_types)} entries "
+                f"but the episode has {num_frames} frames",
             )
 
     name = parse_episode_name(path)
-    scenario = name.scenario if name.scenario != "unknown" else str(attrs.get("scenario", "unknown"))
+    scenario = (
+        name.scenario if name.scenario != "unknown" else str(attrs.get("scenario", "unknown"))
+    )
     side = name.side
     if side is None and isinstance(attrs.get("scenario"), str):
         side = parse_episode_name(f"episode_00000000_000000_{attrs['scenario']}").side
-    distance = name.distance or (attrs.get("distance_level") if isinstance(
-        attrs.get("distance_level"), str) else None)
+    distance = name.distance or (
+        attrs.get("distance_level") if isinstance(attrs.get("distance_level"), str) else None
+    )
 
     if "language_instruction" in fh:
         texts = _decode_strings(fh["language_instruction"], "language_instruction", path)
         if len(texts) not in (1, num_frames):
             raise EpisodeError(
-                path, f"dataset 'language_instruction' must have 1 or {num_frames} entries, "
-                      f"found {len(texts)}"
+                path,
+                f"dataset 'language_instruction' must have 1 or {num_frames} entries, "
+                f"found {len(texts)}",
             )
         instruction = texts[0].strip()
         if not instruction:
@@ -304,7 +319,9 @@ def verify_frames(path: str | Path) -> None:
                 try:
                     images[t]
                 except (OSError, ValueError, RuntimeError) as exc:
-                    raise EpisodeError(path, f"frame {t} cannot be decoded ({_short(exc)})") from None
+                    raise EpisodeError(
+                        path, f"frame {t} cannot be decoded ({_short(exc)})"
+                    ) from None
     except EpisodeError:
         raise
     except (OSError, KeyError) as exc:
@@ -326,7 +343,9 @@ class FrameReader:
             try:
                 self._fh = h5py.File(self.path, "r")
             except OSError as exc:
-                raise EpisodeError(self.path, f"file is truncated or corrupt ({_short(exc)})") from None
+                raise EpisodeError(
+                    self.path, f"file is truncated or corrupt ({_short(exc)})"
+                ) from None
         return self._fh
 
     def frames(self, indices: Sequence[int]) -> np.ndarray:
@@ -347,11 +366,9 @@ class FrameReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
+    def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 def write_episode(
@@ -388,7 +405,10 @@ def write_episode(
     with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as fh:
         chunk = (1, *images.shape[1:])
         fh.create_dataset(
-            "images", data=images, chunks=chunk, compression=compression,
+            "images",
+            data=images,
+            chunks=chunk,
+            compression=compression,
             compression_opts=compression_opts if compression == "gzip" else None,
         )
         fh.create_dataset("actions", data=actions)

@@ -31,7 +31,8 @@ class DatasetSummary:
             "sides": dict(sorted(Counter(e.side or "none" for e in eps).items())),
             "distances": dict(sorted(Counter(e.distance or "none" for e in eps).items())),
             "image_sizes": {
-                f"{h}x{w}": n for (h, w, _), n in sorted(Counter(e.image_shape for e in eps).items())
+                f"{h}x{w}": n
+                for (h, w, _), n in sorted(Counter(e.image_shape for e in eps).items())
             },
             "instruction_sources": dict(Counter(e.instruction_source for e in eps)),
             "instructions": dict(Counter(e.instruction for e in eps).most_common()),
@@ -44,13 +45,20 @@ class DatasetSummary:
                 col = data[:, d]
                 values, counts = np.unique(np.round(col, 4), return_counts=True)
                 out["actions"][name] = {
-                    "min": float(col.min()), "max": float(col.max()),
-                    "mean": float(col.mean()), "std": float(col.std()),
-                    "q01": float(np.quantile(col, 0.01)), "q99": float(np.quantile(col, 0.99)),
-                    "distinct_values": int(len(values)),
-                    "top_values": {f"{v:g}": int(c) for v, c in sorted(
-                        zip(values.tolist(), counts.tolist(), strict=True),
-                        key=lambda vc: -vc[1])[:5]},
+                    "min": float(col.min()),
+                    "max": float(col.max()),
+                    "mean": float(col.mean()),
+                    "std": float(col.std()),
+                    "q01": float(np.quantile(col, 0.01)),
+                    "q99": float(np.quantile(col, 0.99)),
+                    "distinct_values": len(values),
+                    "top_values": {
+                        f"{v:g}": int(c)
+                        for v, c in sorted(
+                            zip(values.tolist(), counts.tolist(), strict=True),
+                            key=lambda vc: -vc[1],
+                        )[:5]
+                    },
                 }
         return out
 
@@ -63,7 +71,8 @@ class DatasetSummary:
             + (
                 f"; per episode min {j['frames_per_episode']['min']}, median "
                 f"{j['frames_per_episode']['median']:g}, max {j['frames_per_episode']['max']}"
-                if j["frames_per_episode"] else ""
+                if j["frames_per_episode"]
+                else ""
             ),
             "scenarios: " + _kv(j["scenarios"]),
             "sides: " + _kv(j["sides"]),
@@ -73,8 +82,10 @@ class DatasetSummary:
         ]
         if j["actions"]:
             lines.append("actions:")
-            lines.append(f"  {'dim':<10} {'min':>8} {'max':>8} {'mean':>8} {'std':>8} "
-                         f"{'q01':>8} {'q99':>8}  values")
+            lines.append(
+                f"  {'dim':<10} {'min':>8} {'max':>8} {'mean':>8} {'std':>8} "
+                f"{'q01':>8} {'q99':>8}  values"
+            )
             for name, s in j["actions"].items():
                 top = ", ".join(f"{v}x{c}" for v, c in s["top_values"].items())
                 lines.append(

@@ -37,8 +37,12 @@ class ActionStats:
         data = np.concatenate([np.asarray(a, dtype=np.float64) for a in actions], axis=0)
         return cls(
             names=list(names),
-            min=data.min(0), max=data.max(0), mean=data.mean(0), std=data.std(0),
-            q01=np.quantile(data, 0.01, axis=0), q99=np.quantile(data, 0.99, axis=0),
+            min=data.min(0),
+            max=data.max(0),
+            mean=data.mean(0),
+            std=data.std(0),
+            q01=np.quantile(data, 0.01, axis=0),
+            q99=np.quantile(data, 0.99, axis=0),
             count=int(data.shape[0]),
         )
 

@@ -75,7 +75,8 @@ def scenario_xml(s: Scenario, image_size: tuple[int, int], timestep: float) -> s
   <asset>
     <texture name="floor_tex" type="2d" builtin="{a.floor_builtin}" rgb1="{_f(a.floor_rgb1)}"
              rgb2="{_f(a.floor_rgb2)}" width="64" height="64"/>
-    <material name="floor_mat" texture="floor_tex" texrepeat="{a.floor_repeat:.2f} {a.floor_repeat:.2f}"/>
+    <material name="floor_mat" texture="floor_tex"
+              texrepeat="{a.floor_repeat:.2f} {a.floor_repeat:.2f}"/>
   </asset>
   <worldbody>
     <light name="sun" directional="true" dir="{_f(a.light_dir)}" castshadow="false"

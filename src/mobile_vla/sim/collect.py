@@ -45,17 +45,17 @@ def episode_seed(seed: int, index: int) -> int:
 
 
 def plan_jobs(episodes: int, cells: Sequence[tuple[str, str, str]], seed: int) -> list[EpisodeJob]:
-    return [
-        EpisodeJob(i, episode_seed(seed, i), *cells[i % len(cells)]) for i in range(episodes)
-    ]
+    return [EpisodeJob(i, episode_seed(seed, i), *cells[i % len(cells)]) for i in range(episodes)]
 
 
 def episode_filename(job: EpisodeJob) -> str:
     """``episode_<YYYYMMDD>_<HHMMSS>_<layout>_<side>_<distance>_<index>.h5`` (the robot's
     naming; the time stamp is synthetic, one second per episode, so names are reproducible)."""
     stamp = _BASE_TIME + dt.timedelta(seconds=job.index)
-    return (f"episode_{stamp:%Y%m%d}_{stamp:%H%M%S}_{job.layout}_{job.side}_{job.distance}_"
-            f"{job.index:05d}.h5")
+    return (
+        f"episode_{stamp:%Y%m%d}_{stamp:%H%M%S}_{job.layout}_{job.side}_{job.distance}_"
+        f"{job.index:05d}.h5"
+    )
 
 
 _worker_env = None
@@ -75,7 +75,11 @@ def _run_job(args: tuple[EpisodeJob, SimConfig, str]) -> EpisodeResult:
     ep = run_expert(_worker_env, scenario, np.random.default_rng([job.seed, 1]))
     path = Path(out) / episode_filename(job)
     write_episode(
-        path, ep.frames, ep.actions, scenario.instruction, ep.event_types,
+        path,
+        ep.frames,
+        ep.actions,
+        scenario.instruction,
+        ep.event_types,
         attrs={
             "action_chunk_size": 10,
             "time_period": scenario.appearance.time_period,

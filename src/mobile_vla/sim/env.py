@@ -70,8 +70,10 @@ class NavEnv:
         self._robot_geoms = {
             g for g in range(self.model.ngeom) if self.model.geom_bodyid[g] == robot_id
         }
-        self._qadr = [self.model.jnt_qposadr[mujoco.mj_name2id(
-            self.model, mujoco.mjtObj.mjOBJ_JOINT, j)] for j in ("x", "y", "yaw")]
+        self._qadr = [
+            self.model.jnt_qposadr[mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_JOINT, j)]
+            for j in ("x", "y", "yaw")
+        ]
         self.data.qpos[self._qadr[2]] = scenario.start_yaw
         mujoco.mj_forward(self.model, self.data)
         if self.render_enabled:
@@ -146,7 +148,9 @@ class NavEnv:
         d = self.data
         for i in range(d.ncon):
             con = d.contact[i]
-            if con.dist < 0 and ((con.geom1 in self._robot_geoms) != (con.geom2 in self._robot_geoms)):
+            if con.dist < 0 and (
+                (con.geom1 in self._robot_geoms) != (con.geom2 in self._robot_geoms)
+            ):
                 return True
         return False
 
@@ -168,6 +172,10 @@ class NavEnv:
         assert self.scenario is not None
         x, y, _ = self.pose
         in_goal = self.scenario.in_goal(x, y)
-        success = (in_goal and not self.collision and self.passed_side == self.scenario.side
-                   and self.steps <= self.cfg.max_steps)
+        success = (
+            in_goal
+            and not self.collision
+            and self.passed_side == self.scenario.side
+            and self.steps <= self.cfg.max_steps
+        )
         return Outcome(success, self.collision, in_goal, self.passed_side, self.steps, x, y)

@@ -16,11 +16,12 @@ import numpy as np
 
 from mobile_vla.config import SimConfig
 from mobile_vla.sim.env import NavEnv, Outcome
-from mobile_vla.sim.scenario import ROBOT_HALF, Scenario
+from mobile_vla.sim.scenario import ROBOT_HALF, WALL_Y, Scenario
 
 LANE_CLEARANCE = 0.11  # gap between the robot's side and the obstacle's edge in the lane
 PASS_MARGIN = 0.08  # how far past the obstacle the robot goes before turning in
 STOP_TOLERANCE = 0.06
+SAFE_MARGIN = 0.1  # perturbations keep at least this far from anything
 
 
 @dataclass
@@ -72,10 +73,45 @@ class Expert:
             wz = float(np.clip(-yaw * self.cfg.control_hz * 0.5, -speed, speed))
         return np.array([lin[0], lin[1], wz], dtype=np.float32)
 
+    def clearance(self, x: float, y: float) -> float:
+        """Distance from the robot's footprint to the nearest obstacle, target or side wall."""
+        s = self.s
+        t_hx, t_hy = (0.04, 0.04) if s.target == "bottle" else (0.15, 0.11)
+        rects = [(b.x, b.y, b.hx, b.hy) for b in s.boxes] + [(s.target_x, s.target_y, t_hx, t_hy)]
+        gaps = [WALL_Y - ROBOT_HALF - abs(y)]
+        for cx, cy, hx, hy in rects:
+            dx = max(abs(x - cx) - hx - ROBOT_HALF, 0.0)
+            dy = max(abs(y - cy) - hy - ROBOT_HALF, 0.0)
+            gaps.append(math.hypot(dx, dy))
+        return min(gaps)
+
+    def safe_perturbations(self, pose: tuple[float, float, float], steps: int) -> list[np.ndarray]:
+        """Teleop-style commands that, held for ``steps`` control periods and one more (the
+        expert needs a step to take back over), keep the robot at least ``SAFE_MARGIN`` from
+        everything (a straight-line, body-frame = world-frame approximation)."""
+        x, y, _ = pose
+        step = self.cfg.speed / self.cfg.control_hz
+        out = []
+        for vx in (-1, 0, 1):
+            for vy in (-1, 0, 1):
+                if vx == vy == 0:
+                    continue
+                path = [
+                    (x + vx * step * k / 2, y + vy * step * k / 2) for k in range(1, 2 * steps + 3)
+                ]
+                if min(self.clearance(px, py) for px, py in path) > SAFE_MARGIN:
+                    out.append(
+                        np.array([vx * self.cfg.speed, vy * self.cfg.speed, 0.0], np.float32)
+                    )
+        return out
+
     def done(self, pose: tuple[float, float, float]) -> bool:
         x, y, _ = pose
-        return (x >= self.lane_exit_x and abs(x - self.goal_x) <= STOP_TOLERANCE
-                and abs(y - self.goal_y) <= STOP_TOLERANCE)
+        return (
+            x >= self.lane_exit_x
+            and abs(x - self.goal_x) <= STOP_TOLERANCE
+            and abs(y - self.goal_y) <= STOP_TOLERANCE
+        )
 
 
 def _event(t: int, action: np.ndarray) -> str:
@@ -84,8 +120,12 @@ def _event(t: int, action: np.ndarray) -> str:
     return "start_action" if np.any(action != 0) else "stop_action"
 
 
-def run_expert(env: NavEnv, scenario: Scenario, rng: np.random.Generator | None = None,
-               record_frames: bool = True) -> ExpertEpisode:
+def run_expert(
+    env: NavEnv,
+    scenario: Scenario,
+    rng: np.random.Generator | None = None,
+    record_frames: bool = True,
+) -> ExpertEpisode:
     """Drive one episode with the expert.
 
     ``cfg.episode_length > 0`` records exactly that many frames (the expert holds still once
@@ -100,6 +140,7 @@ def run_expert(env: NavEnv, scenario: Scenario, rng: np.random.Generator | None 
     num_frames = cfg.max_steps + 1 if to_completion else cfg.episode_length
     frames, actions, events, perturbed = [], [], [], []
     noise_left = 0
+    noise_action = np.zeros(3, np.float32)
     for t in range(num_frames):
         pose = env.pose
         label = np.zeros(3, np.float32) if expert.done(pose) else expert.act(pose)
@@ -110,13 +151,17 @@ def run_expert(env: NavEnv, scenario: Scenario, rng: np.random.Generator | None 
         if to_completion and not label.any():
             perturbed.append(False)
             break
+        # A perturbation holds one random command that cannot reach anything before the expert
+        # takes over again, so noisy episodes stay collision-free demonstrations of recovery.
         if noise_left == 0 and cfg.action_noise > 0 and rng.random() < cfg.action_noise:
-            noise_left = cfg.noise_steps
+            candidates = expert.safe_perturbations(pose, cfg.noise_steps)
+            if candidates:
+                noise_left = cfg.noise_steps
+                noise_action = candidates[int(rng.integers(len(candidates)))]
         executed = label
         if noise_left > 0:
             noise_left -= 1
-            executed = rng.choice([-cfg.speed, 0.0, cfg.speed], size=3).astype(np.float32)
-            executed[2] = 0.0
+            executed = noise_action
         perturbed.append(executed is not label)
         if t < num_frames - 1:
             obs, _ = env.step(executed)

@@ -16,7 +16,8 @@ from mobile_vla.errors import MobileVLAError
 _BACKENDS = ("egl", "osmesa")
 _PROBE = (
     "import mujoco\n"
-    "m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><geom size=\".1\"/></worldbody></mujoco>')\n"
+    "xml = '<mujoco><worldbody><geom size=\".1\"/></worldbody></mujoco>'\n"
+    "m = mujoco.MjModel.from_xml_string(xml)\n"
     "r = mujoco.Renderer(m, 16, 16)\n"
     "r.update_scene(mujoco.MjData(m))\n"
     "assert r.render().shape == (16, 16, 3)\n"
@@ -30,8 +31,9 @@ class RenderBackendError(MobileVLAError):
 def _probe(backend: str) -> bool:
     env = dict(os.environ, MUJOCO_GL=backend, PYOPENGL_PLATFORM=backend)
     try:
-        proc = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE], env=env, capture_output=True, timeout=120
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return proc.returncode == 0

@@ -118,8 +118,10 @@ class Scenario:
         return self.target_x - sum(GOAL_BAND) / 2, self.target_y
 
     def in_goal(self, x: float, y: float) -> bool:
-        return (self.target_x - GOAL_BAND[1] <= x <= self.target_x - GOAL_BAND[0]
-                and abs(y - self.target_y) <= GOAL_HALF_WIDTH)
+        return (
+            self.target_x - GOAL_BAND[1] <= x <= self.target_x - GOAL_BAND[0]
+            and abs(y - self.target_y) <= GOAL_HALF_WIDTH
+        )
 
 
 def _rgb(rng: np.random.Generator, lo: float = 0.05, hi: float = 0.95) -> tuple[float, ...]:
@@ -130,8 +132,14 @@ def _appearance(rng: np.random.Generator, target: str, randomize: bool) -> Appea
     if not randomize:
         grey = 0.5 if target == "basket" else 0.2
         return Appearance(
-            (0.55, 0.55, 0.55), (0.45, 0.45, 0.45), "checker", 8.0, (0.8, 0.8, 0.75),
-            (grey, grey, 0.9 if target == "bottle" else grey, 1.0), (0.3, 0.2, -1.0), 0.95,
+            (0.55, 0.55, 0.55),
+            (0.45, 0.45, 0.45),
+            "checker",
+            8.0,
+            (0.8, 0.8, 0.75),
+            (grey, grey, 0.9 if target == "bottle" else grey, 1.0),
+            (0.3, 0.2, -1.0),
+            0.95,
             "morning",
         )
     period = str(rng.choice(list(TIME_PERIOD_LIGHT)))
@@ -185,19 +193,34 @@ def make_scenario(
         off = hy + gap / 2
         boxes = (
             Box(cx, cy + off, hx, hy, hz, colours[0]),  # type: ignore[arg-type]
-            Box(cx + float(rng.uniform(-0.03, 0.03)), cy - off, hx, hy,
-                float(rng.uniform(0.1, 0.2)), colours[1]),  # type: ignore[arg-type]
+            Box(
+                cx + float(rng.uniform(-0.03, 0.03)),
+                cy - off,
+                hx,
+                hy,
+                float(rng.uniform(0.1, 0.2)),
+                colours[1],
+            ),  # type: ignore[arg-type]
         )
     appearance = _appearance(rng, target, cfg.randomize_appearance)
     start_yaw = float(np.deg2rad(rng.uniform(-cfg.yaw_jitter_deg, cfg.yaw_jitter_deg)))
 
     text_rng = np.random.default_rng([seed, 7919, SIDES.index(side)])
     paraphrased = bool(text_rng.random() < cfg.paraphrase_prob)
-    template = (str(text_rng.choice(PARAPHRASES[target])) if paraphrased else CANONICAL[target])
+    template = str(text_rng.choice(PARAPHRASES[target])) if paraphrased else CANONICAL[target]
     return Scenario(
-        seed=seed, layout=layout, side=side, distance=distance, target=target,
-        target_x=target_x, target_y=target_y, boxes=boxes, appearance=appearance,
-        start_yaw=start_yaw, instruction=template.format(side=side), paraphrased=paraphrased,
+        seed=seed,
+        layout=layout,
+        side=side,
+        distance=distance,
+        target=target,
+        target_x=target_x,
+        target_y=target_y,
+        boxes=boxes,
+        appearance=appearance,
+        start_yaw=start_yaw,
+        instruction=template.format(side=side),
+        paraphrased=paraphrased,
     )
 
 

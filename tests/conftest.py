@@ -1,0 +1,83 @@
+"""Shared fixtures: small real-layout files and a small simulated dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mobile_vla.config import SimConfig
+
+REAL_NAME = "episode_20251106_141502_1box_left_core_medium.h5"
+
+
+def smooth_frames(num_frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Camera-like frames (gradients + a moving block) that gzip compresses as real ones do."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    for t in range(num_frames):
+        base = (xx * 200 // width + yy * 40 // height + t * 3) % 256
+        frames[t, ..., 0] = base
+        frames[t, ..., 1] = (base // 2 + 60) % 256
+        frames[t, ..., 2] = 255 - base
+        x0 = (t * width // max(num_frames, 1)) % max(width - width // 8, 1)
+        frames[t, height // 3 : height // 2, x0 : x0 + width // 8] = rng.integers(0, 255, 3)
+    return frames
+
+
+def write_real_layout(
+    path: Path,
+    num_frames: int = 18,
+    height: int = 720,
+    width: int = 1280,
+    actions: np.ndarray | None = None,
+) -> Path:
+    """A file exactly as the real robot's ROS 2 collector writes it, built with h5py directly:
+    gzip frames chunked per frame, teleop actions, event types, no language_instruction."""
+    if actions is None:
+        actions = np.zeros((num_frames, 3), np.float32)
+        actions[1:, 0] = 1.15
+        actions[2:8, 1] = 1.15
+        actions[10:15, 1] = -1.15
+    events = ["episode_start"] + ["start_action"] * (num_frames - 2) + ["stop_action"]
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset(
+            "images",
+            data=smooth_frames(num_frames, height, width),
+            chunks=(1, height, width, 3),
+            compression="gzip",
+        )
+        fh.create_dataset("actions", data=actions.astype(np.float32))
+        fh.create_dataset(
+            "action_event_types", data=events[:num_frames], dtype=h5py.string_dtype("utf-8")
+        )
+        fh.attrs["episode_name"] = path.stem
+        fh.attrs["num_frames"] = num_frames
+        fh.attrs["action_chunk_size"] = 10
+        fh.attrs["time_period"] = "evening"
+        fh.attrs["collection_datetime"] = "2025-11-06T14:15:02"
+    return path
+
+
+@pytest.fixture
+def real_file(tmp_path: Path) -> Path:
+    return write_real_layout(tmp_path / REAL_NAME)
+
+
+@pytest.fixture(scope="session")
+def small_sim_cfg() -> SimConfig:
+    return SimConfig(image_size=[48, 64])
+
+
+@pytest.fixture(scope="session")
+def sim_dataset(tmp_path_factory: pytest.TempPathFactory, small_sim_cfg: SimConfig) -> Path:
+    """24 simulated episodes (every layout x side x distance cell twice) at 48x64."""
+    from mobile_vla.sim.collect import collect
+    from mobile_vla.sim.scenario import parse_scenarios
+
+    out = tmp_path_factory.mktemp("sim_data")
+    collect(out, 24, parse_scenarios(["all"]), seed=0, workers=1, cfg=small_sim_cfg, progress=False)
+    return out
