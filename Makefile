@@ -35,6 +35,7 @@ demo: install
 	$(BIN)/mobile-vla inspect $(DEMO_DIR)/data
 
 test: install
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install

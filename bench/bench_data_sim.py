@@ -103,10 +103,15 @@ def write_robot_files(folder: Path, count: int) -> list[Path]:
     for i in range(count):
         path = folder / f"episode_20251106_1415{i:02d}_1box_{'left' if i % 2 else 'right'}.h5"
         with h5py.File(path, "w") as fh:
-            fh.create_dataset("images", data=camera_like_frames(18, 720, 1280, rng),
-                              chunks=(1, 720, 1280, 3), compression="gzip")
-            fh.create_dataset("actions", data=rng.choice([-1.15, 0, 1.15], (18, 3)).astype(
-                np.float32))
+            fh.create_dataset(
+                "images",
+                data=camera_like_frames(18, 720, 1280, rng),
+                chunks=(1, 720, 1280, 3),
+                compression="gzip",
+            )
+            fh.create_dataset(
+                "actions", data=rng.choice([-1.15, 0, 1.15], (18, 3)).astype(np.float32)
+            )
         paths.append(path)
     return paths
 
@@ -119,8 +124,9 @@ def bench_dataset(count: int, direct_samples: int, cached_samples: int) -> dict[
         write_s = time.perf_counter() - t0
         size_mb = sum(e.path.stat().st_size for e in episodes) / 2**20
         cfg = DataConfig(image_size=[224, 224])
-        stats = ActionStats.from_arrays(["linear_x", "linear_y"],
-                                        [e.actions[:, :2] for e in episodes])
+        stats = ActionStats.from_arrays(
+            ["linear_x", "linear_y"], [e.actions[:, :2] for e in episodes]
+        )
         norm = Normalizer(stats, "quantile")
         rng = np.random.default_rng(0)
 
@@ -142,8 +148,14 @@ def bench_dataset(count: int, direct_samples: int, cached_samples: int) -> dict[
         for i in order:
             cached[int(i)]
         cached_rate = cached_samples / (time.perf_counter() - t0)
-    return {"files": count, "size_mb": size_mb, "write_s": write_s, "direct": direct_rate,
-            "cached": cached_rate, "build_s": build_s}
+    return {
+        "files": count,
+        "size_mb": size_mb,
+        "write_s": write_s,
+        "direct": direct_rate,
+        "cached": cached_rate,
+        "build_s": build_s,
+    }
 
 
 def main() -> None:
@@ -156,30 +168,40 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     one_core()
-    print("settings: simulator pinned to one core; expert-style commands; 10 Hz control, "
-          "20 physics substeps per step; EGL/OSMesa headless rendering "
-          f"(MUJOCO_GL={os.environ.get('MUJOCO_GL', 'auto')})")
+    print(
+        "settings: simulator pinned to one core; expert-style commands; 10 Hz control, "
+        "20 physics substeps per step; EGL/OSMesa headless rendering "
+        f"(MUJOCO_GL={os.environ.get('MUJOCO_GL', 'auto')})"
+    )
     for size in (96, 224):
         with_render, physics = bench_sim(size, steps)
-        print(f"  simulator {size}x{size}: {with_render:8.0f} steps/s with rendering, "
-              f"{physics:8.0f} steps/s physics only")
+        print(
+            f"  simulator {size}x{size}: {with_render:8.0f} steps/s with rendering, "
+            f"{physics:8.0f} steps/s physics only"
+        )
     print(f"  (GL backend in use: {os.environ.get('MUJOCO_GL')})")
 
     n_collect = 12 if args.quick else 48
     one = bench_collect(n_collect, 1)
     all_cores(saved)
     two = bench_collect(n_collect, 2)
-    print(f"collect ({n_collect} episodes, 18 frames, 224x224, gzip): {one:.0f} episodes/min with "
-          f"1 worker, {two:.0f} episodes/min with 2 workers")
+    print(
+        f"collect ({n_collect} episodes, 18 frames, 224x224, gzip): {one:.0f} episodes/min with "
+        f"1 worker, {two:.0f} episodes/min with 2 workers"
+    )
 
     one_core()
     res = bench_dataset(args.episodes, 40 if args.quick else 120, 2000 if args.quick else 8000)
     all_cores(saved)
-    print(f"dataset ({res['files']} robot-layout files, 18 frames of 720x1280 gzip each, "
-          f"{res['size_mb']:.0f} MB; window 8, chunk 10, resized to 224x224; one core):")
+    print(
+        f"dataset ({res['files']} robot-layout files, 18 frames of 720x1280 gzip each, "
+        f"{res['size_mb']:.0f} MB; window 8, chunk 10, resized to 224x224; one core):"
+    )
     print(f"  direct from HDF5: {res['direct']:8.1f} samples/s")
-    print(f"  frame cache:      {res['cached']:8.1f} samples/s  "
-          f"(one-time build {res['build_s']:.1f} s)")
+    print(
+        f"  frame cache:      {res['cached']:8.1f} samples/s  "
+        f"(one-time build {res['build_s']:.1f} s)"
+    )
     print(f"  ratio cache/direct: {res['cached'] / res['direct']:.1f}x")
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mobile_vla.cli import main
-from mobile_vla.config import SimConfig
+from mobile_vla.config import SimConfig, load_config
 from mobile_vla.data.hdf5 import read_episode_info
 from mobile_vla.errors import ConfigError
 from mobile_vla.sim.collect import collect, plan_jobs
@@ -183,5 +183,7 @@ def test_collect_cli_writes_the_robot_format(
         with h5py.File(path) as fh:
             assert fh["images"].compression == "gzip" and fh["images"].chunks == (1, 32, 40, 3)
             assert fh["actions"].dtype == np.float32 and fh["actions"].shape == (12, 3)
+    saved = load_config(out / "collect_seed1.yaml")  # the resolved settings, reusable as a config
+    assert saved.seed == 1 and saved.sim.episode_length == 12 and saved.sim.image_size == [32, 40]
     assert main(["collect", "--out", str(out), "--episodes", "0", "-q"]) == 2
     assert main(["collect", "--out", str(out), "--episodes", "1", "--scenarios", "3box", "-q"]) == 2

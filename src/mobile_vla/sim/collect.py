@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mobile_vla.config import SimConfig
+from mobile_vla.config import SimConfig, config_to_yaml
 from mobile_vla.errors import MobileVLAError
+from mobile_vla.io import atomic_write_text
 from mobile_vla.sim.gl import ensure_gl_backend
 
 _BASE_TIME = dt.datetime(2026, 1, 1, 9, 0, 0)
@@ -100,6 +101,20 @@ def _run_job(args: tuple[EpisodeJob, SimConfig, str]) -> EpisodeResult:
     return EpisodeResult(job.index, str(path), ep.outcome.success, len(ep.actions))
 
 
+def save_collect_config(
+    out: Path, episodes: int, cells: Sequence[tuple[str, str, str]], seed: int, cfg: SimConfig
+) -> Path:
+    """Write the resolved settings beside the episodes, as a config ``collect --config`` takes."""
+    path = out / f"collect_seed{seed}.yaml"
+    cells_text = " ".join("_".join(c) for c in cells)
+    header = (
+        f"# mobile-vla collect --out {out} --episodes {episodes} --seed {seed} "
+        f"--config {path.name}\n# --scenarios {cells_text}\n"
+    )
+    atomic_write_text(path, header + config_to_yaml({"seed": seed, "sim": cfg}))
+    return path
+
+
 def collect(
     out: str | Path,
     episodes: int,
@@ -119,6 +134,7 @@ def collect(
     if out.exists() and not out.is_dir():
         raise MobileVLAError(f"--out '{out}' exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    save_collect_config(out, episodes, cells, seed, cfg)
     ensure_gl_backend()  # chosen once here; spawned workers inherit MUJOCO_GL
     jobs = [(job, cfg, str(out)) for job in plan_jobs(episodes, cells, seed)]
     bar = tqdm(total=len(jobs), desc="collect", unit="ep", disable=not progress)
