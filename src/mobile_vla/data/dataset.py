@@ -7,6 +7,7 @@ For every frame ``t`` of an episode (the "current" frame) one sample holds
 * ``actions``     float32 (fwd_pred_next_n, D): normalized actions a_{t+o} .. a_{t+o+n-1}
   (o = ``chunk_offset``) of the ``action_dims`` columns; steps past the episode end are zero
   and marked False in ``action_mask``;
+* ``actions_raw`` the same chunk in physical units (what metrics compare against);
 * ``instruction`` str, ``side`` (+1 left, -1 right, 0 unknown, after any mirroring), and the
   episode/frame indices.
 
@@ -118,11 +119,14 @@ class EpisodeDataset(Dataset):
             )
         norm = self.normalizer.normalize(actions)
         norm[~act_mask] = 0.0
+        raw = np.asarray(actions, dtype=np.float32).copy()
+        raw[~act_mask] = 0.0
         return {
             "images": torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2))),
             "obs_mask": torch.from_numpy(obs_mask),
             "actions": torch.from_numpy(norm),
             "action_mask": torch.from_numpy(act_mask),
+            "actions_raw": torch.from_numpy(raw),
             "instruction": instruction,
             "side": side_of_instruction(instruction),
             "mirrored": mirrored,

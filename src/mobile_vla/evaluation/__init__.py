@@ -1,0 +1,1 @@
+"""Evaluation: offline metrics on held-out episodes (closed loop comes with the simulator)."""

@@ -1,0 +1,158 @@
+"""Offline metrics on held-out episodes, exactly as ``shared/specs/metrics.md`` defines them.
+
+* ``val_loss``: the training objective on the validation split;
+* ``rmse`` / ``mae`` per dimension and overall: over valid (sample, chunk step) pairs, in
+  physical units (predictions denormalized, targets read raw from the files) — a true RMSE;
+* ``direction_accuracy``: sign(pred linear_y) == sign(target linear_y) over valid (sample,
+  chunk step) pairs whose |target linear_y| > ``DIRECTION_THRESHOLD``;
+* ``instruction_sensitivity``: the same windows with left/right swapped in the instruction;
+  mean |linear_y(orig) - linear_y(swapped)| of the first predicted action, and the share of
+  samples whose sign flips.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from mobile_vla.data.hdf5 import swap_left_right
+from mobile_vla.models.policy import VLAPolicy
+
+DIRECTION_THRESHOLD = 0.1  # m/s
+
+
+def regression_metrics(
+    pred: np.ndarray, target: np.ndarray, mask: np.ndarray, names: Sequence[str]
+) -> dict[str, Any]:
+    """pred/target (S, N, D) physical, mask (S, N) -> rmse/mae per dimension and overall."""
+    valid = mask.astype(bool)
+    p, t = pred[valid], target[valid]  # (V, D)
+    err = p - t
+    out: dict[str, Any] = {
+        "rmse": {n: float(np.sqrt(np.mean(err[:, d] ** 2))) for d, n in enumerate(names)},
+        "mae": {n: float(np.mean(np.abs(err[:, d]))) for d, n in enumerate(names)},
+        "valid_steps": int(valid.sum()),
+    }
+    out["rmse"]["all"] = float(np.sqrt(np.mean(err**2)))
+    out["mae"]["all"] = float(np.mean(np.abs(err)))
+    return out
+
+
+def direction_accuracy(
+    pred_y: np.ndarray,
+    target_y: np.ndarray,
+    mask: np.ndarray,
+    threshold: float = DIRECTION_THRESHOLD,
+) -> dict[str, Any]:
+    sel = mask.astype(bool) & (np.abs(target_y) > threshold)
+    n = int(sel.sum())
+    acc = float(np.mean(np.sign(pred_y[sel]) == np.sign(target_y[sel]))) if n else None
+    return {"value": acc, "count": n, "threshold": threshold}
+
+
+def instruction_sensitivity(y_orig: np.ndarray, y_swap: np.ndarray) -> dict[str, Any]:
+    """First-action linear_y with the original and the left/right-swapped instruction."""
+    return {
+        "mean_abs_diff": float(np.mean(np.abs(y_orig - y_swap))) if len(y_orig) else None,
+        "sign_flip_rate": float(np.mean(np.sign(y_orig) * np.sign(y_swap) < 0))
+        if len(y_orig)
+        else None,
+        "count": len(y_orig),
+    }
+
+
+@torch.no_grad()
+def evaluate_offline(
+    policy: VLAPolicy, dataset: Dataset, batch_size: int = 16, progress: bool = False
+) -> dict[str, Any]:
+    from mobile_vla.training.module import collate
+
+    policy.eval()
+    device = policy.action_token.device
+    names = policy.action_dims
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    losses, weights = [], []
+    preds, targets, masks, y_orig, y_swap = [], [], [], [], []
+    has_y = "linear_y" in names
+    yi = names.index("linear_y") if has_y else -1
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress):
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        loss, out = policy.loss(batch)
+        n_valid = float(batch["action_mask"].sum())
+        losses.append(float(loss) * n_valid)
+        weights.append(n_valid)
+        pred = policy.to_physical(policy.decode(out))
+        preds.append(pred)
+        targets.append(batch["actions_raw"].cpu().numpy())
+        masks.append(batch["action_mask"].cpu().numpy())
+        if has_y:
+            swapped = {**batch, "instruction": [swap_left_right(t) for t in batch["instruction"]]}
+            pred_s = policy.to_physical(policy.decode(policy(swapped)))
+            y_orig.append(pred[:, 0, yi])
+            y_swap.append(pred_s[:, 0, yi])
+    pred_all, tgt_all, mask_all = (np.concatenate(x) for x in (preds, targets, masks))
+    metrics: dict[str, Any] = {
+        "val_loss": float(sum(losses) / max(sum(weights), 1.0)),
+        **regression_metrics(pred_all, tgt_all, mask_all, names),
+        "samples": len(pred_all),
+    }
+    if has_y:
+        metrics["direction_accuracy"] = direction_accuracy(
+            pred_all[..., yi], tgt_all[..., yi], mask_all
+        )
+        metrics["instruction_sensitivity"] = instruction_sensitivity(
+            np.concatenate(y_orig), np.concatenate(y_swap)
+        )
+    else:
+        reason = "linear_y is not among the predicted dimensions"
+        metrics["direction_accuracy"] = {"value": None, "reason": reason}
+        metrics["instruction_sensitivity"] = {"mean_abs_diff": None, "reason": reason}
+    return metrics
+
+
+def evaluate_run(
+    run: str | Path, which: str = "best", batch_size: int = 16, progress: bool = True
+) -> dict[str, Any]:
+    """Offline metrics of a run on its own validation episodes; writes ``metrics.json``."""
+    from mobile_vla.data.dataset import EpisodeDataset, make_frame_source
+    from mobile_vla.data.episodes import load_episodes
+    from mobile_vla.errors import DataError
+    from mobile_vla.io import atomic_write_json
+    from mobile_vla.training.run import load_policy
+
+    policy, cfg = load_policy(run, which)
+    run = Path(run)
+    split = json.loads((run / "split.json").read_text())
+    episodes = {e.path.name: e for e in load_episodes(cfg.data)}
+    missing = [n for n in split["val"] if n not in episodes]
+    if missing:
+        raise DataError(
+            f"validation episodes of run '{run}' are missing from '{cfg.data.path}': {missing[:5]}"
+        )
+    val = [episodes[n] for n in split["val"]]
+    dataset = EpisodeDataset(
+        val, cfg.data, policy.normalizer, False, cfg.seed, make_frame_source(cfg.data)
+    )
+    metrics = evaluate_offline(policy, dataset, batch_size, progress)
+    metrics.update(
+        {
+            "split": "val",
+            "episodes": len(val),
+            "seed": cfg.seed,
+            "checkpoint": which,
+            "run": str(run),
+        }
+    )
+    previous = {}
+    if (run / "metrics.json").is_file():
+        previous = json.loads((run / "metrics.json").read_text())
+    previous["offline"] = metrics
+    atomic_write_json(run / "metrics.json", previous)
+    return metrics

@@ -1,0 +1,1 @@
+"""Policies: VLM backbones (adapters), the action token, heads and transfer strategies."""

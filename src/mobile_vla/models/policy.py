@@ -1,0 +1,106 @@
+"""The VLA policy: backbone (VLM adapter) + learnable action token(s) + action head.
+
+    context = backbone(frames, instruction, action tokens)  # per frame (post) / window (pre)
+    chunk   = head(context of the window)                    # (B, fwd_pred_next_n, D)
+
+Readable top to bottom; the trainer, the evaluator and the server all call the same methods:
+``frame_features`` (one frame -> its context vector, what the history cache stores),
+``head_forward`` (a window of context vectors -> head output), ``forward`` (a batch from the
+dataset), ``predict`` (physical actions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobile_vla.config import Config
+from mobile_vla.data.normalization import ActionStats, Normalizer
+from mobile_vla.models.backbones import build_backbone
+from mobile_vla.models.heads import ActionCodec, ActionHead, HeadOutput, teleop_action_set
+
+
+class VLAPolicy(nn.Module):
+    def __init__(self, cfg: Config, stats: ActionStats) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.action_dims = list(cfg.data.action_dims)
+        self.backbone = build_backbone(cfg.backbone)
+        d = self.backbone.hidden_size
+        n_act = cfg.backbone.n_action_tokens
+        self.action_token = nn.Parameter(torch.randn(n_act, d) * 0.02)
+        self.pre = cfg.backbone.history == "pre"
+        self.window = cfg.data.window_size
+        self.chunk = cfg.data.fwd_pred_next_n
+        self.normalizer = Normalizer(stats, cfg.data.normalization)
+        bounded = cfg.data.normalization in ("minmax", "quantile")
+        self.head = ActionHead(
+            n_act * d,
+            1 if self.pre else self.window,
+            self.chunk,
+            self.action_dims,
+            cfg.head,
+            bounded,
+        )
+        action_set = None
+        if cfg.head.action_space == "classes":
+            physical = np.asarray(
+                cfg.head.action_set or teleop_action_set(self.action_dims), np.float32
+            )
+            action_set = self.normalizer.normalize(physical)
+        self.codec = ActionCodec(cfg.head, self.action_dims, action_set)
+
+    # -- the two halves -------------------------------------------------------------------
+    def frame_features(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """uint8 frames (N, 3, H, W) + one instruction each -> context vectors (N, F)."""
+        pixels = self.backbone.preprocess(images)
+        ctx = self.backbone.encode_post(pixels, texts, self.action_token)
+        return ctx.flatten(1)
+
+    def window_features(
+        self, images: torch.Tensor, texts: Sequence[str], obs_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 windows (B, W, 3, H, W) -> (features (B, W', F), mask (B, W'))."""
+        b, w = images.shape[:2]
+        if self.pre:
+            pixels = self.backbone.preprocess(images.flatten(0, 1))
+            pixels = pixels.view(b, w, *pixels.shape[1:])
+            ctx = self.backbone.encode_pre(pixels, texts, self.action_token, obs_mask)
+            return ctx.flatten(1)[:, None], torch.ones(b, 1, device=ctx.device)
+        per_frame = [t for t in texts for _ in range(w)]
+        feats = self.frame_features(images.flatten(0, 1), per_frame)
+        return feats.view(b, w, -1), obs_mask
+
+    def head_forward(self, features: torch.Tensor, obs_mask: torch.Tensor) -> HeadOutput:
+        return self.head(features, obs_mask)
+
+    # -- training ---------------------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> HeadOutput:
+        feats, mask = self.window_features(batch["images"], batch["instruction"], batch["obs_mask"])
+        return self.head_forward(feats, mask)
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, HeadOutput]:
+        out = self(batch)
+        return self.codec.loss(out.logits, batch["actions"], batch["action_mask"]), out
+
+    # -- inference ------------------------------------------------------------------------------
+    def decode(self, out: HeadOutput) -> torch.Tensor:
+        """Head output -> normalized actions (B, N, D)."""
+        return self.codec.decode(out.logits)
+
+    def to_physical(self, normalized: torch.Tensor) -> np.ndarray:
+        return self.normalizer.denormalize(normalized.detach().float().cpu().numpy())
+
+    @torch.no_grad()
+    def predict(
+        self, images: torch.Tensor, texts: Sequence[str], obs_mask: torch.Tensor | None = None
+    ) -> np.ndarray:
+        """Physical action chunks (B, N, D) for uint8 windows (B, W, 3, H, W)."""
+        if obs_mask is None:
+            obs_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
+        out = self({"images": images, "instruction": list(texts), "obs_mask": obs_mask})
+        return self.to_physical(self.decode(out))

@@ -1,0 +1,298 @@
+"""Transfer-learning strategies: what trains, at which learning rate.
+
+A strategy is a preset of RoboVLMs' ``train_setup`` flags; flags set explicitly in the config
+override the preset (``freeze_backbone: true`` first turns every backbone part off, then the
+part flags turn parts back on)::
+
+    preset     vision  resampler  text emb  text tower  decoder layers  LoRA
+    frozen     -       -          -         -           none            -
+    lora       -       -          -         -           none            yes
+    partial    -       -          -         -           last 2          -
+    full       yes     yes        yes       yes         all             -
+    sandwich   yes     -          -         -           last 1          -
+    gradual    starts as frozen; unfreezes from the top, one group per epoch
+               (or every ``gradual_every_steps`` steps): top layer + final norm, the next
+               layers down, then resampler, vision, text embedding + text tower
+
+The head and the action token always train. Learning rates: head ``learning_rate``, action
+token ``action_token_lr``, LoRA ``lora_lr``, vision ``vision_lr``, other backbone parts
+``backbone_lr``, decoder layer k from the top ``backbone_lr * layer_lr_decay**k``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from mobile_vla.config import TrainSetup
+from mobile_vla.errors import ConfigError
+
+FLAGS = (
+    "train_vision",
+    "freeze_resampler",
+    "train_text_embedding",
+    "train_text_tower",
+    "train_decoder_layers",
+    "lora_enable",
+)
+_ALL_ON = {
+    "train_vision": True,
+    "freeze_resampler": False,
+    "train_text_embedding": True,
+    "train_text_tower": True,
+    "train_decoder_layers": -1,
+}
+_ALL_OFF = {
+    "train_vision": False,
+    "freeze_resampler": True,
+    "train_text_embedding": False,
+    "train_text_tower": False,
+    "train_decoder_layers": 0,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "frozen": {**_ALL_OFF, "lora_enable": False},
+    "lora": {**_ALL_OFF, "lora_enable": True},
+    "partial": {**_ALL_OFF, "train_decoder_layers": 2, "lora_enable": False},
+    "full": {**_ALL_ON, "lora_enable": False},
+    "sandwich": {**_ALL_OFF, "train_vision": True, "train_decoder_layers": 1, "lora_enable": False},
+    "gradual": {**_ALL_OFF, "lora_enable": False},
+}
+TABLE_GROUPS = (
+    "vision",
+    "resampler",
+    "text_embedding",
+    "text",
+    "decoder_layers",
+    "decoder_other",
+    "lora",
+    "action_token",
+    "head",
+)
+
+
+@dataclass
+class Resolved:
+    train_vision: bool
+    freeze_resampler: bool
+    train_text_embedding: bool
+    train_text_tower: bool
+    train_decoder_layers: int
+    lora_enable: bool
+
+
+def resolve(setup: TrainSetup) -> Resolved:
+    flags = dict(PRESETS[setup.strategy])
+    if setup.freeze_backbone is not None:
+        flags.update(_ALL_OFF if setup.freeze_backbone else _ALL_ON)
+    for name in FLAGS:
+        value = getattr(setup, name)
+        if value is not None:
+            flags[name] = value
+    return Resolved(**flags)
+
+
+@dataclass
+class StrategyPlan:
+    param_groups: list[dict[str, Any]]
+    table: dict[str, dict[str, int]]
+    resolved: Resolved
+    gradual_stages: list[list[nn.Module]] = field(default_factory=list)
+    stage: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resolved": asdict(self.resolved),
+            "params": self.table,
+            "groups": [
+                {"name": g["name"], "lr": g["lr"], "tensors": len(g["params"])}
+                for g in self.param_groups
+            ],
+        }
+
+    def unfreeze_next(self) -> bool:
+        """gradual: make the next stage trainable; False when everything is already."""
+        if self.stage >= len(self.gradual_stages):
+            return False
+        for module in self.gradual_stages[self.stage]:
+            module.requires_grad_(True)
+        self.stage += 1
+        return True
+
+
+def _lora_targets(scope: nn.Module, targets: list[str]) -> list[str]:
+    """Full names of the linear layers in ``scope`` that the target suffixes match; a target
+    that matches nothing is an error."""
+    names = [n for n, m in scope.named_modules() if isinstance(m, nn.Linear)]
+    matched: list[str] = []
+    for target in targets:
+        hits = [n for n in names if n == target or n.endswith("." + target)]
+        if not hits:
+            examples = sorted({n.rsplit(".", 1)[-1] for n in names})[:12]
+            raise ConfigError(
+                f"config key 'train_setup.lora_target_modules': '{target}' matches no linear "
+                f"layer of the backbone's language model (names there include {examples})"
+            )
+        matched += hits
+    return sorted(set(matched))
+
+
+def apply_lora(scope: nn.Module, setup: TrainSetup, default_targets: tuple[str, ...]) -> int:
+    """Inject LoRA adapters (PEFT) into ``scope``; returns how many layers were wrapped."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = _lora_targets(scope, list(setup.lora_target_modules or default_targets))
+    pattern = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
+    config = LoraConfig(
+        r=setup.lora_r,
+        lora_alpha=setup.lora_alpha,
+        lora_dropout=setup.lora_dropout,
+        bias=setup.lora_bias,
+        target_modules=pattern,
+    )
+    inject_adapter_in_model(config, scope)
+    return len(targets)
+
+
+def _params(modules: list[nn.Module]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for m in modules:
+        for p in m.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def apply_strategy(policy: nn.Module, setup: TrainSetup) -> StrategyPlan:
+    """Set ``requires_grad`` per the strategy, inject LoRA, and build the optimizer's groups."""
+    backbone = policy.backbone
+    r = resolve(setup)
+    if r.lora_enable:
+        apply_lora(backbone.lora_scope(), setup, backbone.lora_targets)
+    lora = [p for n, p in backbone.named_parameters() if "lora_" in n]
+    lora_ids = {id(p) for p in lora}
+    # biases PEFT marked trainable (lora_bias = all / lora_only)
+    lora_bias = [
+        p
+        for n, p in backbone.lora_scope().named_parameters()
+        if r.lora_enable
+        and p.requires_grad
+        and id(p) not in lora_ids
+        and n.endswith("bias")
+        and setup.lora_bias != "none"
+    ]
+    groups = backbone.groups()
+    layers: list[nn.Module] = groups["decoder_layers"]
+    n_layers = len(layers)
+    n_train = n_layers if r.train_decoder_layers == -1 else min(r.train_decoder_layers, n_layers)
+
+    backbone.requires_grad_(False)
+    on: list[nn.Module] = []
+    if r.train_vision:
+        on += groups["vision"]
+    if not r.freeze_resampler:
+        on += groups["resampler"]
+    if r.train_text_embedding:
+        on += groups["text_embedding"]
+    if r.train_text_tower:
+        on += groups["text"]
+    if n_train > 0:
+        on += layers[n_layers - n_train :] + groups["decoder_other"]
+    for m in on:
+        m.requires_grad_(True)
+    for p in lora + lora_bias:
+        p.requires_grad_(True)
+    policy.head.requires_grad_(True)
+    policy.action_token.requires_grad_(True)
+    backbone.set_gradient_checkpointing(setup.gradient_checkpointing)
+
+    stages: list[list[nn.Module]] = []
+    if setup.strategy == "gradual":
+        top = [layers[-1], *groups["decoder_other"]] if layers else groups["decoder_other"]
+        stages = [top] + [[m] for m in reversed(layers[:-1])]
+        stages += [groups["resampler"], groups["vision"], groups["text_embedding"] + groups["text"]]
+        stages = [s for s in stages if _params(s)]
+
+    # Optimizer groups: everything trainable now, and what gradual will unfreeze later.
+    optimizable = {id(p) for p in policy.parameters() if p.requires_grad}
+    for s in stages:
+        optimizable |= {id(p) for p in _params(s)}
+    base = setup.backbone_lr
+    spec: list[tuple[str, list[nn.Parameter], float]] = [
+        ("head", list(policy.head.parameters()), setup.learning_rate),
+        ("action_token", [policy.action_token], setup.action_token_lr or setup.learning_rate),
+        ("lora", lora + lora_bias, setup.lora_lr),
+        (
+            "vision",
+            _params(groups["vision"]),
+            setup.vision_lr if setup.vision_lr is not None else base,
+        ),
+        ("resampler", _params(groups["resampler"]), base),
+        ("text_embedding", _params(groups["text_embedding"]), base),
+        ("text", _params(groups["text"]), base),
+        ("decoder_other", _params(groups["decoder_other"]), base),
+    ]
+    for k, layer in enumerate(reversed(layers)):
+        spec.append(
+            (f"decoder_layer_{n_layers - 1 - k}", _params([layer]), base * setup.layer_lr_decay**k)
+        )
+    param_groups: list[dict[str, Any]] = []
+    taken: set[int] = set()
+    for name, params, lr in spec:
+        chosen = [p for p in params if id(p) in optimizable and id(p) not in taken]
+        taken |= {id(p) for p in chosen}
+        decay = [p for p in chosen if p.ndim >= 2]
+        no_decay = [p for p in chosen if p.ndim < 2]
+        for suffix, ps, wd in (("", decay, None), ("_no_decay", no_decay, 0.0)):
+            if ps:
+                group: dict[str, Any] = {"name": name + suffix, "params": ps, "lr": lr}
+                if wd is not None:
+                    group["weight_decay"] = wd
+                param_groups.append(group)
+    return StrategyPlan(param_groups, param_table(policy), r, stages)
+
+
+def param_table(policy: nn.Module) -> dict[str, dict[str, int]]:
+    """Trainable / total parameter counts per group (LoRA counted on its own)."""
+    backbone = policy.backbone
+    groups = backbone.groups()
+    rows: dict[str, list[nn.Parameter]] = {g: [] for g in TABLE_GROUPS}
+    seen: set[int] = set()
+
+    def add(name: str, params: list[nn.Parameter]) -> None:
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                rows[name].append(p)
+
+    add("lora", [p for n, p in backbone.named_parameters() if "lora_" in n])
+    for g in ("vision", "resampler", "text_embedding", "text", "decoder_layers", "decoder_other"):
+        add(g, _params(groups[g]))
+    add("action_token", [policy.action_token])
+    add("head", list(policy.head.parameters()))
+    other = [p for p in policy.parameters() if id(p) not in seen]
+    table = {
+        g: {
+            "trainable": sum(p.numel() for p in ps if p.requires_grad),
+            "total": sum(p.numel() for p in ps),
+        }
+        for g, ps in rows.items()
+    }
+    table["other_backbone"] = {
+        "trainable": sum(p.numel() for p in other if p.requires_grad),
+        "total": sum(p.numel() for p in other),
+    }
+    table["all"] = {
+        "trainable": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in policy.parameters()),
+    }
+    return table
+
+
+def format_table(table: dict[str, dict[str, int]]) -> str:
+    lines = [f"{'group':<16} {'trainable':>14} {'total':>14} {'share':>7}"]
+    for name, row in table.items():
+        share = row["trainable"] / row["total"] if row["total"] else 0.0
+        lines.append(f"{name:<16} {row['trainable']:>14,} {row['total']:>14,} {share:>7.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training: the Lightning module, safetensors checkpoints, run folders and resume."""

@@ -1,0 +1,268 @@
+"""The Lightning module around a :class:`VLAPolicy`, its sampler and its callbacks."""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from mobile_vla.config import Config
+from mobile_vla.errors import ConfigError
+from mobile_vla.models.policy import VLAPolicy
+from mobile_vla.models.strategies import StrategyPlan
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_scale: float) -> float:
+    """Linear warm-up from 0 to 1 over ``warmup`` steps, then cosine down to ``min_scale``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_scale + (1 - min_scale) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled indices from a generator seeded by (seed, epoch), split across DDP ranks.
+
+    Lightning calls ``set_epoch``; no global RNG is touched, so an epoch's order is the same
+    in a resumed run."""
+
+    def __init__(self, length: int, seed: int, shuffle: bool) -> None:
+        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rank(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __iter__(self) -> Iterator[int]:
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(self.length)
+            if self.shuffle
+            else np.arange(self.length)
+        )
+        rank, world = self._rank()
+        if world > 1:  # pad to a multiple of the world size, then stride
+            pad = (-len(order)) % world
+            order = np.concatenate([order, order[:pad]])[rank::world]
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        _, world = self._rank()
+        return math.ceil(self.length / world)
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], (bool, int, float)):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out
+
+
+class PolicyModule(pl.LightningModule):
+    def __init__(self, cfg: Config, policy: VLAPolicy, plan: StrategyPlan) -> None:
+        super().__init__()
+        self.cfg, self.policy, self.plan = cfg, policy, plan
+        self.strict_loading = False  # frozen pretrained weights are not in checkpoints
+
+    # -- what a checkpoint holds ---------------------------------------------------------
+    def saved_state_keys(self) -> set[str]:
+        """Trainable tensors, everything gradual may unfreeze, and weights that cannot be
+        reloaded from the pretrained source (e.g. the built-in backbone's random init)."""
+        prefixes = tuple("policy.backbone." + p for p in self.policy.backbone.pretrained_prefixes)
+        optimizable = {id(p) for g in self.plan.param_groups for p in g["params"]}
+        keys = set()
+        for name, p in self.named_parameters():
+            if p.requires_grad or id(p) in optimizable or not name.startswith(prefixes):
+                keys.add(name)
+        for name, _ in self.named_buffers():
+            if not name.startswith(prefixes):
+                keys.add(name)
+        return keys
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.saved_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["architecture"] = architecture(self.cfg)
+        checkpoint["gradual_stage"] = self.plan.stage
+        checkpoint["rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_architecture(checkpoint, self.cfg, self.state_dict(), "resume")
+        while self.plan.stage < checkpoint.get("gradual_stage", 0):
+            self.plan.unfreeze_next()
+        rng = checkpoint.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+
+    # -- training ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.policy.loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["instruction"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss, _ = self.policy.loss(batch)
+        self.log(
+            "val_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["instruction"])
+        )
+
+    def on_train_epoch_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+        ts = self.cfg.train_setup
+        if ts.strategy == "gradual" and ts.gradual_every_steps == 0:
+            while self.plan.stage < self.current_epoch and self.plan.unfreeze_next():
+                pass
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        ts = self.cfg.train_setup
+        if ts.strategy == "gradual" and ts.gradual_every_steps > 0:
+            target = self.global_step // ts.gradual_every_steps
+            while self.plan.stage < target and self.plan.unfreeze_next():
+                pass
+
+    def configure_optimizers(self) -> Any:
+        t = self.cfg.trainer
+        groups = [{k: v for k, v in g.items()} for g in self.plan.param_groups]
+        optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, t.warmup_steps, total, t.min_lr_scale)
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+def architecture(cfg: Config) -> dict[str, Any]:
+    """What must match for a checkpoint to load into a model."""
+    return {
+        "backbone": cfg.backbone.name,
+        "backbone_path": cfg.backbone.path,
+        "history": cfg.backbone.history,
+        "n_action_tokens": cfg.backbone.n_action_tokens,
+        "head": cfg.head.type,
+        "action_space": cfg.head.action_space,
+        "action_dims": list(cfg.data.action_dims),
+        "window_size": cfg.data.window_size,
+        "fwd_pred_next_n": cfg.data.fwd_pred_next_n,
+    }
+
+
+def check_architecture(
+    checkpoint: dict[str, Any], cfg: Config, model_state: dict[str, torch.Tensor], source: str
+) -> None:
+    saved = checkpoint.get("architecture", {})
+    mine = architecture(cfg)
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}"
+        for k, v in mine.items()
+        if k in saved and saved[k] != v
+    ]
+    state = checkpoint.get("state_dict", {})
+    unexpected = sorted(set(state) - set(model_state))
+    shapes = [
+        f"{k}: {tuple(v.shape)} vs {tuple(model_state[k].shape)}"
+        for k, v in state.items()
+        if k in model_state and v.shape != model_state[k].shape
+    ]
+    if diff or unexpected or shapes:
+        detail = "; ".join(
+            diff + shapes[:3] + ([f"unexpected tensors {unexpected[:3]}"] if unexpected else [])
+        )
+        raise ConfigError(f"{source}: the checkpoint was made for another architecture ({detail})")
+
+
+class TrainStats(pl.Callback):
+    """Samples/s over the steady state (after warm-up steps) and peak memory."""
+
+    def __init__(self, warmup_steps: int = 3) -> None:
+        self.warmup = warmup_steps
+        self.samples = 0
+        self.batches = 0
+        self.t0: float | None = None
+        self.elapsed = 0.0
+        self._start = 0.0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self.batches += 1
+        if self.batches > self.warmup:
+            self.elapsed += time.perf_counter() - self._start
+            self.samples += len(batch["instruction"])
+
+    def result(self) -> dict[str, Any]:
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out = {
+            "train_samples_per_s": self.samples / self.elapsed if self.elapsed else None,
+            "steady_state_batches": max(0, self.batches - self.warmup),
+            "peak_memory_bytes": peak_rss,
+            "peak_memory_kind": "cpu_rss",
+        }
+        if torch.cuda.is_available():
+            out["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+            out["peak_memory_kind"] = "cuda_allocated"
+        return out
+
+
+class RunCheckpoints(pl.Callback):
+    """``checkpoints/last`` after every epoch and ``checkpoints/best`` on a new lowest
+    validation loss, both written atomically through the trainer's checkpoint I/O."""
+
+    def __init__(self, folder: Any) -> None:
+        self.folder = folder
+        self.best: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("best")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        val = trainer.callback_metrics.get("val_loss")
+        value = float(val) if val is not None else None
+        if value is not None and (self.best is None or value < self.best):
+            self.best = value
+            trainer.save_checkpoint(self.folder / "best")
+        trainer.save_checkpoint(self.folder / "last")

@@ -1,0 +1,230 @@
+"""``mobile-vla train`` and the run folder, and loading a trained policy back.
+
+A run folder holds everything later commands need::
+
+    config.yaml        the resolved config
+    stats.json         action normalization statistics (training split)
+    split.json         the episodes of each split
+    params.json        trainable / total parameters per group, the resolved strategy
+    checkpoints/last   safetensors + JSON, every epoch
+    checkpoints/best   the lowest validation loss
+    logs/              CSV and TensorBoard logs
+    train_stats.json   samples/s (steady state), peak memory, wall time
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mobile_vla.config import Config, load_config, save_config
+from mobile_vla.data.dataset import DataBundle, build_datasets
+from mobile_vla.data.normalization import ActionStats
+from mobile_vla.errors import ConfigError, MobileVLAError
+from mobile_vla.io import atomic_write_json
+from mobile_vla.models.policy import VLAPolicy
+from mobile_vla.models.strategies import StrategyPlan, apply_strategy, format_table
+from mobile_vla.training.checkpoint import load_folder
+
+log = logging.getLogger(__name__)
+RUN_FILES = ("config.yaml", "stats.json", "split.json")
+
+
+def build_policy(cfg: Config, stats: ActionStats) -> tuple[VLAPolicy, StrategyPlan]:
+    """The policy with the strategy applied (LoRA injected, requires_grad set), seeded."""
+    torch.manual_seed(cfg.seed)
+    policy = VLAPolicy(cfg, stats)
+    policy.train()
+    check_window(cfg, policy)
+    return policy, apply_strategy(policy, cfg.train_setup)
+
+
+def check_window(cfg: Config, policy: VLAPolicy) -> None:
+    """Refuse a window the backbone cannot take, before any training."""
+    backbone = policy.backbone
+    if cfg.backbone.history != "pre":
+        return
+    limit = getattr(backbone, "max_window", None)
+    if callable(limit) and cfg.data.window_size > limit():
+        raise ConfigError(
+            f"config key 'data.window_size' must be <= {limit()} for backbone "
+            f"'{cfg.backbone.name}' with history=pre, got {cfg.data.window_size}"
+        )
+
+
+def _devices(text: str) -> Any:
+    if text == "auto":
+        return "auto"
+    if text.isdigit() or text == "-1":
+        return int(text)
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"config key 'trainer.devices' must be auto, a count or a list of indices, got {text!r}"
+        ) from None
+
+
+def make_loaders(cfg: Config, bundle: DataBundle) -> tuple[DataLoader, DataLoader]:
+    from mobile_vla.training.module import EpochSampler, collate
+
+    t = cfg.trainer
+    kw: dict[str, Any] = {
+        "batch_size": t.batch_size,
+        "collate_fn": collate,
+        "num_workers": t.num_workers,
+    }
+    train = DataLoader(bundle.train, sampler=EpochSampler(len(bundle.train), cfg.seed, True), **kw)
+    val = DataLoader(bundle.val, sampler=EpochSampler(len(bundle.val), cfg.seed, False), **kw)
+    return train, val
+
+
+def new_run_dir(cfg: Config) -> Path:
+    name = cfg.trainer.run_name or (
+        f"{cfg.train_setup.strategy}-{cfg.backbone.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    )
+    run = Path(cfg.trainer.output_dir) / name
+    if (run / "checkpoints").exists():
+        raise MobileVLAError(
+            f"run folder '{run}' already holds checkpoints; resume it with --resume {run} or "
+            "choose another trainer.run_name"
+        )
+    return run
+
+
+def train(
+    cfg: Config,
+    resume: Path | None = None,
+    progress: bool = True,
+    callbacks: list[Any] | None = None,
+) -> Path:
+    """Train per ``cfg`` into a new run folder (or continue ``resume``); returns the folder.
+    ``callbacks`` are extra Lightning callbacks."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from mobile_vla.training.checkpoint import SafeCheckpointIO
+    from mobile_vla.training.module import PolicyModule, RunCheckpoints, TrainStats
+
+    run = resume if resume is not None else new_run_dir(cfg)
+    ckpt = None
+    if resume is not None:
+        ckpt = run / "checkpoints" / "last"
+        if not ckpt.exists():
+            raise MobileVLAError(f"cannot resume '{run}': it has no checkpoints/last")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    bundle = build_datasets(cfg, progress=progress)
+    if not len(bundle.val):
+        raise ConfigError("the validation split is empty: raise data.val_fraction or add episodes")
+    policy, plan = build_policy(cfg, bundle.stats)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+    bundle.stats.save(run / "stats.json")
+    bundle.split.save(run / "split.json")
+    atomic_write_json(run / "params.json", plan.to_json())
+    log.info("run folder: %s\n%s", run, format_table(plan.table))
+    if progress:
+        print(
+            f"run folder: {run}\nstrategy {cfg.train_setup.strategy}:\n{format_table(plan.table)}"
+        )
+
+    module = PolicyModule(cfg, policy, plan)
+    train_loader, val_loader = make_loaders(cfg, bundle)
+    t = cfg.trainer
+    csv_version = "csv"
+    n = 1
+    while (run / "logs" / csv_version).exists():
+        n += 1
+        csv_version = f"csv-{n}"  # a resumed run logs beside, never over, earlier logs
+    loggers: list[Any] = [
+        CSVLogger(run, name="logs", version=csv_version),
+        TensorBoardLogger(run, name="logs", version="tensorboard"),
+    ]
+    if t.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(WandbLogger(save_dir=str(run), name=run.name))
+    stats_cb = TrainStats()
+    trainer = pl.Trainer(
+        max_epochs=t.max_epochs if t.max_epochs > 0 else -1,
+        max_steps=t.max_steps,
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val or None,
+        gradient_clip_algorithm="norm",
+        accelerator=t.accelerator,
+        devices=_devices(t.devices),
+        strategy=t.strategy,
+        logger=loggers,
+        callbacks=[RunCheckpoints(run / "checkpoints"), stats_cb, *(callbacks or [])],
+        plugins=[SafeCheckpointIO()],
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        log_every_n_steps=t.log_every_n_steps,
+        limit_val_batches=t.limit_val_batches
+        if t.limit_val_batches <= 1
+        else int(t.limit_val_batches),
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        default_root_dir=str(run),
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None)
+    if trainer.is_global_zero:
+        result = stats_cb.result()
+        result["wall_time_s"] = time.perf_counter() - start
+        result["global_step"] = trainer.global_step
+        result["epochs"] = trainer.current_epoch
+        atomic_write_json(run / "train_stats.json", result)
+    return run
+
+
+# -- loading a run back ---------------------------------------------------------------------
+
+
+def check_run(run: str | Path) -> Path:
+    run = Path(run)
+    if not run.is_dir():
+        raise MobileVLAError(f"run folder '{run}' does not exist")
+    missing = [f for f in RUN_FILES if not (run / f).is_file()]
+    if missing:
+        raise MobileVLAError(f"run folder '{run}' is incomplete: missing {', '.join(missing)}")
+    return run
+
+
+def load_policy(
+    run: str | Path, which: str = "best", overrides: list[str] | None = None
+) -> tuple[VLAPolicy, Config]:
+    """The trained policy of a run folder (``best``, else ``last``), in eval mode."""
+    from mobile_vla.training.module import check_architecture
+
+    run = check_run(run)
+    cfg = load_config(run / "config.yaml", overrides or [])
+    stats = ActionStats.load(run / "stats.json")
+    folder = run / "checkpoints" / which
+    if not folder.exists():
+        folder = run / "checkpoints" / "last"
+    if not folder.exists():
+        raise MobileVLAError(f"run folder '{run}' has no checkpoint (checkpoints/best or last)")
+    checkpoint = load_folder(folder)
+    policy, _ = build_policy(cfg, stats)
+    state = {k.removeprefix("policy."): v for k, v in checkpoint.get("state_dict", {}).items()}
+    check_architecture(
+        {"architecture": checkpoint.get("architecture", {}), "state_dict": state},
+        cfg,
+        policy.state_dict(),
+        f"checkpoint '{folder}'",
+    )
+    missing = policy.load_state_dict(state, strict=False)
+    if missing.unexpected_keys:  # pragma: no cover - check_architecture refuses these first
+        raise ConfigError(f"checkpoint '{folder}' has unexpected tensors")
+    policy.eval()
+    policy.requires_grad_(False)
+    return policy, cfg
