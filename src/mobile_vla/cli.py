@@ -120,6 +120,31 @@ def format_offline(m: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_import_config(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.config import config_to_yaml
+    from mobile_vla.io import atomic_write_text
+    from mobile_vla.robovlms import load_robovlms
+
+    imported = load_robovlms(args.config)
+    cfg = load_config(args.config, overrides)  # validates the converted keys
+    header = "".join(
+        f"# {line}\n"
+        for line in (
+            f"converted from the RoboVLMs config {args.config}",
+            *imported.summary().splitlines(),
+        )
+    )
+    if args.out is None:
+        print(header + config_to_yaml(cfg))
+    else:
+        if args.out.exists() and not args.force:
+            raise MobileVLAError(f"'{args.out}' exists; pass --force to replace it")
+        atomic_write_text(args.out, header + config_to_yaml(cfg))
+        print(imported.summary())
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mobile-vla",
@@ -173,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("import-config", help="convert a RoboVLMs JSON config to YAML")
+    p.add_argument("config", type=Path, help="RoboVLMs JSON config")
+    p.add_argument("--out", type=Path, default=None, help="YAML to write (default: stdout)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_import_config)
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -608,6 +609,17 @@ def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
         raise ConfigError(f"config '{path}' inherits from itself: {chain}")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
+    if path.suffix.lower() == ".json":
+        from mobile_vla.robovlms import load_robovlms
+
+        imported = load_robovlms(path)
+        if imported.ignored:
+            logging.getLogger(__name__).warning(
+                "%s: RoboVLMs key(s) with no meaning here, not used: %s",
+                path,
+                ", ".join(imported.ignored),
+            )
+        return imported.tree
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

@@ -47,13 +47,12 @@ def build_policy(cfg: Config, stats: ActionStats) -> tuple[VLAPolicy, StrategyPl
 
 def check_window(cfg: Config, policy: VLAPolicy) -> None:
     """Refuse a window the backbone cannot take, before any training."""
-    backbone = policy.backbone
     if cfg.backbone.history != "pre":
         return
-    limit = getattr(backbone, "max_window", None)
-    if callable(limit) and cfg.data.window_size > limit():
+    limit = policy.backbone.max_window()
+    if cfg.data.window_size > limit:
         raise ConfigError(
-            f"config key 'data.window_size' must be <= {limit()} for backbone "
+            f"config key 'data.window_size' must be <= {limit} for backbone "
             f"'{cfg.backbone.name}' with history=pre, got {cfg.data.window_size}"
         )
 

@@ -69,6 +69,14 @@ class Backbone(nn.Module):
     def groups(self) -> dict[str, list[nn.Module]]:
         raise NotImplementedError
 
+    def lora_scope(self) -> nn.Module:
+        """The module LoRA adapters go into (the language model / fusion layers)."""
+        raise NotImplementedError
+
+    def max_window(self) -> int:
+        """Most frames one ``pre`` sequence can hold."""
+        raise NotImplementedError
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         raise NotImplementedError
 

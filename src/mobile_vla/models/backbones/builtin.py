@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from mobile_vla.config import BackboneConfig
 from mobile_vla.errors import ConfigError
 from mobile_vla.models.backbones.base import Backbone, normalize_pixels, register_backbone
-from mobile_vla.models.backbones.hf import set_hf_checkpointing
+from mobile_vla.models.backbones.hf import quiet_loading, set_hf_checkpointing
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.25, 0.25, 0.25)
@@ -130,6 +130,7 @@ class BuiltinBackbone(Backbone):
         source = g.text_encoder or str(packaged_text_encoder())
         if not g.text_encoder:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        quiet_loading()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
             self.text_encoder = AutoModel.from_pretrained(source)
@@ -176,6 +177,9 @@ class BuiltinBackbone(Backbone):
 
     def lora_scope(self) -> nn.Module:
         return self.fusion
+
+    def max_window(self) -> int:
+        return self.frame_embed.shape[0]
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.gradient_checkpointing = enabled

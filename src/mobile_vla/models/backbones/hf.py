@@ -15,8 +15,16 @@ def _why(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
+def quiet_loading() -> None:
+    """No per-tensor "Loading weights" progress bars from ``transformers``."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load_pretrained(cls: Any, source: str) -> Any:
     """``cls.from_pretrained(source)`` in train mode (``from_pretrained`` returns eval mode)."""
+    quiet_loading()
     try:
         model = cls.from_pretrained(source)
     except (OSError, ValueError) as exc:

@@ -78,6 +78,10 @@ class Kosmos2Backbone(Backbone):
     def lora_scope(self) -> nn.Module:
         return self.model.text_model
 
+    def max_window(self) -> int:
+        positions = self.model.config.text_config.max_position_embeddings
+        return max(1, (positions - 64) // (self.num_image_tokens + 2))
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         set_hf_checkpointing(self.model, enabled)
 
