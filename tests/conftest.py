@@ -81,3 +81,76 @@ def sim_dataset(tmp_path_factory: pytest.TempPathFactory, small_sim_cfg: SimConf
     out = tmp_path_factory.mktemp("sim_data")
     collect(out, 24, parse_scenarios(["all"]), seed=0, workers=1, cfg=small_sim_cfg, progress=False)
     return out
+
+
+# ---- policies ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_vlms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Kosmos-2 and PaliGemma saved with save_pretrained, loaded through from_pretrained."""
+    from .tiny_models import save_tiny_kosmos2, save_tiny_paligemma
+
+    root = tmp_path_factory.mktemp("vlms")
+    return {
+        "kosmos2": save_tiny_kosmos2(root / "kosmos2"),
+        "paligemma": save_tiny_paligemma(root / "paligemma"),
+    }
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 simulated episodes at 32x32 for training tests."""
+    from mobile_vla.sim.collect import collect
+    from mobile_vla.sim.scenario import parse_scenarios
+
+    out = tmp_path_factory.mktemp("train_data")
+    collect(
+        out,
+        16,
+        parse_scenarios(["all"]),
+        seed=3,
+        workers=1,
+        cfg=SimConfig(image_size=[32, 32], episode_length=10),
+        progress=False,
+    )
+    return out
+
+
+TINY_BUILTIN = [
+    "backbone.builtin.image_size=32",
+    "backbone.builtin.patch_size=8",
+    "backbone.builtin.vision_width=32",
+    "backbone.builtin.vision_layers=2",
+    "backbone.builtin.vision_heads=2",
+    "backbone.builtin.fusion_width=32",
+    "backbone.builtin.fusion_layers=3",
+    "backbone.builtin.fusion_heads=2",
+]
+
+
+def tiny_overrides(
+    data: Path, out: Path, backbone: str = "builtin", vlms: dict[str, Path] | None = None
+) -> list[str]:
+    """A small, fast training setup on ``data`` writing runs under ``out``."""
+    over = [
+        f"data.path={data}",
+        f"data.cache_dir={out / 'cache'}",
+        "data.image_size=[32,32]",
+        "data.window_size=3",
+        "data.fwd_pred_next_n=4",
+        "data.val_fraction=0.25",
+        "head.hidden_size=32",
+        "head.num_layers=1",
+        "trainer.batch_size=8",
+        "trainer.max_epochs=1",
+        f"trainer.output_dir={out / 'runs'}",
+        "trainer.log_every_n_steps=1",
+        "train_setup.learning_rate=0.003",
+    ]
+    if backbone == "builtin":
+        over += TINY_BUILTIN
+    else:
+        assert vlms is not None
+        over += [f"backbone.name={backbone}", f"backbone.path={vlms[backbone]}"]
+    return over

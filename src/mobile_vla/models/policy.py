@@ -20,16 +20,16 @@ from torch import nn
 
 from mobile_vla.config import Config
 from mobile_vla.data.normalization import ActionStats, Normalizer
-from mobile_vla.models.backbones import build_backbone
+from mobile_vla.models.backbones import Backbone, build_backbone
 from mobile_vla.models.heads import ActionCodec, ActionHead, HeadOutput, teleop_action_set
 
 
 class VLAPolicy(nn.Module):
-    def __init__(self, cfg: Config, stats: ActionStats) -> None:
+    def __init__(self, cfg: Config, stats: ActionStats, backbone: Backbone | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.action_dims = list(cfg.data.action_dims)
-        self.backbone = build_backbone(cfg.backbone)
+        self.backbone = backbone if backbone is not None else build_backbone(cfg.backbone)
         d = self.backbone.hidden_size
         n_act = cfg.backbone.n_action_tokens
         self.action_token = nn.Parameter(torch.randn(n_act, d) * 0.02)

@@ -242,8 +242,10 @@ def apply_strategy(policy: nn.Module, setup: TrainSetup) -> StrategyPlan:
     for name, params, lr in spec:
         chosen = [p for p in params if id(p) in optimizable and id(p) not in taken]
         taken |= {id(p) for p in chosen}
-        decay = [p for p in chosen if p.ndim >= 2]
-        no_decay = [p for p in chosen if p.ndim < 2]
+        # no weight decay on biases, norms, embeddings and the action token
+        embedding = name in ("action_token", "text_embedding")
+        decay = [p for p in chosen if p.ndim >= 2 and not embedding]
+        no_decay = [p for p in chosen if p.ndim < 2 or embedding]
         for suffix, ps, wd in (("", decay, None), ("_no_decay", no_decay, 0.0)):
             if ps:
                 group: dict[str, Any] = {"name": name + suffix, "params": ps, "lr": lr}

@@ -65,7 +65,13 @@ def processor_stats(
 
 def set_hf_checkpointing(model: Any, enabled: bool) -> None:
     """Turn a ``transformers`` model's gradient checkpointing on or off."""
-    if enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif getattr(model, "is_activation_checkpointing", False):
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        if enabled:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+    elif enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif model.is_gradient_checkpointing:
         model.gradient_checkpointing_disable()

@@ -14,6 +14,7 @@ LoRA goes into the language model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,19 +38,30 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class Kosmos2Backbone(Backbone):
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    def __init__(self, cfg: BackboneConfig, model: Any = None, tokenizer: Any = None) -> None:
+        """Loads ``cfg.path`` (or the default hub id); ``model`` / ``tokenizer`` given instead
+        are used as they are (e.g. a model built on the meta device to count parameters)."""
         super().__init__(cfg)
         from transformers import Kosmos2Model
 
         source = cfg.path or DEFAULT_ID
-        self.model = load_pretrained(Kosmos2Model, source)
-        self.tokenizer = load_tokenizer(source)
+        self.model = model if model is not None else load_pretrained(Kosmos2Model, source)
+        self.tokenizer = (
+            tokenizer if tokenizer is not None or model is not None else load_tokenizer(source)
+        )
         conf = self.model.config
         self.hidden_size = conf.text_config.embed_dim
         size = conf.vision_config.image_size
         self.image_size = (size, size)
         self.num_image_tokens = conf.latent_query_num
-        self.mean, self.std = processor_stats(source, CLIP_MEAN, CLIP_STD)
+        self.mean, self.std = (
+            processor_stats(source, CLIP_MEAN, CLIP_STD) if model is None else (CLIP_MEAN, CLIP_STD)
+        )
+        if self.tokenizer is not None:
+            self._token_ids()
+
+    def _token_ids(self) -> None:
+        conf = self.model.config
         tok = self.tokenizer
         self.boi = tok.convert_tokens_to_ids("<image>")
         self.eoi = tok.convert_tokens_to_ids("</image>")

@@ -13,6 +13,7 @@ other at the start. Groups: ``vision`` (SigLIP), ``resampler`` (projector), ``te
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,19 +37,31 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 class PaliGemmaBackbone(Backbone):
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    def __init__(self, cfg: BackboneConfig, model: Any = None, tokenizer: Any = None) -> None:
+        """Loads ``cfg.path`` (or the default hub id); ``model`` / ``tokenizer`` given instead
+        are used as they are (e.g. a model built on the meta device to count parameters)."""
         super().__init__(cfg)
         from transformers import PaliGemmaModel
 
         source = cfg.path or DEFAULT_ID
-        self.model = load_pretrained(PaliGemmaModel, source)
-        self.tokenizer = load_tokenizer(source)
+        self.model = model if model is not None else load_pretrained(PaliGemmaModel, source)
+        self.tokenizer = (
+            tokenizer if tokenizer is not None or model is not None else load_tokenizer(source)
+        )
         conf = self.model.config
         self.hidden_size = conf.text_config.hidden_size
         size = conf.vision_config.image_size
         self.image_size = (size, size)
         self.num_image_tokens = (size // conf.vision_config.patch_size) ** 2
-        self.mean, self.std = processor_stats(source, SIGLIP_MEAN, SIGLIP_STD)
+        self.mean, self.std = (
+            processor_stats(source, SIGLIP_MEAN, SIGLIP_STD)
+            if model is None
+            else (SIGLIP_MEAN, SIGLIP_STD)
+        )
+        if self.tokenizer is not None:
+            self._token_ids()
+
+    def _token_ids(self) -> None:
         tok = self.tokenizer
         self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos

@@ -1,0 +1,346 @@
+"""Backbones, heads and strategies: what trains after one optimizer step, checkpointing,
+clipping, heads and action spaces, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobile_vla.config import load_config
+from mobile_vla.data.dataset import build_datasets
+from mobile_vla.data.normalization import ActionStats
+from mobile_vla.errors import ConfigError, DataError
+from mobile_vla.models.policy import VLAPolicy
+from mobile_vla.models.strategies import apply_strategy, resolve
+from mobile_vla.training.module import collate
+from mobile_vla.training.run import build_policy
+
+from .conftest import tiny_overrides
+
+STATS = ActionStats.from_arrays(
+    ["linear_x", "linear_y"], [np.random.default_rng(0).uniform(-1.15, 1.15, (40, 2))]
+)
+
+
+def batch(n: int = 2, window: int = 3, size: int = 32) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "images": torch.randint(0, 256, (n, window, 3, size, size), dtype=torch.uint8, generator=g),
+        "instruction": ["go around the box on the left", "go around the box on the right"][:n],
+        "obs_mask": torch.tensor([[False, True, True], [True, True, True]][:n]),
+        "actions": torch.rand(n, 4, 2, generator=g) * 2 - 1,
+        "action_mask": torch.tensor([[True, True, True, False], [True] * 4][:n]),
+    }
+
+
+def make(backbone: str, vlms: dict[str, Path], tmp: Path, *extra: str) -> tuple:
+    cfg = load_config(None, [*tiny_overrides(tmp, tmp, backbone, vlms), *extra])
+    policy, plan = build_policy(cfg, STATS)
+    return cfg, policy, plan
+
+
+def one_step(policy: VLAPolicy, plan, steps: int = 1) -> dict[str, bool]:
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    opt = torch.optim.AdamW(plan.param_groups, weight_decay=0.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss, _ = policy.loss(batch())
+        loss.backward()
+        opt.step()
+    return {n: not torch.equal(before[n], p) for n, p in policy.named_parameters()}
+
+
+def layer_index(name: str) -> int | None:
+    for key in ("layers.", "fusion."):
+        if key in name:
+            tail = name.split(key, 1)[1].split(".", 1)[0]
+            if tail.isdigit():
+                return int(tail)
+    return None
+
+
+@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+def test_frozen_trains_only_head_and_action_token(backbone, tiny_vlms, tmp_path) -> None:
+    _, policy, plan = make(backbone, tiny_vlms, tmp_path, "train_setup.strategy=frozen")
+    changed = one_step(policy, plan)
+    moved = {n for n, c in changed.items() if c}
+    assert moved and all(n.startswith(("head.", "action_token")) for n in moved), moved
+    assert "action_token" in moved
+    assert all(not p.requires_grad for p in policy.backbone.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+def test_lora_trains_only_lora_and_head(backbone, tiny_vlms, tmp_path) -> None:
+    _, policy, plan = make(
+        backbone, tiny_vlms, tmp_path, "train_setup.strategy=lora", "train_setup.lora_lr=0.01"
+    )
+    changed = one_step(policy, plan, steps=2)
+    moved = {n for n, c in changed.items() if c}
+    backbone_moved = {n for n in moved if n.startswith("backbone.")}
+    assert backbone_moved and all("lora_" in n for n in backbone_moved), backbone_moved
+    assert any("lora_A" in n for n in backbone_moved) and any("lora_B" in n for n in backbone_moved)
+    lora = [n for n, p in policy.backbone.named_parameters() if "lora_" in n]
+    # LoRA sits in the language model / fusion layers only
+    scope = {id(p) for p in policy.backbone.lora_scope().parameters()}
+    assert all(id(p) in scope for n, p in policy.backbone.named_parameters() if "lora_" in n)
+    assert len(lora) >= 2 * len(policy.backbone.groups()["decoder_layers"])
+    assert plan.table["lora"]["trainable"] == plan.table["lora"]["total"] > 0
+
+
+@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+def test_partial_trains_exactly_the_last_n_layers(backbone, tiny_vlms, tmp_path) -> None:
+    _, policy, plan = make(
+        backbone,
+        tiny_vlms,
+        tmp_path,
+        "train_setup.strategy=partial",
+        "train_setup.train_decoder_layers=2",
+    )
+    layers = policy.backbone.groups()["decoder_layers"]
+    n = len(layers)
+    changed = one_step(policy, plan)
+    for i, layer in enumerate(layers):
+        params = list(layer.parameters())
+        assert all(p.requires_grad == (i >= n - 2) for p in params), i
+    layer_ids = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+    other_ids = {id(p) for m in policy.backbone.groups()["decoder_other"] for p in m.parameters()}
+    for name, p in policy.backbone.named_parameters():
+        if changed["backbone." + name]:
+            assert layer_ids.get(id(p), -1) >= n - 2 or id(p) in other_ids, name
+    assert any(
+        changed["backbone." + nm]
+        for nm, p in policy.backbone.named_parameters()
+        if layer_ids.get(id(p)) == n - 2
+    )
+
+
+@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+def test_full_trains_everything(backbone, tiny_vlms, tmp_path) -> None:
+    _, policy, plan = make(backbone, tiny_vlms, tmp_path, "train_setup.strategy=full")
+    head_and_backbone = [
+        p for n, p in policy.named_parameters() if not n.startswith("backbone.text_encoder.pooler")
+    ]
+    assert all(p.requires_grad for p in head_and_backbone)
+    opt_ids = {id(p) for g in plan.param_groups for p in g["params"]}
+    assert all(id(p) in opt_ids for p in head_and_backbone)
+    grads: dict[str, bool] = {}
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    opt = torch.optim.AdamW(plan.param_groups)
+    loss, _ = policy.loss(batch())
+    loss.backward()
+    grads = {
+        n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in policy.named_parameters()
+    }
+    opt.step()
+    for n, p in policy.named_parameters():
+        if grads[n]:
+            assert not torch.equal(before[n], p), n
+    assert sum(grads.values()) > 0.8 * len(grads)
+    assert plan.table["all"]["trainable"] >= 0.99 * plan.table["all"]["total"]
+
+
+def test_sandwich_and_gradual_presets(tiny_vlms, tmp_path) -> None:
+    _, policy, plan = make("kosmos2", tiny_vlms, tmp_path, "train_setup.strategy=sandwich")
+    g = policy.backbone.groups()
+    assert all(p.requires_grad for m in g["vision"] for p in m.parameters())
+    assert [all(p.requires_grad for p in m.parameters()) for m in g["decoder_layers"]] == [
+        False,
+        False,
+        True,
+    ]
+    _, policy, plan = make("kosmos2", tiny_vlms, tmp_path, "train_setup.strategy=gradual")
+    g = policy.backbone.groups()
+    assert not any(p.requires_grad for p in policy.backbone.parameters())
+    assert plan.unfreeze_next()  # top layer + final norm first
+    assert all(p.requires_grad for p in g["decoder_layers"][-1].parameters())
+    assert not any(p.requires_grad for p in g["decoder_layers"][-2].parameters())
+    while plan.unfreeze_next():
+        pass
+    assert all(p.requires_grad for m in g["vision"] for p in m.parameters())
+    opt_ids = {id(p) for grp in plan.param_groups for p in grp["params"]}
+    assert all(id(p) in opt_ids for p in policy.backbone.parameters())
+
+
+def test_explicit_flags_override_the_preset() -> None:
+    cfg = load_config(None, ["train_setup.strategy=frozen", "train_setup.train_vision=true"])
+    r = resolve(cfg.train_setup)
+    assert r.train_vision and r.train_decoder_layers == 0 and not r.lora_enable
+    cfg = load_config(None, ["train_setup.strategy=full", "train_setup.freeze_backbone=true"])
+    r = resolve(cfg.train_setup)
+    assert not r.train_vision and r.train_decoder_layers == 0
+
+
+def test_per_group_learning_rates(tiny_vlms, tmp_path) -> None:
+    _, _, plan = make(
+        "kosmos2",
+        tiny_vlms,
+        tmp_path,
+        "train_setup.strategy=full",
+        "train_setup.learning_rate=0.001",
+        "train_setup.action_token_lr=0.002",
+        "train_setup.backbone_lr=0.0001",
+        "train_setup.vision_lr=0.00005",
+        "train_setup.layer_lr_decay=0.5",
+    )
+    lr = {g["name"]: g["lr"] for g in plan.param_groups}
+    assert lr["head"] == 0.001 and lr["action_token_no_decay"] == 0.002
+    assert lr["vision"] == 0.00005 and lr["resampler"] == 0.0001
+    assert lr["decoder_layer_2"] == pytest.approx(1e-4)
+    assert lr["decoder_layer_1"] == pytest.approx(5e-5)
+    assert lr["decoder_layer_0"] == pytest.approx(2.5e-5)
+    assert all(g["weight_decay"] == 0.0 for g in plan.param_groups if "no_decay" in g["name"])
+
+
+@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+def test_gradient_checkpointing_recomputes_layers(backbone, tiny_vlms, tmp_path) -> None:
+    calls = {}
+    for flag in (False, True):
+        _, policy, _ = make(
+            backbone,
+            tiny_vlms,
+            tmp_path,
+            "train_setup.strategy=full",
+            f"train_setup.gradient_checkpointing={str(flag).lower()}",
+        )
+        layer = policy.backbone.groups()["decoder_layers"][0]
+        # a module *inside* the layer: transformers checkpoints `forward`, so hooks on the
+        # layer itself run once either way, while its inner modules run again in backward
+        inner = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))
+        count = [0]
+        inner.register_forward_hook(lambda *a, c=count: c.__setitem__(0, c[0] + 1))
+        loss, _ = policy.loss(batch())
+        loss.backward()
+        calls[flag] = count[0]
+    assert calls[True] == 2 * calls[False] > 0  # forward once more during backward
+
+
+def test_lora_target_that_matches_nothing(tiny_vlms, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"lora_target_modules.*'query_key'.*matches no"):
+        make(
+            "kosmos2",
+            tiny_vlms,
+            tmp_path,
+            "train_setup.strategy=lora",
+            "train_setup.lora_target_modules=[q_proj,query_key]",
+        )
+
+
+def test_unknown_strategy_and_key_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"train_setup\.strategy.*did you mean 'lora'"):
+        load_config(None, ["train_setup.strategy=loar"])
+    with pytest.raises(ConfigError, match=r"did you mean 'train_setup\.lora_r'"):
+        load_config(None, ["train_setup.lora_rank=4"])
+    with pytest.raises(ConfigError, match=r"backbone\.name.*did you mean 'kosmos2'"):
+        VLAPolicy(load_config(None, ["backbone.name=kosmos"]), STATS)
+
+
+def test_window_larger_than_allowed(tiny_vlms, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.window_size' must be <= 64"):
+        make("builtin", tiny_vlms, tmp_path, "backbone.history=pre", "data.window_size=65")
+    with pytest.raises(ConfigError, match=r"data\.window_size' must be <= "):
+        make("kosmos2", tiny_vlms, tmp_path, "backbone.history=pre", "data.window_size=200")
+
+
+def test_action_dimension_missing_from_the_data(train_data, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.action_dims"):
+        load_config(None, ["data.action_dims=[linear_x, gripper]"])
+    # a column the files do not have: every file is refused, before training
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(train_data, tmp_path),
+            "data.action_names=[linear_x, linear_y, angular_z, gripper]",
+        ],
+    )
+    with pytest.raises(DataError, match=r"must have shape \(T, 4\)"):
+        build_datasets(cfg)
+
+
+@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+def test_pre_history_mode(backbone, tiny_vlms, tmp_path) -> None:
+    _, policy, plan = make(
+        backbone, tiny_vlms, tmp_path, "backbone.history=pre", "backbone.n_action_tokens=2"
+    )
+    policy.eval()  # no dropout: two calls must agree
+    out = policy(batch())
+    assert out.logits.shape == (2, 4, 2)
+    b = batch()
+    b["images"][0, 0] = 0  # a masked (padding) frame must not matter
+    assert torch.allclose(policy(b).logits[0], out.logits[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("head", ["lstm", "mlp", "gpt"])
+@pytest.mark.parametrize("space", ["continuous", "discrete", "classes"])
+def test_heads_and_action_spaces_learn(head, space, tiny_vlms, tmp_path) -> None:
+    _, policy, plan = make(
+        "builtin",
+        tiny_vlms,
+        tmp_path,
+        f"head.type={head}",
+        f"head.action_space={space}",
+        "head.n_bins=16",
+        "train_setup.learning_rate=0.003",
+    )
+    b = batch()
+    b["actions"] = policy.normalizer.normalize(
+        np.array([[[1.15, 1.15]] * 4, [[1.15, -1.15]] * 4], np.float32)
+    )
+    b["actions"] = torch.from_numpy(b["actions"])
+    opt = torch.optim.AdamW(plan.param_groups)
+    losses = []
+    for _ in range(120):
+        opt.zero_grad()
+        loss, out = policy.loss(b)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    pred = policy.to_physical(policy.decode(policy(b)))
+    assert pred.shape == (2, 4, 2)
+    assert np.sign(pred[0, 0, 1]) == 1 and np.sign(pred[1, 0, 1]) == -1
+
+
+def test_gripper_dimension_uses_bce(tmp_path) -> None:
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(tmp_path, tmp_path),
+            "data.action_dims=[linear_x, angular_z]",
+            "head.gripper=angular_z",
+            "head.gripper_loss_ratio=1.0",
+        ],
+    )
+    stats = ActionStats.from_arrays(["linear_x", "angular_z"], [np.array([[0, -1], [1, 1.0]])])
+    policy, plan = build_policy(cfg, stats)
+    b = batch()
+    b["actions"][..., 1] = torch.tensor([1.0, -1.0])[:, None]
+    loss, out = policy.loss(b)
+    logit = out.logits[..., 1]
+    assert logit.abs().max() > 0  # raw logit, not tanh-squashed into the same range
+    decoded = policy.decode(out)[..., 1]
+    assert set(decoded.unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_classes_default_to_the_nine_teleop_keys() -> None:
+    from mobile_vla.models.heads import teleop_action_set
+
+    keys = teleop_action_set(["linear_x", "linear_y"])
+    assert len(keys) == 9 and [0.0, 0.0] in keys and [1.15, -1.15] in keys
+
+
+def test_apply_strategy_param_table_totals(tiny_vlms, tmp_path) -> None:
+    _, policy, plan = make("kosmos2", tiny_vlms, tmp_path, "train_setup.strategy=frozen")
+    t = plan.table
+    parts = sum(v["total"] for k, v in t.items() if k != "all")
+    assert parts == t["all"]["total"] == sum(p.numel() for p in policy.parameters())
+    assert t["all"]["trainable"] == t["head"]["total"] + t["action_token"]["total"]
+    again = apply_strategy(policy, load_config(None, ["train_setup.strategy=full"]).train_setup)
+    assert again.table["all"]["trainable"] == t["all"]["total"]
+
+
+def test_collate_stacks_and_lists() -> None:
+    out = collate([{"a": torch.zeros(2), "s": "x", "n": 1}, {"a": torch.ones(2), "s": "y", "n": 2}])
+    assert out["a"].shape == (2, 2) and out["s"] == ["x", "y"] and out["n"].tolist() == [1, 2]
