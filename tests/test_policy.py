@@ -261,7 +261,7 @@ def test_action_dimension_missing_from_the_data(train_data, tmp_path) -> None:
 
 @pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
 def test_pre_history_mode(backbone, tiny_vlms, tmp_path) -> None:
-    _, policy, plan = make(
+    _, policy, _plan = make(
         backbone, tiny_vlms, tmp_path, "backbone.history=pre", "backbone.n_action_tokens=2"
     )
     policy.eval()  # no dropout: two calls must agree
@@ -293,7 +293,7 @@ def test_heads_and_action_spaces_learn(head, space, tiny_vlms, tmp_path) -> None
     losses = []
     for _ in range(120):
         opt.zero_grad()
-        loss, out = policy.loss(b)
+        loss, _out = policy.loss(b)
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
@@ -314,12 +314,17 @@ def test_gripper_dimension_uses_bce(tmp_path) -> None:
         ],
     )
     stats = ActionStats.from_arrays(["linear_x", "angular_z"], [np.array([[0, -1], [1, 1.0]])])
-    policy, plan = build_policy(cfg, stats)
+    policy, _plan = build_policy(cfg, stats)
     b = batch()
     b["actions"][..., 1] = torch.tensor([1.0, -1.0])[:, None]
     loss, out = policy.loss(b)
-    logit = out.logits[..., 1]
-    assert logit.abs().max() > 0  # raw logit, not tanh-squashed into the same range
+    y, t, m = out.logits, b["actions"], b["action_mask"].float()
+    huber = torch.nn.functional.huber_loss(y[..., 0], t[..., 0], reduction="none")
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        y[..., 1], (t[..., 1] > 0).float(), reduction="none"
+    )
+    expected = ((huber + 1.0 * bce) * m).sum() / m.sum()
+    assert torch.allclose(loss, expected, atol=1e-6)
     decoded = policy.decode(out)[..., 1]
     assert set(decoded.unique().tolist()) <= {-1.0, 1.0}
 
