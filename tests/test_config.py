@@ -117,3 +117,10 @@ def test_repository_configs_load() -> None:
     assert files, "configs/ has no YAML files"
     for path in files:
         load_config(path)
+
+
+def test_base_yaml_spells_out_every_default() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    raw = yaml.safe_load((root / "base.yaml").read_text())
+    assert to_dict(load_config(root / "base.yaml")) == to_dict(Config())
+    assert set(raw) == set(to_dict(Config()))  # every section written out

@@ -145,12 +145,23 @@ SIM: dict[str, tuple[str, str]] = {
     ),
     "sim.randomize_appearance": ("", "sim.randomize_appearance=false"),
 }
-# Keys whose effect needs a dataset of another kind.
-SPECIAL = {"data.skip_bad", "data.instruction_template", "data.cache_dir"}
+# Keys whose effect needs a dataset of another kind, or is checked by a test elsewhere:
+SPECIAL = {
+    "data.skip_bad",
+    "data.instruction_template",
+    "data.cache_dir",  # below
+    "trainer.num_workers",
+    "train_setup.gradual_every_steps",  # below
+    # layers run again in backward: test_policy.py::test_gradient_checkpointing_recomputes_layers
+    "train_setup.gradient_checkpointing",
+    # two processes, gloo: test_training.py::test_two_process_ddp_on_cpu
+    "trainer.devices",
+    "trainer.strategy",
+}
 
 
 def test_every_key_is_covered() -> None:
-    assert leaf_keys() == set(DATA) | set(SIM) | SPECIAL
+    assert leaf_keys() == set(DATA) | set(SIM) | set(MODEL) | set(TRAINER) | SPECIAL
 
 
 @pytest.mark.parametrize("key", sorted(DATA))
@@ -184,3 +195,254 @@ def test_cache_dir_has_effect(data_env: dict[str, Path], tmp_path: Path) -> None
     elsewhere = f"data.cache_dir={tmp_path / 'elsewhere'}"
     assert data_observable(data_env, []) != data_observable(data_env, [elsewhere])
     assert any((tmp_path / "elsewhere" / "frames").rglob("*.npy"))
+
+
+# ---- model, strategy and trainer keys --------------------------------------------------------
+
+STATS = None
+
+
+def model_observable(overrides: list[str], data: Path, tmp: Path) -> str:
+    """Build the policy, apply the strategy, take two AdamW steps on a fixed batch."""
+    import torch
+
+    from mobile_vla.data.normalization import ActionStats
+    from mobile_vla.training.run import build_policy
+
+    from .conftest import tiny_overrides
+
+    try:
+        cfg = load_config(None, [*tiny_overrides(data, tmp), *overrides])
+        names = cfg.data.action_dims
+        stats = ActionStats.from_arrays(
+            names, [np.random.default_rng(0).uniform(-1.15, 1.15, (40, len(names)))]
+        )
+        policy, plan = build_policy(cfg, stats)
+    except MobileVLAError as exc:
+        return f"error: {type(exc).__name__}"
+    g = torch.Generator().manual_seed(0)
+    w, n = cfg.data.window_size, cfg.data.fwd_pred_next_n
+    batch = {
+        "images": torch.randint(0, 256, (2, w, 3, 32, 32), dtype=torch.uint8, generator=g),
+        "instruction": ["go around the box on the left", "pass it on the right"],
+        "obs_mask": torch.ones(2, w, dtype=torch.bool),
+        "actions": torch.rand(2, n, len(names), generator=g) * 2 - 1,
+        "action_mask": torch.ones(2, n, dtype=torch.bool),
+    }
+    opt = torch.optim.AdamW(plan.param_groups, weight_decay=cfg.trainer.weight_decay)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(2):
+        opt.zero_grad()
+        loss, out = policy.loss(batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach().numpy())
+    groups = ",".join(
+        f"{grp['name']}:{grp['lr']}:{len(grp['params'])}" for grp in plan.param_groups
+    )
+    trainable = ",".join(n for n, p in policy.named_parameters() if p.requires_grad)
+    return digest(*losses, out.logits.detach().numpy(), groups, trainable, str(plan.table))
+
+
+def trainer_observable(overrides: list[str], data: Path, tmp: Path) -> str:
+    """A short real training run; its final weights, steps, logs and folder."""
+    import shutil
+
+    from mobile_vla.training.checkpoint import load_folder
+    from mobile_vla.training.run import train
+
+    from .conftest import tiny_overrides
+
+    shutil.rmtree(tmp / "runs", ignore_errors=True)
+    try:
+        cfg = load_config(
+            None,
+            [*tiny_overrides(data, tmp), "trainer.run_name=r", "trainer.max_steps=3", *overrides],
+        )
+        run = train(cfg, progress=False)
+    except MobileVLAError as exc:
+        return f"error: {type(exc).__name__}"
+    state = load_folder(run / "checkpoints" / "last")
+    csv = (run / "logs" / "csv" / "metrics.csv").read_text()
+    tensors = [state["state_dict"][k].float().numpy() for k in sorted(state["state_dict"])]
+    return digest(*tensors, str(state["global_step"]), str(state["epoch"]), str(run), csv)
+
+
+def fmt(values: list[str], paths: dict[str, Path]) -> list[str]:
+    out = []
+    for v in values:
+        for k, p in paths.items():
+            v = v.replace("{" + k + "}", str(p))
+        out.append(v)
+    return out
+
+
+MODEL: dict[str, tuple[list[str], list[str]]] = {
+    "backbone.name": ([], ["backbone.name=kosmos2", "backbone.path={kosmos2}"]),
+    "backbone.path": (
+        ["backbone.name=kosmos2", "backbone.path={kosmos2}"],
+        ["backbone.name=kosmos2", "backbone.path={paligemma}"],
+    ),
+    "backbone.history": ([], ["backbone.history=pre"]),
+    "backbone.n_action_tokens": ([], ["backbone.n_action_tokens=2"]),
+    "backbone.prompt": ([], ["backbone.prompt=Robot, {instruction}"]),
+    "backbone.builtin.image_size": ([], ["backbone.builtin.image_size=48"]),
+    "backbone.builtin.patch_size": ([], ["backbone.builtin.patch_size=16"]),
+    "backbone.builtin.vision_width": ([], ["backbone.builtin.vision_width=48"]),
+    "backbone.builtin.vision_layers": ([], ["backbone.builtin.vision_layers=1"]),
+    "backbone.builtin.vision_heads": ([], ["backbone.builtin.vision_heads=4"]),
+    "backbone.builtin.fusion_width": ([], ["backbone.builtin.fusion_width=48"]),
+    "backbone.builtin.fusion_layers": ([], ["backbone.builtin.fusion_layers=2"]),
+    "backbone.builtin.fusion_heads": ([], ["backbone.builtin.fusion_heads=4"]),
+    "backbone.builtin.text_encoder": ([], ["backbone.builtin.text_encoder=/nonexistent/enc"]),
+    "backbone.builtin.max_text_tokens": ([], ["backbone.builtin.max_text_tokens=4"]),
+    "head.type": ([], ["head.type=gpt"]),
+    "head.hidden_size": ([], ["head.hidden_size=16"]),
+    "head.num_layers": ([], ["head.num_layers=2"]),
+    "head.dropout": ([], ["head.dropout=0.5", "head.type=mlp"]),
+    "head.action_space": ([], ["head.action_space=discrete"]),
+    "head.loss": ([], ["head.loss=mse"]),
+    "head.loss_weights": ([], ["head.loss_weights=[1.0,0.1]"]),
+    "head.n_bins": (
+        ["head.action_space=discrete"],
+        ["head.action_space=discrete", "head.n_bins=8"],
+    ),
+    "head.action_set": (
+        ["head.action_space=classes"],
+        ["head.action_space=classes", "head.action_set=[[1.15,0],[0,1.15]]"],
+    ),
+    "head.gripper": ([], ["head.gripper=linear_y"]),
+    "head.gripper_loss_ratio": (
+        ["head.gripper=linear_y"],
+        ["head.gripper=linear_y", "head.gripper_loss_ratio=1.0"],
+    ),
+    "train_setup.strategy": ([], ["train_setup.strategy=full"]),
+    "train_setup.freeze_backbone": ([], ["train_setup.freeze_backbone=false"]),
+    "train_setup.train_vision": ([], ["train_setup.train_vision=true"]),
+    "train_setup.train_text_embedding": ([], ["train_setup.train_text_embedding=true"]),
+    "train_setup.train_text_tower": ([], ["train_setup.train_text_tower=true"]),
+    "train_setup.freeze_resampler": ([], ["train_setup.freeze_resampler=false"]),
+    "train_setup.train_decoder_layers": ([], ["train_setup.train_decoder_layers=1"]),
+    "train_setup.lora_enable": ([], ["train_setup.lora_enable=true"]),
+    "train_setup.lora_r": (
+        ["train_setup.strategy=lora"],
+        ["train_setup.strategy=lora", "train_setup.lora_r=4"],
+    ),
+    "train_setup.lora_alpha": (
+        ["train_setup.strategy=lora", "train_setup.lora_lr=0.01"],
+        ["train_setup.strategy=lora", "train_setup.lora_lr=0.01", "train_setup.lora_alpha=64"],
+    ),
+    "train_setup.lora_dropout": (
+        ["train_setup.strategy=lora", "train_setup.lora_lr=0.01"],
+        ["train_setup.strategy=lora", "train_setup.lora_lr=0.01", "train_setup.lora_dropout=0.5"],
+    ),
+    "train_setup.lora_bias": (
+        ["train_setup.strategy=lora"],
+        ["train_setup.strategy=lora", "train_setup.lora_bias=all"],
+    ),
+    "train_setup.lora_target_modules": (
+        ["train_setup.strategy=lora"],
+        ["train_setup.strategy=lora", "train_setup.lora_target_modules=[q_proj]"],
+    ),
+    "train_setup.learning_rate": ([], ["train_setup.learning_rate=0.01"]),
+    "train_setup.action_token_lr": ([], ["train_setup.action_token_lr=0.01"]),
+    "train_setup.lora_lr": (
+        ["train_setup.strategy=lora"],
+        ["train_setup.strategy=lora", "train_setup.lora_lr=0.01"],
+    ),
+    "train_setup.backbone_lr": (
+        ["train_setup.strategy=full"],
+        ["train_setup.strategy=full", "train_setup.backbone_lr=0.01"],
+    ),
+    "train_setup.vision_lr": (
+        ["train_setup.strategy=full"],
+        ["train_setup.strategy=full", "train_setup.vision_lr=0.01"],
+    ),
+    "train_setup.layer_lr_decay": (
+        ["train_setup.strategy=full"],
+        ["train_setup.strategy=full", "train_setup.layer_lr_decay=0.5"],
+    ),
+}
+TRAINER: dict[str, tuple[list[str], list[str]]] = {
+    "trainer.max_epochs": (
+        ["trainer.max_steps=-1"],
+        ["trainer.max_steps=-1", "trainer.max_epochs=2"],
+    ),
+    "trainer.max_steps": ([], ["trainer.max_steps=2"]),
+    "trainer.batch_size": ([], ["trainer.batch_size=4"]),
+    "trainer.precision": ([], ["trainer.precision=bf16-mixed"]),
+    "trainer.accumulate_grad_batches": ([], ["trainer.accumulate_grad_batches=2"]),
+    "trainer.gradient_clip_val": ([], ["trainer.gradient_clip_val=0.001"]),
+    "trainer.weight_decay": ([], ["trainer.weight_decay=0.5"]),
+    "trainer.warmup_steps": ([], ["trainer.warmup_steps=2"]),
+    "trainer.min_lr_scale": (
+        ["trainer.max_steps=6"],
+        ["trainer.max_steps=6", "trainer.min_lr_scale=0.9"],
+    ),
+    "trainer.accelerator": ([], ["trainer.accelerator=gpu"]),
+    "trainer.log_every_n_steps": ([], ["trainer.log_every_n_steps=2"]),
+    "trainer.limit_val_batches": (
+        ["trainer.max_steps=-1"],
+        ["trainer.max_steps=-1", "trainer.limit_val_batches=2"],
+    ),
+    "trainer.wandb": ([], ["trainer.wandb=true"]),
+    "trainer.output_dir": ([], ["trainer.output_dir={tmp}/elsewhere"]),
+    "trainer.run_name": ([], ["trainer.run_name=other"]),
+}
+
+
+@pytest.mark.parametrize("key", sorted(MODEL))
+def test_model_key_has_effect(
+    key: str, train_data: Path, tiny_vlms: dict[str, Path], tmp_path: Path
+) -> None:
+    a, b = (fmt(v, {**tiny_vlms, "tmp": tmp_path}) for v in MODEL[key])
+    assert model_observable(a, train_data, tmp_path) != model_observable(b, train_data, tmp_path)
+
+
+@pytest.mark.parametrize("key", sorted(TRAINER))
+def test_trainer_key_has_effect(key: str, train_data: Path, tmp_path: Path) -> None:
+    a, b = (fmt(v, {"tmp": tmp_path}) for v in TRAINER[key])
+    assert trainer_observable(a, train_data, tmp_path) != trainer_observable(
+        b, train_data, tmp_path
+    )
+
+
+def test_num_workers_has_effect_and_keeps_results(train_data: Path, tmp_path: Path) -> None:
+    from mobile_vla.data.dataset import build_datasets
+    from mobile_vla.training.run import make_loaders
+
+    from .conftest import tiny_overrides
+
+    cfg = load_config(None, [*tiny_overrides(train_data, tmp_path), "trainer.num_workers=1"])
+    train_loader, val_loader = make_loaders(cfg, build_datasets(cfg))
+    assert train_loader.num_workers == val_loader.num_workers == 1
+    # worker processes change where samples are made, not what they are
+    assert trainer_observable(
+        ["trainer.num_workers=1"], train_data, tmp_path
+    ) == trainer_observable([], train_data, tmp_path)
+
+
+def test_gradual_every_steps_has_effect(train_data: Path, tmp_path: Path) -> None:
+    from mobile_vla.training.checkpoint import load_folder
+    from mobile_vla.training.run import train
+
+    from .conftest import tiny_overrides
+
+    stages = {}
+    for every in (0, 1):
+        cfg = load_config(
+            None,
+            [
+                *tiny_overrides(train_data, tmp_path),
+                "trainer.max_steps=3",
+                "train_setup.strategy=gradual",
+                f"trainer.run_name=g{every}",
+                f"train_setup.gradual_every_steps={every}",
+            ],
+        )
+        stages[every] = load_folder(train(cfg, progress=False) / "checkpoints" / "last")[
+            "gradual_stage"
+        ]
+    assert stages[0] == 0  # once per epoch: still in the first epoch
+    assert stages[1] == 2  # unfroze at steps 1 and 2

@@ -399,7 +399,7 @@ class TrainerConfig:
     """Lightning's strategy, passed through: auto, ddp, ddp_spawn, fsdp, deepspeed, ..."""
     log_every_n_steps: int = 10
     limit_val_batches: float = 1.0
-    """Share (<= 1.0) or number (> 1) of validation batches per epoch."""
+    """Share of validation batches per epoch when <= 1.0, else their number (2, 3, ...)."""
     wandb: bool = False
     """Log to Weights & Biases as well (needs the wandb package)."""
     output_dir: str = "runs"

@@ -124,8 +124,14 @@ class ActionHead(nn.Module):
         self.gripper_index = action_dims.index(cfg.gripper) if cfg.gripper else -1
 
     def forward(self, features: torch.Tensor, obs_mask: torch.Tensor) -> HeadOutput:
-        latent = self.trunk(features, obs_mask.to(features.dtype))
-        y = self.out(latent)
+        # The head is small: it runs in float32 under mixed precision (and oneDNN's CPU LSTM
+        # has no bfloat16 kernel).
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            latent = self.trunk(features.float(), obs_mask.float())
+            y = self.out(latent)
+        return self._shape(y, latent)
+
+    def _shape(self, y: torch.Tensor, latent: torch.Tensor) -> HeadOutput:
         b = y.shape[0]
         if self.cfg.action_space == "continuous":
             y = y.view(b, self.chunk, self.dims)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mobile_vla.errors import MobileVLAError
@@ -119,7 +120,7 @@ def load_folder(path: str | Path) -> dict[str, Any]:
     try:
         structure = json.loads((path / STATE).read_text())
         tensors = load_file(str(path / TENSORS))
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint '{path}' is corrupt ({str(exc)[:120]})") from None
     return decode(structure, tensors)
 

@@ -15,6 +15,7 @@ A run folder holds everything later commands need::
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from mobile_vla.config import Config, load_config, save_config
 from mobile_vla.data.dataset import DataBundle, build_datasets
-from mobile_vla.data.normalization import ActionStats
+from mobile_vla.data.normalization import ActionStats, Normalizer
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import atomic_write_json
 from mobile_vla.models.policy import VLAPolicy
@@ -106,6 +107,7 @@ def train(
     """Train per ``cfg`` into a new run folder (or continue ``resume``); returns the folder.
     ``callbacks`` are extra Lightning callbacks."""
     import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from mobile_vla.training.checkpoint import SafeCheckpointIO
@@ -121,18 +123,9 @@ def train(
     bundle = build_datasets(cfg, progress=progress)
     if not len(bundle.val):
         raise ConfigError("the validation split is empty: raise data.val_fraction or add episodes")
+    if resume is not None:
+        _check_resume_data(run, bundle)
     policy, plan = build_policy(cfg, bundle.stats)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-    bundle.stats.save(run / "stats.json")
-    bundle.split.save(run / "split.json")
-    atomic_write_json(run / "params.json", plan.to_json())
-    log.info("run folder: %s\n%s", run, format_table(plan.table))
-    if progress:
-        print(
-            f"run folder: {run}\nstrategy {cfg.train_setup.strategy}:\n{format_table(plan.table)}"
-        )
-
     module = PolicyModule(cfg, policy, plan)
     train_loader, val_loader = make_loaders(cfg, bundle)
     t = cfg.trainer
@@ -148,9 +141,80 @@ def train(
     if t.wandb:
         from lightning.pytorch.loggers import WandbLogger
 
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "config key 'trainer.wandb' needs the wandb package (pip install wandb)"
+            ) from None
+
         loggers.append(WandbLogger(save_dir=str(run), name=run.name))
     stats_cb = TrainStats()
-    trainer = pl.Trainer(
+    try:  # settings Lightning refuses are reported before anything is written
+        trainer = _make_trainer(
+            pl,
+            t,
+            run,
+            loggers,
+            [RunCheckpoints(run / "checkpoints"), stats_cb, *(callbacks or [])],
+            SafeCheckpointIO(),
+            progress,
+        )
+    except (ValueError, RuntimeError, TypeError, MisconfigurationException) as exc:
+        raise ConfigError(
+            f"Lightning refused the trainer settings (trainer.accelerator="
+            f"{t.accelerator!r}, devices={t.devices!r}, strategy={t.strategy!r}, "
+            f"precision={t.precision!r}): {str(exc).splitlines()[0]}"
+        ) from None
+
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.yaml")
+    if resume is None:
+        bundle.stats.save(run / "stats.json")
+        bundle.split.save(run / "split.json")
+    atomic_write_json(run / "params.json", plan.to_json())
+    log.info("run folder: %s\n%s", run, format_table(plan.table))
+    if progress:
+        print(
+            f"run folder: {run}\nstrategy {cfg.train_setup.strategy}:\n{format_table(plan.table)}"
+        )
+    start = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None)
+    if trainer.is_global_zero:
+        result = stats_cb.result()
+        result["wall_time_s"] = time.perf_counter() - start
+        result["global_step"] = trainer.global_step
+        result["epochs"] = trainer.current_epoch
+        atomic_write_json(run / "train_stats.json", result)
+    return run
+
+
+def _check_resume_data(run: Path, bundle: DataBundle) -> None:
+    """A resumed run must see the data it started with: same split, and it keeps the
+    normalization statistics its weights were trained with."""
+    saved = json.loads((run / "split.json").read_text())
+    if saved != bundle.split.to_json():
+        raise MobileVLAError(
+            f"cannot resume '{run}': the dataset's episodes changed since the run started "
+            "(split.json differs)"
+        )
+    saved_stats = ActionStats.load(run / "stats.json")
+    bundle.stats = saved_stats
+    bundle.normalizer = bundle.train.normalizer = bundle.val.normalizer = Normalizer(
+        saved_stats, bundle.train.cfg.normalization
+    )
+
+
+def _make_trainer(
+    pl: Any,
+    t: Any,
+    run: Path,
+    loggers: list[Any],
+    callbacks: list[Any],
+    checkpoint_io: Any,
+    progress: bool,
+) -> Any:
+    return pl.Trainer(
         max_epochs=t.max_epochs if t.max_epochs > 0 else -1,
         max_steps=t.max_steps,
         precision=t.precision,
@@ -161,8 +225,8 @@ def train(
         devices=_devices(t.devices),
         strategy=t.strategy,
         logger=loggers,
-        callbacks=[RunCheckpoints(run / "checkpoints"), stats_cb, *(callbacks or [])],
-        plugins=[SafeCheckpointIO()],
+        callbacks=callbacks,
+        plugins=[checkpoint_io],
         enable_checkpointing=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
@@ -174,15 +238,6 @@ def train(
         enable_model_summary=False,
         default_root_dir=str(run),
     )
-    start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None)
-    if trainer.is_global_zero:
-        result = stats_cb.result()
-        result["wall_time_s"] = time.perf_counter() - start
-        result["global_step"] = trainer.global_step
-        result["epochs"] = trainer.current_epoch
-        atomic_write_json(run / "train_stats.json", result)
-    return run
 
 
 # -- loading a run back ---------------------------------------------------------------------

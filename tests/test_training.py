@@ -1,0 +1,409 @@
+"""The Lightning trainer, run folders, checkpoints, resume, offline metrics, RoboVLMs configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+from mobile_vla.cli import main
+from mobile_vla.config import load_config
+from mobile_vla.errors import ConfigError, MobileVLAError
+from mobile_vla.evaluation.offline import (
+    direction_accuracy,
+    evaluate_offline,
+    instruction_sensitivity,
+    regression_metrics,
+)
+from mobile_vla.training.checkpoint import CheckpointError, load_folder, save_folder
+from mobile_vla.training.module import warmup_cosine
+from mobile_vla.training.run import load_policy, train
+
+from .conftest import tiny_overrides
+
+
+class StopAfterFirstEpoch(pl.Callback):
+    """Simulates an interruption after epoch 0 (its checkpoint is written)."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+class GradNorms(pl.Callback):
+    """Gradient norm as the optimizer sees it (after clipping)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        self.norms.append(
+            float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            )
+        )
+
+
+class KeepPredictions(pl.Callback):
+    """Predictions of the in-memory policy at the end of training, on a fixed batch."""
+
+    def __init__(self, batch: dict) -> None:
+        self.batch = batch
+        self.pred: np.ndarray | None = None
+
+    def on_train_end(self, trainer, module) -> None:
+        module.policy.eval()
+        self.pred = module.policy.predict(
+            self.batch["images"], self.batch["instruction"], self.batch["obs_mask"]
+        )
+
+
+def fixed_batch() -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {
+        "images": torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8, generator=g),
+        "instruction": ["pass the box on the left", "pass the box on the right"],
+        "obs_mask": torch.ones(2, 3, dtype=torch.bool),
+    }
+
+
+def cfg_for(
+    train_data: Path, tmp: Path, *extra: str, backbone: str = "builtin", vlms: dict | None = None
+):
+    return load_config(None, [*tiny_overrides(train_data, tmp, backbone, vlms), *extra])
+
+
+def test_train_writes_a_complete_run_and_eval_writes_metrics(train_data, tmp_path, capsys) -> None:
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("parent: " + str(Path(__file__).parents[1] / "configs/base.yaml") + "\n")
+    args = [
+        "train",
+        str(cfg_path),
+        "-q",
+        *("--" + o for o in tiny_overrides(train_data, tmp_path)),
+        "--trainer.run_name=r1",
+        "--trainer.max_epochs=2",
+    ]
+    assert main(args) == 0
+    run = tmp_path / "runs" / "r1"
+    for name in (
+        "config.yaml",
+        "stats.json",
+        "split.json",
+        "params.json",
+        "train_stats.json",
+        "checkpoints/last/tensors.safetensors",
+        "checkpoints/best/state.json",
+        "logs/csv/metrics.csv",
+    ):
+        assert (run / name).exists(), name
+    assert list((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    params = json.loads((run / "params.json").read_text())
+    assert params["params"]["all"]["trainable"] == (
+        params["params"]["head"]["total"] + params["params"]["action_token"]["total"]
+    )
+    stats = json.loads((run / "train_stats.json").read_text())
+    assert stats["train_samples_per_s"] > 0 and stats["peak_memory_bytes"] > 0
+    assert stats["epochs"] == 2
+    csv = (run / "logs" / "csv" / "metrics.csv").read_text()
+    assert "val_loss" in csv and "train_loss" in csv
+    # the same run again is refused rather than overwritten
+    assert main(args) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+    assert main(["eval", str(run), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "val_loss" in out and "direction_accuracy" in out
+    metrics = json.loads((run / "metrics.json").read_text())["offline"]
+    split = json.loads((run / "split.json").read_text())
+    assert metrics["episodes"] == len(split["val"]) and metrics["split"] == "val"
+    assert set(metrics["rmse"]) == {"linear_x", "linear_y", "all"}
+    assert metrics["direction_accuracy"]["threshold"] == 0.1
+    assert 0.0 <= metrics["instruction_sensitivity"]["sign_flip_rate"] <= 1.0
+    assert metrics["samples"] == metrics["instruction_sensitivity"]["count"] > 0
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "lora"])
+def test_resume_equals_uninterrupted(strategy, train_data, tmp_path) -> None:
+    extra = [
+        f"train_setup.strategy={strategy}",
+        "trainer.max_epochs=2",
+        "trainer.warmup_steps=3",
+        "train_setup.lora_dropout=0.2",
+        "data.augment.mirror_prob=0.5",
+    ]
+    train(cfg_for(train_data, tmp_path, *extra, "trainer.run_name=whole"), progress=False)
+    cut = tmp_path / "runs" / "cut"
+    train(
+        cfg_for(train_data, tmp_path, *extra, "trainer.run_name=cut"),
+        progress=False,
+        callbacks=[StopAfterFirstEpoch()],
+    )
+    first = load_folder(cut / "checkpoints" / "last")
+    assert first["epoch"] == 0
+    assert main(["train", "--resume", str(cut), "-q"]) == 0
+    a = load_folder(tmp_path / "runs" / "whole" / "checkpoints" / "last")
+    b = load_folder(cut / "checkpoints" / "last")
+    assert a["global_step"] == b["global_step"] > first["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-5, atol=1e-6)
+    # the interrupted run's logs were kept beside the resumed run's
+    assert (cut / "logs" / "csv" / "metrics.csv").exists()
+    assert (cut / "logs" / "csv-2" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize("backbone", ["builtin", "kosmos2"])
+def test_save_then_load_gives_identical_predictions(
+    backbone, train_data, tiny_vlms, tmp_path
+) -> None:
+    keep = KeepPredictions(fixed_batch())
+    cfg = cfg_for(
+        train_data,
+        tmp_path,
+        "train_setup.strategy=lora",
+        "trainer.run_name=s",
+        "trainer.max_steps=6",
+        backbone=backbone,
+        vlms=tiny_vlms,
+    )
+    run = train(cfg, progress=False, callbacks=[keep])
+    policy, _ = load_policy(run, "last")
+    b = fixed_batch()
+    np.testing.assert_array_equal(
+        policy.predict(b["images"], b["instruction"], b["obs_mask"]), keep.pred
+    )
+
+
+def test_gradient_clip_val_is_applied(train_data, tmp_path) -> None:
+    norms = {}
+    for clip in (0.0, 1e-3):
+        rec = GradNorms()
+        cfg = cfg_for(
+            train_data,
+            tmp_path,
+            f"trainer.gradient_clip_val={clip}",
+            f"trainer.run_name=clip{clip}",
+            "trainer.max_steps=4",
+        )
+        train(cfg, progress=False, callbacks=[rec])
+        norms[clip] = rec.norms
+    assert min(norms[0.0]) > 1e-3
+    assert max(norms[1e-3]) <= 1e-3 * 1.0001
+
+
+def test_checkpoint_from_another_architecture_is_refused(train_data, tmp_path) -> None:
+    cfg = cfg_for(train_data, tmp_path, "trainer.run_name=a", "trainer.max_steps=2")
+    run = train(cfg, progress=False)
+    with pytest.raises(ConfigError, match=r"another architecture.*head"):
+        load_policy(run, overrides=["head.type=mlp"])
+    with pytest.raises(ConfigError, match="another architecture"):
+        load_policy(run, overrides=["head.hidden_size=16"])
+    assert main(["train", "--resume", str(run), "--head.hidden_size=16", "-q"]) == 2
+
+
+def test_incomplete_run_folder_and_corrupt_checkpoint(tmp_path) -> None:
+    with pytest.raises(MobileVLAError, match="does not exist"):
+        load_policy(tmp_path / "nope")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(MobileVLAError, match=r"incomplete: missing stats\.json, split\.json"):
+        load_policy(tmp_path / "r")
+    save_folder({"x": torch.ones(2)}, tmp_path / "ck")
+    (tmp_path / "ck" / "tensors.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_folder(tmp_path / "ck")
+
+
+def test_checkpoint_format_round_trip_without_pickle(tmp_path) -> None:
+    import random
+
+    state = {
+        "model": {"w": torch.randn(3, 2)},
+        "opt": {"state": {0: {"step": torch.tensor(3.0)}}, "groups": [{"betas": (0.9, 0.99)}]},
+        "rng": {"np": np.random.get_state(), "py": random.getstate()},
+        "inf": float("inf"),
+    }
+    save_folder(state, tmp_path / "c")
+    back = load_folder(tmp_path / "c")
+    torch.testing.assert_close(back["model"]["w"], state["model"]["w"])
+    assert back["opt"]["state"][0]["step"] == 3.0 and back["opt"]["groups"][0]["betas"] == (
+        0.9,
+        0.99,
+    )
+    assert back["inf"] == float("inf")
+    np.random.set_state(back["rng"]["np"])
+    random.setstate(back["rng"]["py"])
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "state.json",
+        "tensors.safetensors",
+    ]
+
+
+def test_warmup_cosine_schedule() -> None:
+    assert warmup_cosine(0, 4, 20, 0.1) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 20, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20, 0.1) == pytest.approx(0.55)
+    assert warmup_cosine(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+
+def test_metric_math_against_hand_computed_values() -> None:
+    pred = np.array([[[1.0, 0.5], [0.0, -1.0]], [[2.0, 0.0], [9.0, 9.0]]])
+    target = np.array([[[0.0, 0.5], [0.0, 1.0]], [[1.0, -0.5], [0.0, 0.0]]])
+    mask = np.array([[True, True], [True, False]])  # the last step is padding
+    m = regression_metrics(pred, target, mask, ["linear_x", "linear_y"])
+    # valid errors: x: 1, 0, 1 ; y: 0, -2, 0.5
+    assert m["rmse"]["linear_x"] == pytest.approx(np.sqrt(2 / 3))
+    assert m["rmse"]["linear_y"] == pytest.approx(np.sqrt(4.25 / 3))
+    assert m["rmse"]["all"] == pytest.approx(np.sqrt(6.25 / 6))
+    assert m["mae"]["linear_y"] == pytest.approx(2.5 / 3)
+    assert m["valid_steps"] == 3
+    d = direction_accuracy(pred[..., 1], target[..., 1], mask, threshold=0.1)
+    # targets above threshold: 0.5 (pred 0.5, same), 1.0 (pred -1, wrong), -0.5 (pred 0, wrong)
+    assert d["count"] == 3 and d["value"] == pytest.approx(1 / 3)
+    s = instruction_sensitivity(np.array([0.5, -0.2, 0.0, 1.0]), np.array([-0.5, -0.4, 0.3, 1.0]))
+    assert s["mean_abs_diff"] == pytest.approx((1.0 + 0.2 + 0.3 + 0.0) / 4)
+    assert s["sign_flip_rate"] == pytest.approx(0.25)
+
+
+def test_language_blind_policy_scores_zero_sensitivity(train_data, tmp_path) -> None:
+    from mobile_vla.data.dataset import build_datasets
+    from mobile_vla.training.run import build_policy
+
+    cfg = cfg_for(train_data, tmp_path)
+    bundle = build_datasets(cfg)
+    policy, _ = build_policy(cfg, bundle.stats)
+    policy.eval()
+    seeing = evaluate_offline(policy, bundle.val)["instruction_sensitivity"]
+    with torch.no_grad():  # cut the text path: the fusion sees the same text tokens always
+        for p in policy.backbone.text_proj.parameters():
+            p.zero_()
+    blind = evaluate_offline(policy, bundle.val)
+    assert blind["instruction_sensitivity"]["mean_abs_diff"] == pytest.approx(0.0, abs=1e-6)
+    assert blind["instruction_sensitivity"]["sign_flip_rate"] == 0.0
+    assert seeing["mean_abs_diff"] > 1e-4
+    assert blind["val_loss"] > 0 and blind["rmse"]["all"] > 0
+
+
+# ---- RoboVLMs configs -------------------------------------------------------------------------
+
+ROBOVLMS = {
+    "robovlm_name": "RoboKosMos",
+    "model": "kosmos",
+    "window_size": 8,
+    "fwd_pred_next_n": 10,
+    "learning_rate": 1e-4,
+    "batch_size": 4,
+    "max_epochs": 10,
+    "precision": "bf16",
+    "gradient_clip_val": 1.0,
+    "train_setup": {
+        "freeze_backbone": True,
+        "train_vision": False,
+        "lora_enable": True,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "gradient_checkpointing": True,
+        "predict_caption": False,
+    },
+    "act_head": {
+        "type": "LSTMDecoder",
+        "hidden_size": 512,
+        "action_dim": 2,
+        "window_size": 8,
+        "fwd_pred_next_n": 10,
+        "history_type": "post",
+        "down_sample": "none",
+    },
+    "vlm": {
+        "name": "kosmos",
+        "pretrained_model_name_or_path": ".vlms/kosmos-2-patch14-224",
+        "type": "AutoModelForVision2Seq",
+    },
+    "trainer": {"strategy": "ddp", "accumulate_grad_batches": 2, "val_check_interval": 500},
+}
+
+
+def test_robovlms_config_is_accepted_directly_and_converted(tmp_path, capsys, caplog) -> None:
+    path = tmp_path / "robovlms.json"
+    path.write_text(json.dumps(ROBOVLMS))
+    with caplog.at_level("WARNING"):
+        cfg = load_config(path)
+    assert cfg.backbone.name == "kosmos2" and cfg.backbone.path == ".vlms/kosmos-2-patch14-224"
+    assert cfg.train_setup.strategy == "lora" and cfg.train_setup.lora_r == 8
+    assert cfg.train_setup.gradient_checkpointing is True
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.precision == "bf16-mixed"
+    assert cfg.trainer.accumulate_grad_batches == 2 and cfg.trainer.strategy == "ddp"
+    assert cfg.head.type == "lstm" and cfg.head.hidden_size == 512
+    assert cfg.data.action_dims == ["linear_x", "linear_y"] and cfg.data.window_size == 8
+    for key in (
+        "robovlm_name",
+        "train_setup.predict_caption",
+        "act_head.down_sample",
+        "trainer.val_check_interval",
+        "vlm.type",
+    ):
+        assert key in caplog.text  # reported, not silently dropped
+    out = tmp_path / "converted.yaml"
+    assert main(["import-config", str(path), "--out", str(out)]) == 0
+    assert "have no meaning here" in capsys.readouterr().out
+    assert load_config(out) == cfg
+    assert main(["import-config", str(path), "--out", str(out)]) == 2  # no silent overwrite
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**ROBOVLMS, "act_head": {**ROBOVLMS["act_head"], "action_dim": 7}}))
+    with pytest.raises(ConfigError, match="action_dim 7"):
+        load_config(bad)
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(ConfigError, match="not a RoboVLMs config"):
+        load_config(tmp_path / "other.json")
+
+
+# ---- distributed ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(train_data, tmp_path) -> None:
+    over = [
+        *tiny_overrides(train_data, tmp_path),
+        "trainer.run_name=ddp",
+        "trainer.strategy=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        "trainer.max_steps=3",
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text("seed: 0\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mobile_vla.cli",
+            "train",
+            str(cfg),
+            "-q",
+            *("--" + o for o in over),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["last"]  # max_steps ends the epoch before validation: no "best" yet
+    state = load_folder(run / "checkpoints" / "last")
+    assert state["global_step"] == 3
+    assert "gloo" in proc.stderr or "distributed_backend=gloo" in proc.stdout + proc.stderr
