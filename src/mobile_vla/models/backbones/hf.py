@@ -8,7 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mobile_vla.config import BackboneConfig
 from mobile_vla.errors import ConfigError
+from mobile_vla.models.backbones.base import Backbone, normalize_pixels
 
 
 def _why(exc: BaseException) -> str:
@@ -75,3 +79,47 @@ def set_hf_checkpointing(model: Any, enabled: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     elif model.is_gradient_checkpointing:
         model.gradient_checkpointing_disable()
+
+
+class HFBackbone(Backbone):
+    """Shared part of the adapters of ``transformers`` VLMs: loading the model and tokenizer
+    (or taking them as given, e.g. a model built on the meta device to count parameters),
+    the image statistics, preprocessing and gradient checkpointing. A subclass sets the
+    class attributes below and reads its geometry in :meth:`_geometry`, its special token ids
+    in :meth:`_token_ids`."""
+
+    model_class: str = ""  # name of the transformers class
+    default_id: str = ""
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __init__(self, cfg: BackboneConfig, model: Any = None, tokenizer: Any = None) -> None:
+        super().__init__(cfg)
+        import transformers
+
+        source = cfg.path or self.default_id
+        cls = getattr(transformers, self.model_class)
+        self.model = model if model is not None else load_pretrained(cls, source)
+        self.tokenizer = tokenizer
+        if tokenizer is None and model is None:
+            self.tokenizer = load_tokenizer(source)
+        self.mean, self.std = (
+            processor_stats(source, self.image_mean, self.image_std)
+            if model is None
+            else (self.image_mean, self.image_std)
+        )
+        self._geometry(self.model.config)
+        if self.tokenizer is not None:
+            self._token_ids()
+
+    def _geometry(self, conf: Any) -> None:
+        raise NotImplementedError
+
+    def _token_ids(self) -> None:
+        raise NotImplementedError
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        set_hf_checkpointing(self.model, enabled)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_pixels(images, self.image_size, self.mean, self.std)

@@ -19,14 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobile_vla.config import BackboneConfig
-from mobile_vla.models.backbones.base import Backbone, normalize_pixels, register_backbone
-from mobile_vla.models.backbones.hf import (
-    load_pretrained,
-    load_tokenizer,
-    processor_stats,
-    set_hf_checkpointing,
-)
+from mobile_vla.models.backbones.base import register_backbone
+from mobile_vla.models.backbones.hf import HFBackbone
 from mobile_vla.models.backbones.sequence import fill, gather_actions, pack
 
 DEFAULT_ID = "microsoft/kosmos-2-patch14-224"
@@ -35,30 +29,17 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @register_backbone("kosmos2")
-class Kosmos2Backbone(Backbone):
+class Kosmos2Backbone(HFBackbone):
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    model_class = "Kosmos2Model"
+    default_id = DEFAULT_ID
+    image_mean, image_std = CLIP_MEAN, CLIP_STD
 
-    def __init__(self, cfg: BackboneConfig, model: Any = None, tokenizer: Any = None) -> None:
-        """Loads ``cfg.path`` (or the default hub id); ``model`` / ``tokenizer`` given instead
-        are used as they are (e.g. a model built on the meta device to count parameters)."""
-        super().__init__(cfg)
-        from transformers import Kosmos2Model
-
-        source = cfg.path or DEFAULT_ID
-        self.model = model if model is not None else load_pretrained(Kosmos2Model, source)
-        self.tokenizer = (
-            tokenizer if tokenizer is not None or model is not None else load_tokenizer(source)
-        )
-        conf = self.model.config
+    def _geometry(self, conf: Any) -> None:
         self.hidden_size = conf.text_config.embed_dim
         size = conf.vision_config.image_size
         self.image_size = (size, size)
         self.num_image_tokens = conf.latent_query_num
-        self.mean, self.std = (
-            processor_stats(source, CLIP_MEAN, CLIP_STD) if model is None else (CLIP_MEAN, CLIP_STD)
-        )
-        if self.tokenizer is not None:
-            self._token_ids()
 
     def _token_ids(self) -> None:
         conf = self.model.config
@@ -93,12 +74,6 @@ class Kosmos2Backbone(Backbone):
     def max_window(self) -> int:
         positions = self.model.config.text_config.max_position_embeddings
         return max(1, (positions - 64) // (self.num_image_tokens + 2))
-
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        set_hf_checkpointing(self.model, enabled)
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize_pixels(images, self.image_size, self.mean, self.std)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixels).pooler_output

@@ -18,14 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobile_vla.config import BackboneConfig
-from mobile_vla.models.backbones.base import Backbone, normalize_pixels, register_backbone
-from mobile_vla.models.backbones.hf import (
-    load_pretrained,
-    load_tokenizer,
-    processor_stats,
-    set_hf_checkpointing,
-)
+from mobile_vla.models.backbones.base import register_backbone
+from mobile_vla.models.backbones.hf import HFBackbone
 from mobile_vla.models.backbones.sequence import fill, gather_actions, pack
 
 DEFAULT_ID = "google/paligemma-3b-pt-224"
@@ -34,32 +28,17 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
 @register_backbone("paligemma")
-class PaliGemmaBackbone(Backbone):
+class PaliGemmaBackbone(HFBackbone):
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    model_class = "PaliGemmaModel"
+    default_id = DEFAULT_ID
+    image_mean, image_std = SIGLIP_MEAN, SIGLIP_STD
 
-    def __init__(self, cfg: BackboneConfig, model: Any = None, tokenizer: Any = None) -> None:
-        """Loads ``cfg.path`` (or the default hub id); ``model`` / ``tokenizer`` given instead
-        are used as they are (e.g. a model built on the meta device to count parameters)."""
-        super().__init__(cfg)
-        from transformers import PaliGemmaModel
-
-        source = cfg.path or DEFAULT_ID
-        self.model = model if model is not None else load_pretrained(PaliGemmaModel, source)
-        self.tokenizer = (
-            tokenizer if tokenizer is not None or model is not None else load_tokenizer(source)
-        )
-        conf = self.model.config
+    def _geometry(self, conf: Any) -> None:
         self.hidden_size = conf.text_config.hidden_size
         size = conf.vision_config.image_size
         self.image_size = (size, size)
         self.num_image_tokens = (size // conf.vision_config.patch_size) ** 2
-        self.mean, self.std = (
-            processor_stats(source, SIGLIP_MEAN, SIGLIP_STD)
-            if model is None
-            else (SIGLIP_MEAN, SIGLIP_STD)
-        )
-        if self.tokenizer is not None:
-            self._token_ids()
 
     def _token_ids(self) -> None:
         tok = self.tokenizer
@@ -88,12 +67,6 @@ class PaliGemmaBackbone(Backbone):
     def max_window(self) -> int:
         positions = self.model.config.text_config.max_position_embeddings
         return max(1, (positions - 64) // self.num_image_tokens)
-
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        set_hf_checkpointing(self.model, enabled)
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize_pixels(images, self.image_size, self.mean, self.std)
 
     def _run(
         self, rows: list, image_features: torch.Tensor, action_embeds: torch.Tensor
