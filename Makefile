@@ -31,8 +31,13 @@ sysdeps:
 	fi
 
 demo: install
-	$(BIN)/mobile-vla collect --out $(DEMO_DIR)/data --episodes 48 --workers 2 --seed 0
+	$(BIN)/mobile-vla collect --out $(DEMO_DIR)/data --episodes 48 --workers 2 --seed 0 \
+	  --sim.image_size=[96,96]
 	$(BIN)/mobile-vla inspect $(DEMO_DIR)/data
+	rm -rf $(DEMO_DIR)/runs/frozen
+	$(BIN)/mobile-vla train configs/builtin_frozen.yaml --data.path=$(DEMO_DIR)/data \
+	  --trainer.output_dir=$(DEMO_DIR)/runs --trainer.run_name=frozen --trainer.max_epochs=1
+	$(BIN)/mobile-vla eval $(DEMO_DIR)/runs/frozen
 
 test: install
 	$(BIN)/ruff check src tests bench
@@ -44,6 +49,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/bench_data_sim.py
+	$(BIN)/python bench/bench_strategies.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

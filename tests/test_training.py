@@ -148,6 +148,8 @@ def test_resume_equals_uninterrupted(strategy, train_data, tmp_path) -> None:
     )
     first = load_folder(cut / "checkpoints" / "last")
     assert first["epoch"] == 0
+    assert first["mobile_vla"]["config"]["train_setup"]["strategy"] == strategy
+    assert first["mobile_vla"]["stats"] == json.loads((cut / "stats.json").read_text())
     assert main(["train", "--resume", str(cut), "-q"]) == 0
     a = load_folder(tmp_path / "runs" / "whole" / "checkpoints" / "last")
     b = load_folder(cut / "checkpoints" / "last")

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from mobile_vla.config import Config
+from mobile_vla.config import Config, to_dict
 from mobile_vla.errors import ConfigError
 from mobile_vla.models.policy import VLAPolicy
 from mobile_vla.models.strategies import StrategyPlan
@@ -103,6 +103,11 @@ class PolicyModule(pl.LightningModule):
         keep = self.saved_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["architecture"] = architecture(self.cfg)
+        # self-contained: the config and normalization statistics travel with the weights
+        checkpoint["mobile_vla"] = {
+            "config": to_dict(self.cfg),
+            "stats": self.policy.normalizer.stats.to_json(),
+        }
         checkpoint["gradual_stage"] = self.plan.stage
         checkpoint["rng"] = {
             "torch": torch.get_rng_state(),
