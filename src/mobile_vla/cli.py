@@ -92,7 +92,35 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         args.run, which=args.checkpoint, batch_size=args.batch_size, progress=not args.quiet
     )
     print(format_offline(m))
+    if args.episodes > 0:
+        from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop
+
+        c = evaluate_run_closed_loop(
+            args.run,
+            args.episodes,
+            args.seed,
+            args.chunk,
+            args.chunk_k,
+            args.ensemble_decay,
+            args.videos,
+            args.checkpoint,
+            progress=not args.quiet,
+        )
+        print(format_closed_loop(c))
     return 0
+
+
+def format_closed_loop(c: dict) -> str:
+    lo, hi = c["success_ci95"]
+    lines = [
+        f"closed loop ({c['episodes']} held-out episodes, seed {c['seed']}, chunk "
+        f"{c['chunk_mode']}, step limit {c['step_limit']}): success {c['success_rate']:.3f} "
+        f"[95% CI {lo:.3f}-{hi:.3f}], collisions {c['collision_rate']:.3f}"
+    ]
+    for key in ("by_side", "by_layout", "by_distance"):
+        parts = [f"{name} {b['successes']}/{b['episodes']}" for name, b in c[key].items()]
+        lines.append(f"  {key.removeprefix('by_')}: " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 def format_offline(m: dict) -> str:
@@ -196,6 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--episodes",
+        type=int,
+        default=0,
+        help="closed-loop episodes in the simulator (0 = offline metrics only)",
+    )
+    p.add_argument(
+        "--chunk",
+        choices=["first", "first_k", "ensemble"],
+        default="first",
+        help="how the action chunk is used in closed loop",
+    )
+    p.add_argument("--chunk-k", type=int, default=1, help="actions executed per chunk (first_k)")
+    p.add_argument(
+        "--ensemble-decay",
+        type=float,
+        default=0.1,
+        help="temporal ensembling weight exp(-m * i), i = 0 for the oldest chunk",
+    )
+    p.add_argument("--videos", type=int, default=2, help="rollout GIFs to save")
+    p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 

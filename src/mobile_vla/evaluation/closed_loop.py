@@ -1,0 +1,365 @@
+"""Closed-loop evaluation: a controller drives the simulated robot through the scenario grid.
+
+A controller sees what the robot sees (the camera frame and the instruction) and returns one
+``[linear_x, linear_y, angular_z]`` command per control step. :class:`PolicyController` wraps a
+trained policy: frames are resized as in training, per-frame context vectors are kept in a
+ring buffer of ``window_size`` (so a step encodes one new frame), and the predicted chunk is
+used as configured: the first action only, the first ``k`` actions before predicting again, or
+temporal ensembling of overlapping chunks (weights ``exp(-m * age)``, as in ACT).
+
+An episode ends on a collision, when the robot has stopped (|command| < ``STOP_SPEED`` for
+``STOP_STEPS`` steps in a row), or at ``sim.max_steps``; it succeeds when the robot ends in the
+goal region having passed the obstacle on the instructed side without collision
+(``shared/specs/metrics.md``). Scenario seeds are drawn from a stream that ``collect`` never
+uses, so evaluation layouts are held out from any collected training data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from mobile_vla.config import ACTION_NAMES, Config, SimConfig
+from mobile_vla.data.frame_cache import resize_frames
+
+STOP_SPEED = 0.05
+STOP_STEPS = 3
+HELD_OUT_OFFSET = 1_000_000  # evaluation seeds: SeedSequence([seed, OFFSET + i])
+CHUNK_MODES = ("first", "first_k", "ensemble")
+
+
+class Controller(Protocol):
+    def reset(self, scenario: Any) -> None: ...
+
+    def act(self, image: np.ndarray, instruction: str) -> np.ndarray: ...
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def to_command(action: np.ndarray, action_dims: Sequence[str]) -> np.ndarray:
+    """Predicted dimensions -> the robot's [linear_x, linear_y, angular_z] (others 0)."""
+    cmd = np.zeros(3, np.float32)
+    for value, name in zip(action, action_dims, strict=True):
+        if name in ACTION_NAMES:
+            cmd[ACTION_NAMES.index(name)] = value
+    return cmd
+
+
+class ChunkExecutor:
+    """Turns a stream of predicted chunks (N, D) into one action per step."""
+
+    def __init__(self, mode: str = "first", k: int = 1, decay: float = 0.1) -> None:
+        if mode not in CHUNK_MODES:
+            raise ValueError(f"chunk mode must be one of {CHUNK_MODES}, got {mode!r}")
+        self.mode, self.k, self.decay = mode, max(1, k), decay
+        self.reset()
+
+    def reset(self) -> None:
+        self.queue: deque[np.ndarray] = deque()
+        self.history: list[tuple[int, np.ndarray]] = []  # (step predicted, chunk)
+        self.step = 0
+
+    def needs_prediction(self) -> bool:
+        return self.mode != "first_k" or not self.queue
+
+    def __call__(self, chunk: np.ndarray | None) -> np.ndarray:
+        t = self.step
+        self.step += 1
+        if self.mode == "first":
+            assert chunk is not None
+            return chunk[0]
+        if self.mode == "first_k":
+            if chunk is not None:
+                self.queue.extend(chunk[: self.k])
+            return self.queue.popleft()
+        assert chunk is not None
+        self.history.append((t, chunk))
+        self.history = [(s, c) for s, c in self.history if t - s < len(c)]
+        preds = np.stack([c[t - s] for s, c in self.history])  # oldest prediction first
+        w = np.exp(-self.decay * np.arange(len(preds)))  # ACT: w_i = exp(-m * i), i=0 oldest
+        return (preds * (w / w.sum())[:, None]).sum(0).astype(np.float32)
+
+
+class PolicyController:
+    """A trained policy behind the controller interface, with a per-frame feature history."""
+
+    def __init__(
+        self, policy: Any, cfg: Config, chunk_mode: str = "first", k: int = 1, decay: float = 0.1
+    ) -> None:
+        self.policy, self.cfg = policy, cfg
+        self.window = cfg.data.window_size
+        self.size = tuple(cfg.data.image_size)
+        self.executor = ChunkExecutor(chunk_mode, k, decay)
+        self.pre = cfg.backbone.history == "pre"
+        self.reset(None)
+
+    def reset(self, scenario: Any) -> None:
+        self.features: deque[torch.Tensor] = deque(maxlen=self.window)
+        self.frames: deque[torch.Tensor] = deque(maxlen=self.window)
+        self.executor.reset()
+        self.last_chunk: np.ndarray | None = None
+
+    @torch.no_grad()
+    def predict_chunk(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        """Physical action chunk (N, D) after adding ``image`` to the history."""
+        frame = torch.from_numpy(resize_frames(image[None], self.size)[0].transpose(2, 0, 1))
+        device = self.policy.action_token.device
+        frame = frame.to(device)
+        if self.pre:
+            self.frames.append(frame)
+            frames = list(self.frames)
+            pad = self.window - len(frames)
+            window = torch.stack([frames[0]] * pad + frames)[None]
+            mask = torch.tensor([[False] * pad + [True] * len(frames)], device=device)
+            out = self.policy({"images": window, "instruction": [instruction], "obs_mask": mask})
+        else:
+            self.features.append(self.policy.frame_features(frame[None], [instruction])[0])
+            feats = list(self.features)
+            pad = self.window - len(feats)
+            window = torch.stack([feats[0]] * pad + feats)[None]
+            mask = torch.tensor([[False] * pad + [True] * len(feats)], device=device)
+            out = self.policy.head_forward(window, mask)
+        return self.policy.to_physical(self.policy.decode(out))[0]
+
+    def act(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        chunk = None
+        if self.executor.needs_prediction():
+            chunk = self.predict_chunk(image, instruction)
+            self.last_chunk = chunk
+        elif not self.pre:  # keep the history complete even when the chunk is not re-predicted
+            frame = torch.from_numpy(resize_frames(image[None], self.size)[0].transpose(2, 0, 1))
+            with torch.no_grad():
+                self.features.append(
+                    self.policy.frame_features(
+                        frame[None].to(self.policy.action_token.device), [instruction]
+                    )[0]
+                )
+        return to_command(self.executor(chunk), self.policy.action_dims)
+
+
+class ExpertReplayController:
+    """Replays the scripted expert's commands for the scenario (recorded in a render-less
+    copy of the world): the upper bound a perfect imitator would reach."""
+
+    def __init__(self, sim_cfg: SimConfig) -> None:
+        from dataclasses import replace
+
+        self.sim_cfg = replace(sim_cfg, episode_length=0)
+        self.actions: deque[np.ndarray] = deque()
+
+    def reset(self, scenario: Any) -> None:
+        from mobile_vla.sim.env import NavEnv
+        from mobile_vla.sim.expert import run_expert
+
+        with NavEnv(self.sim_cfg, render=False) as env:
+            episode = run_expert(env, scenario, record_frames=False)
+        self.actions = deque(episode.actions)
+
+    def act(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        return self.actions.popleft() if self.actions else np.zeros(3, np.float32)
+
+
+class ConstantController:
+    """The same command every step (zero: the robot never moves)."""
+
+    def __init__(self, command: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
+        self.command = np.asarray(command, np.float32)
+
+    def reset(self, scenario: Any) -> None:
+        pass
+
+    def act(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        return self.command
+
+
+@dataclass
+class EpisodeResult:
+    index: int
+    seed: int
+    layout: str
+    side: str
+    distance: str
+    instruction: str
+    success: bool
+    collision: bool
+    passed_side: str | None
+    steps: int
+    end: str
+    trajectory: list[tuple[float, float, float]] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("frames",)}
+
+
+def evaluation_jobs(episodes: int, seed: int) -> list[tuple[int, int, str, str, str]]:
+    from mobile_vla.sim.scenario import parse_scenarios
+
+    cells = parse_scenarios(None)
+    return [
+        (
+            i,
+            int(np.random.SeedSequence([seed, HELD_OUT_OFFSET + i]).generate_state(1)[0]),
+            *cells[i % len(cells)],
+        )
+        for i in range(episodes)
+    ]
+
+
+def run_episode(
+    env: Any, controller: Controller, scenario: Any, index: int, keep_frames: bool = False
+) -> EpisodeResult:
+    obs = env.reset(scenario)
+    controller.reset(scenario)
+    frames = [obs["image"]] if keep_frames else []
+    still, end = 0, "step_limit"
+    for _ in range(env.cfg.max_steps):
+        cmd = controller.act(obs["image"], obs["instruction"])
+        obs, info = env.step(cmd)
+        if keep_frames:
+            frames.append(obs["image"])
+        if info["collision"]:
+            end = "collision"
+            break
+        still = still + 1 if float(np.abs(cmd).max()) < STOP_SPEED else 0
+        if still >= STOP_STEPS:
+            end = "stopped"
+            break
+    out = env.outcome()
+    return EpisodeResult(
+        index,
+        scenario.seed,
+        scenario.layout,
+        scenario.side,
+        scenario.distance,
+        scenario.instruction,
+        out.success,
+        out.collision,
+        out.passed_side,
+        out.steps,
+        end,
+        list(env.trajectory),
+        frames,
+    )
+
+
+def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    def block(rs: Sequence[EpisodeResult]) -> dict[str, Any]:
+        n = len(rs)
+        k = sum(r.success for r in rs)
+        lo, hi = wilson_interval(k, n)
+        steps = [r.steps for r in rs if r.success]
+        return {
+            "episodes": n,
+            "successes": k,
+            "success_rate": k / n if n else None,
+            "success_ci95": [lo, hi],
+            "collision_rate": sum(r.collision for r in rs) / n if n else None,
+            "mean_steps_to_success": float(np.mean(steps)) if steps else None,
+        }
+
+    out = block(results)
+    for key in ("side", "layout", "distance"):
+        out[f"by_{key}"] = {
+            v: block([r for r in results if getattr(r, key) == v])
+            for v in sorted({getattr(r, key) for r in results})
+        }
+    return out
+
+
+def closed_loop(
+    controller: Controller,
+    sim_cfg: SimConfig,
+    episodes: int,
+    seed: int,
+    keep_frames: int = 0,
+    progress: bool = False,
+) -> tuple[dict, list[EpisodeResult]]:
+    """Run ``episodes`` held-out scenarios; returns (summary, per-episode results)."""
+    from tqdm.auto import tqdm
+
+    from mobile_vla.sim.env import NavEnv
+    from mobile_vla.sim.scenario import make_scenario
+
+    results = []
+    with NavEnv(sim_cfg) as env:
+        for i, s, layout, side, dist in tqdm(
+            evaluation_jobs(episodes, seed), desc="closed loop", unit="ep", disable=not progress
+        ):
+            scenario = make_scenario(s, layout, side, dist, sim_cfg)
+            results.append(run_episode(env, controller, scenario, i, keep_frames=i < keep_frames))
+    return summarize(results), results
+
+
+def evaluate_run_closed_loop(
+    run: Any,
+    episodes: int,
+    seed: int | None = None,
+    chunk_mode: str = "first",
+    k: int = 1,
+    decay: float = 0.1,
+    videos: int = 2,
+    which: str = "best",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Closed-loop metrics of a run folder; writes ``metrics.json["closed_loop"]``, rollout
+    GIFs and one top-down trajectory plot per side under ``RUN/eval/``."""
+    import json
+    from pathlib import Path
+
+    from mobile_vla.evaluation.plots import rollout_gif, trajectory_plot
+    from mobile_vla.io import atomic_write_json
+    from mobile_vla.sim.scenario import make_scenario
+    from mobile_vla.training.run import load_policy
+
+    policy, cfg = load_policy(run, which)
+    run = Path(run)
+    seed = cfg.seed if seed is None else seed
+    controller = PolicyController(policy, cfg, chunk_mode, k, decay)
+    summary, results = closed_loop(
+        controller, cfg.sim, episodes, seed, keep_frames=videos, progress=progress
+    )
+    out_dir = run / "eval"
+    for r in results[:videos]:
+        rollout_gif(
+            r.frames, out_dir / f"rollout_{r.index:03d}_{r.layout}_{r.side}.gif", cfg.sim.control_hz
+        )
+    for side in ("left", "right"):
+        rs = [r for r in results if r.side == side]
+        if rs:
+            scenarios = [make_scenario(r.seed, r.layout, r.side, r.distance, cfg.sim) for r in rs]
+            trajectory_plot(
+                rs, scenarios, out_dir / f"trajectories_{side}.png", f"instructed {side}"
+            )
+    summary.update(
+        {
+            "chunk_mode": chunk_mode,
+            "chunk_k": k,
+            "ensemble_decay": decay,
+            "seed": seed,
+            "checkpoint": which,
+            "step_limit": cfg.sim.max_steps,
+            "episodes_detail": [r.to_json() for r in results],
+        }
+    )
+    metrics = (
+        json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    )
+    metrics["closed_loop"] = summary
+    atomic_write_json(run / "metrics.json", metrics)
+    return summary
