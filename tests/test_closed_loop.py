@@ -98,7 +98,7 @@ def test_policy_controller_history_and_cli(train_data, tmp_path, capsys) -> None
     ctrl.reset(None)
     for t in range(5):
         cmd = ctrl.act(frame, "go left")
-        assert cmd.shape == (3,) and len(ctrl.features) == min(t + 1, cfg.data.window_size)
+        assert cmd.shape == (3,) and len(ctrl.buffer) == min(t + 1, cfg.data.window_size)
     # the cached history gives the same chunk as encoding the whole window at once
     import torch
 

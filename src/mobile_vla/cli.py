@@ -9,6 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from mobile_vla import __version__
 from mobile_vla.config import Config, load_config
 from mobile_vla.errors import MobileVLAError
@@ -173,6 +175,66 @@ def cmd_import_config(args: argparse.Namespace, overrides: Sequence[str]) -> int
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.serving.server import ServeSettings, load_engine, serve
+
+    if overrides:
+        raise MobileVLAError("serve takes no config overrides: it uses the run's own config")
+    settings = ServeSettings(
+        api_key=args.api_key or "",
+        max_body_bytes=args.max_body,
+        session_ttl_s=args.session_ttl,
+        chunk_mode=args.chunk,
+        chunk_k=args.chunk_k,
+        ensemble_decay=args.ensemble_decay,
+        history_cache=not args.no_history_cache,
+    )
+    engine = load_engine(args.run, settings, device=args.device, which=args.checkpoint)
+    print(
+        f"serving {args.run} on http://{args.host}:{args.port} (POST /predict, POST /reset, "
+        f"GET /health, WebSocket /stream)"
+    )
+    serve(engine, args.host, args.port)
+    return 0
+
+
+def cmd_drive_sim(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.config import SimConfig, from_dict
+    from mobile_vla.evaluation.closed_loop import closed_loop
+    from mobile_vla.serving.client import PredictClient, RemoteController
+
+    client = PredictClient(args.server, args.api_key or "", timeout=args.timeout)
+    health = client.health()
+    if args.config is not None or overrides:
+        sim = load_config(args.config, overrides).sim
+    else:  # the served run's own simulator settings
+        sim = from_dict(SimConfig, health.get("sim", {}), "sim")
+    seed = 0 if args.seed is None else args.seed
+    controller = RemoteController(client, pace_hz=args.pace)
+    summary, _ = closed_loop(controller, sim, args.episodes, seed, progress=not args.quiet)
+    summary.update(
+        {"chunk_mode": health.get("chunk_mode", "?"), "seed": seed, "step_limit": sim.max_steps}
+    )
+    lat = np.asarray(controller.latencies_ms)
+    print(format_closed_loop(summary).replace("closed loop", "closed loop through the server", 1))
+    print(
+        f"  request latency: p50 {np.percentile(lat, 50):.1f} ms, p99 "
+        f"{np.percentile(lat, 99):.1f} ms over {len(lat)} requests"
+    )
+    if args.out is not None:
+        from mobile_vla.io import atomic_write_json
+
+        atomic_write_json(
+            args.out,
+            {
+                **summary,
+                "latency_ms_p50": float(np.percentile(lat, 50)),
+                "latency_ms_p99": float(np.percentile(lat, 99)),
+            },
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mobile-vla",
@@ -247,6 +309,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="serve a run's policy to the robot (HTTP + WebSocket)")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this X-API-Key")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--chunk", choices=["first", "first_k", "ensemble"], default="first")
+    p.add_argument("--chunk-k", type=int, default=1)
+    p.add_argument("--ensemble-decay", type=float, default=0.1)
+    p.add_argument("--session-ttl", type=float, default=300.0, help="idle seconds per session")
+    p.add_argument("--max-body", type=int, default=8 * 1024 * 1024, help="request size limit")
+    p.add_argument(
+        "--no-history-cache",
+        action="store_true",
+        help="re-encode the whole window every request (for comparison)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("drive-sim", help="drive the simulator through a policy server")
+    p.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
+    p.add_argument("--episodes", type=int, default=12)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--pace",
+        type=float,
+        default=0.0,
+        help="control rate in Hz (0 = as fast as the server answers)",
+    )
+    p.add_argument("--timeout", type=float, default=1.0, help="seconds the robot waits")
+    p.add_argument(
+        "--config", type=Path, default=None, help="sim settings (default: the served run's)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_drive_sim)
 
     p = sub.add_parser("import-config", help="convert a RoboVLMs JSON config to YAML")
     p.add_argument("config", type=Path, help="RoboVLMs JSON config")

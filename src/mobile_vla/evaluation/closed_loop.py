@@ -95,60 +95,90 @@ class ChunkExecutor:
         return (preds * (w / w.sum())[:, None]).sum(0).astype(np.float32)
 
 
+def robot_camera(image: np.ndarray, size: int = 224, quality: int = 90) -> np.ndarray:
+    """What the robot's ROS node sends: the frame resized to size x size and JPEG-encoded
+    (returned decoded), so in-process runs see exactly what a served policy sees."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(resize_frames(image[None], (size, size))[0]).save(
+        buf, format="JPEG", quality=quality
+    )
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
 class PolicyController:
-    """A trained policy behind the controller interface, with a per-frame feature history."""
+    """A trained policy behind the controller interface.
+
+    With ``cache_features`` (the default, ``post`` history) each step encodes only the new
+    frame and keeps the window's context vectors in a ring buffer; without it, the raw frames
+    are kept and the whole window is re-encoded every step (what the history cache saves).
+    ``camera`` transforms each frame first (e.g. :func:`robot_camera`)."""
 
     def __init__(
-        self, policy: Any, cfg: Config, chunk_mode: str = "first", k: int = 1, decay: float = 0.1
+        self,
+        policy: Any,
+        cfg: Config,
+        chunk_mode: str = "first",
+        k: int = 1,
+        decay: float = 0.1,
+        cache_features: bool = True,
+        camera: Any = None,
     ) -> None:
         self.policy, self.cfg = policy, cfg
         self.window = cfg.data.window_size
         self.size = tuple(cfg.data.image_size)
         self.executor = ChunkExecutor(chunk_mode, k, decay)
-        self.pre = cfg.backbone.history == "pre"
+        self.cache = cache_features and cfg.backbone.history == "post"
+        self.camera = camera
         self.reset(None)
 
     def reset(self, scenario: Any) -> None:
-        self.features: deque[torch.Tensor] = deque(maxlen=self.window)
-        self.frames: deque[torch.Tensor] = deque(maxlen=self.window)
+        self.buffer: deque[torch.Tensor] = deque(maxlen=self.window)
         self.executor.reset()
         self.last_chunk: np.ndarray | None = None
+        self.steps = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.action_token.device
 
     @torch.no_grad()
-    def predict_chunk(self, image: np.ndarray, instruction: str) -> np.ndarray:
-        """Physical action chunk (N, D) after adding ``image`` to the history."""
+    def observe(self, image: np.ndarray, instruction: str) -> None:
+        """Add one camera frame (any size, uint8 HxWx3) to the history."""
+        if self.camera is not None:
+            image = self.camera(image)
         frame = torch.from_numpy(resize_frames(image[None], self.size)[0].transpose(2, 0, 1))
-        device = self.policy.action_token.device
-        frame = frame.to(device)
-        if self.pre:
-            self.frames.append(frame)
-            frames = list(self.frames)
-            pad = self.window - len(frames)
-            window = torch.stack([frames[0]] * pad + frames)[None]
-            mask = torch.tensor([[False] * pad + [True] * len(frames)], device=device)
-            out = self.policy({"images": window, "instruction": [instruction], "obs_mask": mask})
+        frame = frame.to(self.device)
+        if self.cache:
+            self.buffer.append(self.policy.frame_features(frame[None], [instruction])[0])
         else:
-            self.features.append(self.policy.frame_features(frame[None], [instruction])[0])
-            feats = list(self.features)
-            pad = self.window - len(feats)
-            window = torch.stack([feats[0]] * pad + feats)[None]
-            mask = torch.tensor([[False] * pad + [True] * len(feats)], device=device)
+            self.buffer.append(frame)
+        self.steps += 1
+
+    @torch.no_grad()
+    def chunk(self, instruction: str) -> np.ndarray:
+        """Physical action chunk (N, D) from the current history."""
+        items = list(self.buffer)
+        pad = self.window - len(items)
+        window = torch.stack([items[0]] * pad + items)[None]
+        mask = torch.tensor([[False] * pad + [True] * len(items)], device=self.device)
+        if self.cache:
             out = self.policy.head_forward(window, mask)
-        return self.policy.to_physical(self.policy.decode(out))[0]
+        else:
+            out = self.policy({"images": window, "instruction": [instruction], "obs_mask": mask})
+        self.last_chunk = self.policy.to_physical(self.policy.decode(out))[0]
+        return self.last_chunk
+
+    def predict_chunk(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        self.observe(image, instruction)
+        return self.chunk(instruction)
 
     def act(self, image: np.ndarray, instruction: str) -> np.ndarray:
-        chunk = None
-        if self.executor.needs_prediction():
-            chunk = self.predict_chunk(image, instruction)
-            self.last_chunk = chunk
-        elif not self.pre:  # keep the history complete even when the chunk is not re-predicted
-            frame = torch.from_numpy(resize_frames(image[None], self.size)[0].transpose(2, 0, 1))
-            with torch.no_grad():
-                self.features.append(
-                    self.policy.frame_features(
-                        frame[None].to(self.policy.action_token.device), [instruction]
-                    )[0]
-                )
+        self.observe(image, instruction)
+        chunk = self.chunk(instruction) if self.executor.needs_prediction() else None
         return to_command(self.executor(chunk), self.policy.action_dims)
 
 

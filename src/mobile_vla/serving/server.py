@@ -1,0 +1,298 @@
+"""``mobile-vla serve``: the robot's ``/predict`` server, a drop-in replacement for the
+Mobile-VLA robot node's server (``shared/specs/predict_api.md``), plus ``/reset``, ``/health``
+and a msgpack WebSocket stream.
+
+One policy object serves every session. Each session (``session_id``; one shared session by
+default) owns a :class:`PolicyController`: a ring buffer of per-frame context vectors, so a
+request encodes only its new frame, and the chunk executor. Model calls run one at a time in a
+worker thread behind a lock, so concurrent sessions never touch each other's history and the
+event loop keeps answering. Sessions idle for ``session_ttl`` seconds are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from mobile_vla.config import ACTION_NAMES, Config
+from mobile_vla.evaluation.closed_loop import PolicyController
+from mobile_vla.serving.protocol import (
+    MAX_BODY_BYTES,
+    MAX_IMAGE_SIDE,
+    MAX_INSTRUCTION_CHARS,
+    BadRequest,
+    Observation,
+    check_image_array,
+    check_instruction,
+    check_reset,
+    check_session,
+    packb,
+    parse_predict,
+    unpackb,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeSettings:
+    api_key: str = ""
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_instruction_chars: int = MAX_INSTRUCTION_CHARS
+    max_image_side: int = MAX_IMAGE_SIDE
+    session_ttl_s: float = 300.0
+    max_sessions: int = 256
+    chunk_mode: str = "first"
+    chunk_k: int = 1
+    ensemble_decay: float = 0.1
+    history_cache: bool = True
+
+
+class Engine:
+    """The policy and its sessions; every model call goes through :meth:`step`."""
+
+    def __init__(
+        self, policy: Any, cfg: Config, settings: ServeSettings, name: str = "policy"
+    ) -> None:
+        self.policy, self.cfg, self.settings, self.name = policy, cfg, settings, name
+        self.sessions: OrderedDict[str, tuple[PolicyController, float]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def _controller(self, session_id: str, create: bool = True) -> PolicyController | None:
+        now = time.monotonic()
+        ttl = self.settings.session_ttl_s
+        for sid in [s for s, (_, seen) in self.sessions.items() if now - seen > ttl]:
+            del self.sessions[sid]
+        entry = self.sessions.get(session_id)
+        if entry is None:
+            if not create:
+                return None
+            while len(self.sessions) >= self.settings.max_sessions:
+                self.sessions.popitem(last=False)  # the least recently used
+            s = self.settings
+            ctrl = PolicyController(
+                self.policy,
+                self.cfg,
+                s.chunk_mode,
+                s.chunk_k,
+                s.ensemble_decay,
+                cache_features=s.history_cache,
+            )
+        else:
+            ctrl = entry[0]
+        self.sessions[session_id] = (ctrl, now)
+        self.sessions.move_to_end(session_id)
+        return ctrl
+
+    def step(self, obs: Observation) -> dict[str, Any]:
+        with self.lock:
+            t0 = time.perf_counter()
+            ctrl = self._controller(obs.session_id)
+            assert ctrl is not None
+            if obs.reset:
+                ctrl.reset(None)
+            command = ctrl.act(obs.image, obs.instruction)
+            infer_ms = (time.perf_counter() - t0) * 1000
+            return {
+                "action": command,
+                "chunk": ctrl.last_chunk,
+                "infer_ms": infer_ms,
+                "step": ctrl.steps,
+            }
+
+    def reset(self, session_id: str) -> bool:
+        with self.lock:
+            ctrl = self._controller(session_id, create=False)
+            if ctrl is None:
+                return False
+            ctrl.reset(None)
+            return True
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "model": self.name,
+            "backbone": self.cfg.backbone.name,
+            "action_names": list(ACTION_NAMES),
+            "predicted_dims": list(self.policy.action_dims),
+            "chunk_length": self.cfg.data.fwd_pred_next_n,
+            "window_size": self.cfg.data.window_size,
+            "image_size": list(self.cfg.data.image_size),
+            "chunk_mode": self.settings.chunk_mode,
+            "history_cache": self.settings.history_cache,
+        }
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _authorised(settings: ServeSettings, given: str | None) -> bool:
+    if not settings.api_key:
+        return True
+    return given is not None and hmac.compare_digest(given.encode(), settings.api_key.encode())
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(f"request body is {int(declared)} bytes; at most {limit}", 413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadRequest(f"request body is over {limit} bytes", 413)
+    return bytes(body)
+
+
+def create_app(engine: Engine) -> Starlette:
+    s = engine.settings
+    ids = itertools.count()
+
+    async def read_json(request: Request) -> Any:
+        if not _authorised(s, request.headers.get("x-api-key")):
+            raise BadRequest("missing or wrong X-API-Key header", 401)
+        body = await _read_body(request, s.max_body_bytes)
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("the body is not valid JSON") from None
+
+    async def predict(request: Request) -> JSONResponse:
+        t0 = time.perf_counter()
+        try:
+            obs = parse_predict(await read_json(request), s.max_instruction_chars, s.max_image_side)
+        except BadRequest as exc:
+            return _error(str(exc), exc.status)
+        out = await run_in_threadpool(engine.step, obs)
+        return JSONResponse(
+            {
+                "action": [float(v) for v in out["action"]],
+                "chunk": np.asarray(out["chunk"]).round(6).tolist(),
+                "session_id": obs.session_id,
+                "step": out["step"],
+                "infer_ms": out["infer_ms"],
+                "latency_ms": (time.perf_counter() - t0) * 1000,
+            }
+        )
+
+    async def reset(request: Request) -> JSONResponse:
+        try:
+            payload = (
+                await read_json(request) if int(request.headers.get("content-length") or 0) else {}
+            )
+            if not isinstance(payload, dict):
+                raise BadRequest("the body must be a JSON object")
+            sid = check_session(payload.get("session_id"))
+        except BadRequest as exc:
+            return _error(str(exc), exc.status)
+        if not await run_in_threadpool(engine.reset, sid):
+            return _error(f"unknown session_id {sid!r}", 404)
+        return JSONResponse({"session_id": sid, "reset": True})
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {
+                "model_loaded": True,
+                "sessions": len(engine.sessions),
+                **engine.metadata(),
+                "sim": asdict(engine.cfg.sim),
+            }
+        )
+
+    async def stream(ws: WebSocket) -> None:
+        given = ws.headers.get("x-api-key") or ws.query_params.get("api_key")
+        if not _authorised(s, given):
+            await ws.close(code=1008, reason="missing or wrong X-API-Key")
+            return
+        await ws.accept()
+        default_session = f"ws-{next(ids)}"
+        await ws.send_bytes(packb({"type": "metadata", **engine.metadata()}))
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                data = message.get("bytes")
+                if data is None:
+                    await ws.send_bytes(
+                        packb({"error": "send binary msgpack messages", "status": 400})
+                    )
+                    continue
+                try:
+                    if len(data) > s.max_body_bytes:
+                        raise BadRequest(
+                            f"message is {len(data)} bytes; at most {s.max_body_bytes}", 413
+                        )
+                    msg = unpackb(data)
+                    if not isinstance(msg, dict):
+                        raise BadRequest("message must be a map with 'image' and 'instruction'")
+                    obs = Observation(
+                        image=check_image_array(msg.get("image"), s.max_image_side),
+                        instruction=check_instruction(
+                            msg.get("instruction"), s.max_instruction_chars
+                        ),
+                        session_id=check_session(msg.get("session_id", default_session)),
+                        reset=check_reset(msg.get("reset")),
+                    )
+                except BadRequest as exc:
+                    await ws.send_bytes(packb({"error": str(exc), "status": exc.status}))
+                    continue
+                out = await run_in_threadpool(engine.step, obs)
+                await ws.send_bytes(
+                    packb(
+                        {
+                            "actions": np.asarray(out["chunk"], np.float32),
+                            "action": np.asarray(out["action"], np.float32),
+                            "session_id": obs.session_id,
+                            "server_timing": {"infer_ms": out["infer_ms"]},
+                        }
+                    )
+                )
+        except WebSocketDisconnect:
+            return
+
+    return Starlette(
+        routes=[
+            Route("/predict", predict, methods=["POST"]),
+            Route("/reset", reset, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            WebSocketRoute("/stream", stream),
+        ]
+    )
+
+
+def load_engine(
+    run: str | Path, settings: ServeSettings, device: str = "cpu", which: str = "best"
+) -> Engine:
+    from mobile_vla.training.run import load_policy
+
+    policy, cfg = load_policy(run, which)
+    policy.to(device)
+    return Engine(policy, cfg, settings, name=Path(run).name)
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run until SIGINT/SIGTERM; uvicorn finishes the requests in flight before exiting."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(engine), host=host, port=port, log_level="info", timeout_graceful_shutdown=5
+    )
+    asyncio.run(uvicorn.Server(config).serve())

@@ -1,0 +1,323 @@
+"""The policy server on a real loopback port: the robot's request, bad input, sessions, the
+WebSocket stream, and driving the simulator through the wire."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mobile_vla.config import load_config
+from mobile_vla.serving.client import PredictClient, ServerError, StreamClient, jpeg_224
+from mobile_vla.serving.protocol import packb, unpackb
+from mobile_vla.serving.server import Engine, ServeSettings, create_app
+
+from .conftest import tiny_overrides
+
+KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="module")
+def served_run(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mobile_vla.training.run import train
+
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(train_data, tmp),
+            "trainer.run_name=srv",
+            "trainer.max_steps=4",
+            "sim.image_size=[48,48]",
+            "sim.max_steps=10",
+        ],
+    )
+    return train(cfg, progress=False)
+
+
+class LiveServer:
+    def __init__(self, engine: Engine) -> None:
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(engine), host="127.0.0.1", port=self.port, log_level="warning"
+            )
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start(run: Path, **settings: object) -> tuple[LiveServer, Engine]:
+    from mobile_vla.serving.server import load_engine
+
+    engine = load_engine(run, ServeSettings(**settings))
+    return LiveServer(engine), engine
+
+
+@pytest.fixture(scope="module")
+def server(served_run: Path) -> Iterator[LiveServer]:
+    live, _ = start(served_run, api_key=KEY)
+    yield live
+    live.stop()
+
+
+def frame(seed: int = 0, size: int = 224) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+def b64_jpeg(image: np.ndarray) -> str:
+    return base64.b64encode(jpeg_224(image)).decode()
+
+
+def raw_post(
+    url: str, path: str, body: bytes, key: str | None = KEY, headers: dict | None = None
+) -> tuple[int, dict]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    h = {"Content-Type": "application/json", **(headers or {})}
+    if key is not None:
+        h["X-API-Key"] = key
+    conn.request("POST", path, body=body, headers=h)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, json.loads(data)
+
+
+def test_the_robots_exact_request(server: LiveServer) -> None:
+    body = json.dumps(
+        {"image": b64_jpeg(frame()), "instruction": "Navigate to the gray basket on the left"}
+    ).encode()
+    status, out = raw_post(server.url, "/predict", body)
+    assert status == 200
+    assert isinstance(out["action"], list) and len(out["action"]) == 3
+    assert all(isinstance(v, float) for v in out["action"][:2])  # robot reads action[0], [1]
+    assert out["latency_ms"] > 0 and out["session_id"] == "default"
+    assert np.asarray(out["chunk"]).shape == (4, 2)
+    assert out["action"][:2] == pytest.approx(out["chunk"][0], abs=1e-5)
+    health = PredictClient(server.url, KEY).health()
+    assert health["model_loaded"] is True and health["chunk_length"] == 4
+
+
+BAD = [
+    ("not_json", b"this is not json", 400, "not valid JSON"),
+    ("not_object", b"[1, 2]", 400, "JSON object"),
+    ("missing_image", json.dumps({"instruction": "go left"}).encode(), 400, "'image'"),
+    ("missing_instruction", json.dumps({"image": "AAAA"}).encode(), 400, "'instruction'"),
+    (
+        "not_base64",
+        json.dumps({"image": "%%% not base64 %%%", "instruction": "go"}).encode(),
+        400,
+        "not valid base64",
+    ),
+    (
+        "not_an_image",
+        json.dumps(
+            {"image": base64.b64encode(b"plain text, not a jpeg").decode(), "instruction": "go"}
+        ).encode(),
+        400,
+        "not a decodable image",
+    ),
+    ("empty_instruction", None, 400, "is empty"),
+    ("long_instruction", None, 400, "at most 1000"),
+    ("zero_size_image", None, 400, "image"),
+    ("huge_image", None, 400, "at most 4096 pixels"),
+    ("bad_session", None, 400, "session_id"),
+]
+
+
+def _body(kind: str) -> bytes:
+    ok = b64_jpeg(frame())
+    if kind == "empty_instruction":
+        return json.dumps({"image": ok, "instruction": "   "}).encode()
+    if kind == "long_instruction":
+        return json.dumps({"image": ok, "instruction": "left " * 2000}).encode()
+    if kind == "zero_size_image":
+        return json.dumps({"image": "", "instruction": "go"}).encode()
+    if kind == "huge_image":
+        buf = io.BytesIO()
+        Image.new("RGB", (5000, 8)).save(buf, format="PNG")
+        return json.dumps(
+            {"image": base64.b64encode(buf.getvalue()).decode(), "instruction": "go"}
+        ).encode()
+    if kind == "bad_session":
+        return json.dumps({"image": ok, "instruction": "go", "session_id": 5}).encode()
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(("kind", "body", "status", "words"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_4xx_and_the_server_keeps_serving(server, kind, body, status, words) -> None:
+    code, out = raw_post(server.url, "/predict", body if body is not None else _body(kind))
+    assert code == status and words in out["error"], out
+    ok, _ = raw_post(
+        server.url,
+        "/predict",
+        json.dumps({"image": b64_jpeg(frame()), "instruction": "go left"}).encode(),
+    )
+    assert ok == 200
+
+
+def test_api_key_body_size_and_reset_errors(server: LiveServer) -> None:
+    good = json.dumps({"image": b64_jpeg(frame()), "instruction": "go left"}).encode()
+    assert raw_post(server.url, "/predict", good, key=None)[0] == 401
+    code, out = raw_post(server.url, "/predict", good, key="wrong")
+    assert code == 401 and "X-API-Key" in out["error"]
+    big = json.dumps({"image": "A" * (9 * 1024 * 1024), "instruction": "go"}).encode()
+    code, out = raw_post(server.url, "/predict", big)
+    assert code == 413 and "at most" in out["error"]
+    code, out = raw_post(server.url, "/reset", json.dumps({"session_id": "nobody"}).encode())
+    assert code == 404 and "unknown session_id" in out["error"]
+    assert raw_post(server.url, "/predict", good)[0] == 200
+    code, out = raw_post(server.url, "/reset", json.dumps({"session_id": "default"}).encode())
+    assert code == 200 and out["reset"] is True
+
+
+def test_sessions_keep_separate_histories(served_run: Path) -> None:
+    live, _ = start(served_run)
+    try:
+        client = PredictClient(live.url, timeout=10)
+        a = [frame(i) for i in range(5)]
+        b = [frame(100 + i) for i in range(5)]
+        jpa, jpb = [jpeg_224(x) for x in a], [jpeg_224(x) for x in b]
+        seq_a = [client.predict(j, "go left", "A")["action"] for j in jpa]
+        seq_b = [client.predict(j, "go right", "B")["action"] for j in jpb]
+        client.reset("A")
+        client.reset("B")
+        inter_a, inter_b = [], []
+        for ja, jb in zip(jpa, jpb, strict=True):
+            inter_a.append(client.predict(ja, "go left", "A")["action"])
+            inter_b.append(client.predict(jb, "go right", "B")["action"])
+        np.testing.assert_allclose(inter_a, seq_a, atol=1e-6)
+        np.testing.assert_allclose(inter_b, seq_b, atol=1e-6)
+        # and from threads at once
+        results: dict[str, list] = {"A": [], "B": []}
+        client.reset("A")
+        client.reset("B")
+
+        def drive(sid: str, jpegs: list[bytes], text: str) -> None:
+            c = PredictClient(live.url, timeout=10)
+            results[sid] = [c.predict(j, text, sid)["action"] for j in jpegs]
+
+        threads = [
+            threading.Thread(target=drive, args=("A", jpa, "go left")),
+            threading.Thread(target=drive, args=("B", jpb, "go right")),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        np.testing.assert_allclose(results["A"], seq_a, atol=1e-6)
+        np.testing.assert_allclose(results["B"], seq_b, atol=1e-6)
+        # a history changes the answer: same frame, different past
+        client.reset("A")
+        fresh = client.predict(jpa[-1], "go left", "A", reset=True)["action"]
+        assert not np.allclose(fresh, seq_a[-1])
+    finally:
+        live.stop()
+
+
+def test_websocket_metadata_inference_and_bad_messages(server: LiveServer) -> None:
+    with pytest.raises(Exception):  # noqa: B017 - the handshake is refused without the key
+        StreamClient(f"ws://127.0.0.1:{server.port}/stream")
+    with StreamClient(f"ws://127.0.0.1:{server.port}/stream", api_key=KEY) as ws:
+        meta = ws.metadata
+        assert meta["type"] == "metadata" and meta["chunk_length"] == 4
+        assert meta["action_names"] == ["linear_x", "linear_y", "angular_z"]
+        assert meta["image_size"] == [32, 32] and meta["model"] == "srv"
+        out = ws.infer(frame(size=64), "go around on the left")
+        assert out["actions"].dtype == np.float32 and out["actions"].shape == (4, 2)
+        assert out["server_timing"]["infer_ms"] > 0
+        err = ws.send_raw(b"\xc1 definitely not msgpack")
+        assert err["status"] == 400 and "msgpack" in err["error"]
+        err = ws.send_raw("a text frame")
+        assert err["status"] == 400
+        err = ws.infer(np.zeros((4, 4), np.float32), "go")
+        assert err["status"] == 400 and "uint8" in err["error"]
+        assert ws.infer(frame(size=64), "")["status"] == 400
+        again = ws.infer(frame(size=64), "go around on the left")
+        assert again["actions"].shape == (4, 2)
+
+
+def test_msgpack_arrays_round_trip_without_pickle() -> None:
+    arr = np.arange(12, dtype=np.float32).reshape(3, 4)
+    back = unpackb(packb({"a": arr, "n": 3}))
+    np.testing.assert_array_equal(back["a"], arr)
+    forged = packb({"__ndarray__": True, "data": b"\x00" * 8, "dtype": "|O", "shape": [1]})
+    from mobile_vla.serving.protocol import BadRequest
+
+    with pytest.raises(BadRequest, match="dtype"):
+        unpackb(forged)
+    with pytest.raises(BadRequest, match="bytes"):
+        unpackb(packb({"__ndarray__": True, "data": b"\x00" * 3, "dtype": "<f4", "shape": [1]}))
+
+
+def test_drive_sim_through_the_server_matches_in_process(served_run: Path, capsys) -> None:
+    from mobile_vla.cli import main
+    from mobile_vla.evaluation.closed_loop import PolicyController, closed_loop, robot_camera
+    from mobile_vla.training.run import load_policy
+
+    live, _ = start(served_run)
+    try:
+        out = Path(served_run) / "drive.json"
+        assert (
+            main(
+                [
+                    "drive-sim",
+                    "--server",
+                    live.url,
+                    "--episodes",
+                    "4",
+                    "--seed",
+                    "5",
+                    "--timeout",
+                    "10",
+                    "-q",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        remote = json.loads(out.read_text())
+        assert "through the server" in capsys.readouterr().out
+    finally:
+        live.stop()
+    policy, cfg = load_policy(served_run)
+    local, results = closed_loop(PolicyController(policy, cfg, camera=robot_camera), cfg.sim, 4, 5)
+    assert remote["success_rate"] == local["success_rate"]
+    assert remote["collision_rate"] == local["collision_rate"]
+    assert [b["successes"] for b in remote["by_side"].values()] == [
+        b["successes"] for b in local["by_side"].values()
+    ]
+    assert remote["episodes"] == 4 and remote["latency_ms_p99"] < 1000
+
+
+def test_client_reports_server_errors(server: LiveServer) -> None:
+    client = PredictClient(server.url, KEY, timeout=10)
+    with pytest.raises(ServerError, match="404"):
+        client.reset("ghost")
+    with pytest.raises(ServerError, match="'instruction' is empty"):
+        client.predict(jpeg_224(frame()), " ")
