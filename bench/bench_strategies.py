@@ -54,8 +54,9 @@ def meta_policy(family: str, strategy: str) -> VLAPolicy:
         with torch.device("meta"):
             model = PaliGemmaModel(PaliGemmaConfig())
         overrides = ["backbone.name=paligemma"]
-    cfg = load_config(ROOT / "configs" / "mobile_vla_base.yaml",
-                      [*overrides, f"train_setup.strategy={strategy}"])
+    cfg = load_config(
+        ROOT / "configs" / "mobile_vla_base.yaml", [*overrides, f"train_setup.strategy={strategy}"]
+    )
     policy = VLAPolicy(cfg, STATS, backbone=Adapter(cfg.backbone, model=model))
     return policy, cfg
 
@@ -63,13 +64,17 @@ def meta_policy(family: str, strategy: str) -> VLAPolicy:
 def table_row(plan_table: dict) -> str:
     t = plan_table["all"]
     lora = plan_table["lora"]["trainable"]
-    return (f"{t['trainable']:>15,} / {t['total']:>15,}  ({t['trainable'] / t['total']:6.2%})"
-            f"   LoRA {lora:>12,}")
+    return (
+        f"{t['trainable']:>15,} / {t['total']:>15,}  ({t['trainable'] / t['total']:6.2%})"
+        f"   LoRA {lora:>12,}"
+    )
 
 
 def print_param_tables() -> None:
-    for family, title in (("kosmos2", "Kosmos-2 (microsoft/kosmos-2-patch14-224 geometry)"),
-                          ("paligemma", "PaliGemma-3B (google/paligemma-3b-pt-224 geometry)")):
+    for family, title in (
+        ("kosmos2", "Kosmos-2 (microsoft/kosmos-2-patch14-224 geometry)"),
+        ("paligemma", "PaliGemma-3B (google/paligemma-3b-pt-224 geometry)"),
+    ):
         print(f"\n{title}: trainable / total parameters (Case 3 = frozen, Case 4 = lora)")
         for strategy in STRATEGIES:
             policy, cfg = meta_policy(family, strategy)
@@ -77,8 +82,9 @@ def print_param_tables() -> None:
             print(f"  {strategy:<9} {table_row(plan.table)}")
     print("\nbuilt-in backbone (configs/builtin_base.yaml): trainable / total parameters")
     for strategy in STRATEGIES:
-        cfg = load_config(ROOT / "configs" / "builtin_base.yaml",
-                          [f"train_setup.strategy={strategy}"])
+        cfg = load_config(
+            ROOT / "configs" / "builtin_base.yaml", [f"train_setup.strategy={strategy}"]
+        )
         torch.manual_seed(0)
         policy = VLAPolicy(cfg, STATS)
         plan = apply_strategy(policy, cfg.train_setup)
@@ -90,28 +96,53 @@ def train_throughput(steps: int) -> None:
         tmp_path = Path(tmp)
         data = tmp_path / "data"
         mvla = [sys.executable, "-m", "mobile_vla.cli"]
-        subprocess.run([*mvla, "collect", "--out", str(data), "--episodes", "24", "--workers",
-                        "2", "-q", "--sim.image_size=[96,96]"], check=True,
-                       capture_output=True)
-        print(f"\nbuilt-in backbone, training on this machine ({os.cpu_count()} cores, "
-              f"{torch.get_num_threads()} torch threads): configs/builtin_base.yaml, window 8, "
-              f"chunk 10, batch 16, 96x96, fp32, {steps} steps, throughput after 3 warm-up steps")
+        subprocess.run(
+            [
+                *mvla,
+                "collect",
+                "--out",
+                str(data),
+                "--episodes",
+                "24",
+                "--workers",
+                "2",
+                "-q",
+                "--sim.image_size=[96,96]",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        print(
+            f"\nbuilt-in backbone, training on this machine ({os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads): configs/builtin_base.yaml, window 8, "
+            f"chunk 10, batch 16, 96x96, fp32, {steps} steps, throughput after 3 warm-up steps"
+        )
         print(f"  {'strategy':<9} {'samples/s':>10} {'peak RSS':>10} {'trainable':>12}")
         for strategy in STRATEGIES:
             run = tmp_path / "runs" / strategy
-            cmd = [*mvla, "train", str(ROOT / "configs" / "builtin_base.yaml"), "-q",
-                   f"--data.path={data}", f"--data.cache_dir={tmp_path / 'cache'}",
-                   f"--train_setup.strategy={strategy}", f"--trainer.max_steps={steps}",
-                   f"--trainer.output_dir={tmp_path / 'runs'}", f"--trainer.run_name={strategy}",
-                   "--trainer.limit_val_batches=2"]
+            cmd = [
+                *mvla,
+                "train",
+                str(ROOT / "configs" / "builtin_base.yaml"),
+                "-q",
+                f"--data.path={data}",
+                f"--data.cache_dir={tmp_path / 'cache'}",
+                f"--train_setup.strategy={strategy}",
+                f"--trainer.max_steps={steps}",
+                f"--trainer.output_dir={tmp_path / 'runs'}",
+                f"--trainer.run_name={strategy}",
+                "--trainer.limit_val_batches=2",
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"  {strategy:<9} failed: {proc.stderr.strip().splitlines()[-1]}")
                 continue
             stats = json.loads((run / "train_stats.json").read_text())
             params = json.loads((run / "params.json").read_text())["params"]["all"]
-            print(f"  {strategy:<9} {stats['train_samples_per_s']:>10.1f} "
-                  f"{stats['peak_memory_bytes'] / 2**30:>8.2f} GiB {params['trainable']:>12,}")
+            print(
+                f"  {strategy:<9} {stats['train_samples_per_s']:>10.1f} "
+                f"{stats['peak_memory_bytes'] / 2**30:>8.2f} GiB {params['trainable']:>12,}"
+            )
 
 
 def main() -> None:
@@ -119,8 +150,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}"
+    )
     print_param_tables()
     if not args.skip_train:
         train_throughput(args.steps)

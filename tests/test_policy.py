@@ -349,3 +349,20 @@ def test_apply_strategy_param_table_totals(tiny_vlms, tmp_path) -> None:
 def test_collate_stacks_and_lists() -> None:
     out = collate([{"a": torch.zeros(2), "s": "x", "n": 1}, {"a": torch.ones(2), "s": "y", "n": 2}])
     assert out["a"].shape == (2, 2) and out["s"] == ["x", "y"] and out["n"].tolist() == [1, 2]
+
+
+def test_builtin_text_cache_is_exact_and_cleared_on_mode_change(tmp_path) -> None:
+    _, policy, _ = make("builtin", {}, tmp_path)
+    policy.eval()
+    b = batch()
+    with torch.no_grad():
+        first = policy(b).logits  # fills the per-instruction cache
+        assert policy.backbone._text_cache
+        again = policy(b).logits  # served from it
+    torch.testing.assert_close(first, again, rtol=1e-5, atol=1e-6)
+    policy.train()
+    assert not policy.backbone._text_cache  # weights may change: stale text is dropped
+    policy.eval()
+    with torch.no_grad():
+        fresh = policy(b).logits
+    torch.testing.assert_close(first, fresh, rtol=1e-5, atol=1e-6)

@@ -313,6 +313,10 @@ def test_drive_sim_through_the_server_matches_in_process(served_run: Path, capsy
         b["successes"] for b in local["by_side"].values()
     ]
     assert remote["episodes"] == 4 and remote["latency_ms_p99"] < 1000
+    # episode by episode: same ending, same number of steps, same path
+    for r, loc in zip(remote["episodes_detail"], results, strict=True):
+        assert (r["success"], r["end"], r["steps"]) == (loc.success, loc.end, loc.steps)
+        np.testing.assert_allclose(r["trajectory"], loc.trajectory, atol=1e-6)
 
 
 def test_client_reports_server_errors(server: LiveServer) -> None:

@@ -211,9 +211,14 @@ def cmd_drive_sim(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         sim = from_dict(SimConfig, health.get("sim", {}), "sim")
     seed = 0 if args.seed is None else args.seed
     controller = RemoteController(client, pace_hz=args.pace)
-    summary, _ = closed_loop(controller, sim, args.episodes, seed, progress=not args.quiet)
+    summary, results = closed_loop(controller, sim, args.episodes, seed, progress=not args.quiet)
     summary.update(
-        {"chunk_mode": health.get("chunk_mode", "?"), "seed": seed, "step_limit": sim.max_steps}
+        {
+            "chunk_mode": health.get("chunk_mode", "?"),
+            "seed": seed,
+            "step_limit": sim.max_steps,
+            "episodes_detail": [r.to_json() for r in results],
+        }
     )
     lat = np.asarray(controller.latencies_ms)
     print(format_closed_loop(summary).replace("closed loop", "closed loop through the server", 1))

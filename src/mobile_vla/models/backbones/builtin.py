@@ -160,6 +160,7 @@ class BuiltinBackbone(Backbone):
         self.image_size = (g.image_size, g.image_size)
         self.max_text_tokens = g.max_text_tokens
         self.gradient_checkpointing = False
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for module in (self.vision, self.vision_proj, self.text_proj, self.fusion):
             init_weights(module)
 
@@ -190,22 +191,44 @@ class BuiltinBackbone(Backbone):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         return normalize_pixels(images, self.image_size, IMAGE_MEAN, IMAGE_STD)
 
+    def train(self, mode: bool = True) -> BuiltinBackbone:
+        self._text_cache.clear()  # weights may change in train mode: cached text is stale
+        return super().train(mode)
+
     def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected token states (N, L, D) and their validity mask (N, L), computed once per
-        distinct text."""
+        distinct text. In eval mode without gradients (evaluation, serving) the result per
+        text is also kept, since an instruction stays the same for a whole episode."""
         unique = sorted(set(texts))
         device = self.type_embed.device
-        batch = self.tokenizer(
-            [self.prompt(t) for t in unique],
-            padding=True,
-            truncation=True,
-            max_length=self.max_text_tokens,
-            return_tensors="pt",
-        ).to(device)
-        states = self.text_encoder(**batch).last_hidden_state
-        tokens = self.text_proj(states) + self.type_embed[1]
-        index = torch.tensor([unique.index(t) for t in texts], device=device)
-        return tokens[index], batch["attention_mask"][index].bool()
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if not (cacheable and all(t in self._text_cache for t in unique)):
+            batch = self.tokenizer(
+                [self.prompt(t) for t in unique],
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            ).to(device)
+            states = self.text_encoder(**batch).last_hidden_state
+            tokens = self.text_proj(states) + self.type_embed[1]
+            mask = batch["attention_mask"].bool()
+            if not cacheable:
+                index = torch.tensor([unique.index(t) for t in texts], device=device)
+                return tokens[index], mask[index]
+            if len(self._text_cache) > 256:
+                self._text_cache.clear()
+            for i, t in enumerate(unique):
+                n = int(mask[i].sum())
+                self._text_cache[t] = (tokens[i, :n], mask[i, :n])
+        rows = [self._text_cache[t] for t in texts]
+        length = max(r[0].shape[0] for r in rows)
+        tokens = torch.zeros(len(rows), length, self.hidden_size, device=device)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=device)
+        for i, (tok, m) in enumerate(rows):
+            tokens[i, : tok.shape[0]] = tok
+            mask[i, : m.shape[0]] = m
+        return tokens, mask
 
     def _fuse(
         self, parts: list[torch.Tensor], masks: list[torch.Tensor], n_act: int

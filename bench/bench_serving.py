@@ -1,0 +1,202 @@
+"""Policy server latency, measured side by side in one run.
+
+    python bench/bench_serving.py [--requests 200] [--soak 60]
+
+1. ``/predict`` p50 / p99 latency over loopback with window 8 on the built-in backbone
+   (configs/builtin_base.yaml), history cache on (one new frame encoded per request) vs off
+   (the whole window re-encoded per request), and the ratio.
+2. Four concurrent sessions, each a robot at 10 Hz, for ``--soak`` seconds against the cached
+   server: the share of responses under 1 s (the robot's deadline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mobile_vla.serving.client import PredictClient, jpeg_224  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: Path, cache: bool) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mobile_vla.cli",
+        "serve",
+        str(run),
+        "--port",
+        str(port),
+        "--checkpoint",
+        "last",
+    ]
+    if not cache:
+        cmd.append("--no-history-cache")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    client = PredictClient(url, timeout=2)
+    deadline = time.time() + 120
+    while True:
+        try:
+            client.health()
+            return proc, url
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError("server did not start") from None
+            time.sleep(0.5)
+
+
+def camera_frames(n: int) -> list[bytes]:
+    from mobile_vla.config import SimConfig
+    from mobile_vla.sim.env import NavEnv
+    from mobile_vla.sim.scenario import make_scenario
+
+    cfg = SimConfig()
+    with NavEnv(cfg) as env:
+        obs = env.reset(make_scenario(3, "1box", "left", "medium", cfg))
+        frames = [jpeg_224(obs["image"])]
+        for _ in range(n - 1):
+            obs, _ = env.step([0.5, 0.3, 0.0])
+            frames.append(jpeg_224(obs["image"]))
+    return frames
+
+
+def latencies(url: str, frames: list[bytes], requests: int) -> np.ndarray:
+    client = PredictClient(url, timeout=5)
+    text = "Navigate around obstacles and reach the front of the beverage bottle on the left"
+    for i in range(10):  # warm-up, and a full window of history
+        client.predict(frames[i % len(frames)], text, "bench", reset=i == 0)
+    out = []
+    for i in range(requests):
+        t0 = time.perf_counter()
+        client.predict(frames[i % len(frames)], text, "bench")
+        out.append((time.perf_counter() - t0) * 1000)
+    return np.asarray(out)
+
+
+def soak(
+    url: str, frames: list[bytes], seconds: float, sessions: int = 4, hz: float = 10.0
+) -> tuple[int, int, float]:
+    text = "Navigate to the gray basket on the right"
+    counts = {"total": 0, "late": 0}
+    worst = [0.0]
+    lock = threading.Lock()
+
+    def robot(k: int) -> None:
+        client = PredictClient(url, timeout=1.0)
+        end = time.perf_counter() + seconds
+        next_t = time.perf_counter()
+        i = 0
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            try:
+                client.predict(frames[i % len(frames)], text, f"robot{k}", reset=i == 0)
+                late = time.perf_counter() - t0 > 1.0
+            except Exception:
+                late = True
+            with lock:
+                counts["total"] += 1
+                counts["late"] += late
+                worst[0] = max(worst[0], time.perf_counter() - t0)
+            i += 1
+            next_t += 1.0 / hz
+            time.sleep(max(0.0, next_t - time.perf_counter()))
+
+    threads = [threading.Thread(target=robot, args=(k,)) for k in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return counts["total"], counts["late"], worst[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--soak", type=float, default=60.0)
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        mvla = [sys.executable, "-m", "mobile_vla.cli"]
+        subprocess.run(
+            [
+                *mvla,
+                "collect",
+                "--out",
+                str(tmp_path / "data"),
+                "--episodes",
+                "12",
+                "-q",
+                "--sim.image_size=[96,96]",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *mvla,
+                "train",
+                str(ROOT / "configs" / "builtin_base.yaml"),
+                "-q",
+                f"--data.path={tmp_path / 'data'}",
+                f"--trainer.output_dir={tmp_path}",
+                "--trainer.run_name=run",
+                "--trainer.max_steps=1",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        run = tmp_path / "run"
+        frames = camera_frames(30)
+        results = {}
+        for cache in (True, False):
+            proc, url = start_server(run, cache)
+            try:
+                results[cache] = latencies(url, frames, args.requests)
+                if cache and args.soak > 0:
+                    total, late, worst = soak(url, frames, args.soak)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+        print(
+            f"/predict over loopback, built-in backbone, window 8, chunk 10, 224x224 JPEG in, "
+            f"{args.requests} sequential requests after 10 warm-up:"
+        )
+        for cache, name in ((True, "history cache"), (False, "re-encode window")):
+            lat = results[cache]
+            print(
+                f"  {name:<17} p50 {np.percentile(lat, 50):7.1f} ms   p99 "
+                f"{np.percentile(lat, 99):7.1f} ms"
+            )
+        ratio = np.percentile(results[False], 50) / np.percentile(results[True], 50)
+        print(f"  ratio (p50, re-encode / cache): {ratio:.1f}x")
+        if args.soak > 0:
+            print(
+                f"4 concurrent sessions at 10 Hz for {args.soak:.0f} s: {total - late}/{total} "
+                f"responses under 1 s ({(total - late) / total:.2%}); slowest "
+                f"{worst * 1000:.0f} ms"
+            )
+
+
+if __name__ == "__main__":
+    main()
