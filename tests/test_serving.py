@@ -325,3 +325,20 @@ def test_client_reports_server_errors(server: LiveServer) -> None:
         client.reset("ghost")
     with pytest.raises(ServerError, match="'instruction' is empty"):
         client.predict(jpeg_224(frame()), " ")
+
+
+def test_sessions_expire_and_are_bounded(served_run: Path) -> None:
+    from mobile_vla.serving.protocol import Observation
+    from mobile_vla.serving.server import load_engine
+
+    engine = load_engine(served_run, ServeSettings(session_ttl_s=0.2, max_sessions=2))
+    obs = [Observation(frame(i, 32), "go left", f"s{i}", False) for i in range(3)]
+    engine.step(obs[0])
+    engine.step(obs[1])
+    engine.step(obs[2])  # over the bound: the least recently used session goes
+    assert list(engine.sessions) == ["s1", "s2"]
+    time.sleep(0.3)
+    assert not engine.reset("s1")  # idle past the TTL: gone
+    assert engine.sessions == {} or list(engine.sessions) == []
+    out = engine.step(obs[0])
+    assert out["step"] == 1  # a fresh history
