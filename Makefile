@@ -50,6 +50,7 @@ lint: install
 bench: install
 	$(BIN)/python bench/bench_data_sim.py
 	$(BIN)/python bench/bench_strategies.py
+	$(BIN)/python bench/bench_serving.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
