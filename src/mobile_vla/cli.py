@@ -18,6 +18,14 @@ from mobile_vla.errors import MobileVLAError
 log = logging.getLogger("mobile_vla")
 
 
+def refuse_overrides(overrides: Sequence[str], command: str) -> None:
+    if overrides:
+        raise MobileVLAError(
+            f"{command} takes no config overrides ({' '.join(overrides)}): it uses the run's "
+            "own config"
+        )
+
+
 def _config_from(args: argparse.Namespace, overrides: Sequence[str]) -> Config:
     return load_config(args.config, overrides)
 
@@ -88,8 +96,7 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.evaluation.offline import evaluate_run
 
-    if overrides:
-        raise MobileVLAError("eval takes no config overrides: it uses the run's own config")
+    refuse_overrides(overrides, "eval")
     m = evaluate_run(
         args.run, which=args.checkpoint, batch_size=args.batch_size, progress=not args.quiet
     )
@@ -178,8 +185,7 @@ def cmd_import_config(args: argparse.Namespace, overrides: Sequence[str]) -> int
 def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.serving.server import ServeSettings, load_engine, serve
 
-    if overrides:
-        raise MobileVLAError("serve takes no config overrides: it uses the run's own config")
+    refuse_overrides(overrides, "serve")
     settings = ServeSettings(
         api_key=args.api_key or "",
         max_body_bytes=args.max_body,
