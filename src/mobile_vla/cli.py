@@ -246,6 +246,26 @@ def cmd_drive_sim(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.analysis.compare import compare_runs
+
+    refuse_overrides(overrides, "compare")
+    out = args.out or Path(args.run_a).parent / (
+        f"compare_{Path(args.run_a).name}_vs_{Path(args.run_b).name}"
+    )
+    r = compare_runs(args.run_a, args.run_b, out, data=args.data, samples=args.samples)
+    c, lat = r["context"], r["latent"]
+    cos = c["cosine"].get("mean") if isinstance(c["cosine"], dict) else None
+    print(
+        f"compared {r['run_a']} ({r['strategy_a']}) and {r['run_b']} ({r['strategy_b']}) on "
+        f"{r['inputs']['samples']} windows: context CKA {c['cka']:.4f}"
+        + (f", cosine {cos:.4f}" if cos is not None else "")
+        + f"; latent CKA {lat['cka']:.4f}"
+    )
+    print(f"wrote {out / 'compare.html'}, compare.json, pca.png, tsne.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mobile-vla",
@@ -320,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="compare two runs' representations on the same inputs")
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="episode folder (default: run A's validation episodes)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder")
+    p.add_argument("--samples", type=int, default=256, help="windows to compare")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("serve", help="serve a run's policy to the robot (HTTP + WebSocket)")
     p.add_argument("run", type=Path, help="run folder")

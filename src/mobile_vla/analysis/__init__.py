@@ -1,0 +1,1 @@
+"""Analysis of what trained policies learned: representation similarity and projections."""
