@@ -18,6 +18,18 @@ from mobile_vla.errors import MobileVLAError
 log = logging.getLogger("mobile_vla")
 
 
+def quiet_lightning() -> None:
+    """Lightning's tips and notices, printed twice (its own handler and the root one), and a
+    deprecation warning it triggers under recent torch: not what a user needs to read."""
+    import warnings
+
+    import lightning.pytorch  # noqa: F401  (it sets its loggers' levels on import)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def refuse_overrides(overrides: Sequence[str], command: str) -> None:
     if overrides:
         raise MobileVLAError(
@@ -414,9 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # Lightning's tips and notices: its own handler already prints them
-        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    if not args.verbose and args.command in ("train", "eval", "compare", "serve"):
+        quiet_lightning()
     try:
         return int(args.func(args, overrides) or 0)
     except MobileVLAError as exc:
