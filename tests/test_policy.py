@@ -366,3 +366,27 @@ def test_builtin_text_cache_is_exact_and_cleared_on_mode_change(tmp_path) -> Non
     with torch.no_grad():
         fresh = policy(b).logits
     torch.testing.assert_close(first, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_builtin_prefix_does_not_depend_on_the_action_tokens(tmp_path) -> None:
+    """Image and text tokens never attend to the action tokens, so what the prefix computes
+    at every fusion layer is the same whatever the action tokens are (what makes it cacheable)."""
+    _, policy, _ = make("builtin", {}, tmp_path, "backbone.n_action_tokens=2")
+    policy.eval()
+    bb = policy.backbone
+    states: list[torch.Tensor] = []
+    hooks = [
+        blk.register_forward_hook(lambda m, i, o: states.append(o.detach())) for blk in bb.fusion
+    ]
+    px = bb.preprocess(batch()["images"][:, 0])
+    texts = ["go left", "go right"]
+    with torch.no_grad():
+        bb.encode_post(px, texts, policy.action_token)
+        first = [s[:, :-2] for s in states]
+        states.clear()
+        bb.encode_post(px, texts, torch.randn_like(policy.action_token) * 5)
+        second = [s[:, :-2] for s in states]
+    for h in hooks:
+        h.remove()
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -234,8 +234,15 @@ class BuiltinBackbone(Backbone):
         self, parts: list[torch.Tensor], masks: list[torch.Tensor], n_act: int
     ) -> torch.Tensor:
         x = torch.cat(parts, dim=1)
-        mask = torch.cat(masks, dim=1)
-        x = run_blocks(self.fusion, x, mask, self.gradient_checkpointing and self.training)
+        keys = torch.cat(masks, dim=1)  # (B, N) real tokens
+        n = x.shape[1]
+        # The action tokens are read-out queries: they attend to everything, but the image and
+        # text tokens never attend to them, so the prefix's states at every layer do not depend
+        # on the (trainable) action tokens and can be computed once and cached.
+        is_act = torch.arange(n, device=x.device) >= n - n_act
+        allowed = keys[:, None, :] & (is_act[None, :, None] | ~is_act[None, None, :])
+        allowed = allowed | torch.eye(n, dtype=torch.bool, device=x.device)
+        x = run_blocks(self.fusion, x, allowed, self.gradient_checkpointing and self.training)
         return self.fusion_norm(x[:, -n_act:])
 
     def _image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
