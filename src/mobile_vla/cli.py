@@ -278,6 +278,47 @@ def cmd_compare(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def cmd_pretrain_data(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.pretraining.corpus import build_corpus, load_corpus
+
+    refuse_overrides(overrides, "pretrain-data")
+    command = " ".join(
+        [
+            "mobile-vla pretrain-data",
+            "--out",
+            str(args.out),
+            "--images",
+            str(args.images),
+            "--seed",
+            str(args.seed),
+            "--image-size",
+            str(args.image_size),
+            "--captions",
+            str(args.captions),
+            "--val-fraction",
+            str(args.val_fraction),
+        ]
+    )
+    out = build_corpus(
+        args.out,
+        args.images,
+        args.seed,
+        args.image_size,
+        args.captions,
+        args.val_fraction,
+        args.workers,
+        progress=not args.quiet,
+        command=command,
+    )
+    m = load_corpus(out).manifest
+    print(
+        f"wrote {m['images']} images ({m['splits']['train']} train, {m['splits']['val']} "
+        f"held-out) with {m['captions_per_image']} captions each to {out}; "
+        f"{m['probes']} scenes have a left/right probe"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mobile-vla",
@@ -352,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("pretrain-data", help="render an image-caption corpus for pretraining")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--images", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--captions", type=int, default=5, help="training captions per image")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out scenes")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_pretrain_data)
 
     p = sub.add_parser("compare", help="compare two runs' representations on the same inputs")
     p.add_argument("run_a", type=Path)

@@ -1,0 +1,260 @@
+"""Image-caption scenes for the built-in backbone's vision-language pretraining.
+
+Rendered with the simulator's engine but unlike the navigation task: one to four objects
+(boxes, bottles, baskets, cylinders, spheres) in named colours and two sizes, placed in a grid
+of lateral (left / centre / right) and depth (near / far) cells, under varied floors, walls,
+lighting and camera poses. There is no corridor, no start pose and never the navigation
+layout (an obstacle in the middle with a target straight behind it).
+
+Each scene comes with captions from several template families that name objects, colours,
+sizes, positions and pairwise left/right and near/far relations. Some templates are held out
+for evaluation (``EVAL_TEMPLATES``), so retrieval is measured on phrasings never trained on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.85, 0.12, 0.1),
+    "green": (0.15, 0.65, 0.2),
+    "blue": (0.12, 0.25, 0.85),
+    "yellow": (0.92, 0.85, 0.15),
+    "orange": (0.95, 0.5, 0.08),
+    "purple": (0.5, 0.18, 0.65),
+    "white": (0.93, 0.93, 0.93),
+    "black": (0.07, 0.07, 0.07),
+    "grey": (0.5, 0.5, 0.5),
+    "brown": (0.45, 0.27, 0.12),
+    "pink": (0.95, 0.5, 0.7),
+    "cyan": (0.1, 0.8, 0.85),
+}
+SHAPES = ("box", "bottle", "basket", "cylinder", "sphere")
+LATERAL = {"left": 0.55, "centre": 0.0, "right": -0.55}
+DEPTH = {"near": 1.1, "far": 2.1}
+
+TRAIN_TEMPLATES = {
+    "single": ("{ac} {s}", "a {size} {c} {s}", "there is {ac} {s}", "a photo of {ac} {s}"),
+    "place": ("{ac} {s} {where}", "the {c} {s} is {dist} {where}", "{ac} {s}, {dist}, {where}"),
+    "pair": (
+        "{ac1} {s1} to the left of {ac2} {s2}",
+        "{ac2} {s2} to the right of {ac1} {s1}",
+        "the {c1} {s1} is left of the {c2} {s2}",
+    ),
+    "count": ("{n} {objects}", "a scene with {n} {objects}"),
+}
+EVAL_TEMPLATES = {
+    "single": ("an image showing {ac} {s}",),
+    "place": ("{where}, {dist}, stands {ac} {s}",),
+    "pair": ("left of the {c2} {s2} there is {ac1} {s1}",),
+}
+WHERE = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
+DIST = {"near": "close by", "far": "far away"}
+
+
+def article(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    size: str  # small / large
+    lateral: str
+    depth: str
+    x: float
+    y: float
+
+
+@dataclass(frozen=True)
+class CaptionScene:
+    seed: int
+    objects: tuple[SceneObject, ...]
+    floor_rgb: tuple[tuple[float, float, float], tuple[float, float, float]]
+    wall_rgb: tuple[float, float, float]
+    light: float
+    camera_height: float
+    camera_tilt_deg: float
+    camera_yaw_deg: float
+
+
+def sample_scene(seed: int) -> CaptionScene:
+    rng = np.random.default_rng([seed, 424242])
+    n = int(rng.integers(1, 5))
+    cells = [(lat, dep) for lat in LATERAL for dep in DEPTH]
+    while True:
+        chosen = [cells[i] for i in rng.choice(len(cells), size=n, replace=False)]
+        # never the navigation layout: something in the centre with something behind it
+        if not (("centre", "near") in chosen and ("centre", "far") in chosen):
+            break
+    objects = []
+    for lat, dep in chosen:
+        objects.append(
+            SceneObject(
+                shape=str(rng.choice(SHAPES)),
+                colour=str(rng.choice(list(COLOURS))),
+                size=str(rng.choice(["small", "large"])),
+                lateral=lat,
+                depth=dep,
+                x=DEPTH[dep] + float(rng.uniform(-0.12, 0.12)),
+                y=LATERAL[lat] * (DEPTH[dep] / 1.1) ** 0.5 + float(rng.uniform(-0.08, 0.08)),
+            )
+        )
+    objects.sort(key=lambda o: (-o.y, o.x))  # left to right
+    floor = tuple(tuple(float(v) for v in rng.uniform(0.25, 0.8, 3)) for _ in range(2))
+    return CaptionScene(
+        seed=seed,
+        objects=tuple(objects),
+        floor_rgb=floor,  # type: ignore[arg-type]
+        wall_rgb=tuple(float(v) for v in rng.uniform(0.3, 0.95, 3)),  # type: ignore[arg-type]
+        light=float(rng.uniform(0.45, 1.1)),
+        camera_height=float(rng.uniform(0.25, 0.45)),
+        camera_tilt_deg=float(rng.uniform(6, 18)),
+        camera_yaw_deg=float(rng.uniform(-6, 6)),
+    )
+
+
+def _geom(o: SceneObject, i: int) -> str:
+    k = 1.0 if o.size == "small" else 1.6
+    rgba = " ".join(f"{v:.3f}" for v in COLOURS[o.colour]) + " 1"
+    p = f"{o.x:.3f} {o.y:.3f}"
+    if o.shape == "box":
+        h = 0.09 * k
+        return (
+            f'<geom name="o{i}" type="box" pos="{p} {h:.3f}" size="{h:.3f} {h:.3f} {h:.3f}" '
+            f'rgba="{rgba}"/>'
+        )
+    if o.shape == "sphere":
+        r = 0.08 * k
+        return f'<geom name="o{i}" type="sphere" pos="{p} {r:.3f}" size="{r:.3f}" rgba="{rgba}"/>'
+    if o.shape == "cylinder":
+        r, h = 0.07 * k, 0.1 * k
+        return (
+            f'<geom name="o{i}" type="cylinder" pos="{p} {h:.3f}" size="{r:.3f} {h:.3f}" '
+            f'rgba="{rgba}"/>'
+        )
+    if o.shape == "bottle":
+        r, h = 0.035 * k, 0.09 * k
+        return (
+            f'<geom name="o{i}" type="cylinder" pos="{p} {h:.3f}" size="{r:.3f} {h:.3f}" '
+            f'rgba="{rgba}"/><geom name="o{i}n" type="cylinder" pos="{p} '
+            f'{2 * h + 0.03 * k:.3f}" size="{r * 0.45:.3f} {0.03 * k:.3f}" rgba="{rgba}"/>'
+        )
+    w, h, t = 0.13 * k, 0.08 * k, 0.01
+    x, y = o.x, o.y
+    walls = [
+        (x, y, t, w, w, t),
+        (x + w, y, h, t, w, h),
+        (x - w, y, h, t, w, h),
+        (x, y + w, h, w, t, h),
+        (x, y - w, h, w, t, h),
+    ]
+    return "".join(
+        f'<geom name="o{i}w{j}" type="box" pos="{a:.3f} {b:.3f} {c:.3f}" '
+        f'size="{sx:.3f} {sy:.3f} {sz:.3f}" rgba="{rgba}"/>'
+        for j, (a, b, c, sx, sy, sz) in enumerate(walls)
+    )
+
+
+def scene_xml(scene: CaptionScene, size: int) -> str:
+    f1, f2 = (" ".join(f"{v:.3f}" for v in c) for c in scene.floor_rgb)
+    wall = " ".join(f"{v:.3f}" for v in scene.wall_rgb)
+    tilt = math.radians(scene.camera_tilt_deg)
+    yaw = math.radians(scene.camera_yaw_deg)
+    # camera x-axis = right, y-axis = up (tilted), looking along +x rotated by yaw
+    right = (math.sin(yaw), -math.cos(yaw), 0.0)
+    up = (math.sin(tilt) * math.cos(yaw), math.sin(tilt) * math.sin(yaw), math.cos(tilt))
+    axes = " ".join(f"{v:.4f}" for v in (*right, *up))
+    lv = scene.light
+    geoms = "\n".join(_geom(o, i) for i, o in enumerate(scene.objects))
+    return f"""<mujoco model="caption_scene">
+  <visual><global offwidth="{max(size, 64)}" offheight="{max(size, 64)}"/>
+    <quality shadowsize="0" offsamples="0"/>
+    <headlight ambient="{0.3 * lv:.3f} {0.3 * lv:.3f} {0.3 * lv:.3f}"
+               diffuse="{0.25 * lv:.3f} {0.25 * lv:.3f} {0.25 * lv:.3f}" specular="0 0 0"/>
+  </visual>
+  <asset>
+    <texture name="ft" type="2d" builtin="checker" rgb1="{f1}" rgb2="{f2}" width="64"
+             height="64"/>
+    <material name="fm" texture="ft" texrepeat="10 10"/>
+  </asset>
+  <worldbody>
+    <light directional="true" dir="0.2 0.3 -1" castshadow="false"
+           diffuse="{0.6 * lv:.3f} {0.6 * lv:.3f} {0.6 * lv:.3f}"/>
+    <geom name="floor" type="plane" size="6 6 0.1" material="fm"/>
+    <geom name="wall" type="box" pos="3.4 0 0.8" size="0.05 4 0.8" rgba="{wall} 1"/>
+    {geoms}
+    <camera name="cam" pos="0 0 {scene.camera_height:.3f}" fovy="70" xyaxes="{axes}"/>
+  </worldbody>
+</mujoco>
+"""
+
+
+def _name(o: SceneObject) -> dict[str, str]:
+    return {
+        "c": o.colour,
+        "ac": article(o.colour),
+        "s": o.shape,
+        "size": o.size,
+        "where": WHERE[o.lateral],
+        "dist": DIST[o.depth],
+    }
+
+
+def captions(
+    scene: CaptionScene, rng: np.random.Generator, per_image: int, held_out: bool = False
+) -> list[str]:
+    """``per_image`` captions from the training templates (or the held-out ones)."""
+    families = EVAL_TEMPLATES if held_out else TRAIN_TEMPLATES
+    objs = scene.objects
+    out: list[str] = []
+    tries = 0
+    while len(out) < per_image and tries < 50:
+        tries += 1
+        kinds = ["single", "place"] + (["pair"] if len(objs) >= 2 else [])
+        if "count" in families:
+            kinds.append("count")
+        kind = str(rng.choice(kinds))
+        template = str(rng.choice(families[kind]))
+        if kind == "pair":
+            i, j = sorted(rng.choice(len(objs), size=2, replace=False))
+            a, b = objs[i], objs[j]  # a is left of b (objects are sorted left to right)
+            if a.lateral == b.lateral:
+                continue
+            text = template.format(
+                c1=a.colour,
+                ac1=article(a.colour),
+                s1=a.shape,
+                c2=b.colour,
+                ac2=article(b.colour),
+                s2=b.shape,
+            )
+        elif kind == "count":
+            text = template.format(
+                n=NUMBERS[len(objs)], objects="object" if len(objs) == 1 else "objects"
+            )
+        else:
+            text = template.format(**_name(objs[int(rng.integers(len(objs)))]))
+        if text not in out:
+            out.append(text)
+    return out
+
+
+def left_right_probe(scene: CaptionScene) -> tuple[str, str] | None:
+    """For scenes with two objects side by side: ("X left of Y", "X right of Y")."""
+    objs = [o for o in scene.objects]
+    for i in range(len(objs)):
+        for j in range(i + 1, len(objs)):
+            a, b = objs[i], objs[j]
+            if a.lateral != b.lateral and (a.colour, a.shape) != (b.colour, b.shape):
+                x, y = f"{article(a.colour)} {a.shape}", f"{article(b.colour)} {b.shape}"
+                true, false = f"{x} to the left of {y}", f"{x} to the right of {y}"
+                return true, false
+    return None
