@@ -6,9 +6,9 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -60,9 +60,3 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def atomic_write_with(path: str | Path, writer: Callable[[BinaryIO], None]) -> None:
-    """Atomically write ``path`` with a callable that receives an open binary file."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        writer(fh)

@@ -172,10 +172,6 @@ class PolicyController:
         self.last_chunk = self.policy.to_physical(self.policy.decode(out))[0]
         return self.last_chunk
 
-    def predict_chunk(self, image: np.ndarray, instruction: str) -> np.ndarray:
-        self.observe(image, instruction)
-        return self.chunk(instruction)
-
     def act(self, image: np.ndarray, instruction: str) -> np.ndarray:
         self.observe(image, instruction)
         chunk = self.chunk(instruction) if self.executor.needs_prediction() else None

@@ -109,11 +109,6 @@ class Scenario:
         return min(b.y - b.hy for b in self.boxes), max(b.y + b.hy for b in self.boxes)
 
     @property
-    def obstacle_center_y(self) -> float:
-        lo, hi = self.obstacle_y
-        return (lo + hi) / 2
-
-    @property
     def goal_center(self) -> tuple[float, float]:
         return self.target_x - sum(GOAL_BAND) / 2, self.target_y
 

@@ -21,7 +21,6 @@ them the same way: at the end of the text, before EOS.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -83,14 +82,6 @@ class Backbone(nn.Module):
     #: Parameter-name prefixes whose weights come from the pretrained source (hub or folder):
     #: frozen ones need not be saved with a run, as they are reloaded from there.
     pretrained_prefixes: tuple[str, ...] = ("model.",)
-
-    def describe(self) -> dict[str, Any]:
-        """What a run folder records about the backbone."""
-        return {
-            "name": self.name,
-            "hidden_size": self.hidden_size,
-            "image_size": list(self.image_size),
-        }
 
 
 def normalize_pixels(
