@@ -342,3 +342,48 @@ def test_sessions_expire_and_are_bounded(served_run: Path) -> None:
     assert engine.sessions == {} or list(engine.sessions) == []
     out = engine.step(obs[0])
     assert out["step"] == 1  # a fresh history
+
+
+def test_serve_cli_starts_answers_and_shuts_down_gracefully(served_run: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mobile_vla.cli",
+            "serve",
+            str(served_run),
+            "--port",
+            str(port),
+            "--api-key",
+            KEY,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        client = PredictClient(f"http://127.0.0.1:{port}", KEY, timeout=10)
+        deadline = time.time() + 60
+        while True:
+            try:
+                assert client.health()["model_loaded"] is True
+                break
+            except Exception:
+                assert time.time() < deadline and proc.poll() is None, "server did not start"
+                time.sleep(0.3)
+        assert len(client.predict(jpeg_224(frame()), "go left")["action"]) == 3
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn finishes in-flight work, then re-raises the signal for the parent to see
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        out = proc.stdout.read()
+        assert "Shutting down" in out and "Finished server process" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
