@@ -96,7 +96,10 @@ class DataConfig:
     frame_cache: bool = True
     """Decode and resize each frame once into a memory-mapped cache (else decode per sample)."""
     cache_dir: str = ""
-    """Frame cache folder; empty = ``<path>/.mobile_vla_cache``."""
+    """Frame and feature cache folder; empty = ``<path>/.mobile_vla_cache``."""
+    feature_cache: bool = True
+    """Train on cached frozen-prefix features when that is exact (frozen backbone, no image
+    augmentation); else the backbone runs live."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, prefix: str) -> None:

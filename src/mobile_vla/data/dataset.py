@@ -96,6 +96,11 @@ class EpisodeDataset(Dataset):
         return self.frames.window(ep, frame_idx)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.sample(i)
+
+    def sample(self, i: int, images: bool = True) -> dict[str, Any]:
+        """Sample ``i``; ``images=False`` leaves the frames out (a cached prefix replaces them;
+        only valid without image augmentation)."""
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         e, t = (int(v) for v in self.index[i])
@@ -103,7 +108,11 @@ class EpisodeDataset(Dataset):
         cfg = self.cfg
         frame_idx, obs_mask = window_indices(t, cfg.window_size)
         act_idx, act_mask = chunk_indices(t, cfg.fwd_pred_next_n, cfg.chunk_offset, ep.num_frames)
-        frames = self._window_frames(ep, frame_idx)
+        frames = (
+            self._window_frames(ep, frame_idx)
+            if images
+            else np.zeros((len(frame_idx), 1, 1, 3), np.uint8)
+        )
         actions = ep.actions[act_idx][:, self.action_idx]
         instruction = ep.instruction
         mirrored = False
@@ -121,7 +130,7 @@ class EpisodeDataset(Dataset):
         norm[~act_mask] = 0.0
         raw = np.asarray(actions, dtype=np.float32).copy()
         raw[~act_mask] = 0.0
-        return {
+        out = {
             "images": torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2))),
             "obs_mask": torch.from_numpy(obs_mask),
             "actions": torch.from_numpy(norm),
@@ -133,6 +142,9 @@ class EpisodeDataset(Dataset):
             "episode": e,
             "frame": t,
         }
+        if not images:
+            del out["images"]
+        return out
 
 
 def make_frame_source(cfg: DataConfig) -> FrameCache | DirectFrames:

@@ -126,6 +126,7 @@ def train(
     if resume is not None:
         _check_resume_data(run, bundle)
     policy, plan = build_policy(cfg, bundle.stats)
+    feature_cache = _use_feature_cache(cfg, policy, bundle, progress)
     module = PolicyModule(cfg, policy, plan)
     train_loader, val_loader = make_loaders(cfg, bundle)
     t = cfg.trainer
@@ -185,8 +186,31 @@ def train(
         result["wall_time_s"] = time.perf_counter() - start
         result["global_step"] = trainer.global_step
         result["epochs"] = trainer.current_epoch
+        result["feature_cache"] = feature_cache
         atomic_write_json(run / "train_stats.json", result)
     return run
+
+
+def _use_feature_cache(cfg: Config, policy: VLAPolicy, bundle: DataBundle, progress: bool) -> str:
+    """Swap the datasets for cached-prefix ones when that is exact; say which in the log."""
+    from mobile_vla.data.frame_cache import FrameCache
+    from mobile_vla.training.feature_cache import CachedPrefixDataset, PrefixCache, cache_applies
+
+    use, reason = cache_applies(cfg, policy)
+    if use and not isinstance(bundle.train.frames, FrameCache):
+        use, reason = False, "data.frame_cache is off"
+    if not use:
+        message = f"feature cache: live ({reason})"
+    else:
+        cache = PrefixCache(cfg, policy, bundle.train.frames)
+        cache.ensure(bundle.train.episodes + bundle.val.episodes, progress=progress)
+        bundle.train = CachedPrefixDataset(bundle.train, cache)  # type: ignore[assignment]
+        bundle.val = CachedPrefixDataset(bundle.val, cache)  # type: ignore[assignment]
+        message = f"feature cache: cached frozen prefix in {cache.root}"
+    log.info(message)
+    if progress:
+        print(message)
+    return message
 
 
 def _check_resume_data(run: Path, bundle: DataBundle) -> None:

@@ -89,6 +89,35 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), key_mask)
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
+    def prefix_kv(self, h: torch.Tensor) -> torch.Tensor:
+        """Keys and values (2, B, P, D) this layer computes from prefix states ``h``."""
+        n = self.norm1(h)
+        return torch.stack([self.attn.k_proj(n), self.attn.v_proj(n)])
+
+    def query_forward(
+        self, a: torch.Tensor, kv: torch.Tensor, prefix_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The rows of query tokens ``a`` (B, Q, D) given the prefix's keys and values
+        ``kv`` (2, B, P, D): the same result as :meth:`forward` on cat(prefix, a) for those
+        rows, when the prefix does not attend to the queries."""
+        b, q, d = a.shape
+        h = self.attn.heads
+        n = self.norm1(a)
+        keys = torch.cat([kv[0], self.attn.k_proj(n)], dim=1)
+        values = torch.cat([kv[1], self.attn.v_proj(n)], dim=1)
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, t.shape[1], h, d // h).transpose(1, 2)
+
+        mask = torch.cat([prefix_mask, torch.ones(b, q, dtype=torch.bool, device=a.device)], dim=1)[
+            :, None, None, :
+        ]
+        out = F.scaled_dot_product_attention(
+            split(self.attn.q_proj(n)), split(keys), split(values), attn_mask=mask
+        )
+        a = a + self.attn.o_proj(out.transpose(1, 2).reshape(b, q, d))
+        return a + self.fc2(F.gelu(self.fc1(self.norm2(a))))
+
 
 def run_blocks(
     blocks: nn.ModuleList, x: torch.Tensor, key_mask: torch.Tensor | None, use_checkpoint: bool
@@ -261,6 +290,39 @@ class BuiltinBackbone(Backbone):
         ones = torch.ones(n, img.shape[1], dtype=torch.bool, device=img.device)
         act_mask = torch.ones(n, act.shape[1], dtype=torch.bool, device=img.device)
         return self._fuse([img, txt, act], [ones, txt_mask, act_mask], act.shape[1])
+
+    def prefix(
+        self, pixels: torch.Tensor, texts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per frame, what the frozen prefix computes: the keys and values of the image and
+        text tokens at every fusion layer (N, L, 2, P, D) and their mask (N, P), text padded to
+        ``max_text_tokens``. Independent of the action tokens (they are read-out queries)."""
+        n = pixels.shape[0]
+        img = self._image_tokens(pixels)
+        txt, txt_mask = self.encode_text(texts)
+        pad = self.max_text_tokens - txt.shape[1]
+        txt = F.pad(txt, (0, 0, 0, pad))
+        txt_mask = F.pad(txt_mask, (0, pad), value=False)
+        x = torch.cat([img, txt], dim=1)
+        mask = torch.cat(
+            [torch.ones(n, img.shape[1], dtype=torch.bool, device=x.device), txt_mask], dim=1
+        )
+        p = x.shape[1]
+        allowed = mask[:, None, :] | torch.eye(p, dtype=torch.bool, device=x.device)
+        kvs = []
+        for block in self.fusion:
+            kvs.append(block.prefix_kv(x))
+            x = block(x, allowed)
+        return torch.stack(kvs, dim=1).permute(2, 1, 0, 3, 4).contiguous(), mask
+
+    def encode_from_prefix(
+        self, kv: torch.Tensor, mask: torch.Tensor, action_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Action-token hidden states (N, n_act, D) from cached prefix keys/values."""
+        a = self._action_tokens(action_embeds, kv.shape[0])
+        for i, block in enumerate(self.fusion):
+            a = block.query_forward(a, kv[:, i].transpose(0, 1), mask)
+        return self.fusion_norm(a)
 
     def encode_pre(
         self,

@@ -1,0 +1,134 @@
+"""The frozen-prefix feature cache: exact features, invalidation, corruption, training."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobile_vla.config import load_config
+from mobile_vla.data.dataset import build_datasets
+from mobile_vla.training.feature_cache import PrefixCache, cache_applies
+from mobile_vla.training.run import build_policy, train
+
+from .conftest import tiny_overrides
+
+
+def setup(data: Path, tmp: Path, *extra: str):
+    cfg = load_config(None, [*tiny_overrides(data, tmp), *extra])
+    bundle = build_datasets(cfg)
+    policy, _ = build_policy(cfg, bundle.stats)
+    return cfg, bundle, policy
+
+
+def test_cached_prefix_is_bit_identical_and_gives_the_live_context(train_data, tmp_path) -> None:
+    cfg, bundle, policy = setup(train_data, tmp_path)
+    cache = PrefixCache(cfg, policy, bundle.train.frames)
+    ep = bundle.train.episodes[0]
+    kv, mask = cache.get(ep)
+    bb = policy.backbone
+    bb.eval()
+    frames = torch.from_numpy(
+        np.ascontiguousarray(bundle.train.frames.frames(ep).transpose(0, 3, 1, 2))
+    )
+    with torch.no_grad():
+        live_kv, live_mask = bb.prefix(bb.preprocess(frames), [ep.instruction] * len(frames))
+        assert np.array_equal(kv, live_kv.numpy()) and np.array_equal(mask, live_mask[0].numpy())
+        live = bb.encode_post(
+            bb.preprocess(frames), [ep.instruction] * len(frames), policy.action_token
+        )
+        cached = bb.encode_from_prefix(
+            torch.from_numpy(np.asarray(kv)),
+            torch.from_numpy(mask)[None].expand(len(frames), -1),
+            policy.action_token,
+        )
+    torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_is_invalidated_by_weights_preprocessing_and_data(train_data, tmp_path) -> None:
+    cfg, bundle, policy = setup(train_data, tmp_path)
+    base = PrefixCache(cfg, policy, bundle.train.frames)
+    weight = policy.backbone.fusion[0].fc1.weight
+    original = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] = original + 1.0
+    assert PrefixCache(cfg, policy, bundle.train.frames).root != base.root
+    with torch.no_grad():
+        weight[0, 0] = original
+    assert PrefixCache(cfg, policy, bundle.train.frames).root == base.root
+    other = load_config(
+        None, [*tiny_overrides(train_data, tmp_path), "backbone.prompt='Robot: {instruction}'"]
+    )
+    assert PrefixCache(other, policy, bundle.train.frames).root != base.root
+    ep = bundle.train.episodes[0]
+    kv_path, _ = base._paths(ep)
+    # different content in the episode file -> a different entry
+    from mobile_vla.data.hdf5 import read_episode_info, write_episode
+
+    copy = tmp_path / ep.path.name
+    copy.write_bytes(ep.path.read_bytes())
+    info = read_episode_info(copy)
+    assert base._paths(info)[0] == kv_path  # same bytes, same entry
+    write_episode(
+        copy, 255 - np.asarray(bundle.train.frames.frames(ep)), info.actions, info.instruction
+    )
+    assert base._paths(read_episode_info(copy))[0] != kv_path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "wrong_shape"])
+def test_corrupt_cache_entry_is_reported_and_rebuilt(damage, train_data, tmp_path, caplog) -> None:
+    cfg, bundle, policy = setup(train_data, tmp_path)
+    ep = bundle.train.episodes[1]
+    good = np.array(PrefixCache(cfg, policy, bundle.train.frames).get(ep)[0])
+    cache = PrefixCache(cfg, policy, bundle.train.frames)
+    kv_path, _ = cache._paths(ep)
+    if damage == "truncate":
+        kv_path.write_bytes(kv_path.read_bytes()[:1000])
+    else:
+        np.save(kv_path, np.zeros((2, 3), np.float32))
+    with caplog.at_level(logging.WARNING):
+        again = np.array(cache.get(ep)[0])
+    np.testing.assert_array_equal(again, good)
+    assert len(cache.rebuilt) == 1 and "rebuilding" in caplog.text
+
+
+def test_cache_applies_only_when_exact(train_data, tmp_path) -> None:
+    for extra, reason in [
+        ([], None),
+        (["train_setup.strategy=lora"], "part of the backbone trains"),
+        (["train_setup.strategy=gradual"], "gradual"),
+        (["data.augment.mirror_prob=0.5"], "augmentation"),
+        (["backbone.history=pre"], "pre"),
+        (["data.feature_cache=false"], "off"),
+    ]:
+        cfg = load_config(None, [*tiny_overrides(train_data, tmp_path), *extra])
+        from mobile_vla.data.normalization import ActionStats
+
+        stats = ActionStats.from_arrays(["linear_x", "linear_y"], [np.zeros((2, 2))])
+        policy, _ = build_policy(cfg, stats)
+        use, why = cache_applies(cfg, policy)
+        assert use == (reason is None) and (reason is None or reason in why), (extra, why)
+
+
+def test_training_on_the_cache_matches_live_training(train_data, tmp_path) -> None:
+    losses = {}
+    for flag in ("true", "false"):
+        cfg = load_config(
+            None,
+            [
+                *tiny_overrides(train_data, tmp_path),
+                f"data.feature_cache={flag}",
+                f"trainer.run_name=fc{flag}",
+                "trainer.max_epochs=1",
+            ],
+        )
+        run = train(cfg, progress=False)
+        stats = json.loads((run / "train_stats.json").read_text())
+        assert ("cached" in stats["feature_cache"]) == (flag == "true")
+        rows = [r.split(",") for r in (run / "logs/csv/metrics.csv").read_text().splitlines()]
+        losses[flag] = float([r for r in rows[1:] if r[-1]][-1][-1])
+    assert losses["true"] == pytest.approx(losses["false"], rel=0.01)
