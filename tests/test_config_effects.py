@@ -154,7 +154,7 @@ SPECIAL = {
     "train_setup.gradual_every_steps",  # below
     # layers run again in backward: test_policy.py::test_gradient_checkpointing_recomputes_layers
     "train_setup.gradient_checkpointing",
-    # cached vs live training: test_feature_cache.py::test_training_on_the_cache_matches_live_training
+    # cached vs live: test_feature_cache.py::test_training_on_the_cache_matches_live_training
     "data.feature_cache",
     # two processes, gloo: test_training.py::test_two_process_ddp_on_cpu
     "trainer.devices",
