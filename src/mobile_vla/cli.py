@@ -101,7 +101,10 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         if args.config is None:
             raise MobileVLAError("train needs a CONFIG file (or --resume RUN)")
         out = train(load_config(args.config, overrides), progress=not args.quiet)
-    print(f"run folder: {out}")
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # under DDP every process returns here
+        print(f"run folder: {out}")
     return 0
 
 

@@ -94,7 +94,10 @@ class StreamClient:
         from websockets.sync.client import connect
 
         headers = {"X-API-Key": api_key} if api_key else None
-        self.ws = connect(url, additional_headers=headers, open_timeout=timeout, max_size=2**24)
+        self._connection = connect(
+            url, additional_headers=headers, open_timeout=timeout, max_size=2**24
+        )
+        self.ws = self._connection.__enter__()
         self.metadata = unpackb(self.ws.recv(timeout))
 
     def infer(self, image: np.ndarray, instruction: str, **extra: Any) -> dict[str, Any]:
@@ -106,7 +109,7 @@ class StreamClient:
         return unpackb(self.ws.recv())
 
     def close(self) -> None:
-        self.ws.close()
+        self._connection.__exit__(None, None, None)
 
     def __enter__(self) -> StreamClient:
         return self

@@ -175,7 +175,7 @@ def train(
         bundle.split.save(run / "split.json")
     atomic_write_json(run / "params.json", plan.to_json())
     log.info("run folder: %s\n%s", run, format_table(plan.table))
-    if progress:
+    if progress and trainer.is_global_zero:
         print(
             f"run folder: {run}\nstrategy {cfg.train_setup.strategy}:\n{format_table(plan.table)}"
         )
