@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python bench/bench_data_sim.py
 	$(BIN)/python bench/bench_strategies.py
 	$(BIN)/python bench/bench_serving.py
+	$(BIN)/python bench/bench_feature_cache.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
