@@ -322,6 +322,23 @@ def cmd_pretrain_data(args: argparse.Namespace, overrides: Sequence[str]) -> int
     return 0
 
 
+def add_chunk_arguments(p: argparse.ArgumentParser) -> None:
+    """How a predicted action chunk is executed (closed loop and serving)."""
+    p.add_argument(
+        "--chunk",
+        choices=["first", "first_k", "ensemble"],
+        default="first",
+        help="execute the first action, the first k, or temporally ensemble chunks",
+    )
+    p.add_argument("--chunk-k", type=int, default=1, help="actions executed per chunk (first_k)")
+    p.add_argument(
+        "--ensemble-decay",
+        type=float,
+        default=0.1,
+        help="temporal ensembling weight exp(-m * i), i = 0 for the oldest chunk",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mobile-vla",
@@ -379,19 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="closed-loop episodes in the simulator (0 = offline metrics only)",
     )
-    p.add_argument(
-        "--chunk",
-        choices=["first", "first_k", "ensemble"],
-        default="first",
-        help="how the action chunk is used in closed loop",
-    )
-    p.add_argument("--chunk-k", type=int, default=1, help="actions executed per chunk (first_k)")
-    p.add_argument(
-        "--ensemble-decay",
-        type=float,
-        default=0.1,
-        help="temporal ensembling weight exp(-m * i), i = 0 for the oldest chunk",
-    )
+    add_chunk_arguments(p)
     p.add_argument("--videos", type=int, default=2, help="rollout GIFs to save")
     p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -428,9 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require this X-API-Key")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--chunk", choices=["first", "first_k", "ensemble"], default="first")
-    p.add_argument("--chunk-k", type=int, default=1)
-    p.add_argument("--ensemble-decay", type=float, default=0.1)
+    add_chunk_arguments(p)
     p.add_argument("--session-ttl", type=float, default=300.0, help="idle seconds per session")
     p.add_argument("--max-body", type=int, default=8 * 1024 * 1024, help="request size limit")
     p.add_argument(
