@@ -118,6 +118,36 @@ class HFBackbone(Backbone):
     def _token_ids(self) -> None:
         raise NotImplementedError
 
+    def _rows(self, texts: Sequence[str], frames: list[list[bool]], n_act: int) -> list:
+        """One :func:`~mobile_vla.models.backbones.sequence.pack` row per text, with one image
+        span per entry of ``frames`` (False: a padded history frame, masked)."""
+        raise NotImplementedError
+
+    def _run(
+        self, rows: list, image_features: torch.Tensor, action_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """The language model over the packed rows -> action-token states (N, n_act, D)."""
+        raise NotImplementedError
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=pixels).pooler_output
+
+    def encode_post(
+        self, pixels: torch.Tensor, texts: Sequence[str], action_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        rows = self._rows(texts, [[True]] * len(texts), action_embeds.shape[0])
+        return self._run(rows, self.image_features(pixels), action_embeds)
+
+    def encode_pre(
+        self,
+        pixels: torch.Tensor,
+        texts: Sequence[str],
+        action_embeds: torch.Tensor,
+        obs_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        rows = self._rows(texts, obs_mask.bool().tolist(), action_embeds.shape[0])
+        return self._run(rows, self.image_features(pixels.flatten(0, 1)), action_embeds)
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         set_hf_checkpointing(self.model, enabled)
 

@@ -75,14 +75,6 @@ class Kosmos2Backbone(HFBackbone):
         positions = self.model.config.text_config.max_position_embeddings
         return max(1, (positions - 64) // (self.num_image_tokens + 2))
 
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values=pixels).pooler_output
-
-    def _text_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return [
-            self.tokenizer(self.prompt(t), add_special_tokens=False)["input_ids"] for t in texts
-        ]
-
     def _run(
         self, rows: list, image_features: torch.Tensor, action_embeds: torch.Tensor
     ) -> torch.Tensor:
@@ -98,42 +90,17 @@ class Kosmos2Backbone(HFBackbone):
         ).last_hidden_state
         return gather_actions(hidden, packed, action_embeds.shape[0])
 
-    def encode_post(
-        self, pixels: torch.Tensor, texts: Sequence[str], action_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        feats = self.image_features(pixels)
-        n_act = action_embeds.shape[0]
-        rows = [
-            [
-                ("ids", [self.bos, self.boi]),
-                ("image", self.num_image_tokens, True),
-                ("ids", [self.eoi, *ids]),
-                ("action", n_act),
-                ("ids", [self.eos]),
-            ]
-            for ids in self._text_ids(texts)
-        ]
-        return self._run(rows, feats, action_embeds)
-
-    def encode_pre(
-        self,
-        pixels: torch.Tensor,
-        texts: Sequence[str],
-        action_embeds: torch.Tensor,
-        obs_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        w = pixels.shape[1]
-        feats = self.image_features(pixels.flatten(0, 1))
-        n_act = action_embeds.shape[0]
+    def _rows(self, texts: Sequence[str], frames: list[list[bool]], n_act: int) -> list:
         rows = []
-        for i, ids in enumerate(self._text_ids(texts)):
+        for t, valid in zip(texts, frames, strict=True):
+            ids = self.tokenizer(self.prompt(t), add_special_tokens=False)["input_ids"]
             row: list = [("ids", [self.bos])]
-            for j in range(w):
+            for v in valid:
                 row += [
                     ("ids", [self.boi]),
-                    ("image", self.num_image_tokens, bool(obs_mask[i, j])),
+                    ("image", self.num_image_tokens, v),
                     ("ids", [self.eoi]),
                 ]
             row += [("ids", ids), ("action", n_act), ("ids", [self.eos])]
             rows.append(row)
-        return self._run(rows, feats, action_embeds)
+        return rows

@@ -92,21 +92,3 @@ class PaliGemmaBackbone(HFBackbone):
             ]
             rows.append(row)
         return rows
-
-    def encode_post(
-        self, pixels: torch.Tensor, texts: Sequence[str], action_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        feats = self.model.get_image_features(pixel_values=pixels).pooler_output
-        rows = self._rows(texts, [[True]] * len(texts), action_embeds.shape[0])
-        return self._run(rows, feats, action_embeds)
-
-    def encode_pre(
-        self,
-        pixels: torch.Tensor,
-        texts: Sequence[str],
-        action_embeds: torch.Tensor,
-        obs_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        feats = self.model.get_image_features(pixel_values=pixels.flatten(0, 1)).pooler_output
-        rows = self._rows(texts, obs_mask.bool().tolist(), action_embeds.shape[0])
-        return self._run(rows, feats, action_embeds)
