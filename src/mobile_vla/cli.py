@@ -110,10 +110,16 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.evaluation.offline import evaluate_run
+    from mobile_vla.training.run import load_policy
 
     refuse_overrides(overrides, "eval")
+    loaded = load_policy(args.run, args.checkpoint)  # once, for both evaluations
     m = evaluate_run(
-        args.run, which=args.checkpoint, batch_size=args.batch_size, progress=not args.quiet
+        args.run,
+        which=args.checkpoint,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+        loaded=loaded,
     )
     print(format_offline(m))
     if args.episodes > 0:
@@ -129,6 +135,7 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             args.videos,
             args.checkpoint,
             progress=not args.quiet,
+            loaded=loaded,
         )
         print(format_closed_loop(c))
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +143,7 @@ def compare_runs(
 ) -> dict[str, Any]:
     from mobile_vla.data.dataset import EpisodeDataset, make_frame_source
     from mobile_vla.data.episodes import load_episodes
-    from mobile_vla.training.run import load_policy
+    from mobile_vla.training.run import load_policy, validation_episodes
 
     policy_a, cfg_a = load_policy(run_a)
     policy_b, cfg_b = load_policy(run_b)
@@ -158,12 +157,7 @@ def compare_runs(
         data_cfg.path = str(data)
         episodes = load_episodes(data_cfg)
     else:
-        split = json.loads((Path(run_a) / "split.json").read_text())
-        by_name = {e.path.name: e for e in load_episodes(cfg_a.data)}
-        missing = [n for n in split["val"] if n not in by_name]
-        if missing:
-            raise MobileVLAError(f"validation episodes of '{run_a}' are missing: {missing[:3]}")
-        episodes = [by_name[n] for n in split["val"]]
+        episodes = validation_episodes(run_a, cfg_a)
     reps = {}
     for name, policy, cfg in (("A", policy_a, cfg_a), ("B", policy_b, cfg_b)):
         # the same windows for both; each model sees them at its own window size / resolution

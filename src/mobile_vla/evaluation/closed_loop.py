@@ -342,18 +342,18 @@ def evaluate_run_closed_loop(
     videos: int = 2,
     which: str = "best",
     progress: bool = True,
+    loaded: tuple[Any, Config] | None = None,
 ) -> dict[str, Any]:
     """Closed-loop metrics of a run folder; writes ``metrics.json["closed_loop"]``, rollout
-    GIFs and one top-down trajectory plot per side under ``RUN/eval/``."""
-    import json
+    GIFs and one top-down trajectory plot per side under ``RUN/eval/``. ``loaded`` is the
+    run's (policy, config) when the caller has already loaded them."""
     from pathlib import Path
 
     from mobile_vla.evaluation.plots import rollout_gif, trajectory_plot
-    from mobile_vla.io import atomic_write_json
     from mobile_vla.sim.scenario import make_scenario
-    from mobile_vla.training.run import load_policy
+    from mobile_vla.training.run import load_policy, update_metrics
 
-    policy, cfg = load_policy(run, which)
+    policy, cfg = loaded if loaded is not None else load_policy(run, which)
     run = Path(run)
     seed = cfg.seed if seed is None else seed
     controller = PolicyController(policy, cfg, chunk_mode, k, decay)
@@ -383,9 +383,5 @@ def evaluate_run_closed_loop(
             "episodes_detail": [r.to_json() for r in results],
         }
     )
-    metrics = (
-        json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
-    )
-    metrics["closed_loop"] = summary
-    atomic_write_json(run / "metrics.json", metrics)
+    update_metrics(run, "closed_loop", summary)
     return summary

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -118,25 +117,19 @@ def evaluate_offline(
 
 
 def evaluate_run(
-    run: str | Path, which: str = "best", batch_size: int = 16, progress: bool = True
+    run: str | Path,
+    which: str = "best",
+    batch_size: int = 16,
+    progress: bool = True,
+    loaded: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """Offline metrics of a run on its own validation episodes; writes ``metrics.json``."""
+    """Offline metrics of a run on its own validation episodes; writes ``metrics.json``.
+    ``loaded`` is the run's (policy, config) when the caller has already loaded them."""
     from mobile_vla.data.dataset import EpisodeDataset, make_frame_source
-    from mobile_vla.data.episodes import load_episodes
-    from mobile_vla.errors import DataError
-    from mobile_vla.io import atomic_write_json
-    from mobile_vla.training.run import load_policy
+    from mobile_vla.training.run import load_policy, update_metrics, validation_episodes
 
-    policy, cfg = load_policy(run, which)
-    run = Path(run)
-    split = json.loads((run / "split.json").read_text())
-    episodes = {e.path.name: e for e in load_episodes(cfg.data)}
-    missing = [n for n in split["val"] if n not in episodes]
-    if missing:
-        raise DataError(
-            f"validation episodes of run '{run}' are missing from '{cfg.data.path}': {missing[:5]}"
-        )
-    val = [episodes[n] for n in split["val"]]
+    policy, cfg = loaded if loaded is not None else load_policy(run, which)
+    val = validation_episodes(run, cfg)
     dataset = EpisodeDataset(
         val, cfg.data, policy.normalizer, False, cfg.seed, make_frame_source(cfg.data)
     )
@@ -150,9 +143,5 @@ def evaluate_run(
             "run": str(run),
         }
     )
-    previous = {}
-    if (run / "metrics.json").is_file():
-        previous = json.loads((run / "metrics.json").read_text())
-    previous["offline"] = metrics
-    atomic_write_json(run / "metrics.json", previous)
+    update_metrics(run, "offline", metrics)
     return metrics

@@ -277,6 +277,29 @@ def check_run(run: str | Path) -> Path:
     return run
 
 
+def validation_episodes(run: str | Path, cfg: Config) -> list[Any]:
+    """The run's validation episodes (``split.json``), read from ``cfg.data``'s folder."""
+    from mobile_vla.data.episodes import load_episodes
+    from mobile_vla.errors import DataError
+
+    split = json.loads((Path(run) / "split.json").read_text())
+    by_name = {e.path.name: e for e in load_episodes(cfg.data)}
+    missing = [n for n in split["val"] if n not in by_name]
+    if missing:
+        raise DataError(
+            f"validation episodes of run '{run}' are missing from '{cfg.data.path}': {missing[:5]}"
+        )
+    return [by_name[n] for n in split["val"]]
+
+
+def update_metrics(run: str | Path, key: str, value: dict[str, Any]) -> None:
+    """Set ``metrics.json[key]`` of a run, keeping what other evaluations wrote there."""
+    path = Path(run) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics[key] = value
+    atomic_write_json(path, metrics)
+
+
 def load_policy(
     run: str | Path, which: str = "best", overrides: list[str] | None = None
 ) -> tuple[VLAPolicy, Config]:
