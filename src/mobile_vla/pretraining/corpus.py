@@ -5,8 +5,9 @@ A corpus is a folder::
     manifest.json     format, version, counts, image size, seed, the command that made it
     images.npy        uint8 (N, S, S, 3), memory-mappable
     captions.jsonl    one line per image: id, scene seed, split (train / val), captions from
-                      the training templates, captions from the held-out templates, objects,
-                      and the left/right probe pair when the scene has one
+                      the training templates and their facts (what each claims, checkable
+                      against any scene), captions from the held-out templates and their
+                      facts, objects, and the left/right probe pair when the scene has one
 
 Validation scenes are held out by image (``val_fraction``) and, for evaluation, phrased with
 templates never used in training. Image ``i`` is a pure function of (seed, i).
@@ -27,7 +28,7 @@ from mobile_vla.errors import DataError, MobileVLAError
 from mobile_vla.io import atomic_path, atomic_write_json, atomic_write_text
 
 FORMAT = "mobile-vla-caption-corpus"
-VERSION = 1
+VERSION = 2
 FILES = ("manifest.json", "images.npy", "captions.jsonl")
 
 
@@ -66,12 +67,16 @@ def _render_chunk(args: tuple[list[int], int, int, int, float]) -> list[tuple[in
             image = renderer.render().copy()
         rng = np.random.default_rng([s, 1])
         split = "val" if rng.random() < val_fraction else "train"
+        texts, facts = captions(scene, rng, per_image)
+        eval_texts, eval_facts = captions(scene, rng, 2, held_out=True)
         record = {
             "id": i,
             "scene_seed": s,
             "split": split,
-            "captions": captions(scene, rng, per_image),
-            "eval_captions": captions(scene, rng, 2, held_out=True),
+            "captions": texts,
+            "facts": facts,
+            "eval_captions": eval_texts,
+            "eval_facts": eval_facts,
             "objects": [asdict(o) for o in scene.objects],
             "probe": left_right_probe(scene),
         }

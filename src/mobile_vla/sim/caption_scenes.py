@@ -14,7 +14,9 @@ for evaluation (``EVAL_TEMPLATES``), so retrieval is measured on phrasings never
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -208,13 +210,18 @@ def _name(o: SceneObject) -> dict[str, str]:
     }
 
 
+LATERAL_RANK = {"left": 0, "centre": 1, "right": 2}
+
+
 def captions(
     scene: CaptionScene, rng: np.random.Generator, per_image: int, held_out: bool = False
-) -> list[str]:
-    """``per_image`` captions from the training templates (or the held-out ones)."""
+) -> tuple[list[str], list[dict]]:
+    """``per_image`` captions from the training templates (or the held-out ones), each with
+    its *fact*: what it claims, in a form :func:`fact_holds` checks against any scene."""
     families = EVAL_TEMPLATES if held_out else TRAIN_TEMPLATES
     objs = scene.objects
     out: list[str] = []
+    facts: list[dict] = []
     tries = 0
     while len(out) < per_image and tries < 50:
         tries += 1
@@ -236,15 +243,102 @@ def captions(
                 ac2=article(b.colour),
                 s2=b.shape,
             )
+            fact: dict = {"k": "pair", "l": [a.colour, a.shape], "r": [b.colour, b.shape]}
         elif kind == "count":
             text = template.format(
                 n=NUMBERS[len(objs)], objects="object" if len(objs) == 1 else "objects"
             )
+            fact = {"k": "count", "n": len(objs)}
         else:
-            text = template.format(**_name(objs[int(rng.integers(len(objs)))]))
+            o = objs[int(rng.integers(len(objs)))]
+            text = template.format(**_name(o))
+            fact = {"k": kind, "c": o.colour, "s": o.shape}
+            if kind == "single" and "{size}" in template:
+                fact["z"] = o.size
+            if kind == "place":
+                fact.update(lat=o.lateral, dep=o.depth)
         if text not in out:
             out.append(text)
-    return out
+            facts.append(fact)
+    return out, facts
+
+
+def fact_holds(fact: dict, objects: Sequence[SceneObject | dict]) -> bool:
+    """Whether a caption's fact is true of a scene (its objects, as dataclasses or dicts)."""
+    objs = [o if isinstance(o, dict) else asdict(o) for o in objects]
+    kind = fact["k"]
+    if kind == "count":
+        return len(objs) == fact["n"]
+    if kind == "pair":
+        left = [o for o in objs if [o["colour"], o["shape"]] == list(fact["l"])]
+        right = [o for o in objs if [o["colour"], o["shape"]] == list(fact["r"])]
+        return any(
+            LATERAL_RANK[a["lateral"]] < LATERAL_RANK[b["lateral"]] for a in left for b in right
+        )
+    return any(
+        o["colour"] == fact["c"]
+        and o["shape"] == fact["s"]
+        and ("z" not in fact or o["size"] == fact["z"])
+        and ("lat" not in fact or o["lateral"] == fact["lat"])
+        and ("dep" not in fact or o["depth"] == fact["dep"])
+        for o in objs
+    )
+
+
+_SWAP = {"left": "right", "right": "left"}
+
+
+def perturb(text: str, fact: dict, rng: np.random.Generator) -> tuple[str, dict] | None:
+    """A minimally different caption and its fact: left and right swapped, or one colour,
+    shape or count replaced (articles kept grammatical, so only the meaning changes). None
+    when the caption has nothing to perturb."""
+    kind = fact["k"]
+    options = []
+    if kind == "pair" or (kind == "place" and fact["lat"] != "centre"):
+        options += ["side", "side"]  # the relation the navigation task needs: weighted up
+    if kind == "count":
+        options.append("count")
+    else:
+        options += ["colour", "shape"]
+    if not options:
+        return None
+    choice = str(rng.choice(options))
+    new = dict(fact)
+    if choice == "side":
+        out = re.sub(r"\b(left|right)\b", lambda m: _SWAP[m.group(1)], text)
+        if kind == "pair":
+            new["l"], new["r"] = fact["r"], fact["l"]
+        else:
+            new["lat"] = _SWAP[fact["lat"]]
+        return out, new
+    if choice == "count":
+        n = int(rng.choice([k for k in NUMBERS if k != fact["n"]]))
+        out = re.sub(r"\b(one|two|three|four)\b", NUMBERS[n], text)
+        out = re.sub(r"\bobjects?\b", "object" if n == 1 else "objects", out)
+        new["n"] = n
+        return out, new
+    slots = (
+        [("l", fact["l"]), ("r", fact["r"])] if kind == "pair" else [("", [fact["c"], fact["s"]])]
+    )
+    colour, shape = slots[int(rng.integers(len(slots)))][1]
+    if choice == "colour":
+        other = str(rng.choice([c for c in COLOURS if c != colour]))
+        out = re.sub(rf"\b(a|an) {colour}\b", f"{article(other)}", text)
+        out = re.sub(rf"\b{colour}\b", other, out)
+        replaced = [other, shape]
+        for key in ("l", "r") if kind == "pair" else ():
+            if fact[key][0] == colour:
+                new[key] = [other, fact[key][1]]
+    else:
+        other = str(rng.choice([s for s in SHAPES if s != shape]))
+        out = re.sub(rf"\b{shape}\b", other, text)
+        replaced = [colour, other]
+        for key in ("l", "r") if kind == "pair" else ():
+            if fact[key][1] == shape:
+                new[key] = [fact[key][0], other]
+    if kind != "pair":
+        new["c"], new["s"] = replaced
+    return out, new
 
 
 def left_right_probe(scene: CaptionScene) -> tuple[str, str] | None:
