@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from mobile_vla.config import SimConfig
+from mobile_vla.config import BuiltinConfig, SimConfig
 
 REAL_NAME = "episode_20251106_141502_1box_left_core_medium.h5"
 
@@ -126,7 +126,34 @@ TINY_BUILTIN = [
     "backbone.builtin.fusion_width=32",
     "backbone.builtin.fusion_layers=3",
     "backbone.builtin.fusion_heads=2",
+    "backbone.pretrained=false",  # the shipped weights are for the default geometry
 ]
+
+
+def tiny_builtin_config() -> BuiltinConfig:
+    from mobile_vla.config import load_config
+
+    return load_config(None, TINY_BUILTIN).backbone.builtin
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two exported weight files (model cards included) for the tiny builtin geometry, from
+    two random initialisations of the pretraining model."""
+    import torch
+
+    from mobile_vla.pretraining.model import PretrainModel
+    from mobile_vla.pretraining.weights import export_weights
+
+    root = tmp_path_factory.mktemp("weights")
+    out = {}
+    for i, name in enumerate(("tinyweights", "tinyweights2")):
+        torch.manual_seed(100 + i)
+        model = PretrainModel(tiny_builtin_config(), 0.07)
+        out[name] = export_weights(
+            model.backbone_state(), tiny_builtin_config(), root / f"w{i}.safetensors", {}
+        )
+    return out
 
 
 def tiny_overrides(

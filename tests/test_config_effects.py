@@ -121,6 +121,8 @@ DATA: dict[str, tuple[str, str]] = {
     "data.chunk_offset": ("", "data.chunk_offset=1"),
     "data.image_size": ("", "data.image_size=[16,16]"),
     "data.val_fraction": ("", "data.val_fraction=0.5"),
+    "data.split_seed": ("", "data.split_seed=7"),
+    "data.train_episodes": ("", "data.train_episodes=4"),
     "data.normalization": ("", "data.normalization=meanstd"),
     "data.frame_cache": ("", "data.frame_cache=false"),
     "data.augment.color_jitter": ("", "data.augment.color_jitter=0.4"),
@@ -299,6 +301,14 @@ MODEL: dict[str, tuple[list[str], list[str]]] = {
     "backbone.builtin.fusion_heads": ([], ["backbone.builtin.fusion_heads=4"]),
     "backbone.builtin.text_encoder": ([], ["backbone.builtin.text_encoder=/nonexistent/enc"]),
     "backbone.builtin.max_text_tokens": ([], ["backbone.builtin.max_text_tokens=4"]),
+    "backbone.pretrained": (
+        ["backbone.builtin.weights={tinyweights}"],
+        ["backbone.builtin.weights={tinyweights}", "backbone.pretrained=true"],
+    ),
+    "backbone.builtin.weights": (
+        ["backbone.pretrained=true", "backbone.builtin.weights={tinyweights}"],
+        ["backbone.pretrained=true", "backbone.builtin.weights={tinyweights2}"],
+    ),
     "head.type": ([], ["head.type=gpt"]),
     "head.hidden_size": ([], ["head.hidden_size=16"]),
     "head.num_layers": ([], ["head.num_layers=2"]),
@@ -396,9 +406,13 @@ TRAINER: dict[str, tuple[list[str], list[str]]] = {
 
 @pytest.mark.parametrize("key", sorted(MODEL))
 def test_model_key_has_effect(
-    key: str, train_data: Path, tiny_vlms: dict[str, Path], tmp_path: Path
+    key: str,
+    train_data: Path,
+    tiny_vlms: dict[str, Path],
+    tiny_weights: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
-    a, b = (fmt(v, {**tiny_vlms, "tmp": tmp_path}) for v in MODEL[key])
+    a, b = (fmt(v, {**tiny_vlms, **tiny_weights, "tmp": tmp_path}) for v in MODEL[key])
     assert model_observable(a, train_data, tmp_path) != model_observable(b, train_data, tmp_path)
 
 

@@ -80,17 +80,18 @@ class VLAPolicy(nn.Module):
 
     # -- training ---------------------------------------------------------------------------
     def cached_window_features(
-        self, prefix_kv: torch.Tensor, prefix_mask: torch.Tensor
+        self, prefix_kv: torch.Tensor, prefix_mask: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
-        """Context vectors (B, W, F) from cached prefix keys/values (B, W, L, 2, P, D)."""
-        b, w = prefix_kv.shape[:2]
-        mask = prefix_mask[:, None].expand(b, w, -1).reshape(b * w, -1)
-        ctx = self.backbone.encode_from_prefix(prefix_kv.flatten(0, 1), mask, self.action_token)
-        return ctx.flatten(1).view(b, w, -1)
+        """Context vectors (B, W, F) from the cached prefix keys/values (U, L, 2, P, D) and
+        masks (U, P) of a batch's distinct frames; ``index`` (B, W) picks each window's."""
+        ctx = self.backbone.encode_from_prefix(prefix_kv, prefix_mask, self.action_token)
+        return ctx.flatten(1)[index]
 
     def forward(self, batch: dict[str, Any]) -> HeadOutput:
         if "prefix_kv" in batch:  # the frozen-prefix feature cache
-            feats = self.cached_window_features(batch["prefix_kv"], batch["prefix_mask"])
+            feats = self.cached_window_features(
+                batch["prefix_kv"], batch["prefix_mask"], batch["prefix_index"]
+            )
             return self.head_forward(feats, batch["obs_mask"])
         feats, mask = self.window_features(batch["images"], batch["instruction"], batch["obs_mask"])
         return self.head_forward(feats, mask)

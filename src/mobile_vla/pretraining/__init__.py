@@ -1,2 +1,2 @@
-"""Vision-language pretraining of the built-in backbone: the caption corpus (and, next, the
-contrastive training and its evaluation)."""
+"""Vision-language pretraining of the built-in backbone: the caption corpus, the contrastive +
+matching training, its held-out evaluation, and the shipped weights."""

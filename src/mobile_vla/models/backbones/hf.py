@@ -26,10 +26,15 @@ def quiet_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_pretrained(cls: Any, source: str) -> Any:
-    """``cls.from_pretrained(source)`` in train mode (``from_pretrained`` returns eval mode)."""
+def load_pretrained(cls: Any, source: str, pretrained: bool = True) -> Any:
+    """``cls.from_pretrained(source)`` in train mode (``from_pretrained`` returns eval mode);
+    with ``pretrained=False`` the same architecture from its config, randomly initialised."""
     quiet_loading()
     try:
+        if not pretrained:
+            from transformers import AutoConfig
+
+            return cls._from_config(AutoConfig.from_pretrained(source)).train()
         model = cls.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ConfigError(
@@ -99,7 +104,9 @@ class HFBackbone(Backbone):
 
         source = cfg.path or self.default_id
         cls = getattr(transformers, self.model_class)
-        self.model = model if model is not None else load_pretrained(cls, source)
+        self.model = model if model is not None else load_pretrained(cls, source, cfg.pretrained)
+        if not cfg.pretrained:
+            self.pretrained_prefixes = ()  # random weights cannot be reloaded: save them all
         self.tokenizer = tokenizer
         if tokenizer is None and model is None:
             self.tokenizer = load_tokenizer(source)

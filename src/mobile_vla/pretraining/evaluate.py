@@ -1,0 +1,204 @@
+"""``mobile-vla pretrain-eval``: what the pretrained backbone knows, on held-out scenes.
+
+Everything is measured on the corpus's held-out images with the held-out caption templates
+(phrasings never trained on), and every distractor is checked against the image's objects, so
+no "wrong" candidate is in fact true of the image. Two scores rank captions:
+
+* ``itc``: cosine of the pooled image embedding and the caption embedding (fast, a
+  CLIP-style zero-shot score);
+* ``itm``: the fusion transformer's match logit (the path the policy's action tokens read).
+
+Metrics, each for both scores:
+
+* retrieval: image -> caption among ``candidates`` (32: the image's caption and 31 false
+  ones from other held-out images); R@1 and R@5 (chance 1/32 and 5/32);
+* left/right probe: for two-object scenes, is "X to the left of Y" ranked above "X to the
+  right of Y" (chance 0.5);
+* colour and object-type accuracy: "an image showing a <colour> <shape>" over all colours
+  (shape fixed, for objects whose shape is unique in the scene), and over all shapes (colour
+  fixed, colour unique in the scene) — the true one must rank first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mobile_vla.config import PretrainConfig
+from mobile_vla.pretraining.corpus import Corpus
+from mobile_vla.pretraining.model import PretrainModel
+from mobile_vla.sim.caption_scenes import COLOURS, SHAPES, article, fact_holds
+
+CANDIDATES = 32
+
+
+def retrieval_sets(
+    corpus: Corpus, seed: int, limit: int | None = None, candidates: int = CANDIDATES
+) -> list[tuple[int, list[str]]]:
+    """Per held-out image: (image index, [true caption, false caption, ...])."""
+    rng = np.random.default_rng([seed, 2718])
+    val = corpus.split("val")
+    if limit is not None and len(val) > limit:
+        val = sorted(rng.choice(val, size=limit, replace=False).tolist())
+    pool = [
+        (t, f)
+        for i in corpus.split("val")
+        for t, f in zip(
+            corpus.records[i]["eval_captions"], corpus.records[i]["eval_facts"], strict=True
+        )
+    ]
+    sets = []
+    for i in val:
+        r = corpus.records[i]
+        k = int(rng.integers(len(r["eval_captions"])))
+        true = r["eval_captions"][k]
+        chosen: list[str] = [true]
+        for j in rng.permutation(len(pool)):
+            t, f = pool[j]
+            if t not in chosen and not fact_holds(f, r["objects"]):
+                chosen.append(t)
+            if len(chosen) == candidates:
+                break
+        if len(chosen) == candidates:
+            sets.append((i, chosen))
+    return sets
+
+
+class Scorer:
+    """ITC and ITM scores of (image, caption) pairs, with per-image and per-text caches."""
+
+    def __init__(self, model: PretrainModel, corpus: Corpus) -> None:
+        self.model, self.corpus = model, corpus
+        self._img: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._txt: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def images(self, ids: list[int]) -> None:
+        todo = [i for i in ids if i not in self._img]
+        for s in range(0, len(todo), 64):
+            chunk = todo[s : s + 64]
+            x = torch.from_numpy(np.stack([self.corpus.images[i] for i in chunk])).permute(
+                0, 3, 1, 2
+            )
+            vit = self.model.vit(self.model.backbone.preprocess(x))
+            emb = self.model.image_embedding(vit)
+            tok = self.model.fusion_image_tokens(vit)
+            for k, i in enumerate(chunk):
+                self._img[i] = (tok[k], emb[k])
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> None:
+        todo = sorted({t for t in texts if t not in self._txt})
+        backbone = self.model.backbone
+        for s in range(0, len(todo), 256):
+            chunk = todo[s : s + 256]
+            batch = backbone.tokenizer(
+                chunk,
+                padding=True,
+                truncation=True,
+                max_length=backbone.max_text_tokens,
+                return_tensors="pt",
+            )
+            states = backbone.text_encoder(**batch).last_hidden_state
+            mask = batch["attention_mask"].bool()
+            tok = self.model.text_tokens(states, mask)
+            emb = self.model.text_embedding(states, mask)
+            for k, t in enumerate(chunk):
+                n = int(mask[k].sum())
+                self._txt[t] = (tok[k, :n], mask[k, :n], emb[k])
+
+    @torch.no_grad()
+    def itc(self, image: int, texts: list[str]) -> np.ndarray:
+        self.images([image])
+        self.texts(texts)
+        emb = torch.stack([self._txt[t][2] for t in texts])
+        return (emb @ self._img[image][1]).numpy()
+
+    @torch.no_grad()
+    def itm(self, image: int, texts: list[str]) -> np.ndarray:
+        self.images([image])
+        self.texts(texts)
+        length = max(self._txt[t][0].shape[0] for t in texts)
+        d = self._img[image][0].shape[-1]
+        tok = torch.zeros(len(texts), length, d)
+        mask = torch.zeros(len(texts), length, dtype=torch.bool)
+        for k, t in enumerate(texts):
+            n = self._txt[t][0].shape[0]
+            tok[k, :n], mask[k, :n] = self._txt[t][0], self._txt[t][1]
+        img = self._img[image][0].unsqueeze(0).expand(len(texts), -1, -1)
+        return self.model.match_logits(img, tok, mask).numpy()
+
+
+def _rank_of_first(scores: np.ndarray) -> int:
+    return int((scores > scores[0]).sum())
+
+
+@torch.no_grad()
+def quick_recall(model: PretrainModel, corpus: Corpus, cfg: PretrainConfig) -> float:
+    """Held-out ITC R@1 on ``eval_images`` images (the periodic check during training)."""
+    model.eval()
+    scorer = Scorer(model, corpus)
+    sets = retrieval_sets(corpus, cfg.seed, cfg.eval_images)
+    scorer.images([i for i, _ in sets])
+    return float(np.mean([_rank_of_first(scorer.itc(i, c)) == 0 for i, c in sets]))
+
+
+@torch.no_grad()
+def evaluate(
+    model: PretrainModel,
+    corpus: Corpus,
+    cfg: PretrainConfig,
+    limit: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    model.eval()
+    scorer = Scorer(model, corpus)
+    sets = retrieval_sets(corpus, cfg.seed, limit)
+    ranks: dict[str, list[int]] = {"itc": [], "itm": []}
+    scorer.images([i for i, _ in sets])
+    for i, cands in tqdm(sets, desc="retrieval", disable=not progress):
+        ranks["itc"].append(_rank_of_first(scorer.itc(i, cands)))
+        ranks["itm"].append(_rank_of_first(scorer.itm(i, cands)))
+    val = corpus.split("val") if limit is None else [i for i, _ in sets]
+    probe: dict[str, list[bool]] = {"itc": [], "itm": []}
+    colour: dict[str, list[bool]] = {"itc": [], "itm": []}
+    shape: dict[str, list[bool]] = {"itc": [], "itm": []}
+    for i in tqdm(val, desc="probes", disable=not progress):
+        r = corpus.records[i]
+        if r["probe"]:
+            for name, fn in (("itc", scorer.itc), ("itm", scorer.itm)):
+                s = fn(i, list(r["probe"]))
+                probe[name].append(bool(s[0] > s[1]))
+        objs = r["objects"]
+        for o in objs:
+            if sum(p["shape"] == o["shape"] for p in objs) == 1:
+                colours = [o["colour"]] + [c for c in COLOURS if c != o["colour"]]
+                texts = [f"an image showing {article(c)} {o['shape']}" for c in colours]
+                for name, fn in (("itc", scorer.itc), ("itm", scorer.itm)):
+                    colour[name].append(_rank_of_first(fn(i, texts)) == 0)
+            if sum(p["colour"] == o["colour"] for p in objs) == 1:
+                shapes = [o["shape"]] + [s for s in SHAPES if s != o["shape"]]
+                texts = [f"an image showing {article(o['colour'])} {s}" for s in shapes]
+                for name, fn in (("itc", scorer.itc), ("itm", scorer.itm)):
+                    shape[name].append(_rank_of_first(fn(i, texts)) == 0)
+    summary: dict[str, Any] = {}
+    for name in ("itc", "itm"):
+        rk = np.array(ranks[name])
+        summary[f"r1_{name}"] = float((rk < 1).mean()) if len(rk) else float("nan")
+        summary[f"r5_{name}"] = float((rk < 5).mean()) if len(rk) else float("nan")
+        summary[f"left_right_{name}"] = float(np.mean(probe[name])) if probe[name] else float("nan")
+        summary[f"colour_{name}"] = float(np.mean(colour[name])) if colour[name] else float("nan")
+        summary[f"shape_{name}"] = float(np.mean(shape[name])) if shape[name] else float("nan")
+    summary.update(
+        retrieval_images=len(sets),
+        candidates=CANDIDATES,
+        probe_scenes=len(probe["itc"]),
+        colour_objects=len(colour["itc"]),
+        shape_objects=len(shape["itc"]),
+        chance_r1=1 / CANDIDATES,
+        chance_r5=5 / CANDIDATES,
+    )
+    return {"summary": summary}

@@ -1,0 +1,158 @@
+"""The vision-language pretraining model around the built-in backbone.
+
+Two objectives train the backbone's ViT, projectors and fusion transformer against the frozen
+sentence encoder:
+
+* **image-text contrast (ITC)**: an attention-pooled image embedding against the mean of the
+  projected caption tokens, InfoNCE over the batch plus minimally changed captions as extra
+  negatives; every caption whose fact holds for an image counts as a positive for it, so
+  "a red box" is never pushed away from a second image with a red box;
+* **image-text matching (ITM)**: the fusion transformer reads image and caption tokens and one
+  read-out query — the same mechanism as the policy's action tokens — and a linear layer
+  scores match / no match, with hard negatives (left and right swapped, one colour, shape or
+  count changed, and the most confusable caption of another image).
+
+* **grounded attributes**: which colours and shapes stand in which scene cell (left / centre
+  / right x near / far), multi-label from max-pooled image tokens — the facts the captions
+  are written from, as a dense signal. Without it the contrastive loss
+  collapses the image embedding onto the caption prior in the first hundred steps (small
+  objects on large random backgrounds), and nothing image-specific is learned in the CPU budget.
+
+The backbone's weights ship; the pooling and score heads ship beside them under ``heads.``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobile_vla.config import BackboneConfig, BuiltinConfig
+from mobile_vla.errors import ConfigError
+from mobile_vla.models.backbones.builtin import BuiltinBackbone, init_weights
+from mobile_vla.sim.caption_scenes import COLOURS, DEPTH, LATERAL, SHAPES
+
+CELLS = [(lat, dep) for lat in LATERAL for dep in DEPTH]
+
+
+HEADS = "heads."
+
+
+class AttentionPool(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        q = self.query.expand(tokens.shape[0], -1, -1)
+        return self.norm(self.attn(q, tokens, tokens, need_weights=False)[0][:, 0])
+
+
+class CellProbe(nn.Module):
+    """Which colours and shapes are in which scene cell (lateral x depth), as multi-label
+    presence read from the image tokens by max-pooling a linear map of each token: a small
+    object makes one or two tokens, so a max (not a mean) over tokens finds it."""
+
+    def __init__(self, width: int, cells: int, colours: int, shapes: int) -> None:
+        super().__init__()
+        self.cells, self.colours, self.shapes = cells, colours, shapes
+        self.proj = nn.Linear(width, cells * (colours + shapes))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, cells, colours + shapes) presence logits."""
+        return self.proj(tokens).amax(dim=1).view(-1, self.cells, self.colours + self.shapes)
+
+
+class PretrainModel(nn.Module):
+    def __init__(self, cfg: BuiltinConfig, temperature: float) -> None:
+        super().__init__()
+        bcfg = BackboneConfig(name="builtin", builtin=cfg, pretrained=False)
+        self.backbone = BuiltinBackbone(bcfg)
+        width = cfg.fusion_width
+        vw = cfg.vision_width
+        text_width = self.backbone.text_encoder.config.hidden_size
+        # ITC reads the ViT's own tokens and the sentence encoder's mean state, not the fusion
+        # tokens: those carry a shared type embedding that dominates a normalized mean at
+        # initialization and collapses the contrastive loss onto the caption prior.
+        self.image_pool = AttentionPool(vw, cfg.vision_heads)
+        self.image_head = nn.Linear(2 * vw, width)
+        self.text_head = nn.Linear(text_width, width)
+        self.itm_query = nn.Parameter(torch.randn(1, width) * 0.02)
+        self.itm_head = nn.Linear(width, 1)
+        self.cell_probe = CellProbe(vw, len(CELLS), len(COLOURS), len(SHAPES))
+        self.log_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(temperature)))))
+        init_weights(self.itm_head)  # the ITC heads and the probe keep PyTorch's default init
+        for p in self.backbone.text_encoder.parameters():
+            p.requires_grad_(False)
+        self.backbone.text_encoder.eval()
+
+    def train(self, mode: bool = True) -> PretrainModel:
+        super().train(mode)
+        self.backbone.text_encoder.eval()  # frozen: no dropout
+        return self
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def vit(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The ViT's patch tokens (N, P, vision_width)."""
+        return self.backbone.vision(pixels)
+
+    def fusion_image_tokens(self, vit: torch.Tensor) -> torch.Tensor:
+        """The same tokens as the policy's fusion transformer sees them."""
+        return self.backbone.vision_proj(vit) + self.backbone.type_embed[0]
+
+    def image_embedding(self, vit: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([self.image_pool(vit), vit.amax(dim=1)], dim=-1)
+        return F.normalize(self.image_head(pooled), dim=-1)
+
+    def text_tokens(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.backbone.project_text(states)
+
+    def text_embedding(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """From the sentence encoder's masked mean state (its own sentence embedding)."""
+        m = mask.unsqueeze(-1).to(states.dtype)
+        mean = F.normalize((states * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
+        return F.normalize(self.text_head(mean), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=4.6052).exp()  # temperature >= 0.01
+
+    def match_logits(
+        self, img: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ITM logit per (image tokens, caption tokens) row pair, through the fusion."""
+        n = img.shape[0]
+        query = self.backbone._action_tokens(self.itm_query, n)
+        ones = torch.ones(n, img.shape[1], dtype=torch.bool, device=img.device)
+        q_mask = torch.ones(n, 1, dtype=torch.bool, device=img.device)
+        out = self.backbone._fuse([img, txt, query], [ones, txt_mask, q_mask], 1)
+        return self.itm_head(out[:, 0]).squeeze(-1)
+
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        """Every backbone tensor except the sentence encoder's (it has its own package)."""
+        return {
+            k: v.detach().clone()
+            for k, v in self.backbone.state_dict().items()
+            if not k.startswith(BuiltinBackbone.pretrained_prefixes)
+        }
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """What ships: the backbone's tensors, and the pooling and score heads under
+        ``heads.`` (the policy ignores them; ``pretrain-eval --weights`` uses them)."""
+        heads = {
+            HEADS + k: v.detach().clone()
+            for k, v in self.state_dict().items()
+            if not k.startswith("backbone.")
+        }
+        return {**self.backbone_state(), **heads}
+
+    def load_export(self, state: dict[str, torch.Tensor]) -> None:
+        backbone = {k: v for k, v in state.items() if not k.startswith(HEADS)}
+        heads = {k.removeprefix(HEADS): v for k, v in state.items() if k.startswith(HEADS)}
+        self.backbone.load_state_dict(backbone, strict=False)
+        missing = self.load_state_dict(heads, strict=False).missing_keys
+        if any(not k.startswith("backbone.") for k in missing):
+            raise ConfigError(f"weights without the pretraining heads: missing {missing[:3]}")

@@ -1,0 +1,464 @@
+"""``mobile-vla pretrain``: vision-language pretraining of the built-in backbone.
+
+A run folder::
+
+    config.yaml              the resolved PretrainConfig
+    checkpoints/last/        model + optimizer + step (safetensors + JSON), every
+                             ``checkpoint_every`` steps and at the end; ``--resume`` continues
+                             from it, bit for bit (batches and augmentation are a function of
+                             (seed, step))
+    log.csv                  step, losses, learning rate, temperature, periodic held-out R@1
+    metrics.json             ``mobile-vla pretrain-eval`` (also run at the end of training)
+    export/                  builtin-vl.safetensors + .json card + MODEL_CARD.md
+
+The sentence encoder is frozen, so its token states are computed once per distinct caption
+(and per minimally changed caption used as a negative) before training.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mobile_vla.config import PretrainConfig, load_config, save_config, to_dict
+from mobile_vla.errors import MobileVLAError
+from mobile_vla.pretraining.corpus import Corpus, load_corpus
+from mobile_vla.pretraining.model import CELLS, PretrainModel
+from mobile_vla.sim.caption_scenes import COLOURS, SHAPES, fact_holds, perturb
+from mobile_vla.training.checkpoint import load_folder, save_folder
+from mobile_vla.training.module import warmup_cosine
+
+PERTURBATIONS = 4  # minimally changed captions prepared per training caption
+
+
+@dataclass
+class TextTable:
+    """Sentence-encoder token states of every distinct text, computed once."""
+
+    index: dict[str, int]
+    states: torch.Tensor  # (T, L, W) float16
+    mask: torch.Tensor  # (T, L) bool
+
+    def rows(self, ids: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        mask = self.mask[ids]
+        length = int(mask.sum(1).max())
+        return self.states[ids, :length].float(), mask[:, :length]
+
+
+@torch.no_grad()
+def encode_texts(
+    model: PretrainModel, texts: list[str], progress: bool = False, batch: int = 512
+) -> TextTable:
+    backbone = model.backbone
+    unique = sorted(set(texts))
+    width = backbone.text_encoder.config.hidden_size
+    limit = backbone.max_text_tokens
+    states = torch.zeros(len(unique), limit, width, dtype=torch.float16)
+    mask = torch.zeros(len(unique), limit, dtype=torch.bool)
+    bar = tqdm(total=len(unique), desc="encode captions", unit="text", disable=not progress)
+    for start in range(0, len(unique), batch):
+        chunk = unique[start : start + batch]
+        tok = backbone.tokenizer(
+            chunk, padding=True, truncation=True, max_length=limit, return_tensors="pt"
+        )
+        out = backbone.text_encoder(**tok).last_hidden_state
+        n = out.shape[1]
+        states[start : start + len(chunk), :n] = out.half()
+        mask[start : start + len(chunk), :n] = tok["attention_mask"].bool()
+        bar.update(len(chunk))
+    bar.close()
+    return TextTable({t: i for i, t in enumerate(unique)}, states, mask)
+
+
+@dataclass
+class TrainSet:
+    ids: list[int]  # training image indices
+    captions: list[list[tuple[int, dict]]]  # per training image: (text id, fact)
+    negatives: list[list[list[tuple[int, dict]]]]  # per image, per caption: perturbed versions
+
+
+def prepare(corpus: Corpus, seed: int) -> tuple[TrainSet, list[str]]:
+    """Training captions and their perturbed negatives (only those false for the image)."""
+    rng = np.random.default_rng([seed, 31337])
+    ids = corpus.split("train")
+    texts: list[str] = []
+    caps, negs = [], []
+    for i in ids:
+        r = corpus.records[i]
+        per_image, per_neg = [], []
+        for text, fact in zip(r["captions"], r["facts"], strict=True):
+            texts.append(text)
+            per_image.append((text, fact))
+            options = []
+            for _ in range(PERTURBATIONS):
+                p = perturb(text, fact, rng)
+                if p is not None and not fact_holds(p[1], r["objects"]) and p not in options:
+                    options.append(p)
+            texts.extend(t for t, _ in options)
+            per_neg.append(options)
+        caps.append(per_image)
+        negs.append(per_neg)
+    return TrainSet(ids, caps, negs), texts  # type: ignore[arg-type]
+
+
+def _index(ts: TrainSet, table: TextTable) -> TrainSet:
+    return TrainSet(
+        ts.ids,
+        [[(table.index[t], f) for t, f in per] for per in ts.captions],
+        [[[(table.index[t], f) for t, f in opts] for opts in per] for per in ts.negatives],
+    )
+
+
+def jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Brightness and contrast jitter of uint8 (N, 3, H, W) images (kept uint8)."""
+    n = images.shape[0]
+    x = images.float()
+    b = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
+    c = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * c + mean * b).clamp(0, 255).round().to(torch.uint8)
+
+
+def step_losses(
+    model: PretrainModel,
+    cfg: PretrainConfig,
+    corpus: Corpus,
+    images: torch.Tensor,
+    ts: TrainSet,
+    table: TextTable,
+    step: int,
+) -> dict[str, torch.Tensor]:
+    """The losses of training step ``step``; its batch is a pure function of (seed, step)."""
+    rng = np.random.default_rng([cfg.seed, 5, step])
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    rows = rng.choice(len(ts.ids), size=min(cfg.batch_size, len(ts.ids)), replace=False)
+    objects = [corpus.records[ts.ids[r]]["objects"] for r in rows]
+    chosen, negative = [], []
+    for r in rows:
+        k = int(rng.integers(len(ts.captions[r])))
+        chosen.append(ts.captions[r][k])
+        opts = ts.negatives[r][k]
+        negative.append(opts[int(rng.integers(len(opts)))] if opts else None)
+    # text columns: the batch's captions, then their perturbed versions
+    columns: list[tuple[int, dict]] = list(chosen) + [n for n in negative if n is not None]
+    text_ids = [c[0] for c in columns]
+    b = len(rows)
+    positive = torch.tensor(
+        [[fact_holds(f, objs) for _, f in columns] for objs in objects], dtype=torch.bool
+    )
+    batch = images[[ts.ids[r] for r in rows]].permute(0, 3, 1, 2)
+    if cfg.augment:
+        batch = jitter(batch, gen)
+    vit = model.vit(model.backbone.preprocess(batch))
+    img_emb = model.image_embedding(vit)
+    states, mask = table.rows(text_ids)
+    txt_tok = model.text_tokens(states, mask)
+    txt_emb = model.text_embedding(states, mask)
+    sim = img_emb @ txt_emb.T * model.scale()  # (B, columns)
+    neg_inf = torch.finfo(sim.dtype).min
+    i2t = torch.logsumexp(sim, 1) - torch.logsumexp(sim.masked_fill(~positive, neg_inf), 1)
+    caps = sim[:, :b]
+    t2i = torch.logsumexp(caps, 0) - torch.logsumexp(caps.masked_fill(~positive[:, :b], neg_inf), 0)
+    out = {"itc": (i2t.mean() + t2i.mean()) / 2}
+    if cfg.attribute_weight > 0:
+        logits = model.cell_probe(vit)
+        # x 10: the per-label BCE is small (most labels are absent) next to the InfoNCE terms
+        out["attr"] = 10 * F.binary_cross_entropy_with_logits(logits, cell_targets(objects))
+    k = cfg.itm_images
+    if k and cfg.itm_weight > 0:
+        pairs: list[tuple[int, int, float]] = []  # (image row, text column, label)
+        neg_col = b
+        with torch.no_grad():
+            hard = torch.softmax(sim.detach().float(), 1).masked_fill(positive, 0.0)
+        for i in range(b):
+            has_neg = negative[i] is not None
+            if i < k:
+                pairs.append((i, i, 1.0))
+                if has_neg:
+                    pairs.append((i, neg_col, 0.0))
+                weights = hard[i]
+                if float(weights.sum()) > 0:
+                    j = int(torch.multinomial(weights, 1, generator=gen))
+                    pairs.append((i, j, 0.0))
+            neg_col += has_neg
+        img_rows = torch.tensor([p[0] for p in pairs])
+        txt_rows = torch.tensor([p[1] for p in pairs])
+        labels = torch.tensor([p[2] for p in pairs])
+        img_tok = model.fusion_image_tokens(vit[img_rows])
+        logits = model.match_logits(img_tok, txt_tok[txt_rows], mask[txt_rows])
+        out["itm"] = F.binary_cross_entropy_with_logits(logits, labels)
+        with torch.no_grad():
+            out["itm_acc"] = ((logits > 0).float() == labels).float().mean()
+    out["loss"] = (
+        out["itc"]
+        + cfg.itm_weight * out.get("itm", torch.zeros(()))
+        + cfg.attribute_weight * out.get("attr", torch.zeros(()))
+    )
+    return out
+
+
+def cell_targets(objects: list[list[dict]]) -> torch.Tensor:
+    """(B, cells, colours + shapes) presence of each colour and shape in each scene cell."""
+    target = torch.zeros(len(objects), len(CELLS), len(COLOURS) + len(SHAPES))
+    for b, objs in enumerate(objects):
+        for o in objs:
+            c = CELLS.index((o["lateral"], o["depth"]))
+            target[b, c, list(COLOURS).index(o["colour"])] = 1.0
+            target[b, c, len(COLOURS) + SHAPES.index(o["shape"])] = 1.0
+    return target
+
+
+def make_optimizer(model: PretrainModel, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.trainable():
+        (no_decay if p.ndim < 2 or "embed" in name or name.endswith("query") else decay).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.98),
+    )
+
+
+def trainable_state(model: PretrainModel) -> dict[str, torch.Tensor]:
+    names = {n for n, _ in model.trainable()}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def build_model(cfg: PretrainConfig) -> PretrainModel:
+    torch.manual_seed(cfg.seed)
+    return PretrainModel(cfg.backbone, cfg.temperature)
+
+
+def _check_corpus(cfg: PretrainConfig, corpus: Corpus) -> None:
+    if not corpus.split("train"):
+        raise MobileVLAError(f"corpus folder '{corpus.folder}' has no training images")
+    if not corpus.split("val"):
+        raise MobileVLAError(f"corpus folder '{corpus.folder}' has no held-out images")
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    command: str = "",
+) -> Path:
+    """Train (or resume) a pretraining run in ``out``; evaluate and export at the end."""
+    from mobile_vla.pretraining.evaluate import evaluate, quick_recall
+
+    out = Path(out)
+    last = out / "checkpoints" / "last"
+    if resume:
+        if not last.exists():
+            raise MobileVLAError(f"--resume: pretraining run '{out}' has no checkpoints/last")
+        saved = load_config(out / "config.yaml", cls=PretrainConfig)
+        if to_dict(saved) != to_dict(cfg):
+            changed = [k for k, v in to_dict(cfg).items() if to_dict(saved).get(k) != v]
+            raise MobileVLAError(
+                f"--resume: the config differs from '{out / 'config.yaml'}' in {changed}; "
+                "resume with the run's own config"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise MobileVLAError(
+            f"pretraining run folder '{out}' is not empty; use --resume to continue it"
+        )
+    corpus = load_corpus(cfg.data)
+    _check_corpus(cfg, corpus)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, out / "config.yaml")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = build_model(cfg)
+    ts, texts = prepare(corpus, cfg.seed)
+    table = encode_texts(model, texts, progress)
+    ts = _index(ts, table)
+    images = torch.from_numpy(np.array(corpus.images))  # in memory: random batches
+    optimizer = make_optimizer(model, cfg)
+    step, seconds = 0, 0.0
+    if resume:
+        state = load_folder(last)
+        result = model.load_state_dict(state["model"], strict=False)
+        if result.unexpected_keys:
+            raise MobileVLAError(f"checkpoint '{last}' does not fit this model")
+        optimizer.load_state_dict(state["optimizer"])
+        step, seconds = int(state["step"]), float(state["seconds"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_scale),
+        last_epoch=step - 1 if step else -1,
+    )
+    if step:  # LambdaLR with last_epoch needs initial_lr; set the lr of the next step
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_scale)
+    log_path = out / "log.csv"
+    fields = [
+        "step",
+        "loss",
+        "itc",
+        "itm",
+        "itm_acc",
+        "attr",
+        "lr",
+        "temperature",
+        "val_r1",
+        "seconds",
+    ]
+    if not log_path.exists():
+        with open(log_path, "w", newline="") as fh:
+            csv.writer(fh).writerow(fields)
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", disable=not progress)
+    start = time.perf_counter() - seconds
+    while step < cfg.steps:
+        losses = step_losses(model, cfg, corpus, images, ts, table, step)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable()], 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        row = {k: float(v.detach()) for k, v in losses.items()}
+        row.update(
+            step=step, lr=scheduler.get_last_lr()[0], temperature=1 / float(model.scale().detach())
+        )
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+            row["val_r1"] = quick_recall(model, corpus, cfg)
+            model.train()
+        row["seconds"] = time.perf_counter() - start
+        with open(log_path, "a", newline="") as fh:
+            csv.writer(fh).writerow(
+                [
+                    f"{row[f]:.6g}" if isinstance(row.get(f), float) else row.get(f, "")
+                    for f in fields
+                ]
+            )
+        bar.set_postfix(loss=f"{row['loss']:.3f}", itm=f"{row.get('itm_acc', 0):.2f}")
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _save(last, model, optimizer, step, time.perf_counter() - start, cfg)
+        if not math.isfinite(row["loss"]):
+            raise MobileVLAError(f"pretraining diverged at step {step} (loss {row['loss']})")
+    bar.close()
+    seconds = time.perf_counter() - start
+    model.eval()
+    metrics = evaluate(model, corpus, cfg, progress=progress)
+    from mobile_vla.io import atomic_write_json
+
+    atomic_write_json(out / "metrics.json", metrics)
+    export(out, model, cfg, corpus, metrics, seconds, command)
+    return out
+
+
+def _save(
+    path: Path,
+    model: PretrainModel,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    seconds: float,
+    cfg: PretrainConfig,
+) -> None:
+    save_folder(
+        {
+            "model": trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "seconds": seconds,
+            "config": to_dict(cfg),
+        },
+        path,
+    )
+
+
+def load_run(run: str | Path) -> tuple[PretrainModel, PretrainConfig, dict[str, Any]]:
+    """The model of a pretraining run (its last checkpoint), in eval mode."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise MobileVLAError(f"'{run}' is not a pretraining run folder (no config.yaml)")
+    cfg = load_config(run / "config.yaml", cls=PretrainConfig)
+    last = run / "checkpoints" / "last"
+    if not last.exists():
+        raise MobileVLAError(f"pretraining run '{run}' has no checkpoints/last")
+    state = load_folder(last)
+    model = build_model(cfg)
+    try:
+        result = model.load_state_dict(state["model"], strict=False)
+    except RuntimeError as exc:
+        raise MobileVLAError(
+            f"checkpoint '{last}' is of another architecture ({str(exc).splitlines()[-1][:160]})"
+        ) from None
+    missing = [k for k in result.missing_keys if ".text_encoder." not in k]
+    if missing or result.unexpected_keys:
+        raise MobileVLAError(
+            f"checkpoint '{last}' is of another architecture than '{run / 'config.yaml'}' "
+            f"(missing {missing[:2]}, unexpected {result.unexpected_keys[:2]})"
+        )
+    model.eval()
+    return model, cfg, state
+
+
+def load_weights_file(weights: str | Path) -> PretrainModel:
+    """A pretraining model (backbone and heads) from an exported weights file, in eval mode;
+    the geometry comes from the file's model card."""
+    from mobile_vla.config import BuiltinConfig
+    from mobile_vla.pretraining.weights import load_weights, read_card
+
+    arch = read_card(Path(weights)).get("architecture", {})
+    cfg = BuiltinConfig(
+        **{k: v for k, v in arch.items() if k in BuiltinConfig.__dataclass_fields__}
+    )
+    model = PretrainModel(cfg, 0.07)
+    model.load_export(load_weights(weights, cfg))
+    model.eval()
+    return model
+
+
+def export(
+    run: Path,
+    model: PretrainModel,
+    cfg: PretrainConfig,
+    corpus: Corpus,
+    metrics: dict[str, Any],
+    seconds: float,
+    command: str,
+) -> Path:
+    from mobile_vla.io import atomic_write_text
+    from mobile_vla.pretraining.weights import (
+        SHIPPED_NAME,
+        export_weights,
+        model_card_markdown,
+        read_card,
+    )
+
+    target = run / "export" / f"{SHIPPED_NAME}.safetensors"
+    card = {
+        "file": target.name,
+        "corpus": {
+            k: corpus.manifest.get(k)
+            for k in ("images", "image_size", "seed", "splits", "captions_per_image", "command")
+        },
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "train_seconds": round(seconds, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}",
+        "command": command,
+        "pretrain_config": to_dict(cfg),
+        "metrics": metrics.get("summary", {}),
+    }
+    export_weights(model.export_state(), cfg.backbone, target, card)
+    atomic_write_text(run / "export" / "MODEL_CARD.md", model_card_markdown(read_card(target)))
+    return target

@@ -1,0 +1,179 @@
+"""The built-in backbone's vision-language pretrained weights: export, model card, loading.
+
+A weights file is ``NAME.safetensors`` (every backbone tensor except the sentence encoder's,
+which ships in its own package) with ``NAME.json`` beside it: the model card as data (format,
+architecture, SHA-256 of the tensors file, corpus, steps, command, metrics). Loading checks
+the hash and the architecture before a single tensor is used. The package ships one such pair
+(``mobile_vla/weights/builtin-vl.*``) plus a human-readable ``MODEL_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mobile_vla.config import BuiltinConfig
+from mobile_vla.errors import ConfigError
+from mobile_vla.io import atomic_path, atomic_write_json
+
+FORMAT = "mobile-vla-builtin-weights"
+VERSION = 1
+SHIPPED_NAME = "builtin-vl"
+# The geometry keys that decide the tensors' shapes (the sentence encoder's width enters
+# through text_proj, so the encoder is named too).
+ARCH_KEYS = (
+    "image_size",
+    "patch_size",
+    "vision_width",
+    "vision_layers",
+    "vision_heads",
+    "fusion_width",
+    "fusion_layers",
+    "fusion_heads",
+    "text_encoder",
+)
+
+
+class WeightsError(ConfigError):
+    pass
+
+
+def shipped_weights() -> Path:
+    return Path(__file__).resolve().parent.parent / "weights" / f"{SHIPPED_NAME}.safetensors"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def architecture(cfg: BuiltinConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in ARCH_KEYS}
+
+
+def card_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def export_weights(
+    state: dict[str, torch.Tensor], cfg: BuiltinConfig, out: str | Path, card: dict[str, Any]
+) -> Path:
+    """Write ``out`` (.safetensors) and its card (.json) atomically; returns the tensors path."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise WeightsError(f"weights file '{out}' must end in .safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().float() for k, v in state.items()}
+    with atomic_path(out, suffix=".safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    full = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": architecture(cfg),
+        "sha256": sha256(out),
+        "bytes": out.stat().st_size,
+        "parameters": int(sum(v.numel() for v in tensors.values())),
+        **card,
+    }
+    atomic_write_json(card_path(out), full)
+    return out
+
+
+def read_card(weights: Path) -> dict[str, Any]:
+    card = card_path(weights)
+    if not weights.is_file():
+        raise WeightsError(f"weights file '{weights}' does not exist")
+    if not card.is_file():
+        raise WeightsError(
+            f"weights file '{weights}' has no model card '{card.name}' beside it (it holds "
+            "the SHA-256 and the architecture the weights are checked against)"
+        )
+    try:
+        data = json.loads(card.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise WeightsError(f"model card '{card}' is not valid JSON") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise WeightsError(f"model card '{card}' is not a {FORMAT} card")
+    return data
+
+
+def load_weights(weights: str | Path, cfg: BuiltinConfig) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights``, after checking its SHA-256 and architecture against the
+    card and ``cfg``; each problem is one error naming the file."""
+    weights = Path(weights)
+    card = read_card(weights)
+    digest = sha256(weights)
+    if digest != card.get("sha256"):
+        raise WeightsError(
+            f"weights file '{weights}' has SHA-256 {digest[:16]}..., its model card says "
+            f"{str(card.get('sha256'))[:16]}...: the file was modified or corrupted"
+        )
+    want = architecture(cfg)
+    have = card.get("architecture", {})
+    diff = [
+        f"{k}: {have.get(k)!r} (config {want[k]!r})" for k in ARCH_KEYS if have.get(k) != want[k]
+    ]
+    if diff:
+        raise WeightsError(
+            f"weights file '{weights}' is for another architecture of backbone.builtin: "
+            + "; ".join(diff)
+            + " (set backbone.pretrained=false to train this geometry from random weights)"
+        )
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError) as exc:  # pragma: no cover - the hash catches this first
+        raise WeightsError(f"weights file '{weights}' is unreadable ({exc})") from None
+
+
+def model_card_markdown(card: dict[str, Any]) -> str:
+    """The human-readable model card."""
+    m = card.get("metrics", {})
+    arch = card.get("architecture", {})
+    lines = [
+        "# builtin-vl: vision-language pretrained weights of the built-in backbone",
+        "",
+        "ViT + fusion transformer of mobile-vla's `builtin` backbone, pretrained with image-text",
+        "contrast and image-text matching (with left/right, colour, shape and count hard",
+        "negatives) against the frozen all-MiniLM-L6-v2 sentence encoder, on a caption corpus",
+        "rendered with MuJoCo (not the navigation task). Loaded by default by",
+        "`backbone.name: builtin`; `backbone.pretrained: false` gives the same architecture",
+        "from random weights.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| file | `{card.get('file', SHIPPED_NAME + '.safetensors')}` "
+        f"({card.get('bytes', 0) / 1e6:.1f} MB, {card.get('parameters', 0):,} parameters, fp32) |",
+        f"| SHA-256 | `{card.get('sha256')}` |",
+        f"| architecture | {', '.join(f'{k}={v}' for k, v in arch.items() if v != '')} |",
+        f"| corpus | {card.get('corpus', {}).get('images')} images "
+        f"({card.get('corpus', {}).get('splits')}), seed {card.get('corpus', {}).get('seed')}, "
+        f"{card.get('corpus', {}).get('image_size')} px |",
+        f"| training | {card.get('steps')} steps, batch {card.get('batch_size')}, "
+        f"{card.get('train_seconds', 0) / 60:.1f} min on {card.get('machine', '?')} |",
+        f"| command | `{card.get('command', '')}` |",
+        "",
+        "## Metrics (held-out scenes, held-out phrasings; `mobile-vla pretrain-eval`)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key, value in m.items():
+        if isinstance(value, float):
+            lines.append(f"| {key} | {value:.3f} |")
+        elif isinstance(value, int):
+            lines.append(f"| {key} | {value} |")
+    lines += [
+        "",
+        "Regenerate: `make pretrain` (corpus + training + evaluation + export, one command).",
+        "",
+    ]
+    return "\n".join(lines)
