@@ -1,0 +1,382 @@
+"""``mobile-vla study CONFIG``: a grid of strategies x seeds x training-set sizes x
+pretrained-or-not, trained, evaluated offline and in closed loop, compared, and reported.
+
+The study folder::
+
+    study.yaml            the resolved study config
+    data/                 the simulated episodes (when the study collects its own)
+    cells/<cell>/         one ordinary run folder per cell (train + eval output)
+    compare/<pair>/       representation comparisons (frozen vs LoRA, same seed and data)
+    results.json          every finished cell and comparison, written after each one
+    report.html           self-contained (images embedded), report.md, figures/*.png
+
+Each cell runs as ``mobile-vla train`` and ``mobile-vla eval`` in a child process (its peak
+memory is its own, and a crash takes one cell, not the study). A cell counts as finished once
+its entry is in ``results.json``; an interrupted cell resumes from its last checkpoint (or
+restarts when it had none), so an interrupted study loses at most one epoch of one cell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mobile_vla.config import _fail, load_config, save_config, to_dict
+from mobile_vla.errors import ConfigError, MobileVLAError
+from mobile_vla.io import atomic_write_json
+
+STRATEGIES = ("frozen", "lora", "partial", "full", "sandwich", "gradual")
+FORMAT = "mobile-vla-study"
+VERSION = 1
+
+
+@dataclass
+class StudyData:
+    """The episodes every cell trains on."""
+
+    path: str = ""
+    """An existing dataset folder; empty = collect simulated episodes into <study>/data."""
+    episodes: int = 120
+    seed: int = 0
+    image_size: list[int] = field(default_factory=lambda: [96, 96])
+    workers: int = 2
+    split_seed: int = 0
+    """One validation split for every cell (seed, size and strategy alike)."""
+
+
+@dataclass
+class StudyClosedLoop:
+    episodes: int = 24
+    """Closed-loop episodes per cell on held-out simulator seeds (0 = offline only)."""
+    seed: int = 1000
+    """The same held-out scenarios for every cell."""
+    chunk: Literal["first", "first_k", "ensemble"] = "first"
+    chunk_k: int = 1
+    videos: int = 0
+
+
+@dataclass
+class StudyConfig:
+    """A study: which cells to run and how to evaluate them."""
+
+    base: str = "builtin_base.yaml"
+    """Policy config every cell starts from (relative paths: from the study config's folder,
+    then from the working directory)."""
+    output_dir: str = "runs/study"
+    data: StudyData = field(default_factory=StudyData)
+    strategies: list[str] = field(default_factory=lambda: ["frozen", "lora"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train_episodes: list[int] = field(default_factory=lambda: [0])
+    """Training-set sizes (episodes of the training split; 0 = all)."""
+    pretrained: list[bool] = field(default_factory=lambda: [True])
+    """Backbone pretrained (true), randomly initialised (false), or both."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted overrides for every cell, e.g. ``trainer.max_epochs=3``."""
+    strategy_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Extra overrides per strategy, e.g. ``lora: [train_setup.lora_lr=1e-4]``."""
+    closed_loop: StudyClosedLoop = field(default_factory=StudyClosedLoop)
+    compare: bool = True
+    """Compare frozen and LoRA representations for every (seed, size, pretrained)."""
+    compare_samples: int = 256
+
+    def validate(self, prefix: str = "") -> None:
+        if not self.strategies:
+            raise _fail("strategies", "a non-empty list", self.strategies)
+        for i, s in enumerate(self.strategies):
+            if s not in STRATEGIES:
+                raise _fail(f"strategies[{i}]", f"one of {', '.join(STRATEGIES)}", s)
+        if len(set(self.strategies)) != len(self.strategies):
+            raise _fail("strategies", "distinct names", self.strategies)
+        for key in self.strategy_overrides:
+            if key not in self.strategies:
+                raise _fail(
+                    f"strategy_overrides.{key}", f"a strategy of the study {self.strategies}", key
+                )
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise _fail("seeds", "a non-empty list of distinct seeds", self.seeds)
+        if not self.train_episodes or any(n < 0 for n in self.train_episodes):
+            raise _fail("train_episodes", "a non-empty list of sizes >= 0", self.train_episodes)
+        if not self.pretrained:
+            raise _fail("pretrained", "[true], [false] or [true, false]", self.pretrained)
+        if self.closed_loop.episodes < 0:
+            raise _fail("closed_loop.episodes", ">= 0", self.closed_loop.episodes)
+        if self.data.episodes < 1 and not self.data.path:
+            raise _fail("data.episodes", ">= 1 (or set data.path)", self.data.episodes)
+
+
+@dataclass(frozen=True)
+class Cell:
+    strategy: str
+    pretrained: bool
+    train_episodes: int
+    seed: int
+
+    @property
+    def id(self) -> str:
+        size = f"n{self.train_episodes}" if self.train_episodes else "nall"
+        return f"{self.strategy}-{'pt' if self.pretrained else 'rand'}-{size}-s{self.seed}"
+
+    def key(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "pretrained": self.pretrained,
+            "train_episodes": self.train_episodes,
+            "seed": self.seed,
+        }
+
+
+def cells(study: StudyConfig) -> list[Cell]:
+    """The grid, in the order it runs: largest data first (the headline table is ready
+    soonest), then pretrained before random, then seed, then strategy."""
+    sizes = sorted(study.train_episodes, key=lambda n: (n != 0, -n))
+    return [
+        Cell(s, p, n, seed)
+        for n in sizes
+        for p in sorted(study.pretrained, reverse=True)
+        for seed in study.seeds
+        for s in study.strategies
+    ]
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[StudyConfig, Path]:
+    path = Path(path)
+    study = load_config(path, overrides or [], cls=StudyConfig)
+    base = Path(study.base)
+    if not base.is_absolute():
+        near = path.parent / base
+        base = near if near.exists() else base
+    if not base.exists():
+        raise ConfigError(f"config key 'base' in '{path}': policy config '{study.base}' not found")
+    return study, base
+
+
+def cell_overrides(study: StudyConfig, cell: Cell, data: Path, cells_dir: Path) -> list[str]:
+    return [
+        *study.overrides,
+        *study.strategy_overrides.get(cell.strategy, []),
+        f"train_setup.strategy={cell.strategy}",
+        f"seed={cell.seed}",
+        f"backbone.pretrained={str(cell.pretrained).lower()}",
+        f"data.train_episodes={cell.train_episodes}",
+        f"data.split_seed={study.data.split_seed}",
+        f"data.path={data}",
+        f"trainer.output_dir={cells_dir}",
+        f"trainer.run_name={cell.id}",
+    ]
+
+
+class Study:
+    def __init__(
+        self, config: str | Path, overrides: list[str] | None = None, progress: bool = True
+    ) -> None:
+        self.config_path = Path(config)
+        self.study, self.base = load_study(config, overrides)
+        self.out = Path(self.study.output_dir)
+        self.progress = progress
+        self.results_path = self.out / "results.json"
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def load_results(self) -> dict[str, Any]:
+        if not self.results_path.exists():
+            return {"format": FORMAT, "version": VERSION, "cells": {}, "compare": {}}
+        try:
+            results = json.loads(self.results_path.read_text())
+        except json.JSONDecodeError:
+            raise MobileVLAError(
+                f"'{self.results_path}' is not valid JSON; move it away to start the study over"
+            ) from None
+        if results.get("format") != FORMAT or results.get("version") != VERSION:
+            raise MobileVLAError(f"'{self.results_path}' is not a {FORMAT} v{VERSION} results file")
+        return results
+
+    def save_results(self, results: dict[str, Any]) -> None:
+        atomic_write_json(self.results_path, results)
+
+    def check_same_study(self) -> None:
+        saved = self.out / "study.yaml"
+        if not saved.exists():
+            return
+        old = load_config(saved, cls=StudyConfig)
+        keep = ("base", "data", "overrides", "strategy_overrides", "closed_loop")
+        changed = [k for k in keep if to_dict(getattr(old, k)) != to_dict(getattr(self.study, k))]
+        if changed:
+            raise MobileVLAError(
+                f"study folder '{self.out}' was made with different settings ({changed}); "
+                "finished cells would not be comparable — choose another output_dir"
+            )
+
+    # -- running --------------------------------------------------------------------------
+    def _cli(self, *args: str, log: Path) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "mobile_vla.cli", *args]
+        with open(log, "a") as fh:
+            fh.write(f"$ mobile-vla {' '.join(args)}\n")
+            fh.flush()
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        if proc.returncode != 0:
+            tail = log.read_text().strip().splitlines()[-3:]
+            raise MobileVLAError(
+                f"'mobile-vla {args[0]}' failed (exit {proc.returncode}); see {log}: "
+                + " | ".join(tail)
+            )
+
+    def ensure_data(self) -> Path:
+        d = self.study.data
+        if d.path:
+            return Path(d.path)
+        folder = self.out / "data"
+        done = folder / ".complete"
+        if done.exists():
+            return folder
+        shutil.rmtree(folder, ignore_errors=True)
+        self._say(f"collecting {d.episodes} simulated episodes into {folder}")
+        self._cli(
+            "collect",
+            "--out",
+            str(folder),
+            "--episodes",
+            str(d.episodes),
+            "--workers",
+            str(d.workers),
+            "--seed",
+            str(d.seed),
+            f"--sim.image_size=[{d.image_size[0]},{d.image_size[1]}]",
+            "-q",
+            log=self.out / "study.log",
+        )
+        done.write_text("")
+        return folder
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(f"[study] {text}", flush=True)
+
+    def run_cell(self, cell: Cell, data: Path) -> dict[str, Any]:
+        cells_dir = self.out / "cells"
+        run = cells_dir / cell.id
+        log = self.out / "logs" / f"{cell.id}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if (run / "checkpoints" / "last").exists() and not (run / "train_stats.json").exists():
+            self._say(f"{cell.id}: resuming interrupted training")
+            self._cli("train", "--resume", str(run), "-q", log=log)
+        elif not (run / "train_stats.json").exists():
+            shutil.rmtree(run, ignore_errors=True)
+            self._cli(
+                "train",
+                str(self.base),
+                *(f"--{o}" for o in cell_overrides(self.study, cell, data, cells_dir)),
+                "-q",
+                log=log,
+            )
+        cl = self.study.closed_loop
+        args = ["eval", str(run), "-q"]
+        if cl.episodes:
+            args += [
+                "--episodes",
+                str(cl.episodes),
+                "--seed",
+                str(cl.seed),
+                "--chunk",
+                cl.chunk,
+                "--chunk-k",
+                str(cl.chunk_k),
+                "--videos",
+                str(cl.videos),
+            ]
+        self._cli(*args, log=log)
+        return collect_cell(run, cell)
+
+    def run_compare(self, a: Path, b: Path, name: str) -> dict[str, Any]:
+        out = self.out / "compare" / name
+        self._cli(
+            "compare",
+            str(a),
+            str(b),
+            "--out",
+            str(out),
+            "--samples",
+            str(self.study.compare_samples),
+            log=self.out / "logs" / f"compare-{name}.log",
+        )
+        result = json.loads((out / "compare.json").read_text())
+        keep = ("cka", "cka_kind", "cosine", "euclidean", "kl", "correlation", "dims")
+        return {
+            "runs": [str(a), str(b)],
+            "folder": str(out),
+            "context": {k: result["context"].get(k) for k in keep},
+            "latent": {k: result["latent"].get(k) for k in keep},
+            "samples": result["inputs"]["samples"],
+        }
+
+    def run(self) -> Path:
+        from mobile_vla.study.report import write_report
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.check_same_study()
+        results = self.load_results()
+        save_config(self.study, self.out / "study.yaml")
+        data = self.ensure_data()
+        grid = cells(self.study)
+        start = time.perf_counter()
+        for k, cell in enumerate(grid, 1):
+            if cell.id in results["cells"]:
+                self._say(f"[{k}/{len(grid)}] {cell.id}: finished earlier, skipped")
+                continue
+            t0 = time.perf_counter()
+            self._say(f"[{k}/{len(grid)}] {cell.id}: training and evaluating")
+            results["cells"][cell.id] = self.run_cell(cell, data)
+            self.save_results(results)
+            self._say(f"[{k}/{len(grid)}] {cell.id}: done in {time.perf_counter() - t0:.0f} s")
+        if self.study.compare and {"frozen", "lora"} <= set(self.study.strategies):
+            for cell in grid:
+                if cell.strategy != "frozen":
+                    continue
+                other = Cell("lora", cell.pretrained, cell.train_episodes, cell.seed)
+                name = f"frozen-vs-lora-{other.id.removeprefix('lora-')}"
+                if name in results["compare"]:
+                    continue
+                self._say(f"comparing representations: {name}")
+                results["compare"][name] = {
+                    **self.run_compare(
+                        self.out / "cells" / cell.id, self.out / "cells" / other.id, name
+                    ),
+                    "key": {**cell.key(), "strategy": "frozen-vs-lora"},
+                }
+                self.save_results(results)
+        results["study"] = to_dict(self.study)
+        results["base_config"] = str(self.base)
+        results["wall_time_s_this_invocation"] = time.perf_counter() - start
+        self.save_results(results)
+        write_report(self.out, results)
+        self._say(f"report: {self.out / 'report.html'} (and report.md, results.json)")
+        return self.out
+
+
+def collect_cell(run: Path, cell: Cell) -> dict[str, Any]:
+    """What the report needs from a finished run folder."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    stats = json.loads((run / "train_stats.json").read_text())
+    params = json.loads((run / "params.json").read_text())
+    table = params.get("params", {}).get("all", {})
+    split = json.loads((run / "split.json").read_text())
+    return {
+        "key": cell.key(),
+        "run": str(run),
+        "episodes": {"train": len(split["train"]), "val": len(split["val"])},
+        "offline": metrics.get("offline", {}),
+        "closed_loop": metrics.get("closed_loop"),
+        "trainable_params": table.get("trainable"),
+        "total_params": table.get("total"),
+        "peak_memory_bytes": stats.get("peak_memory_bytes"),
+        "peak_memory_kind": stats.get("peak_memory_kind"),
+        "train_time_s": stats.get("wall_time_s"),
+        "train_samples_per_s": stats.get("train_samples_per_s"),
+        "feature_cache": stats.get("feature_cache"),
+    }

@@ -1,0 +1,487 @@
+"""The study report: tables (mean +- std over seeds), data-efficiency curves, the
+with/without-pretraining comparison, the representation comparison, and a statement of
+which strategy wins on what — and where the difference is within noise.
+
+Noise: for a metric measured per seed, the difference of two strategies' means is called a
+win when it exceeds twice its standard error (sqrt(s_a^2/n_a + s_b^2/n_b)); with a single
+seed there is no such estimate and the statement says so. Closed-loop success pools the
+episodes of all seeds and uses a two-proportion z-test (|z| > 1.96), and every rate carries
+its 95% Wilson interval.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobile_vla.evaluation.closed_loop import wilson_interval
+from mobile_vla.io import atomic_write_json, atomic_write_text
+
+# metric name -> (getter on a cell result, higher is better, format)
+Getter = Callable[[dict[str, Any]], Any]
+
+
+def _get(path: str) -> Getter:
+    def fn(cell: dict[str, Any]) -> Any:
+        v: Any = cell
+        for part in path.split("."):
+            if not isinstance(v, dict) or part not in v:
+                return None
+            v = v[part]
+        return v
+
+    return fn
+
+
+def _gib(cell: dict[str, Any]) -> Any:
+    b = cell.get("peak_memory_bytes")
+    return b / 2**30 if b else None
+
+
+def _success(cell: dict[str, Any]) -> Any:
+    c = cell.get("closed_loop")
+    return c.get("success_rate") if c else None
+
+
+def _side(side: str) -> Getter:
+    def fn(cell: dict[str, Any]) -> Any:
+        c = cell.get("closed_loop")
+        b = c.get("by_side", {}).get(side) if c else None
+        return b.get("success_rate") if b else None
+
+    return fn
+
+
+def metric_table(dims: list[str]) -> list[tuple[str, Getter, bool, str]]:
+    rows: list[tuple[str, Getter, bool, str]] = [
+        ("val_loss", _get("offline.val_loss"), False, "{:.4f}"),
+    ]
+    rows += [(f"rmse {d}", _get(f"offline.rmse.{d}"), False, "{:.4f}") for d in dims]
+    rows += [
+        ("direction accuracy", _get("offline.direction_accuracy.value"), True, "{:.3f}"),
+        (
+            "instruction sensitivity",
+            _get("offline.instruction_sensitivity.mean_abs_diff"),
+            True,
+            "{:.4f}",
+        ),
+        ("closed-loop success", _success, True, "{:.3f}"),
+        ("success (left)", _side("left"), True, "{:.3f}"),
+        ("success (right)", _side("right"), True, "{:.3f}"),
+        ("trainable params", _get("trainable_params"), False, "{:,.0f}"),
+        ("peak memory GiB", _gib, False, "{:.2f}"),
+        ("training time s", _get("train_time_s"), False, "{:.0f}"),
+    ]
+    return rows
+
+
+def _stats(values: list[Any]) -> dict[str, Any]:
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return {"mean": None, "std": None, "n": 0}
+    return {
+        "mean": float(np.mean(v)),
+        "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+        "n": len(v),
+    }
+
+
+def _fmt(s: dict[str, Any], fmt: str) -> str:
+    if s["mean"] is None:
+        return "n/a"
+    text = fmt.format(s["mean"])
+    if s["std"] is not None:
+        text += " ± " + fmt.format(s["std"])
+    return text
+
+
+def groups(results: dict[str, Any]) -> dict[tuple[str, bool, int], list[dict[str, Any]]]:
+    out: dict[tuple[str, bool, int], list[dict[str, Any]]] = defaultdict(list)
+    for cell in results["cells"].values():
+        k = cell["key"]
+        out[(k["strategy"], k["pretrained"], k["train_episodes"])].append(cell)
+    return out
+
+
+def pooled_success(cells: list[dict[str, Any]], side: str | None = None) -> dict[str, Any]:
+    k = n = 0
+    for c in cells:
+        cl = c.get("closed_loop")
+        if not cl:
+            continue
+        b = cl if side is None else cl.get("by_side", {}).get(side)
+        if b:
+            k += b["successes"]
+            n += b["episodes"]
+    lo, hi = wilson_interval(k, n)
+    return {"successes": k, "episodes": n, "rate": k / n if n else None, "ci95": [lo, hi]}
+
+
+def _largest(sizes: list[int]) -> int:
+    return 0 if 0 in sizes else max(sizes)
+
+
+def headline(results: dict[str, Any]) -> tuple[bool, int]:
+    keys = [c["key"] for c in results["cells"].values()]
+    pretrained = any(k["pretrained"] for k in keys)
+    return pretrained, _largest([k["train_episodes"] for k in keys])
+
+
+def compare_two(
+    a: list[dict[str, Any]], b: list[dict[str, Any]], getter: Getter, higher: bool
+) -> dict[str, Any]:
+    sa, sb = _stats([getter(c) for c in a]), _stats([getter(c) for c in b])
+    if sa["mean"] is None or sb["mean"] is None:
+        return {"verdict": "n/a"}
+    diff = sa["mean"] - sb["mean"]
+    if sa["std"] is None or sb["std"] is None:
+        return {"diff": diff, "se": None, "verdict": "no noise estimate (one seed)"}
+    se = math.sqrt(sa["std"] ** 2 / sa["n"] + sb["std"] ** 2 / sb["n"])
+    if abs(diff) <= 2 * se:
+        return {"diff": diff, "se": se, "verdict": "within noise"}
+    better_a = diff > 0 if higher else diff < 0
+    return {"diff": diff, "se": se, "verdict": "a" if better_a else "b"}
+
+
+def success_test(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    pa, pb = pooled_success(a), pooled_success(b)
+    if not pa["episodes"] or not pb["episodes"]:
+        return {"verdict": "n/a"}
+    p = (pa["successes"] + pb["successes"]) / (pa["episodes"] + pb["episodes"])
+    se = math.sqrt(max(p * (1 - p), 1e-12) * (1 / pa["episodes"] + 1 / pb["episodes"]))
+    z = (pa["rate"] - pb["rate"]) / se
+    verdict = "within noise" if abs(z) <= 1.96 else ("a" if z > 0 else "b")
+    return {"a": pa, "b": pb, "z": z, "verdict": verdict}
+
+
+def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
+    """Plain sentences: per metric, which strategy is best at the headline setting and whether
+    it beats the runner-up beyond noise; then what pretraining changed."""
+    g = groups(results)
+    pt, size = headline(results)
+    strategies = [s for s in results["study"]["strategies"] if (s, pt, size) in g]
+    lines: list[str] = []
+    setting = (
+        f"{'pretrained' if pt else 'randomly initialised'} backbone, "
+        f"{'all' if size == 0 else size} training episodes, {len(results['study']['seeds'])} "
+        "seed(s)"
+    )
+    if len(strategies) >= 2:
+        lines.append(f"Headline setting: {setting}.")
+        for name, getter, higher, fmt in metric_table(dims):
+            if name in ("success (left)", "success (right)"):
+                continue
+            means = {s: _stats([getter(c) for c in g[(s, pt, size)]])["mean"] for s in strategies}
+            ranked = [s for s in strategies if means[s] is not None]
+            if len(ranked) < 2:
+                continue
+            ranked.sort(key=lambda s: means[s], reverse=higher)
+            best, second = ranked[0], ranked[1]
+            if name == "closed-loop success":
+                test = success_test(g[(best, pt, size)], g[(second, pt, size)])
+                detail = (
+                    f"{test['a']['successes']}/{test['a']['episodes']} vs "
+                    f"{test['b']['successes']}/{test['b']['episodes']}, z = {test['z']:.2f}"
+                    if "z" in test
+                    else ""
+                )
+            else:
+                test = compare_two(g[(best, pt, size)], g[(second, pt, size)], getter, higher)
+                detail = f"{fmt.format(means[best])} vs {fmt.format(means[second])}"
+                if test.get("se"):
+                    detail += f", difference {test['diff']:+.4g} ± {test['se']:.2g} (1 s.e.)"
+            if test["verdict"] == "a":
+                lines.append(f"**{best}** is best on {name} ({detail}) — beyond noise.")
+            elif test["verdict"] == "within noise":
+                lines.append(
+                    f"{best} and {second} are **within noise** of each other on {name} ({detail})."
+                )
+            elif test["verdict"].startswith("no noise"):
+                lines.append(
+                    f"{best} leads on {name} ({detail}); one seed gives no noise estimate — "
+                    "add seeds before relying on it."
+                )
+    pairs = [(s, n) for (s, p, n) in g if p and (s, False, n) in g]
+    for s, n in sorted(pairs, key=lambda x: (x[1] != 0, -x[1], x[0])):
+        if n != size:
+            continue
+        for name, getter, higher, fmt in metric_table(dims):
+            if name not in ("rmse all", "closed-loop success", "instruction sensitivity"):
+                continue
+            if name == "closed-loop success":
+                test = success_test(g[(s, True, n)], g[(s, False, n)])
+                if "z" not in test:
+                    continue
+                detail = (
+                    f"{test['a']['successes']}/{test['a']['episodes']} vs "
+                    f"{test['b']['successes']}/{test['b']['episodes']}"
+                )
+            else:
+                test = compare_two(g[(s, True, n)], g[(s, False, n)], getter, higher)
+                if "diff" not in test:
+                    continue
+                a = _stats([getter(c) for c in g[(s, True, n)]])["mean"]
+                b = _stats([getter(c) for c in g[(s, False, n)]])["mean"]
+                detail = f"{fmt.format(a)} vs {fmt.format(b)}"
+            verdict = {
+                "a": "pretraining helps",
+                "b": "pretraining hurts",
+                "within noise": "pretraining makes no difference beyond noise",
+            }.get(test["verdict"], "pretrained vs random (one seed, no noise estimate)")
+            lines.append(f"{s}: {verdict} on {name} (pretrained vs random: {detail}).")
+    return lines
+
+
+def _plot_efficiency(results: dict[str, Any], out: Path, dims: list[str]) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = groups(results)
+    sizes = sorted({k[2] for k in g})
+    if len(sizes) < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    used = {c["key"]["train_episodes"]: c["episodes"]["train"] for c in results["cells"].values()}
+    for strategy, pt in sorted({(k[0], k[1]) for k in g}):
+        xs, ys, es, rs, res = [], [], [], [], []
+        for n in sizes:
+            cells = g.get((strategy, pt, n))
+            if not cells:
+                continue
+            xs.append(used[n])
+            s = _stats([_success(c) for c in cells])
+            r = _stats([_get("offline.rmse.all")(c) for c in cells])
+            ys.append(s["mean"] if s["mean"] is not None else np.nan)
+            es.append(s["std"] or 0.0)
+            rs.append(r["mean"] if r["mean"] is not None else np.nan)
+            res.append(r["std"] or 0.0)
+        style = "-o" if pt else "--s"
+        label = f"{strategy} ({'pretrained' if pt else 'random init'})"
+        axes[0].errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label)
+        axes[1].errorbar(xs, rs, yerr=res, fmt=style, capsize=3, label=label)
+    axes[0].set(xlabel="training episodes", ylabel="closed-loop success", ylim=(-0.02, 1.02))
+    axes[1].set(xlabel="training episodes", ylabel="validation RMSE (all dims)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.set_xscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Data efficiency (mean ± std over seeds)")
+    fig.tight_layout()
+    path = out / "figures" / "data_efficiency.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
+    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
+    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
+    h = "<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    h += "</tr></thead><tbody>"
+    h += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return md, h + "</tbody></table>"
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def build_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
+    g = groups(results)
+    first = next(iter(results["cells"].values()))
+    dims = [d for d in first["offline"].get("rmse", {}) if d != "all"] + ["all"]
+    pt, size = headline(results)
+    strategies = [s for s in results["study"]["strategies"] if (s, pt, size) in g]
+    md_parts = [
+        "# mobile-vla study report",
+        "",
+        f"{len(results['cells'])} cells: strategies {results['study']['strategies']}, seeds "
+        f"{results['study']['seeds']}, training episodes "
+        f"{[n or 'all' for n in results['study']['train_episodes']]}, pretrained "
+        f"{results['study']['pretrained']}; base config `{results.get('base_config', '')}`; "
+        f"closed loop: {results['study']['closed_loop']['episodes']} held-out episodes per cell "
+        f"(seed {results['study']['closed_loop']['seed']}, chunk "
+        f"{results['study']['closed_loop']['chunk']}).",
+        "",
+    ]
+    html_parts = [f"<p>{html.escape(md_parts[2])}</p>"]
+    summary: dict[str, Any] = {"headline": {"pretrained": pt, "train_episodes": size}}
+
+    # 1. the Case 3 vs Case 4 table
+    metrics = metric_table(dims)
+    header = ["metric (mean ± std over seeds)", *strategies]
+    rows = []
+    table_json: dict[str, Any] = {}
+    for name, getter, _, fmt in metrics:
+        row = [name]
+        for s in strategies:
+            st = _stats([getter(c) for c in g[(s, pt, size)]])
+            table_json.setdefault(s, {})[name] = st
+            row.append(_fmt(st, fmt))
+        rows.append(row)
+    for label, side in (
+        ("success, pooled [95% CI]", None),
+        ("success left, pooled", "left"),
+        ("success right, pooled", "right"),
+    ):
+        row = [label]
+        for s in strategies:
+            p = pooled_success(g[(s, pt, size)], side)
+            table_json.setdefault(s, {})[label] = p
+            row.append(
+                f"{p['successes']}/{p['episodes']} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
+                if p["episodes"]
+                else "n/a"
+            )
+        rows.append(row)
+    summary["main_table"] = table_json
+    title = (
+        f"Strategies ({'pretrained' if pt else 'random-init'} backbone, "
+        f"{'all' if size == 0 else size} training episodes)"
+    )
+    md, h = _table(header, rows)
+    md_parts += [f"## {title}", "", md]
+    html_parts += [f"<h2>{html.escape(title)}</h2>", h]
+
+    # 2. statement
+    lines = statement(results, dims)
+    summary["statement"] = lines
+    md_parts += ["## What the study says", "", *[f"- {line}" for line in lines], ""]
+    html_parts += [
+        "<h2>What the study says</h2><ul>"
+        + "".join("<li>" + html.escape(line).replace("**", "") + "</li>" for line in lines)
+        + "</ul>"
+    ]
+
+    # 3. data efficiency
+    plot = _plot_efficiency(results, out, dims)
+    if plot is not None:
+        md_parts += ["## Data efficiency", "", f"![data efficiency]({plot.relative_to(out)})", ""]
+        html_parts += ["<h2>Data efficiency</h2>", _img(plot, "data efficiency curves")]
+        header = ["strategy", "pretrained", "episodes", "success", "rmse all", "val_loss"]
+        rows = []
+        for (s, p, n), cells in sorted(g.items(), key=lambda x: (x[0][0], not x[0][1], x[0][2])):
+            rows.append(
+                [
+                    s,
+                    "yes" if p else "no",
+                    str(n or "all"),
+                    _fmt(_stats([_success(c) for c in cells]), "{:.3f}"),
+                    _fmt(_stats([_get("offline.rmse.all")(c) for c in cells]), "{:.4f}"),
+                    _fmt(_stats([_get("offline.val_loss")(c) for c in cells]), "{:.4f}"),
+                ]
+            )
+        md, h = _table(header, rows)
+        md_parts += [md]
+        html_parts += [h]
+
+    # 4. with / without vision-language pretraining
+    pairs = sorted((s, n) for (s, p, n) in g if p and (s, False, n) in g)
+    if pairs:
+        header = ["strategy", "episodes", "metric", "pretrained", "random init"]
+        rows = []
+        for s, n in pairs:
+            for name, getter, _, fmt in metrics:
+                if name in ("trainable params", "peak memory GiB", "training time s"):
+                    continue
+                rows.append(
+                    [
+                        s,
+                        str(n or "all"),
+                        name,
+                        _fmt(_stats([getter(c) for c in g[(s, True, n)]]), fmt),
+                        _fmt(_stats([getter(c) for c in g[(s, False, n)]]), fmt),
+                    ]
+                )
+        md, h = _table(header, rows)
+        md_parts += ["## With and without vision-language pretraining", "", md]
+        html_parts += ["<h2>With and without vision-language pretraining</h2>", h]
+
+    # 5. representations
+    if results.get("compare"):
+        header = [
+            "comparison",
+            "space",
+            "linear CKA",
+            "cosine (paired)",
+            "euclidean",
+            "KL",
+            "correlation",
+        ]
+        rows = []
+        for name, c in sorted(results["compare"].items()):
+            for space in ("context", "latent"):
+                b = c[space]
+                rows.append(
+                    [
+                        name,
+                        space,
+                        f"{b['cka']:.4f} ({b['cka_kind']})",
+                        _mean(b.get("cosine")),
+                        _mean(b.get("euclidean")),
+                        f"{b['kl']['symmetric']:.4f}"
+                        if isinstance(b.get("kl"), dict) and b["kl"].get("symmetric") is not None
+                        else "n/a",
+                        _mean(b.get("correlation")),
+                    ]
+                )
+        md, h = _table(header, rows)
+        md_parts += ["## Frozen vs LoRA: what the representations share", "", md]
+        html_parts += ["<h2>Frozen vs LoRA: what the representations share</h2>", h]
+        first_cmp = sorted(results["compare"].items())[0]
+        pca = Path(first_cmp[1]["folder"]) / "pca.png"
+        if pca.exists():
+            target = out / "figures" / "representations_pca.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(pca.read_bytes())
+            md_parts += [
+                f"![PCA of context vectors ({first_cmp[0]})]({target.relative_to(out)})",
+                "",
+            ]
+            html_parts += [_img(target, f"PCA of context vectors, {first_cmp[0]}")]
+    summary["cells"] = len(results["cells"])
+    return {"markdown": "\n".join(md_parts) + "\n", "html": "\n".join(html_parts), **summary}
+
+
+def _mean(v: Any) -> str:
+    if isinstance(v, dict):
+        if v.get("mean") is not None:
+            return f"{v['mean']:.4f}"
+        if v.get("value") is not None:
+            return f"{v['value']:.4f}"
+        return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else "n/a"
+
+
+def write_report(out: Path, results: dict[str, Any]) -> None:
+    report = build_report(results, out)
+    atomic_write_text(out / "report.md", report["markdown"])
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>mobile-vla study report</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}}
+table{{border-collapse:collapse;margin:0.5em 0 1.5em}}
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}th{{background:#f3f3f3}}
+img{{max-width:100%}}li{{margin:0.25em 0}}</style></head><body>
+<h1>mobile-vla study report</h1>
+{report["html"]}
+</body></html>
+"""
+    atomic_write_text(out / "report.html", page)
+    results = {
+        **results,
+        "report": {k: v for k, v in report.items() if k not in ("markdown", "html")},
+    }
+    atomic_write_json(out / "results.json", json.loads(json.dumps(results, default=float)))

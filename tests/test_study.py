@@ -1,0 +1,241 @@
+"""``mobile-vla study``: the grid, resuming after an interruption, the report, bad input, and
+the report in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mobile_vla.cli import main
+from mobile_vla.errors import ConfigError, MobileVLAError
+from mobile_vla.study import grid as grid_module
+from mobile_vla.study.grid import Study, StudyConfig, cells
+from mobile_vla.study.report import compare_two, success_test
+
+from .conftest import tiny_overrides
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def write_study(tmp: Path, data: Path, weights: Path, out: Path, **extra: object) -> Path:
+    overrides = [
+        o
+        for o in tiny_overrides(data, tmp)
+        if not o.startswith(("data.path", "trainer.output_dir", "data.val_fraction"))
+    ]
+    study = {
+        "base": str(CONFIGS / "base.yaml"),
+        "output_dir": str(out),
+        "data": {"path": str(data), "split_seed": 0},
+        "strategies": ["frozen", "lora"],
+        "seeds": [0],
+        "train_episodes": [6, 0],
+        "pretrained": [True, False],
+        "overrides": [
+            *overrides,
+            "data.val_fraction=0.25",
+            f"backbone.builtin.weights={weights}",
+            "trainer.max_steps=2",
+            "sim.image_size=[32,32]",
+            "sim.max_steps=12",
+        ],
+        "strategy_overrides": {"lora": ["train_setup.lora_lr=0.001"]},
+        "closed_loop": {"episodes": 2, "seed": 1000},
+        "compare_samples": 16,
+        **extra,
+    }
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(
+    train_data: Path, tiny_weights: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("study")
+    out = tmp / "out"
+    config = write_study(tmp, train_data, tiny_weights["tinyweights"], out)
+    # interrupted after the second cell ...
+    calls = {"n": 0}
+    original = grid_module.Study.run_cell
+
+    def flaky(self, cell, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, cell, data)
+
+    grid_module.Study.run_cell = flaky  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            Study(config, progress=False).run()
+    finally:
+        grid_module.Study.run_cell = original  # type: ignore[method-assign]
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["cells"]) == 2
+    first = Path(results["cells"][next(iter(results["cells"]))]["run"])
+    stamp = (first / "metrics.json").stat().st_mtime_ns
+    # ... and run again: the finished cells are kept, the rest run
+    assert main(["study", str(config), "-q"]) == 0
+    assert (first / "metrics.json").stat().st_mtime_ns == stamp  # not redone
+    return config, out
+
+
+def test_study_grid_resumes_and_reports(finished: tuple[Path, Path]) -> None:
+    _, out = finished
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["cells"]) == 8
+    assert set(results["compare"]) == {
+        f"frozen-vs-lora-{p}-{n}-s0" for p in ("pt", "rand") for n in ("n6", "nall")
+    }
+    for c in results["cells"].values():
+        assert c["closed_loop"]["episodes"] == 2
+        assert c["trainable_params"] > 0 and c["peak_memory_bytes"] > 0
+    sizes = {c["key"]["train_episodes"]: c["episodes"]["train"] for c in results["cells"].values()}
+    assert sizes[6] == 6 and sizes[0] > 6
+    lora = results["cells"]["lora-pt-nall-s0"]
+    frozen = results["cells"]["frozen-pt-nall-s0"]
+    assert lora["trainable_params"] > frozen["trainable_params"]
+    md = (out / "report.md").read_text()
+    for heading in (
+        "Strategies (pretrained backbone, all training episodes)",
+        "What the study says",
+        "Data efficiency",
+        "With and without vision-language pretraining",
+        "Frozen vs LoRA",
+    ):
+        assert heading in md
+    assert (out / "figures" / "data_efficiency.png").stat().st_size > 10_000
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2 and 'src="figures' not in page
+    assert results["report"]["statement"]
+
+
+def test_finished_study_is_not_redone_and_settings_are_guarded(
+    finished: tuple[Path, Path], capsys
+) -> None:
+    config, out = finished
+    before = (out / "results.json").read_text()
+    assert main(["study", str(config)]) == 0
+    log = capsys.readouterr().out
+    assert log.count("finished earlier, skipped") == 8
+    assert json.loads(before)["cells"] == json.loads((out / "results.json").read_text())["cells"]
+    changed = config.read_text().replace("trainer.max_steps=2", "trainer.max_steps=3")
+    other = config.with_name("changed.yaml")
+    other.write_text(changed)
+    assert main(["study", str(other)]) == 2
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_interrupted_training_inside_a_cell_resumes(
+    finished: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config, out = finished
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    text = config.read_text().replace(str(out), str(copy))
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(text)
+    results = json.loads((copy / "results.json").read_text())
+    del results["cells"]["lora-rand-n6-s0"]
+    (copy / "results.json").write_text(json.dumps(results))
+    run = copy / "cells" / "lora-rand-n6-s0"
+    (run / "train_stats.json").unlink()
+    (run / "metrics.json").unlink()
+    Study(cfg, progress=False).run()
+    log = (copy / "logs" / "lora-rand-n6-s0.log").read_text()
+    assert "train --resume" in log
+    assert "lora-rand-n6-s0" in json.loads((copy / "results.json").read_text())["cells"]
+
+
+def test_study_config_errors(tmp_path: Path, train_data: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": str(CONFIGS / "base.yaml"), "strategies": ["frozn"]}))
+    with pytest.raises(ConfigError, match=r"strategies\[0\].*one of frozen, lora"):
+        Study(bad)
+    bad.write_text(yaml.safe_dump({"base": "nope.yaml"}))
+    with pytest.raises(ConfigError, match=r"'nope.yaml' not found"):
+        Study(bad)
+    bad.write_text(
+        yaml.safe_dump(
+            {"base": str(CONFIGS / "base.yaml"), "strategy_overrides": {"full": ["seed=1"]}}
+        )
+    )
+    with pytest.raises(ConfigError, match=r"strategy_overrides\.full"):
+        Study(bad)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_text("{")
+    bad.write_text(yaml.safe_dump({"base": str(CONFIGS / "base.yaml"), "output_dir": str(out)}))
+    with pytest.raises(MobileVLAError, match="not valid JSON"):
+        Study(bad, progress=False).run()
+
+
+def test_grid_order_and_noise_rules() -> None:
+    study = StudyConfig(
+        strategies=["frozen", "lora"],
+        seeds=[0, 1],
+        train_episodes=[10, 0],
+        pretrained=[False, True],
+    )
+    ids = [c.id for c in cells(study)]
+    assert len(ids) == 16 and ids[0] == "frozen-pt-nall-s0" and ids[-1] == "lora-rand-n10-s1"
+
+    def cell(v: float, k: int = 0, n: int = 0) -> dict:
+        return {
+            "offline": {"val_loss": v},
+            "closed_loop": {"successes": k, "episodes": n, "success_rate": k / n if n else 0},
+        }
+
+    get = lambda c: c["offline"]["val_loss"]  # noqa: E731
+    assert (
+        compare_two([cell(1.0), cell(1.1)], [cell(1.05), cell(1.12)], get, False)["verdict"]
+        == "within noise"
+    )
+    assert (
+        compare_two([cell(1.0), cell(1.01)], [cell(2.0), cell(2.01)], get, False)["verdict"] == "a"
+    )
+    assert compare_two([cell(1.0)], [cell(2.0)], get, False)["verdict"].startswith("no noise")
+    assert success_test([cell(0, 20, 24)], [cell(0, 4, 24)])["verdict"] == "a"
+    assert success_test([cell(0, 12, 24)], [cell(0, 10, 24)])["verdict"] == "within noise"
+
+
+def test_report_renders_in_headless_chromium(finished: tuple[Path, Path], tmp_path: Path) -> None:
+    """Open report.html in Debian's Chromium (installed by `make test`): no console errors,
+    every image decoded, and a screenshot."""
+    from playwright.sync_api import sync_playwright  # a dev dependency (make install)
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is installed by `make test` (Makefile sysdeps)"
+    _, out = finished
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto((out / "report.html").resolve().as_uri())
+        page.wait_for_load_state("load")
+        images = page.evaluate(
+            "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])"
+        )
+        shot = tmp_path / "report.png"
+        page.screenshot(path=str(shot), full_page=True)
+        browser.close()
+    assert not errors, errors
+    assert len(images) >= 2 and all(ok and width > 0 for ok, width, _ in images), images
+    assert shot.stat().st_size > 20_000
