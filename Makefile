@@ -7,9 +7,11 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+PRETRAIN_DIR ?= runs/pretrain
+PRETRAIN_IMAGES ?= 12000
 PYTEST_ARGS ?=
 
-.PHONY: install sysdeps demo test lint bench clean
+.PHONY: install sysdeps demo pretrain test lint bench clean
 
 install: $(STAMP)
 
@@ -21,23 +23,33 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 # MuJoCo renders headless through EGL (Mesa) or OSMesa; install them when neither is present.
+# The study report's browser test opens the report in Debian's Chromium.
 sysdeps:
-	@if /sbin/ldconfig -p 2>/dev/null | grep -Eq 'libEGL_mesa\.so\.0|libOSMesa\.so'; then :; else \
-	  echo "installing the GL libraries MuJoCo needs for headless rendering"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	@SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); PKGS=""; \
+	if ! /sbin/ldconfig -p 2>/dev/null | grep -Eq 'libEGL_mesa\.so\.0|libOSMesa\.so'; then \
+	  PKGS="libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri libosmesa6"; fi; \
+	if ! command -v chromium >/dev/null 2>&1; then PKGS="$$PKGS chromium"; fi; \
+	if [ -n "$$PKGS" ]; then \
+	  echo "installing system packages:$$PKGS"; \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri libosmesa6 >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$PKGS >/dev/null; \
 	fi
 
+# The quick study on the built-in backbone: frozen (Case 3) vs LoRA (Case 4) x 2 seeds x 2
+# data sizes x pretrained / random init; trains, evaluates, compares, writes the report.
 demo: install
-	$(BIN)/mobile-vla collect --out $(DEMO_DIR)/data --episodes 48 --workers 2 --seed 0 \
-	  --sim.image_size=[96,96]
-	$(BIN)/mobile-vla inspect $(DEMO_DIR)/data
-	rm -rf $(DEMO_DIR)/runs/frozen
-	$(BIN)/mobile-vla train configs/builtin_frozen.yaml --data.path=$(DEMO_DIR)/data \
-	  --trainer.output_dir=$(DEMO_DIR)/runs --trainer.run_name=frozen --trainer.max_epochs=1
-	$(BIN)/mobile-vla eval $(DEMO_DIR)/runs/frozen
+	$(BIN)/mobile-vla study configs/study_quick.yaml --output_dir=$(DEMO_DIR)
+
+# Rebuild the built-in backbone's shipped vision-language weights (corpus + training +
+# evaluation + export), then copy them into the package.
+pretrain: install
+	rm -rf $(PRETRAIN_DIR)
+	$(BIN)/mobile-vla pretrain-data --out $(PRETRAIN_DIR)/corpus --images $(PRETRAIN_IMAGES) \
+	  --workers 2 --seed 0
+	$(BIN)/mobile-vla pretrain configs/pretrain.yaml --data $(PRETRAIN_DIR)/corpus \
+	  --out $(PRETRAIN_DIR)/run
+	cp $(PRETRAIN_DIR)/run/export/builtin-vl.safetensors $(PRETRAIN_DIR)/run/export/builtin-vl.json \
+	  $(PRETRAIN_DIR)/run/export/MODEL_CARD.md src/mobile_vla/weights/
 
 test: install
 	$(BIN)/ruff check src tests bench

@@ -5,7 +5,9 @@
 1. ``/predict`` p50 / p99 latency over loopback with window 8 on the built-in backbone
    (configs/builtin_base.yaml), history cache on (one new frame encoded per request) vs off
    (the whole window re-encoded per request), and the ratio.
-2. Four concurrent sessions, each a robot at 10 Hz, for ``--soak`` seconds against the cached
+2. The control step in process (the closed loop's controller: observe a frame + predict the
+   chunk, no HTTP, no JPEG), history cache vs re-encoding the window, and the ratio.
+3. Four concurrent sessions, each a robot at 10 Hz, for ``--soak`` seconds against the cached
    server: the share of responses under 1 s (the robot's deadline).
 """
 
@@ -129,6 +131,41 @@ def soak(
     return counts["total"], counts["late"], worst[0]
 
 
+def control_steps(run: Path, steps: int) -> dict[bool, np.ndarray]:
+    """In-process control-step latency (ms): PolicyController with and without the cache."""
+    import torch
+
+    from mobile_vla.config import SimConfig
+    from mobile_vla.evaluation.closed_loop import PolicyController
+    from mobile_vla.sim.env import NavEnv
+    from mobile_vla.sim.scenario import make_scenario
+    from mobile_vla.training.run import load_policy
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    policy, cfg = load_policy(run, "last")
+    sim = SimConfig()
+    with NavEnv(sim) as env:
+        obs = env.reset(make_scenario(3, "1box", "left", "medium", sim))
+        images = [obs["image"]]
+        for _ in range(29):
+            obs, _ = env.step([0.5, 0.3, 0.0])
+            images.append(obs["image"])
+    text = "Navigate around obstacles and reach the front of the beverage bottle on the left"
+    out = {}
+    for cache in (True, False):
+        ctl = PolicyController(policy, cfg, cache_features=cache)
+        ctl.reset(None)
+        times = []
+        for i in range(steps + 10):
+            t0 = time.perf_counter()
+            ctl.observe(images[i % len(images)], text)
+            ctl.chunk(text)
+            if i >= 10:  # after a full window of history
+                times.append((time.perf_counter() - t0) * 1000)
+        out[cache] = np.asarray(times)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -167,6 +204,7 @@ def main() -> None:
             capture_output=True,
         )
         run = tmp_path / "run"
+        steps = control_steps(run, args.requests)
         frames = camera_frames(30)
         results = {}
         for cache in (True, False):
@@ -189,6 +227,15 @@ def main() -> None:
                 f"{np.percentile(lat, 99):7.1f} ms"
             )
         ratio = np.percentile(results[False], 50) / np.percentile(results[True], 50)
+        print(f"  ratio (p50, re-encode / cache): {ratio:.1f}x")
+        print(f"control step in process (observe + chunk, no HTTP), {args.requests} steps:")
+        for cache, name in ((True, "history cache"), (False, "re-encode window")):
+            lat = steps[cache]
+            print(
+                f"  {name:<17} p50 {np.percentile(lat, 50):7.1f} ms   p99 "
+                f"{np.percentile(lat, 99):7.1f} ms"
+            )
+        ratio = np.percentile(steps[False], 50) / np.percentile(steps[True], 50)
         print(f"  ratio (p50, re-encode / cache): {ratio:.1f}x")
         if args.soak > 0:
             print(

@@ -288,6 +288,93 @@ def cmd_compare(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.config import PretrainConfig
+    from mobile_vla.pretraining.train import pretrain
+
+    extra = [f"--data={args.data}"] if args.data is not None else []
+    if args.resume:
+        if args.config is not None or overrides or extra:
+            raise MobileVLAError(
+                "pretrain --resume takes no config, --data or overrides: it uses the run's own"
+            )
+        cfg = load_config(args.out / "config.yaml", cls=PretrainConfig)
+    else:
+        cfg = load_config(args.config, [*extra, *overrides], cls=PretrainConfig)
+        if not cfg.data:
+            raise MobileVLAError("pretrain needs a corpus: --data DIR (or 'data:' in the config)")
+    command = " ".join(
+        ["mobile-vla pretrain", *(sys.argv[2:] if sys.argv[1:2] == ["pretrain"] else [])]
+    )
+    out = pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command)
+    m = json.loads((out / "metrics.json").read_text())["summary"]
+    print(format_pretrain_metrics(m))
+    print(f"wrote {out / 'export'} (weights, model card)")
+    return 0
+
+
+def format_pretrain_metrics(m: dict) -> str:
+    return "\n".join(
+        [
+            f"held-out retrieval among {m['candidates']} ({m['retrieval_images']} images, "
+            f"chance R@1 {m['chance_r1']:.3f}):",
+            f"  ITC  R@1 {m['r1_itc']:.3f}  R@5 {m['r5_itc']:.3f}   "
+            f"ITM  R@1 {m['r1_itm']:.3f}  R@5 {m['r5_itm']:.3f}",
+            f"left/right probe ({m['probe_scenes']} scenes): ITC {m['left_right_itc']:.3f}  "
+            f"ITM {m['left_right_itm']:.3f}",
+            f"colour accuracy ({m['colour_objects']} objects): ITC {m['colour_itc']:.3f}  "
+            f"ITM {m['colour_itm']:.3f}",
+            f"object-type accuracy ({m['shape_objects']} objects): ITC {m['shape_itc']:.3f}  "
+            f"ITM {m['shape_itm']:.3f}",
+        ]
+    )
+
+
+def cmd_pretrain_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.io import atomic_write_json
+    from mobile_vla.pretraining.corpus import load_corpus
+    from mobile_vla.pretraining.evaluate import evaluate
+    from mobile_vla.pretraining.train import load_run
+
+    refuse_overrides(overrides, "pretrain-eval")
+    if (args.run is None) == (args.weights is None):
+        raise MobileVLAError("pretrain-eval takes a run folder or --weights FILE (one of them)")
+    if args.run is not None:
+        model, cfg, _ = load_run(args.run)
+        data = args.data or cfg.data
+    else:
+        from mobile_vla.config import PretrainConfig
+        from mobile_vla.pretraining.train import load_weights_file
+
+        if args.data is None:
+            raise MobileVLAError("pretrain-eval --weights needs --data CORPUS")
+        model, cfg = load_weights_file(args.weights), PretrainConfig()
+        data = args.data
+    metrics = evaluate(model, load_corpus(data), cfg, args.limit, progress=not args.quiet)
+    if args.run is not None and args.limit is None and args.data is None:
+        atomic_write_json(args.run / "metrics.json", metrics)
+    print(format_pretrain_metrics(metrics["summary"]))
+    return 0
+
+
+def cmd_study(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.study.grid import Study
+
+    study = Study(args.config, [o.removeprefix("--") for o in overrides], progress=not args.quiet)
+    if args.report_only:
+        from mobile_vla.study.report import write_report
+
+        results = study.load_results()
+        if not results["cells"]:
+            raise MobileVLAError(f"study folder '{study.out}' has no finished cells yet")
+        write_report(study.out, results)
+    else:
+        study.run()
+    print((study.out / "report.md").read_text().split("## What the study says")[0].strip())
+    print(f"\nreport: {study.out / 'report.html'}")
+    return 0
+
+
 def cmd_pretrain_data(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.pretraining.corpus import build_corpus, load_corpus
 
@@ -474,6 +561,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="YAML to write (default: stdout)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_import_config)
+    p = sub.add_parser(
+        "study", help="strategies x seeds x data sizes x pretraining: train, evaluate, report"
+    )
+    p.add_argument("config", type=Path, help="study YAML (configs/study_quick.yaml, ...)")
+    p.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from results.json"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only the final table")
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser(
+        "pretrain", help="vision-language pretraining of the built-in backbone on a corpus"
+    )
+    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML PretrainConfig")
+    p.add_argument("--data", type=Path, default=None, help="caption corpus folder")
+    p.add_argument("--out", type=Path, required=True, help="pretraining run folder")
+    p.add_argument("--resume", action="store_true", help="continue --out from checkpoints/last")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser(
+        "pretrain-eval", help="retrieval and probes of a pretraining run or a weights file"
+    )
+    p.add_argument("run", type=Path, nargs="?", default=None, help="pretraining run folder")
+    p.add_argument(
+        "--weights", type=Path, default=None, help="an exported .safetensors (e.g. the shipped)"
+    )
+    p.add_argument("--data", type=Path, default=None, help="corpus (default: the run's)")
+    p.add_argument("--limit", type=int, default=None, help="held-out images (default: all)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain_eval)
     return parser
 
 

@@ -164,8 +164,9 @@ class PrefixCache:
 
 
 class CachedPrefixDataset(Dataset):
-    """An :class:`EpisodeDataset` whose samples carry the cached prefix of each window frame
-    (``prefix_kv`` (W, L, 2, P, D), ``prefix_mask`` (P,)) instead of images."""
+    """An :class:`EpisodeDataset` whose samples name the cached prefix of each window frame
+    (``prefix_ref`` (W, 2): episode, frame) instead of carrying images; :meth:`collate`
+    reads each distinct frame of a batch once, straight into the batch tensor."""
 
     def __init__(self, base: EpisodeDataset, cache: PrefixCache) -> None:
         self.base, self.cache = base, cache
@@ -180,9 +181,31 @@ class CachedPrefixDataset(Dataset):
         from mobile_vla.data.dataset import window_indices
 
         sample = self.base.sample(i, images=False)
-        ep = self.base.episodes[sample["episode"]]
         frame_idx, _ = window_indices(sample["frame"], self.base.cfg.window_size)
-        kv, mask = self.cache.get(ep)
-        sample["prefix_kv"] = torch.from_numpy(np.ascontiguousarray(kv[frame_idx]))
-        sample["prefix_mask"] = torch.from_numpy(mask)
+        ref = np.stack([np.full(len(frame_idx), sample["episode"]), frame_idx], axis=1)
+        sample["prefix_ref"] = torch.from_numpy(ref.astype(np.int64))
         return sample
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The default collate, plus ``prefix_kv`` (U, L, 2, P, D) and ``prefix_mask`` (U, P)
+        for the U distinct frames of the batch and ``prefix_index`` (B, W) into them."""
+        from mobile_vla.training.module import collate
+
+        batch = collate(samples)
+        refs = batch.pop("prefix_ref")  # (B, W, 2)
+        unique, inverse = torch.unique(refs.view(-1, 2), dim=0, return_inverse=True)
+        first_ep = self.base.episodes[int(unique[0, 0])]
+        kv0, mask0 = self.cache.get(first_ep)
+        kv = torch.empty((len(unique), *kv0.shape[1:]), dtype=torch.float32)
+        mask = torch.empty((len(unique), mask0.shape[0]), dtype=torch.bool)
+        out, out_mask = kv.numpy(), mask.numpy()
+        u = unique.numpy()
+        for e in np.unique(u[:, 0]):
+            rows = np.nonzero(u[:, 0] == e)[0]
+            ep_kv, ep_mask = self.cache.get(self.base.episodes[int(e)])
+            np.take(ep_kv, u[rows, 1], axis=0, out=out[rows[0] : rows[-1] + 1])
+            out_mask[rows] = ep_mask
+        batch["prefix_kv"] = kv
+        batch["prefix_mask"] = mask
+        batch["prefix_index"] = inverse.view(refs.shape[:2])
+        return batch

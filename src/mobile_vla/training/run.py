@@ -75,13 +75,19 @@ def make_loaders(cfg: Config, bundle: DataBundle) -> tuple[DataLoader, DataLoade
     from mobile_vla.training.module import EpochSampler, collate
 
     t = cfg.trainer
-    kw: dict[str, Any] = {
-        "batch_size": t.batch_size,
-        "collate_fn": collate,
-        "num_workers": t.num_workers,
-    }
-    train = DataLoader(bundle.train, sampler=EpochSampler(len(bundle.train), cfg.seed, True), **kw)
-    val = DataLoader(bundle.val, sampler=EpochSampler(len(bundle.val), cfg.seed, False), **kw)
+    kw: dict[str, Any] = {"batch_size": t.batch_size, "num_workers": t.num_workers}
+    train = DataLoader(
+        bundle.train,
+        sampler=EpochSampler(len(bundle.train), cfg.seed, True),
+        collate_fn=getattr(bundle.train, "collate", collate),
+        **kw,
+    )
+    val = DataLoader(
+        bundle.val,
+        sampler=EpochSampler(len(bundle.val), cfg.seed, False),
+        collate_fn=getattr(bundle.val, "collate", collate),
+        **kw,
+    )
     return train, val
 
 
