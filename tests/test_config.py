@@ -115,8 +115,19 @@ def test_repository_configs_load() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("*.yaml"))
     assert files, "configs/ has no YAML files"
+    from mobile_vla.config import PretrainConfig
+    from mobile_vla.study.grid import load_study
+
+    kinds = {"pretrain.yaml": "pretrain", "study_quick.yaml": "study", "study_full.yaml": "study"}
     for path in files:
-        load_config(path)
+        kind = kinds.get(path.name, "policy")
+        if kind == "pretrain":
+            load_config(path, cls=PretrainConfig)
+        elif kind == "study":
+            load_study(path)
+        else:
+            load_config(path)
+    assert set(kinds) <= {p.name for p in files}
 
 
 def test_base_yaml_spells_out_every_default() -> None:

@@ -131,7 +131,10 @@ def test_train_subsets_are_nested_and_stratified(tmp_path: Path) -> None:
     assert len(small) == 8 and len(large) == 20
     assert {e.path for e in small} <= {e.path for e in large}
     assert Counter(e.scenario for e in small) == {
-        "1box_left": 2, "1box_right": 2, "2box_left": 2, "2box_right": 2
+        "1box_left": 2,
+        "1box_right": 2,
+        "2box_left": 2,
+        "2box_right": 2,
     }
     assert train_subset(train, 8, 4) != small
     assert train_subset(train, 0, 3) == list(train)

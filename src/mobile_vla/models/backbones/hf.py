@@ -34,7 +34,13 @@ def load_pretrained(cls: Any, source: str, pretrained: bool = True) -> Any:
         if not pretrained:
             from transformers import AutoConfig
 
-            return cls._from_config(AutoConfig.from_pretrained(source)).train()
+            try:
+                return cls._from_config(AutoConfig.from_pretrained(source)).train()
+            except (AttributeError, TypeError, KeyError) as exc:
+                raise ConfigError(
+                    f"config key 'backbone.path': {source!r} does not configure a "
+                    f"{cls.__name__} ({_why(exc)})"
+                ) from None
         model = cls.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ConfigError(
