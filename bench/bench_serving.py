@@ -166,6 +166,18 @@ def control_steps(run: Path, steps: int) -> dict[bool, np.ndarray]:
     return out
 
 
+def print_pair(latency: dict[bool, np.ndarray]) -> None:
+    """p50 / p99 with and without the history cache (ms), and their p50 ratio."""
+    for cache, name in ((True, "history cache"), (False, "re-encode window")):
+        lat = latency[cache]
+        print(
+            f"  {name:<17} p50 {np.percentile(lat, 50):7.1f} ms   p99 "
+            f"{np.percentile(lat, 99):7.1f} ms"
+        )
+    ratio = np.percentile(latency[False], 50) / np.percentile(latency[True], 50)
+    print(f"  ratio (p50, re-encode / cache): {ratio:.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
@@ -220,23 +232,9 @@ def main() -> None:
             f"/predict over loopback, built-in backbone, window 8, chunk 10, 224x224 JPEG in, "
             f"{args.requests} sequential requests after 10 warm-up:"
         )
-        for cache, name in ((True, "history cache"), (False, "re-encode window")):
-            lat = results[cache]
-            print(
-                f"  {name:<17} p50 {np.percentile(lat, 50):7.1f} ms   p99 "
-                f"{np.percentile(lat, 99):7.1f} ms"
-            )
-        ratio = np.percentile(results[False], 50) / np.percentile(results[True], 50)
-        print(f"  ratio (p50, re-encode / cache): {ratio:.1f}x")
+        print_pair(results)
         print(f"control step in process (observe + chunk, no HTTP), {args.requests} steps:")
-        for cache, name in ((True, "history cache"), (False, "re-encode window")):
-            lat = steps[cache]
-            print(
-                f"  {name:<17} p50 {np.percentile(lat, 50):7.1f} ms   p99 "
-                f"{np.percentile(lat, 99):7.1f} ms"
-            )
-        ratio = np.percentile(steps[False], 50) / np.percentile(steps[True], 50)
-        print(f"  ratio (p50, re-encode / cache): {ratio:.1f}x")
+        print_pair(steps)
         if args.soak > 0:
             print(
                 f"4 concurrent sessions at 10 Hz for {args.soak:.0f} s: {total - late}/{total} "

@@ -243,7 +243,7 @@ def build_model(cfg: PretrainConfig) -> PretrainModel:
     return PretrainModel(cfg.backbone, cfg.temperature)
 
 
-def _check_corpus(cfg: PretrainConfig, corpus: Corpus) -> None:
+def _check_corpus(corpus: Corpus) -> None:
     if not corpus.split("train"):
         raise MobileVLAError(f"corpus folder '{corpus.folder}' has no training images")
     if not corpus.split("val"):
@@ -277,7 +277,7 @@ def pretrain(
             f"pretraining run folder '{out}' is not empty; use --resume to continue it"
         )
     corpus = load_corpus(cfg.data)
-    _check_corpus(cfg, corpus)
+    _check_corpus(corpus)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_config(cfg, out / "config.yaml")

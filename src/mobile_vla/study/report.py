@@ -209,10 +209,8 @@ def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
                     f"{best} leads on {name} ({detail}); one seed gives no noise estimate — "
                     "add seeds before relying on it."
                 )
-    pairs = [(s, n) for (s, p, n) in g if p and (s, False, n) in g]
-    for s, n in sorted(pairs, key=lambda x: (x[1] != 0, -x[1], x[0])):
-        if n != size:
-            continue
+    n = size
+    for s in sorted(s for (s, p, k) in g if p and k == n and (s, False, n) in g):
         for name, getter, higher, fmt in metric_table(dims):
             if name not in ("rmse all", "closed-loop success", "instruction sensitivity"):
                 continue
