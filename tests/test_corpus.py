@@ -86,3 +86,60 @@ def test_bad_corpus_folders(tmp_path: Path, corpus: Path) -> None:
     assert main(["pretrain-data", "--out", str(corpus), "--images", "2", "-q"]) == 2  # not empty
     manifest = json.loads((corpus / "manifest.json").read_text())
     assert manifest["command"] == "" and manifest["images"] == 60
+
+
+def _render(renderer, scene, size: int) -> np.ndarray:
+    import mujoco
+
+    from mobile_vla.sim.caption_scenes import scene_xml
+
+    model = mujoco.MjModel.from_xml_string(scene_xml(scene, size))
+    data = mujoco.MjData(model)
+    mujoco.mj_forward(model, data)
+    return renderer.render(model, data, "cam")
+
+
+def test_every_object_is_wholly_in_view() -> None:
+    """Each object, removed from its scene, changes pixels inside the image and none on its
+    border: the captions only name what the image shows. ``in_view`` refuses a scene with an
+    object pushed out to the side."""
+    from dataclasses import replace
+
+    from mobile_vla.sim.caption_scenes import in_view
+    from mobile_vla.sim.gl import ModelRenderer, ensure_gl_backend
+
+    ensure_gl_backend()
+    size = 64
+    with ModelRenderer(size, size) as renderer:
+        for seed in range(25):
+            scene = sample_scene(seed)
+            assert in_view(scene)
+            full = _render(renderer, scene, size).astype(int)
+            for k in range(len(scene.objects)):
+                rest = replace(scene, objects=scene.objects[:k] + scene.objects[k + 1 :])
+                changed = np.abs(full - _render(renderer, rest, size)).sum(-1) > 0
+                assert changed.sum() >= 4, (seed, scene.objects[k])
+                border = np.concatenate([changed[0], changed[-1], changed[:, 0], changed[:, -1]])
+                assert not border.any(), (seed, scene.objects[k])
+        scene = sample_scene(3)
+        aside = replace(scene.objects[0], y=scene.objects[0].y + 1.5)
+        assert not in_view(replace(scene, objects=(aside, *scene.objects[1:])))
+
+
+def test_one_gl_context_renders_what_mujoco_renderer_renders() -> None:
+    import mujoco
+
+    from mobile_vla.sim.caption_scenes import scene_xml
+    from mobile_vla.sim.gl import ModelRenderer, ensure_gl_backend
+
+    ensure_gl_backend()
+    with ModelRenderer(48, 48) as renderer:
+        for seed in (1, 2):
+            scene = sample_scene(seed)
+            ours = _render(renderer, scene, 48)
+            model = mujoco.MjModel.from_xml_string(scene_xml(scene, 48))
+            data = mujoco.MjData(model)
+            mujoco.mj_forward(model, data)
+            with mujoco.Renderer(model, 48, 48) as reference:
+                reference.update_scene(data, camera="cam")
+                np.testing.assert_array_equal(ours, reference.render())

@@ -47,6 +47,16 @@ def _scene_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, 7_777_777, index]).generate_state(1)[0])
 
 
+_RENDERER: Any = None
+
+
+def _close_renderer() -> None:
+    global _RENDERER
+    if _RENDERER is not None:
+        _RENDERER.close()
+        _RENDERER = None
+
+
 def _render_chunk(args: tuple[list[int], int, int, int, float]) -> list[tuple[int, Any, dict]]:
     from mobile_vla.sim.caption_scenes import captions, left_right_probe, sample_scene, scene_xml
     from mobile_vla.sim.gl import ensure_gl_backend
@@ -54,17 +64,21 @@ def _render_chunk(args: tuple[list[int], int, int, int, float]) -> list[tuple[in
     ensure_gl_backend()
     import mujoco
 
+    from mobile_vla.sim.gl import ModelRenderer
+
     indices, seed, size, per_image, val_fraction = args
     out = []
+    global _RENDERER
+    if _RENDERER is None or _RENDERER.width != size:
+        _close_renderer()
+        _RENDERER = ModelRenderer(size, size)  # one GL context per worker process
     for i in indices:
         s = _scene_seed(seed, i)
         scene = sample_scene(s)
         model = mujoco.MjModel.from_xml_string(scene_xml(scene, size))
         data = mujoco.MjData(model)
         mujoco.mj_forward(model, data)
-        with mujoco.Renderer(model, size, size) as renderer:
-            renderer.update_scene(data, camera="cam")
-            image = renderer.render().copy()
+        image = _RENDERER.render(model, data, "cam")
         rng = np.random.default_rng([s, 1])
         split = "val" if rng.random() < val_fraction else "train"
         texts, facts = captions(scene, rng, per_image)
@@ -114,16 +128,19 @@ def build_corpus(
         arr = np.lib.format.open_memmap(
             tmp, mode="w+", dtype=np.uint8, shape=(images, size, size, 3)
         )
-        results = (
-            map(_render_chunk, jobs)
-            if workers <= 1
-            else mp.get_context("spawn").Pool(workers).imap_unordered(_render_chunk, jobs)
-        )
-        for chunk in results:
-            for i, image, record in chunk:
-                arr[i] = image
-                records[i] = record
-            bar.update(len(chunk))
+        pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+        try:
+            results = pool.imap_unordered(_render_chunk, jobs) if pool else map(_render_chunk, jobs)
+            for chunk in results:
+                for i, image, record in chunk:
+                    arr[i] = image
+                    records[i] = record
+                bar.update(len(chunk))
+        finally:
+            if pool:
+                pool.close()
+                pool.join()
+            _close_renderer()
         arr.flush()
         del arr
     bar.close()

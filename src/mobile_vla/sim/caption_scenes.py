@@ -35,8 +35,9 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "cyan": (0.1, 0.8, 0.85),
 }
 SHAPES = ("box", "bottle", "basket", "cylinder", "sphere")
-LATERAL = {"left": 0.55, "centre": 0.0, "right": -0.55}
-DEPTH = {"near": 1.1, "far": 2.1}
+SIZES = ("small", "large")
+LATERAL = {"left": 0.45, "centre": 0.0, "right": -0.45}
+DEPTH = {"near": 1.1, "far": 1.8}
 
 TRAIN_TEMPLATES = {
     "single": ("{ac} {s}", "a {size} {c} {s}", "there is {ac} {s}", "a photo of {ac} {s}"),
@@ -87,44 +88,138 @@ class CaptionScene:
     camera_yaw_deg: float
 
 
+FOVY_DEG = 75.0
+SIZE_SCALE = {"small": 1.4, "large": 2.0}
+
+
+def _extent(shape: str, size: str) -> tuple[float, float]:
+    """(half width, height) in metres of an object as :func:`_geom` builds it."""
+    k = SIZE_SCALE[size]
+    half, height = {
+        "box": (0.09, 0.18),
+        "sphere": (0.08, 0.16),
+        "cylinder": (0.07, 0.2),
+        "bottle": (0.045, 0.24),
+        "basket": (0.12, 0.16),
+    }[shape]
+    return half * k, height * k
+
+
+def camera_axes(scene: CaptionScene) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The camera's right and up axes in the world (it looks along up x right)."""
+    tilt = math.radians(scene.camera_tilt_deg)
+    yaw = math.radians(scene.camera_yaw_deg)
+    right = (math.sin(yaw), -math.cos(yaw), 0.0)
+    up = (math.sin(tilt) * math.cos(yaw), math.sin(tilt) * math.sin(yaw), math.cos(tilt))
+    return right, up
+
+
+def image_boxes(scene: CaptionScene) -> list[tuple[float, float, float, float] | None]:
+    """Per object, its bounding box in the image as (u0, u1, v0, v1) in units of the focal
+    length (the image spans +-tan(fovy / 2)), from the corners of its 3-D bounding box through
+    the pinhole camera; None when part of it is behind the camera."""
+    right, up = camera_axes(scene)
+    forward = (  # up x right: MuJoCo cameras look along -z = -(right x up)
+        up[1] * right[2] - up[2] * right[1],
+        up[2] * right[0] - up[0] * right[2],
+        up[0] * right[1] - up[1] * right[0],
+    )
+    boxes: list[tuple[float, float, float, float] | None] = []
+    for o in scene.objects:
+        half, height = _extent(o.shape, o.size)
+        us, vs = [], []
+        for dx in (-half, half):
+            for dy in (-half, half):
+                for z in (0.0, height):
+                    r = (o.x + dx, o.y + dy, z - scene.camera_height)
+                    depth = sum(a * b for a, b in zip(r, forward, strict=True))
+                    if depth <= 0.1:
+                        break
+                    us.append(sum(a * b for a, b in zip(r, right, strict=True)) / depth)
+                    vs.append(sum(a * b for a, b in zip(r, up, strict=True)) / depth)
+        boxes.append((min(us), max(us), min(vs), max(vs)) if len(us) == 8 else None)
+    return boxes
+
+
+def in_view(scene: CaptionScene, margin: float = 0.92, hidden: float = 0.35) -> bool:
+    """Whether every object lies wholly inside the image (within ``margin`` of the half field
+    of view) and no object has more than ``hidden`` of its image box covered by a nearer one,
+    so each caption is about something the image shows."""
+    limit = math.tan(math.radians(FOVY_DEG) / 2) * margin
+    boxes = image_boxes(scene)
+    for box in boxes:
+        if box is None or max(abs(v) for v in box) > limit:
+            return False
+    for i, far in enumerate(scene.objects):
+        fb = boxes[i]
+        assert fb is not None
+        area = (fb[1] - fb[0]) * (fb[3] - fb[2])
+        for j, near in enumerate(scene.objects):
+            nb = boxes[j]
+            assert nb is not None
+            if near.x >= far.x:
+                continue
+            w = min(fb[1], nb[1]) - max(fb[0], nb[0])
+            h = min(fb[3], nb[3]) - max(fb[2], nb[2])
+            if w > 0 and h > 0 and w * h > hidden * area:
+                return False
+    return True
+
+
+def _overlap(objects: Sequence[SceneObject]) -> bool:
+    """Whether two objects' footprints come closer than 3 cm."""
+    for i, a in enumerate(objects):
+        for b in objects[i + 1 :]:
+            reach = _extent(a.shape, a.size)[0] + _extent(b.shape, b.size)[0] + 0.03
+            if abs(a.x - b.x) < reach and abs(a.y - b.y) < reach:
+                return True
+    return False
+
+
 def sample_scene(seed: int) -> CaptionScene:
+    """A scene as a pure function of ``seed``: 1-4 objects, placed and drawn again until every
+    object is wholly in view, none is hidden behind another and no two touch (so wide, large
+    objects near the sides and far objects straight behind near ones are drawn less often)."""
     rng = np.random.default_rng([seed, 424242])
-    n = int(rng.integers(1, 5))
     cells = [(lat, dep) for lat in LATERAL for dep in DEPTH]
+    n = int(rng.integers(1, 5))
     while True:
         chosen = [cells[i] for i in rng.choice(len(cells), size=n, replace=False)]
         # never the navigation layout: something in the centre with something behind it
-        if not (("centre", "near") in chosen and ("centre", "far") in chosen):
-            break
-    objects = []
-    for lat, dep in chosen:
-        objects.append(
-            SceneObject(
-                shape=str(rng.choice(SHAPES)),
-                colour=str(rng.choice(list(COLOURS))),
-                size=str(rng.choice(["small", "large"])),
-                lateral=lat,
-                depth=dep,
-                x=DEPTH[dep] + float(rng.uniform(-0.12, 0.12)),
-                y=LATERAL[lat] * (DEPTH[dep] / 1.1) ** 0.5 + float(rng.uniform(-0.08, 0.08)),
+        if ("centre", "near") in chosen and ("centre", "far") in chosen:
+            continue
+        objects = []
+        for lat, dep in chosen:
+            objects.append(
+                SceneObject(
+                    shape=str(rng.choice(SHAPES)),
+                    colour=str(rng.choice(list(COLOURS))),
+                    size=str(rng.choice(SIZES)),
+                    lateral=lat,
+                    depth=dep,
+                    x=DEPTH[dep] + float(rng.uniform(-0.1, 0.1)),
+                    y=LATERAL[lat] * (DEPTH[dep] / DEPTH["near"]) ** 0.5
+                    + float(rng.uniform(-0.06, 0.06)),
+                )
             )
+        objects.sort(key=lambda o: (-o.y, o.x))  # left to right
+        floor = tuple(tuple(float(v) for v in rng.uniform(0.25, 0.8, 3)) for _ in range(2))
+        scene = CaptionScene(
+            seed=seed,
+            objects=tuple(objects),
+            floor_rgb=floor,  # type: ignore[arg-type]
+            wall_rgb=tuple(float(v) for v in rng.uniform(0.3, 0.95, 3)),  # type: ignore[arg-type]
+            light=float(rng.uniform(0.45, 1.1)),
+            camera_height=float(rng.uniform(0.3, 0.5)),
+            camera_tilt_deg=float(rng.uniform(6, 14)),
+            camera_yaw_deg=float(rng.uniform(-4, 4)),
         )
-    objects.sort(key=lambda o: (-o.y, o.x))  # left to right
-    floor = tuple(tuple(float(v) for v in rng.uniform(0.25, 0.8, 3)) for _ in range(2))
-    return CaptionScene(
-        seed=seed,
-        objects=tuple(objects),
-        floor_rgb=floor,  # type: ignore[arg-type]
-        wall_rgb=tuple(float(v) for v in rng.uniform(0.3, 0.95, 3)),  # type: ignore[arg-type]
-        light=float(rng.uniform(0.45, 1.1)),
-        camera_height=float(rng.uniform(0.25, 0.45)),
-        camera_tilt_deg=float(rng.uniform(6, 18)),
-        camera_yaw_deg=float(rng.uniform(-6, 6)),
-    )
+        if in_view(scene) and not _overlap(objects):
+            return scene
 
 
 def _geom(o: SceneObject, i: int) -> str:
-    k = 1.0 if o.size == "small" else 1.6
+    k = SIZE_SCALE[o.size]
     rgba = " ".join(f"{v:.3f}" for v in COLOURS[o.colour]) + " 1"
     p = f"{o.x:.3f} {o.y:.3f}"
     if o.shape == "box":
@@ -143,13 +238,13 @@ def _geom(o: SceneObject, i: int) -> str:
             f'rgba="{rgba}"/>'
         )
     if o.shape == "bottle":
-        r, h = 0.035 * k, 0.09 * k
+        r, h = 0.045 * k, 0.09 * k
         return (
             f'<geom name="o{i}" type="cylinder" pos="{p} {h:.3f}" size="{r:.3f} {h:.3f}" '
             f'rgba="{rgba}"/><geom name="o{i}n" type="cylinder" pos="{p} '
             f'{2 * h + 0.03 * k:.3f}" size="{r * 0.45:.3f} {0.03 * k:.3f}" rgba="{rgba}"/>'
         )
-    w, h, t = 0.13 * k, 0.08 * k, 0.01
+    w, h, t = 0.11 * k, 0.08 * k, 0.01
     x, y = o.x, o.y
     walls = [
         (x, y, t, w, w, t),
@@ -168,11 +263,7 @@ def _geom(o: SceneObject, i: int) -> str:
 def scene_xml(scene: CaptionScene, size: int) -> str:
     f1, f2 = (" ".join(f"{v:.3f}" for v in c) for c in scene.floor_rgb)
     wall = " ".join(f"{v:.3f}" for v in scene.wall_rgb)
-    tilt = math.radians(scene.camera_tilt_deg)
-    yaw = math.radians(scene.camera_yaw_deg)
-    # camera x-axis = right, y-axis = up (tilted), looking along +x rotated by yaw
-    right = (math.sin(yaw), -math.cos(yaw), 0.0)
-    up = (math.sin(tilt) * math.cos(yaw), math.sin(tilt) * math.sin(yaw), math.cos(tilt))
+    right, up = camera_axes(scene)  # looking along +x, turned by the yaw, tilted down
     axes = " ".join(f"{v:.4f}" for v in (*right, *up))
     lv = scene.light
     geoms = "\n".join(_geom(o, i) for i, o in enumerate(scene.objects))
@@ -193,7 +284,7 @@ def scene_xml(scene: CaptionScene, size: int) -> str:
     <geom name="floor" type="plane" size="6 6 0.1" material="fm"/>
     <geom name="wall" type="box" pos="3.4 0 0.8" size="0.05 4 0.8" rgba="{wall} 1"/>
     {geoms}
-    <camera name="cam" pos="0 0 {scene.camera_height:.3f}" fovy="70" xyaxes="{axes}"/>
+    <camera name="cam" pos="0 0 {scene.camera_height:.3f}" fovy="{FOVY_DEG:g}" xyaxes="{axes}"/>
   </worldbody>
 </mujoco>
 """
