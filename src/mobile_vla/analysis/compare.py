@@ -41,7 +41,7 @@ def representations(
     subset = torch.utils.data.Subset(dataset, np.unique(idx).tolist())
     for batch in DataLoader(subset, batch_size=batch_size, collate_fn=collate):
         feats, mask = policy.window_features(
-            batch["images"], batch["instruction"], batch["obs_mask"]
+            batch["images"], batch["instruction"], batch["obs_mask"], batch.get("frame_id")
         )
         out = policy.head_forward(feats, mask)
         ctx.append(feats[:, -1].float().numpy())

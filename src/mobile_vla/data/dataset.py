@@ -83,6 +83,12 @@ class EpisodeDataset(Dataset):
             last = ep.num_frames - cfg.chunk_offset
             index.extend((e, t) for t in range(max(last, 0)))
         self.index = np.asarray(index, dtype=np.int64).reshape(-1, 2)
+        # first global frame number of each episode: ``frame_id`` names a frame across episodes
+        self.frame_offset = np.cumsum([0] + [ep.num_frames for ep in self.episodes])
+        aug = cfg.augment
+        self.augmenting = train and (
+            aug.color_jitter > 0 or aug.shift_pixels > 0 or aug.mirror_prob > 0
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Changes the augmentation draws; call once per epoch (workers see it after a re-fork)."""
@@ -143,6 +149,8 @@ class EpisodeDataset(Dataset):
             "episode": e,
             "frame": t,
         }
+        if not self.augmenting:  # equal ids = equal pixels: the policy encodes each id once
+            out["frame_id"] = torch.from_numpy(frame_idx + self.frame_offset[e])
         if not images:
             del out["images"]
         return out
