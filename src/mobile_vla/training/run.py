@@ -306,10 +306,25 @@ def update_metrics(run: str | Path, key: str, value: dict[str, Any]) -> None:
     atomic_write_json(path, metrics)
 
 
+def merge_lora(policy: torch.nn.Module) -> int:
+    """Fold every LoRA update into its base weight (W + B A s), for inference: the same
+    function up to float rounding, without the two extra matmuls per wrapped layer. Returns
+    how many layers were merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = 0
+    for module in policy.modules():
+        if isinstance(module, BaseTunerLayer) and not module.merged:
+            module.merge()
+            merged += 1
+    return merged
+
+
 def load_policy(
     run: str | Path, which: str = "best", overrides: list[str] | None = None
 ) -> tuple[VLAPolicy, Config]:
-    """The trained policy of a run folder (``best``, else ``last``), in eval mode."""
+    """The trained policy of a run folder (``best``, else ``last``), in eval mode, with LoRA
+    updates merged into the base weights (inference only; it is never trained further)."""
     from mobile_vla.training.module import check_architecture
 
     run = check_run(run)
@@ -334,4 +349,5 @@ def load_policy(
         raise ConfigError(f"checkpoint '{folder}' has unexpected tensors")
     policy.eval()
     policy.requires_grad_(False)
+    merge_lora(policy)
     return policy, cfg
