@@ -118,7 +118,12 @@ def test_repository_configs_load() -> None:
     from mobile_vla.config import PretrainConfig
     from mobile_vla.study.grid import load_study
 
-    kinds = {"pretrain.yaml": "pretrain", "study_quick.yaml": "study", "study_full.yaml": "study"}
+    kinds = {
+        "pretrain.yaml": "pretrain",
+        "study_quick.yaml": "study",
+        "study_full.yaml": "study",
+        "study_pretraining.yaml": "study",
+    }
     for path in files:
         kind = kinds.get(path.name, "policy")
         if kind == "pretrain":

@@ -10,7 +10,7 @@ The study folder::
     results.json          every finished cell and comparison, written after each one
     report.html           self-contained (images embedded), report.md, figures/*.png
 
-Each cell runs as ``mobile-vla train`` and ``mobile-vla eval`` in a child process (its peak
+Each cell runs ``mobile-vla train`` and then ``mobile-vla eval`` in one child process (its peak
 memory is its own, and a crash takes one cell, not the study). A cell counts as finished once
 its entry is in ``results.json``; an interrupted cell resumes from its last checkpoint (or
 restarts when it had none), so an interrupted study loses at most one epoch of one cell.
@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -213,17 +214,24 @@ class Study:
             )
 
     # -- running --------------------------------------------------------------------------
-    def _cli(self, *args: str, log: Path) -> None:
+    def _cli(self, *args: str, log: Path, then: Sequence[Sequence[str]] = ()) -> None:
+        """``mobile-vla ARGS`` in a child process (its own peak memory), and the commands in
+        ``then`` after it in the same process (one start-up instead of several)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "mobile_vla.cli", *args]
+        if then:
+            chain = json.dumps([list(args), *(list(t) for t in then)])
+            cmd = [sys.executable, "-m", "mobile_vla.study.chain", chain]
+        else:
+            cmd = [sys.executable, "-m", "mobile_vla.cli", *args]
         with open(log, "a") as fh:
             fh.write(f"$ mobile-vla {' '.join(args)}\n")
             fh.flush()
             proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         if proc.returncode != 0:
             tail = log.read_text().strip().splitlines()[-3:]
+            names = " then ".join([args[0], *(t[0] for t in then)])
             raise MobileVLAError(
-                f"'mobile-vla {args[0]}' failed (exit {proc.returncode}); see {log}: "
+                f"'mobile-vla {names}' failed (exit {proc.returncode}); see {log}: "
                 + " | ".join(tail)
             )
 
@@ -258,27 +266,19 @@ class Study:
         if self.progress:
             print(f"[study] {text}", flush=True)
 
-    def run_cell(self, cell: Cell, data: Path) -> dict[str, Any]:
+    def run_cell(
+        self, cell: Cell, data: Path, then: Sequence[Sequence[str]] = ()
+    ) -> dict[str, Any]:
+        """Train and evaluate one cell in one child process; ``then``: more commands for the
+        same process (the comparison with the cell's twin)."""
         cells_dir = self.out / "cells"
         run = cells_dir / cell.id
         log = self.out / "logs" / f"{cell.id}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        if (run / "checkpoints" / "last").exists() and not (run / "train_stats.json").exists():
-            self._say(f"{cell.id}: resuming interrupted training")
-            self._cli("train", "--resume", str(run), "-q", log=log)
-        elif not (run / "train_stats.json").exists():
-            shutil.rmtree(run, ignore_errors=True)
-            self._cli(
-                "train",
-                str(self.base),
-                *(f"--{o}" for o in cell_overrides(self.study, cell, data, cells_dir)),
-                "-q",
-                log=log,
-            )
         cl = self.study.closed_loop
-        args = ["eval", str(run), "-q"]
+        evaluate = ["eval", str(run), "-q"]
         if cl.episodes:
-            args += [
+            evaluate += [
                 "--episodes",
                 str(cl.episodes),
                 "--seed",
@@ -290,21 +290,30 @@ class Study:
                 "--videos",
                 str(cl.videos),
             ]
-        self._cli(*args, log=log)
+        if (run / "checkpoints" / "last").exists() and not (run / "train_stats.json").exists():
+            self._say(f"{cell.id}: resuming interrupted training")
+            self._cli("train", "--resume", str(run), "-q", log=log, then=[evaluate, *then])
+        elif not (run / "train_stats.json").exists():
+            shutil.rmtree(run, ignore_errors=True)
+            self._cli(
+                "train",
+                str(self.base),
+                *(f"--{o}" for o in cell_overrides(self.study, cell, data, cells_dir)),
+                "-q",
+                log=log,
+                then=[evaluate, *then],
+            )
+        else:  # trained earlier, interrupted while evaluating
+            self._cli(*evaluate, log=log, then=then)
         return collect_cell(run, cell)
 
-    def run_compare(self, a: Path, b: Path, name: str) -> dict[str, Any]:
+    def compare_args(self, a: Path, b: Path, name: str) -> list[str]:
         out = self.out / "compare" / name
-        self._cli(
-            "compare",
-            str(a),
-            str(b),
-            "--out",
-            str(out),
-            "--samples",
-            str(self.study.compare_samples),
-            log=self.out / "logs" / f"compare-{name}.log",
-        )
+        samples = str(self.study.compare_samples)
+        return ["compare", str(a), str(b), "--out", str(out), "--samples", samples]
+
+    def compare_result(self, a: Path, b: Path, name: str) -> dict[str, Any]:
+        out = self.out / "compare" / name
         result = json.loads((out / "compare.json").read_text())
         keep = ("cka", "cka_kind", "cosine", "euclidean", "kl", "correlation", "dims")
         return {
@@ -314,6 +323,18 @@ class Study:
             "latent": {k: result["latent"].get(k) for k in keep},
             "samples": result["inputs"]["samples"],
         }
+
+    def run_compare(self, a: Path, b: Path, name: str) -> dict[str, Any]:
+        self._cli(*self.compare_args(a, b, name), log=self.out / "logs" / f"compare-{name}.log")
+        return self.compare_result(a, b, name)
+
+    def _pair(self, cell: Cell) -> tuple[str, Path, Path]:
+        """The frozen-vs-LoRA comparison a cell belongs to: (name, frozen run, LoRA run)."""
+        frozen = Cell("frozen", cell.pretrained, cell.train_episodes, cell.seed)
+        lora = Cell("lora", cell.pretrained, cell.train_episodes, cell.seed)
+        cells_dir = self.out / "cells"
+        name = f"frozen-vs-lora-{lora.id.removeprefix('lora-')}"
+        return name, cells_dir / frozen.id, cells_dir / lora.id
 
     def run(self) -> Path:
         from mobile_vla.study.report import write_report
@@ -330,23 +351,38 @@ class Study:
                 self._say(f"[{k}/{len(grid)}] {cell.id}: finished earlier, skipped")
                 continue
             t0 = time.perf_counter()
-            self._say(f"[{k}/{len(grid)}] {cell.id}: training and evaluating")
-            results["cells"][cell.id] = self.run_cell(cell, data)
+            comparing = self.study.compare and {"frozen", "lora"} <= set(self.study.strategies)
+            name, frozen, lora = self._pair(cell)
+            # the comparison runs in the same process as the second of the pair to finish
+            twin = frozen.name if cell.strategy == "lora" else lora.name
+            then = (
+                [self.compare_args(frozen, lora, name)]
+                if comparing
+                and cell.strategy in ("frozen", "lora")
+                and twin in results["cells"]
+                and name not in results["compare"]
+                else []
+            )
+            what = "training, evaluating" + (" and comparing with its twin" if then else "")
+            self._say(f"[{k}/{len(grid)}] {cell.id}: {what}")
+            results["cells"][cell.id] = self.run_cell(cell, data, then)
+            if then:
+                results["compare"][name] = {
+                    **self.compare_result(frozen, lora, name),
+                    "key": {**cell.key(), "strategy": "frozen-vs-lora"},
+                }
             self.save_results(results)
             self._say(f"[{k}/{len(grid)}] {cell.id}: done in {time.perf_counter() - t0:.0f} s")
         if self.study.compare and {"frozen", "lora"} <= set(self.study.strategies):
-            for cell in grid:
+            for cell in grid:  # comparisons not made alongside a cell (e.g. resumed studies)
                 if cell.strategy != "frozen":
                     continue
-                other = Cell("lora", cell.pretrained, cell.train_episodes, cell.seed)
-                name = f"frozen-vs-lora-{other.id.removeprefix('lora-')}"
+                name, frozen, lora = self._pair(cell)
                 if name in results["compare"]:
                     continue
                 self._say(f"comparing representations: {name}")
                 results["compare"][name] = {
-                    **self.run_compare(
-                        self.out / "cells" / cell.id, self.out / "cells" / other.id, name
-                    ),
+                    **self.run_compare(frozen, lora, name),
                     "key": {**cell.key(), "strategy": "frozen-vs-lora"},
                 }
                 self.save_results(results)
