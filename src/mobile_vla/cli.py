@@ -314,18 +314,19 @@ def cmd_pretrain(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def format_pretrain_metrics(m: dict) -> str:
+    def both(key: str) -> str:
+        itm = m.get(f"{key}_itm")
+        return f"ITC {m[f'{key}_itc']:.3f}  " + (
+            f"ITM {itm:.3f}" if itm is not None else "(ITM not trained)"
+        )
+
     return "\n".join(
         [
             f"held-out retrieval among {m['candidates']} ({m['retrieval_images']} images, "
-            f"chance R@1 {m['chance_r1']:.3f}):",
-            f"  ITC  R@1 {m['r1_itc']:.3f}  R@5 {m['r5_itc']:.3f}   "
-            f"ITM  R@1 {m['r1_itm']:.3f}  R@5 {m['r5_itm']:.3f}",
-            f"left/right probe ({m['probe_scenes']} scenes): ITC {m['left_right_itc']:.3f}  "
-            f"ITM {m['left_right_itm']:.3f}",
-            f"colour accuracy ({m['colour_objects']} objects): ITC {m['colour_itc']:.3f}  "
-            f"ITM {m['colour_itm']:.3f}",
-            f"object-type accuracy ({m['shape_objects']} objects): ITC {m['shape_itc']:.3f}  "
-            f"ITM {m['shape_itm']:.3f}",
+            f"chance R@1 {m['chance_r1']:.3f}): R@1 {both('r1')};  R@5 {both('r5')}",
+            f"left/right probe ({m['probe_scenes']} scenes): {both('left_right')}",
+            f"colour accuracy ({m['colour_objects']} objects): {both('colour')}",
+            f"object-type accuracy ({m['shape_objects']} objects): {both('shape')}",
         ]
     )
 
@@ -348,7 +349,14 @@ def cmd_pretrain_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int
 
         if args.data is None:
             raise MobileVLAError("pretrain-eval --weights needs --data CORPUS")
-        model, cfg = load_weights_file(args.weights), PretrainConfig()
+        from mobile_vla.pretraining.weights import read_card
+
+        model = load_weights_file(args.weights)
+        made = read_card(args.weights).get("pretrain_config", {})  # was the match head trained?
+        cfg = PretrainConfig(
+            itm_weight=float(made.get("itm_weight", 1.0)),
+            itm_images=int(made.get("itm_images", PretrainConfig.itm_images)),
+        )
         data = args.data
     metrics = evaluate(model, load_corpus(data), cfg, args.limit, progress=not args.quiet)
     if args.run is not None and args.limit is None and args.data is None:

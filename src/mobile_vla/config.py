@@ -508,7 +508,12 @@ class PretrainConfig:
     cell, from the image tokens; 0 = off)."""
     itm_images: int = 24
     """Images per step also scored by the fusion transformer, each with its caption, a
-    minimally changed caption and the most confusable caption of another image."""
+    minimally changed caption, the most confusable caption of another image and a random one."""
+    fusion_weight: float = 1.0
+    """Weight of the grounded-attribute loss read through the fusion transformer by a read-out
+    query (the policy's action-token path; 0 = off)."""
+    fusion_images: int = 16
+    """Images per step whose attributes are also read through the fusion transformer."""
     augment: bool = True
     """Brightness and contrast jitter of the images (never a mirror: left and right matter)."""
     eval_every: int = 500
@@ -522,16 +527,17 @@ class PretrainConfig:
         for key in ("steps", "batch_size", "checkpoint_every", "eval_images"):
             if getattr(self, key) < 1:
                 raise _fail(key, ">= 1", getattr(self, key))
-        for key in ("warmup_steps", "eval_every", "itm_images"):
+        for key in ("warmup_steps", "eval_every", "itm_images", "fusion_images"):
             if getattr(self, key) < 0:
                 raise _fail(key, ">= 0", getattr(self, key))
-        if self.itm_images > self.batch_size:
-            raise _fail("itm_images", f"<= batch_size ({self.batch_size})", self.itm_images)
+        for key in ("itm_images", "fusion_images"):
+            if getattr(self, key) > self.batch_size:
+                raise _fail(key, f"<= batch_size ({self.batch_size})", getattr(self, key))
         if self.learning_rate <= 0:
             raise _fail("learning_rate", "> 0", self.learning_rate)
         if not 0 < self.temperature <= 1:
             raise _fail("temperature", "in (0, 1]", self.temperature)
-        for key in ("weight_decay", "itm_weight", "attribute_weight"):
+        for key in ("weight_decay", "itm_weight", "attribute_weight", "fusion_weight"):
             if getattr(self, key) < 0:
                 raise _fail(key, ">= 0", getattr(self, key))
         if not 0.0 <= self.min_lr_scale <= 1.0:

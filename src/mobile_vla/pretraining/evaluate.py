@@ -157,11 +157,16 @@ def evaluate(
     model.eval()
     scorer = Scorer(model, corpus)
     sets = retrieval_sets(corpus, cfg.seed, limit)
+    # the match head is scored only when it was trained (untrained, it is noise and slow:
+    # every candidate runs through the fusion transformer)
+    scores = {"itc": scorer.itc}
+    if cfg.itm_weight > 0 and cfg.itm_images > 0:
+        scores["itm"] = scorer.itm
     ranks: dict[str, list[int]] = {"itc": [], "itm": []}
     scorer.images([i for i, _ in sets])
     for i, cands in tqdm(sets, desc="retrieval", disable=not progress):
-        ranks["itc"].append(_rank_of_first(scorer.itc(i, cands)))
-        ranks["itm"].append(_rank_of_first(scorer.itm(i, cands)))
+        for name, fn in scores.items():
+            ranks[name].append(_rank_of_first(fn(i, cands)))
     val = corpus.split("val") if limit is None else [i for i, _ in sets]
     probe: dict[str, list[bool]] = {"itc": [], "itm": []}
     colour: dict[str, list[bool]] = {"itc": [], "itm": []}
@@ -169,7 +174,7 @@ def evaluate(
     for i in tqdm(val, desc="probes", disable=not progress):
         r = corpus.records[i]
         if r["probe"]:
-            for name, fn in (("itc", scorer.itc), ("itm", scorer.itm)):
+            for name, fn in scores.items():
                 s = fn(i, list(r["probe"]))
                 probe[name].append(bool(s[0] > s[1]))
         objs = r["objects"]
@@ -177,15 +182,19 @@ def evaluate(
             if sum(p["shape"] == o["shape"] for p in objs) == 1:
                 colours = [o["colour"]] + [c for c in COLOURS if c != o["colour"]]
                 texts = [f"an image showing {article(c)} {o['shape']}" for c in colours]
-                for name, fn in (("itc", scorer.itc), ("itm", scorer.itm)):
+                for name, fn in scores.items():
                     colour[name].append(_rank_of_first(fn(i, texts)) == 0)
             if sum(p["colour"] == o["colour"] for p in objs) == 1:
                 shapes = [o["shape"]] + [s for s in SHAPES if s != o["shape"]]
                 texts = [f"an image showing {article(o['colour'])} {s}" for s in shapes]
-                for name, fn in (("itc", scorer.itc), ("itm", scorer.itm)):
+                for name, fn in scores.items():
                     shape[name].append(_rank_of_first(fn(i, texts)) == 0)
     summary: dict[str, Any] = {}
     for name in ("itc", "itm"):
+        if name not in scores:
+            for key in ("r1", "r5", "left_right", "colour", "shape"):
+                summary[f"{key}_{name}"] = None  # not trained (itm_weight 0)
+            continue
         rk = np.array(ranks[name])
         summary[f"r1_{name}"] = float((rk < 1).mean()) if len(rk) else float("nan")
         summary[f"r5_{name}"] = float((rk < 5).mean()) if len(rk) else float("nan")

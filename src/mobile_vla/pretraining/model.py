@@ -14,7 +14,9 @@ sentence encoder:
 
 * **grounded attributes**: which colours and shapes stand in which scene cell (left / centre
   / right x near / far), multi-label from max-pooled image tokens — the facts the captions
-  are written from, as a dense signal. Without it the contrastive loss
+  are written from, as a dense signal — and the same read through the fusion transformer by a
+  read-out query (the path the policy's action tokens take), so the fusion layers learn to
+  gather what is where. Without it the contrastive loss
   collapses the image embedding onto the caption prior in the first hundred steps (small
   objects on large random backgrounds), and nothing image-specific is learned in the CPU budget.
 
@@ -82,6 +84,9 @@ class PretrainModel(nn.Module):
         self.itm_query = nn.Parameter(torch.randn(1, width) * 0.02)
         self.itm_head = nn.Linear(width, 1)
         self.cell_probe = CellProbe(vw, len(CELLS), len(COLOURS), len(SHAPES))
+        # the same grounded attributes read by a query through the fusion transformer
+        self.fusion_query = nn.Parameter(torch.randn(1, width) * 0.02)
+        self.fusion_probe = nn.Linear(width, len(CELLS) * (len(COLOURS) + len(SHAPES)))
         self.log_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(temperature)))))
         init_weights(self.itm_head)  # the ITC heads and the probe keep PyTorch's default init
         for p in self.backbone.text_encoder.parameters():
@@ -130,6 +135,16 @@ class PretrainModel(nn.Module):
         q_mask = torch.ones(n, 1, dtype=torch.bool, device=img.device)
         out = self.backbone._fuse([img, txt, query], [ones, txt_mask, q_mask], 1)
         return self.itm_head(out[:, 0]).squeeze(-1)
+
+    def fusion_cells(self, img: torch.Tensor) -> torch.Tensor:
+        """(N, cells, colours + shapes) presence logits read from fusion image tokens by a
+        read-out query, the way the policy's action tokens read a frame."""
+        n = img.shape[0]
+        query = self.backbone._action_tokens(self.fusion_query, n)
+        ones = torch.ones(n, img.shape[1], dtype=torch.bool, device=img.device)
+        q_mask = torch.ones(n, 1, dtype=torch.bool, device=img.device)
+        out = self.backbone._fuse([img, query], [ones, q_mask], 1)
+        return self.fusion_probe(out[:, 0]).view(n, len(CELLS), -1)
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
         """Every backbone tensor except the sentence encoder's (it has its own package)."""

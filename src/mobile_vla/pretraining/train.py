@@ -175,6 +175,11 @@ def step_losses(
         logits = model.cell_probe(vit)
         # x 10: the per-label BCE is small (most labels are absent) next to the InfoNCE terms
         out["attr"] = 10 * F.binary_cross_entropy_with_logits(logits, cell_targets(objects))
+    if cfg.fusion_weight > 0 and cfg.fusion_images:
+        f = cfg.fusion_images
+        logits = model.fusion_cells(model.fusion_image_tokens(vit[:f]))
+        target = cell_targets(objects[:f])
+        out["fusion_attr"] = 10 * F.binary_cross_entropy_with_logits(logits, target)
     k = cfg.itm_images
     if k and cfg.itm_weight > 0:
         pairs: list[tuple[int, int, float]] = []  # (image row, text column, label)
@@ -191,6 +196,11 @@ def step_losses(
                 if float(weights.sum()) > 0:
                     j = int(torch.multinomial(weights, 1, generator=gen))
                     pairs.append((i, j, 0.0))
+                # and an easy one: any other image's caption that is false here, so the match
+                # head has something it can learn before it can tell minimal changes apart
+                easy = (~positive[i, :b]).float()
+                if float(easy.sum()) > 0:
+                    pairs.append((i, int(torch.multinomial(easy, 1, generator=gen)), 0.0))
             neg_col += has_neg
         img_rows = torch.tensor([p[0] for p in pairs])
         txt_rows = torch.tensor([p[1] for p in pairs])
@@ -204,6 +214,7 @@ def step_losses(
         out["itc"]
         + cfg.itm_weight * out.get("itm", torch.zeros(()))
         + cfg.attribute_weight * out.get("attr", torch.zeros(()))
+        + cfg.fusion_weight * out.get("fusion_attr", torch.zeros(()))
     )
     return out
 
@@ -312,6 +323,7 @@ def pretrain(
         "itm",
         "itm_acc",
         "attr",
+        "fusion_attr",
         "lr",
         "temperature",
         "val_r1",
@@ -346,7 +358,10 @@ def pretrain(
                     for f in fields
                 ]
             )
-        bar.set_postfix(loss=f"{row['loss']:.3f}", itm=f"{row.get('itm_acc', 0):.2f}")
+        shown = {"loss": f"{row['loss']:.3f}", "itc": f"{row['itc']:.3f}"}
+        if "itm_acc" in row:
+            shown["itm_acc"] = f"{row['itm_acc']:.2f}"
+        bar.set_postfix(shown)
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save(last, model, optimizer, step, time.perf_counter() - start, cfg)

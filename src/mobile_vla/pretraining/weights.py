@@ -138,17 +138,25 @@ def model_card_markdown(card: dict[str, Any]) -> str:
     """The human-readable model card."""
     m = card.get("metrics", {})
     arch = card.get("architecture", {})
+    pc = card.get("pretrain_config", {})
+    objectives = ["image-text contrast (ITC; left/right, colour, shape and count hard negatives)"]
+    if pc.get("attribute_weight", 0) > 0:
+        objectives.append("grounded attributes (colour and shape per scene cell) from the ViT")
+    if pc.get("fusion_weight", 0) > 0:
+        objectives.append(
+            "the same attributes read through the fusion transformer by a read-out query"
+        )
+    if pc.get("itm_weight", 0) > 0 and pc.get("itm_images", 0) > 0:
+        objectives.append("image-text matching through the fusion transformer (ITM)")
     lines = [
         "# builtin-vl: vision-language pretrained weights of the built-in backbone",
         "",
-        "ViT + fusion transformer of mobile-vla's `builtin` backbone, pretrained with image-text",
-        "contrast, image-text matching (with left/right, colour, shape and count hard",
-        "negatives) and grounded attributes (colour and shape per scene cell) against the",
-        "frozen all-MiniLM-L6-v2 sentence encoder, on a caption corpus rendered with MuJoCo",
-        "(not the navigation task). ITC scores are the contrastive embedding's, ITM the fusion",
-        "transformer's match head's. Loaded by default by",
-        "`backbone.name: builtin`; `backbone.pretrained: false` gives the same architecture",
-        "from random weights.",
+        "ViT + fusion transformer of mobile-vla's `builtin` backbone, pretrained against the",
+        "frozen all-MiniLM-L6-v2 sentence encoder on a caption corpus rendered with MuJoCo (not",
+        "the navigation task), with: " + "; ".join(objectives) + ".",
+        "ITC scores are the contrastive embedding's, ITM the fusion transformer's match head's",
+        "(absent when it was not trained). Loaded by default by `backbone.name: builtin`;",
+        "`backbone.pretrained: false` gives the same architecture from random weights.",
         "",
         "| | |",
         "|---|---|",
@@ -170,6 +178,8 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         "|---|---|",
     ]
     for key, value in m.items():
+        if value is None:
+            continue
         if isinstance(value, float):
             lines.append(f"| {key} | {value:.3f} |")
         elif isinstance(value, int):
