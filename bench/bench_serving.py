@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from common import MOBILE_VLA, collect_episodes  # noqa: E402
 from mobile_vla.serving.client import PredictClient, jpeg_224  # noqa: E402
 
 
@@ -186,21 +187,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        mvla = [sys.executable, "-m", "mobile_vla.cli"]
-        subprocess.run(
-            [
-                *mvla,
-                "collect",
-                "--out",
-                str(tmp_path / "data"),
-                "--episodes",
-                "12",
-                "-q",
-                "--sim.image_size=[96,96]",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        mvla = MOBILE_VLA
+        collect_episodes(tmp_path / "data", 12, workers=1)
         subprocess.run(
             [
                 *mvla,

@@ -27,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from common import MOBILE_VLA, collect_episodes  # noqa: E402
 from mobile_vla.config import load_config  # noqa: E402
 from mobile_vla.data.normalization import ActionStats  # noqa: E402
 from mobile_vla.models.policy import VLAPolicy  # noqa: E402
@@ -95,23 +96,8 @@ def train_throughput(steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         data = tmp_path / "data"
-        mvla = [sys.executable, "-m", "mobile_vla.cli"]
-        subprocess.run(
-            [
-                *mvla,
-                "collect",
-                "--out",
-                str(data),
-                "--episodes",
-                "24",
-                "--workers",
-                "2",
-                "-q",
-                "--sim.image_size=[96,96]",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        mvla = MOBILE_VLA
+        collect_episodes(data, 24)
         print(
             f"\nbuilt-in backbone, training on this machine ({os.cpu_count()} cores, "
             f"{torch.get_num_threads()} torch threads): configs/builtin_base.yaml, window 8, "
