@@ -390,3 +390,87 @@ def test_builtin_prefix_does_not_depend_on_the_action_tokens(tmp_path) -> None:
         h.remove()
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_each_distinct_frame_of_a_batch_is_encoded_once(train_data, tmp_path) -> None:
+    """Consecutive windows share frames: with the dataset's ``frame_id`` each distinct
+    (frame, instruction) is encoded once, and features, loss and gradients are those of the
+    per-window computation. Augmented samples carry no ``frame_id`` (their pixels differ)."""
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(train_data, tmp_path),
+            "train_setup.strategy=lora",
+        ],
+    )
+    bundle = build_datasets(cfg)
+    ds = bundle.val
+    samples = [ds[i] for i in range(6)]
+    b = collate(samples)
+    ids = b["frame_id"]
+    assert ids.shape == b["obs_mask"].shape
+    flat = b["images"].flatten(0, 1)
+    same = (ids.flatten()[:, None] == ids.flatten()[None]).numpy()
+    for i, j in zip(*np.nonzero(same), strict=True):
+        assert torch.equal(flat[i], flat[j])  # equal ids, equal pixels
+    policy, _ = build_policy(cfg, bundle.stats)
+    policy.eval()  # no dropout anywhere (the sentence encoder's too): the same function twice
+    encoded: list[int] = []
+    original = policy.frame_features
+
+    def counting(images, texts):
+        encoded.append(images.shape[0])
+        return original(images, texts)
+
+    policy.frame_features = counting  # type: ignore[method-assign]
+    grads = []
+    for use_ids in (True, False):
+        batch_ = b if use_ids else {k: v for k, v in b.items() if k != "frame_id"}
+        policy.zero_grad()
+        loss, _ = policy.loss(batch_)
+        loss.backward()
+        grads.append(
+            {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        )
+        if use_ids:
+            first_loss = loss.detach()
+    torch.testing.assert_close(first_loss, loss.detach(), rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+    distinct = len(
+        {
+            (i, t)
+            for i, t in zip(
+                ids.flatten().tolist(),
+                [s for s in b["instruction"] for _ in range(ids.shape[1])],
+                strict=True,
+            )
+        }
+    )
+    assert encoded == [distinct, ids.numel()] and distinct < ids.numel()
+    aug = load_config(
+        None, [*tiny_overrides(train_data, tmp_path), "data.augment.color_jitter=0.2"]
+    )
+    assert "frame_id" not in build_datasets(aug).train[0]
+    assert "frame_id" in build_datasets(aug).val[0]
+
+
+def test_merged_lora_is_the_same_function(tmp_path) -> None:
+    """For inference ``load_policy`` folds each LoRA update into its base weight: the same
+    outputs without the extra matmuls."""
+    from mobile_vla.training.run import merge_lora
+
+    _, policy, _ = make("builtin", {}, tmp_path, "train_setup.strategy=lora")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # B starts at zero: give the update something to merge
+    policy.eval()
+    b = batch()
+    with torch.no_grad():
+        before = policy(b).logits
+        assert merge_lora(policy) > 0
+        after = policy(b).logits
+    assert merge_lora(policy) == 0  # already merged
+    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
