@@ -64,11 +64,11 @@ def finished(
     calls = {"n": 0}
     original = grid_module.Study.run_cell
 
-    def flaky(self, cell, data):
+    def flaky(self, cell, data, then=()):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, cell, data)
+        return original(self, cell, data, then)
 
     grid_module.Study.run_cell = flaky  # type: ignore[method-assign]
     try:
