@@ -321,10 +321,14 @@ def merge_lora(policy: torch.nn.Module) -> int:
 
 
 def load_policy(
-    run: str | Path, which: str = "best", overrides: list[str] | None = None
+    run: str | Path,
+    which: str = "best",
+    overrides: list[str] | None = None,
+    merge: bool = True,
 ) -> tuple[VLAPolicy, Config]:
     """The trained policy of a run folder (``best``, else ``last``), in eval mode, with LoRA
-    updates merged into the base weights (inference only; it is never trained further)."""
+    updates merged into the base weights (inference only; ``merge=False`` keeps them apart,
+    for bit-exact comparisons with the training process)."""
     from mobile_vla.training.module import check_architecture
 
     run = check_run(run)
@@ -349,5 +353,6 @@ def load_policy(
         raise ConfigError(f"checkpoint '{folder}' has unexpected tensors")
     policy.eval()
     policy.requires_grad_(False)
-    merge_lora(policy)
+    if merge:
+        merge_lora(policy)
     return policy, cfg
