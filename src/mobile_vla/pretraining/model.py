@@ -125,26 +125,32 @@ class PretrainModel(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=4.6052).exp()  # temperature >= 0.01
 
+    def read_out(
+        self, query: torch.Tensor, img: torch.Tensor, txt: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """The fusion transformer's output (N, D) at one read-out ``query`` (1, D) over image
+        tokens and, optionally, (caption tokens, mask) — the way action tokens read a frame."""
+        n = img.shape[0]
+        ones = torch.ones(n, img.shape[1], dtype=torch.bool, device=img.device)
+        q_mask = torch.ones(n, 1, dtype=torch.bool, device=img.device)
+        parts, masks = [img], [ones]
+        if txt is not None:
+            parts.append(txt[0])
+            masks.append(txt[1])
+        parts.append(self.backbone._action_tokens(query, n))
+        return self.backbone._fuse(parts, [*masks, q_mask], 1)[:, 0]
+
     def match_logits(
         self, img: torch.Tensor, txt: torch.Tensor, txt_mask: torch.Tensor
     ) -> torch.Tensor:
         """ITM logit per (image tokens, caption tokens) row pair, through the fusion."""
-        n = img.shape[0]
-        query = self.backbone._action_tokens(self.itm_query, n)
-        ones = torch.ones(n, img.shape[1], dtype=torch.bool, device=img.device)
-        q_mask = torch.ones(n, 1, dtype=torch.bool, device=img.device)
-        out = self.backbone._fuse([img, txt, query], [ones, txt_mask, q_mask], 1)
-        return self.itm_head(out[:, 0]).squeeze(-1)
+        return self.itm_head(self.read_out(self.itm_query, img, (txt, txt_mask))).squeeze(-1)
 
     def fusion_cells(self, img: torch.Tensor) -> torch.Tensor:
         """(N, cells, colours + shapes) presence logits read from fusion image tokens by a
-        read-out query, the way the policy's action tokens read a frame."""
-        n = img.shape[0]
-        query = self.backbone._action_tokens(self.fusion_query, n)
-        ones = torch.ones(n, img.shape[1], dtype=torch.bool, device=img.device)
-        q_mask = torch.ones(n, 1, dtype=torch.bool, device=img.device)
-        out = self.backbone._fuse([img, query], [ones, q_mask], 1)
-        return self.fusion_probe(out[:, 0]).view(n, len(CELLS), -1)
+        read-out query."""
+        out = self.read_out(self.fusion_query, img, None)
+        return self.fusion_probe(out).view(img.shape[0], len(CELLS), -1)
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
         """Every backbone tensor except the sentence encoder's (it has its own package)."""
