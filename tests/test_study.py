@@ -239,3 +239,33 @@ def test_report_renders_in_headless_chromium(finished: tuple[Path, Path], tmp_pa
     assert not errors, errors
     assert len(images) >= 2 and all(ok and width > 0 for ok, width, _ in images), images
     assert shot.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("fork_worker", [True, False], ids=["worker", "fresh-process"])
+def test_cell_commands_and_their_failures(
+    tmp_path: Path, train_data: Path, tiny_weights: dict[str, Path], fork_worker: bool
+) -> None:
+    """A cell's commands run in a child (forked by the study's worker, or a fresh interpreter):
+    output lands in the cell's log, a failure names the commands, the exit code and the log,
+    and the worker survives it for the next cell."""
+    config = write_study(tmp_path, train_data, tiny_weights["tinyweights"], tmp_path / "out")
+    study = Study(config, progress=False, fork_worker=fork_worker)
+    log = tmp_path / "cell.log"
+    missing = tmp_path / "no_such_run"
+    try:
+        failed = r"'mobile-vla eval' failed \(exit 2\); see .*cell"
+        with pytest.raises(MobileVLAError, match=failed):
+            study._cli("eval", str(missing), "-q", log=log)
+        worker = study._proc
+        assert (worker is not None) == fork_worker
+        study._cli("inspect", str(train_data), log=log, then=[["inspect", str(train_data)]])
+        assert study._proc is worker  # the same worker ran the next cell
+    finally:
+        study.close()
+    assert study._proc is None
+    if worker is not None:
+        assert worker.poll() is not None  # closed with the study
+    text = log.read_text()
+    assert "$ mobile-vla eval" in text and str(missing) in text
+    assert text.count("$ mobile-vla inspect") == 2  # the chained command's line too
+    assert "episodes" in text.split("$ mobile-vla inspect")[-1]  # its output reached the log

@@ -3,30 +3,108 @@
 A study cell trains and then evaluates; run as two processes, each pays the interpreter and
 library start-up again (about 7 s on two cores). ``python -m mobile_vla.study.chain JSON`` takes
 a JSON list of argument lists and runs them through the same CLI entry point.
+
+``python -m mobile_vla.study.chain --serve`` is the study's worker: it imports the libraries
+once, then for each request line ``{"log": PATH, "commands": [[...], ...]}`` on standard input
+forks a child that runs the commands with its output appended to PATH, and answers one line
+``{"exit": CODE}``. Each cell still runs in a process of its own (its own peak memory, a crash
+stays in the cell) without paying the start-up again. Linux only (``fork``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
+READY = "ready"
 
-def main(argv: Sequence[str] | None = None) -> int:
+
+def run_commands(commands: Sequence[Sequence[str]]) -> int:
     from mobile_vla.cli import main as cli_main
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = json.loads(argv[0]) if len(argv) == 1 else None
-    if not isinstance(commands, list) or not all(isinstance(c, list) for c in commands):
-        print('usage: python -m mobile_vla.study.chain \'[["train", ...], ["eval", ...]]\'')
-        return 2
     for i, args in enumerate(commands):
         if i:  # the first command's line is written by the caller
             print(f"$ mobile-vla {' '.join(args)}", flush=True)
-        code = cli_main(args)
+        code = cli_main(list(args))
         if code:
             return code
     return 0
+
+
+def preload() -> None:
+    """What every cell's commands import, so that a forked child starts with it loaded. No
+    threads or GL contexts start here (they would not survive ``fork``)."""
+    import lightning.pytorch  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    import mobile_vla.analysis.compare
+    import mobile_vla.cli
+    import mobile_vla.evaluation.closed_loop
+    import mobile_vla.evaluation.offline
+    import mobile_vla.models.policy
+    import mobile_vla.sim.env
+    import mobile_vla.training.module
+    import mobile_vla.training.run  # noqa: F401
+
+
+def _child(log: str, commands: Sequence[Sequence[str]]) -> None:
+    """In the forked child: output to ``log``, run, and leave without the parent's cleanup."""
+    code = 1
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.close(null)
+        code = run_commands(commands)
+    except SystemExit as exc:  # argparse errors exit
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def serve(stdin=None, stdout=None) -> int:  # type: ignore[no-untyped-def]
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    preload()
+    print(READY, file=stdout, flush=True)
+    for line in stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request["log"], request["commands"])
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), file=stdout, flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--serve"]:
+        return serve()
+    commands = json.loads(argv[0]) if len(argv) == 1 else None
+    if not isinstance(commands, list) or not all(isinstance(c, list) for c in commands):
+        print('usage: python -m mobile_vla.study.chain \'[["train", ...], ["eval", ...]]\'')
+        print("       python -m mobile_vla.study.chain --serve")
+        return 2
+    return run_commands(commands)
 
 
 if __name__ == "__main__":

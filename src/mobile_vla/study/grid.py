@@ -11,9 +11,11 @@ The study folder::
     report.html           self-contained (images embedded), report.md, figures/*.png
 
 Each cell runs ``mobile-vla train`` and then ``mobile-vla eval`` in one child process (its peak
-memory is its own, and a crash takes one cell, not the study). A cell counts as finished once
-its entry is in ``results.json``; an interrupted cell resumes from its last checkpoint (or
-restarts when it had none), so an interrupted study loses at most one epoch of one cell.
+memory is its own, and a crash takes one cell, not the study), forked by the study's worker,
+which imported the libraries once (on Linux; elsewhere a fresh interpreter per cell). A cell
+counts as finished once its entry is in ``results.json``; an interrupted cell resumes from its
+last checkpoint (or restarts when it had none), so an interrupted study loses at most one epoch
+of one cell.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Literal
 from mobile_vla.config import _fail, load_config, save_config, to_dict
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import atomic_write_json
+from mobile_vla.study.chain import READY
 
 STRATEGIES = ("frozen", "lora", "partial", "full", "sandwich", "gradual")
 FORMAT = "mobile-vla-study"
@@ -175,13 +178,19 @@ def cell_overrides(study: StudyConfig, cell: Cell, data: Path, cells_dir: Path) 
 
 class Study:
     def __init__(
-        self, config: str | Path, overrides: list[str] | None = None, progress: bool = True
+        self,
+        config: str | Path,
+        overrides: list[str] | None = None,
+        progress: bool = True,
+        fork_worker: bool = True,
     ) -> None:
         self.config_path = Path(config)
         self.study, self.base = load_study(config, overrides)
         self.out = Path(self.study.output_dir)
         self.progress = progress
         self.results_path = self.out / "results.json"
+        self.fork_worker = fork_worker
+        self._proc: subprocess.Popen | None = None
 
     # -- bookkeeping ----------------------------------------------------------------------
     def load_results(self) -> dict[str, Any]:
@@ -214,25 +223,76 @@ class Study:
             )
 
     # -- running --------------------------------------------------------------------------
+    def _worker(self) -> subprocess.Popen | None:
+        """The study's worker (:mod:`mobile_vla.study.chain` ``--serve``), started on first use:
+        it imports the libraries once and forks one child per cell. None where ``fork`` is not
+        available or the worker did not start; cells then run as fresh processes."""
+        if not self.fork_worker or not sys.platform.startswith("linux"):
+            return None
+        if self._proc is not None:
+            return self._proc if self._proc.poll() is None else None
+        log = self.out / "logs" / "worker.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as fh:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "mobile_vla.study.chain", "--serve"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=fh,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != READY:
+            proc.kill()
+            proc.wait()
+            self.fork_worker = False
+            self._say(f"the study worker did not start (see {log}); one process per command")
+            return None
+        self._proc = proc
+        return proc
+
+    def close(self) -> None:
+        """Stop the worker (it exits when its input closes)."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.stdin is not None:
+            proc.stdin.close()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     def _cli(self, *args: str, log: Path, then: Sequence[Sequence[str]] = ()) -> None:
-        """``mobile-vla ARGS`` in a child process (its own peak memory), and the commands in
-        ``then`` after it in the same process (one start-up instead of several)."""
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if then:
-            chain = json.dumps([list(args), *(list(t) for t in then)])
-            cmd = [sys.executable, "-m", "mobile_vla.study.chain", chain]
-        else:
-            cmd = [sys.executable, "-m", "mobile_vla.cli", *args]
+        """``mobile-vla ARGS`` in a process of its own (its own peak memory), and the commands
+        in ``then`` after it in the same process (one start-up instead of several): a child
+        forked by the study's worker, or else a fresh interpreter."""
+        commands = [list(args), *(list(t) for t in then)]
         with open(log, "a") as fh:
             fh.write(f"$ mobile-vla {' '.join(args)}\n")
-            fh.flush()
-            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        if proc.returncode != 0:
+        worker = self._worker()
+        code: int | None = None
+        if worker is not None and worker.stdin is not None and worker.stdout is not None:
+            request = {"log": str(Path(log).resolve()), "commands": commands}
+            worker.stdin.write(json.dumps(request) + "\n")
+            worker.stdin.flush()
+            reply = worker.stdout.readline()
+            if not reply:
+                raise MobileVLAError(
+                    f"the study worker exited while running '{' '.join(args[:1])}' "
+                    f"(see {self.out / 'logs' / 'worker.log'} and {log})"
+                )
+            code = int(json.loads(reply)["exit"])
+        else:
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            cmd = [sys.executable, "-m", "mobile_vla.study.chain", json.dumps(commands)]
+            with open(log, "a") as fh:
+                code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        if code != 0:
             tail = log.read_text().strip().splitlines()[-3:]
-            names = " then ".join([args[0], *(t[0] for t in then)])
+            names = " then ".join(c[0] for c in commands)
             raise MobileVLAError(
-                f"'mobile-vla {names}' failed (exit {proc.returncode}); see {log}: "
-                + " | ".join(tail)
+                f"'mobile-vla {names}' failed (exit {code}); see {log}: " + " | ".join(tail)
             )
 
     def ensure_data(self) -> Path:
@@ -337,6 +397,13 @@ class Study:
         return name, cells_dir / frozen.id, cells_dir / lora.id
 
     def run(self) -> Path:
+        """Run the cells not finished yet, the comparisons, and write the report."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> Path:
         from mobile_vla.study.report import write_report
 
         self.out.mkdir(parents=True, exist_ok=True)
