@@ -104,18 +104,22 @@ class Block(nn.Module):
         b, q, d = a.shape
         h = self.attn.heads
         n = self.norm1(a)
-        keys = torch.cat([kv[0], self.attn.k_proj(n)], dim=1)
-        values = torch.cat([kv[1], self.attn.v_proj(n)], dim=1)
 
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, t.shape[1], h, d // h).transpose(1, 2)
 
-        mask = torch.cat([prefix_mask, torch.ones(b, q, dtype=torch.bool, device=a.device)], dim=1)[
-            :, None, None, :
-        ]
-        out = F.scaled_dot_product_attention(
-            split(self.attn.q_proj(n)), split(keys), split(values), attn_mask=mask
+        # Attention written out over the two key blocks rather than one SDPA over their
+        # concatenation: the prefix's keys and values need no gradient, so the backward pass
+        # computes none for them, and the large prefix tensors are never copied.
+        qh = split(self.attn.q_proj(n)) * (d // h) ** -0.5
+        kp, vp = split(kv[0]), split(kv[1])
+        scores_p = (qh @ kp.transpose(-1, -2)).masked_fill(
+            ~prefix_mask[:, None, None, :], float("-inf")
         )
+        scores_q = qh @ split(self.attn.k_proj(n)).transpose(-1, -2)
+        weights = torch.softmax(torch.cat([scores_p, scores_q], dim=-1), dim=-1)
+        p = kp.shape[2]
+        out = weights[..., :p] @ vp + weights[..., p:] @ split(self.attn.v_proj(n))
         a = a + self.attn.o_proj(out.transpose(1, 2).reshape(b, q, d))
         return a + self.fc2(F.gelu(self.fc1(self.norm2(a))))
 
