@@ -25,8 +25,11 @@ def setup(data: Path, tmp: Path, *extra: str):
     return cfg, bundle, policy
 
 
-def test_cached_prefix_is_bit_identical_and_gives_the_live_context(train_data, tmp_path) -> None:
-    cfg, bundle, policy = setup(train_data, tmp_path)
+@pytest.mark.parametrize("n_act", [1, 3])
+def test_cached_prefix_is_bit_identical_and_gives_the_live_context(
+    train_data, tmp_path, n_act
+) -> None:
+    cfg, bundle, policy = setup(train_data, tmp_path, f"backbone.n_action_tokens={n_act}")
     cache = PrefixCache(cfg, policy, bundle.train.frames)
     ep = bundle.train.episodes[0]
     kv, mask = cache.get(ep)

@@ -110,16 +110,22 @@ class Block(nn.Module):
 
         # Attention written out over the two key blocks rather than one SDPA over their
         # concatenation: the prefix's keys and values need no gradient, so the backward pass
-        # computes none for them, and the large prefix tensors are never copied.
-        qh = split(self.attn.q_proj(n)) * (d // h) ** -0.5
-        kp, vp = split(kv[0]), split(kv[1])
-        scores_p = (qh @ kp.transpose(-1, -2)).masked_fill(
-            ~prefix_mask[:, None, None, :], float("-inf")
-        )
+        # computes none for them, and the large prefix tensors are never copied. For that the
+        # prefix is not split into heads (a batched product over (B, H) would copy it each
+        # time): each head's query rows are laid out block-diagonally over the full width
+        # (B, H*Q, D), so one product with the prefix's (B, P, D) keys gives every head's
+        # scores, and the diagonal blocks of the product with its values every head's output.
+        dh = d // h
+        qh = split(self.attn.q_proj(n)) * dh**-0.5  # (B, H, Q, dh)
+        eye = torch.eye(h, dtype=a.dtype, device=a.device)[None, :, None, :, None]
+        qbd = (qh[:, :, :, None, :] * eye).reshape(b, h * q, d)
+        scores_p = (qbd @ kv[0].transpose(-1, -2)).view(b, h, q, -1)
+        scores_p = scores_p.masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
         scores_q = qh @ split(self.attn.k_proj(n)).transpose(-1, -2)
         weights = torch.softmax(torch.cat([scores_p, scores_q], dim=-1), dim=-1)
-        p = kp.shape[2]
-        out = weights[..., :p] @ vp + weights[..., p:] @ split(self.attn.v_proj(n))
+        p = kv.shape[2]
+        out_p = (weights[..., :p].reshape(b, h * q, p) @ kv[1]).view(b, h, q, h, dh)
+        out = (out_p * eye).sum(3) + weights[..., p:] @ split(self.attn.v_proj(n))
         a = a + self.attn.o_proj(out.transpose(1, 2).reshape(b, q, d))
         return a + self.fc2(F.gelu(self.fc1(self.norm2(a))))
 
