@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
@@ -416,3 +417,31 @@ def test_two_process_ddp_on_cpu(train_data, tmp_path) -> None:
     log = proc.stdout + proc.stderr
     assert "distributed_backend=gloo" in log and "MEMBER: 2/2" in log  # two processes, gloo
     assert proc.stdout.count("run folder:") == 1  # only rank 0 reports
+
+
+def test_train_stats_time_the_loop_including_data_loading(monkeypatch) -> None:
+    """A batch counts from the end of the one before it (its fetch and collate included);
+    the first batches, and a batch after an epoch start or a validation pass, are not timed."""
+    from mobile_vla.training import module as module_mod
+
+    clock = iter([0.0, 1.0, 3.0, 10.0, 12.0, 20.0, 21.0])
+    monkeypatch.setattr(module_mod, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    stats = module_mod.TrainStats(warmup_steps=1)
+    batch = {"instruction": ["go"] * 4}
+
+    def end() -> None:
+        stats.on_train_batch_end(None, None, None, batch, 0)
+
+    stats.on_train_epoch_start(None, None)
+    end()  # t=0: warm-up
+    end()  # t=1: 1 s
+    end()  # t=3: 2 s
+    stats.on_validation_start(None, None)
+    end()  # t=10: after validation, not timed
+    end()  # t=12: 2 s
+    stats.on_train_epoch_start(None, None)
+    end()  # t=20: first of an epoch, not timed
+    end()  # t=21: 1 s
+    result = stats.result()
+    assert result["steady_state_batches"] == 4
+    assert result["train_samples_per_s"] == pytest.approx(16 / 6)

@@ -208,20 +208,25 @@ def check_architecture(
 
 
 class TrainStats(pl.Callback):
-    """Samples/s over the steady state (after warm-up steps) and peak memory."""
+    """Samples/s over the steady state (after warm-up steps) and peak memory.
+
+    Throughput is the training loop's: each batch counts from the end of the one before it,
+    so fetching and collating the batch is included with its forward, backward and optimizer
+    step. Batches that follow an epoch start or a validation pass are not timed."""
 
     def __init__(self, warmup_steps: int = 3) -> None:
         self.warmup = warmup_steps
         self.samples = 0
         self.batches = 0
-        self.t0: float | None = None
+        self.timed = 0
         self.elapsed = 0.0
-        self._start = 0.0
+        self._last_end: float | None = None
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._start = time.perf_counter()
+    def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._last_end = None
+
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._last_end = None
 
     def on_train_batch_end(
         self,
@@ -231,16 +236,19 @@ class TrainStats(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        now = time.perf_counter()
         self.batches += 1
-        if self.batches > self.warmup:
-            self.elapsed += time.perf_counter() - self._start
+        if self.batches > self.warmup and self._last_end is not None:
+            self.elapsed += now - self._last_end
             self.samples += len(batch["instruction"])
+            self.timed += 1
+        self._last_end = now
 
     def result(self) -> dict[str, Any]:
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out = {
             "train_samples_per_s": self.samples / self.elapsed if self.elapsed else None,
-            "steady_state_batches": max(0, self.batches - self.warmup),
+            "steady_state_batches": self.timed,
             "peak_memory_bytes": peak_rss,
             "peak_memory_kind": "cpu_rss",
         }
