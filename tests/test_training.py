@@ -424,24 +424,27 @@ def test_train_stats_time_the_loop_including_data_loading(monkeypatch) -> None:
     the first batches, and a batch after an epoch start or a validation pass, are not timed."""
     from mobile_vla.training import module as module_mod
 
-    clock = iter([0.0, 1.0, 3.0, 10.0, 12.0, 20.0, 21.0])
+    # each batch: its start, then its end; the loop time is end to end, the step start to end
+    clock = iter([-1, 0, 0.5, 1, 2, 3, 9, 10, 11.5, 12, 19, 20, 20.5, 21])
     monkeypatch.setattr(module_mod, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     stats = module_mod.TrainStats(warmup_steps=1)
     batch = {"instruction": ["go"] * 4}
 
     def end() -> None:
+        stats.on_train_batch_start(None, None, batch, 0)
         stats.on_train_batch_end(None, None, None, batch, 0)
 
     stats.on_train_epoch_start(None, None)
-    end()  # t=0: warm-up
-    end()  # t=1: 1 s
-    end()  # t=3: 2 s
+    end()  # ends at 0: warm-up
+    end()  # ends at 1: loop 1 s, step 0.5 s
+    end()  # ends at 3: loop 2 s, step 1 s
     stats.on_validation_start(None, None)
-    end()  # t=10: after validation, not timed
-    end()  # t=12: 2 s
+    end()  # ends at 10: after validation, not timed
+    end()  # ends at 12: loop 2 s, step 0.5 s
     stats.on_train_epoch_start(None, None)
-    end()  # t=20: first of an epoch, not timed
-    end()  # t=21: 1 s
+    end()  # ends at 20: first of an epoch, not timed
+    end()  # ends at 21: loop 1 s, step 0.5 s
     result = stats.result()
     assert result["steady_state_batches"] == 4
     assert result["train_samples_per_s"] == pytest.approx(16 / 6)
+    assert result["train_step_samples_per_s"] == pytest.approx(16 / 2.5)
