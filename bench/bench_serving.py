@@ -6,7 +6,8 @@
    (configs/builtin_base.yaml), history cache on (one new frame encoded per request) vs off
    (the whole window re-encoded per request), and the ratio.
 2. The control step in process (the closed loop's controller: observe a frame + predict the
-   chunk, no HTTP, no JPEG), history cache vs re-encoding the window, and the ratio.
+   chunk, no HTTP, no JPEG), history cache vs re-encoding the window, and the ratio, on one
+   intra-op thread and on all cores.
 3. Four concurrent sessions, each a robot at 10 Hz, for ``--soak`` seconds against the cached
    server: the share of responses under 1 s (the robot's deadline).
 """
@@ -132,8 +133,9 @@ def soak(
     return counts["total"], counts["late"], worst[0]
 
 
-def control_steps(run: Path, steps: int) -> dict[bool, np.ndarray]:
-    """In-process control-step latency (ms): PolicyController with and without the cache."""
+def control_steps(run: Path, steps: int, threads: int) -> dict[bool, np.ndarray]:
+    """In-process control-step latency (ms) on ``threads`` intra-op threads: PolicyController
+    with and without the cache."""
     import torch
 
     from mobile_vla.config import SimConfig
@@ -142,7 +144,7 @@ def control_steps(run: Path, steps: int) -> dict[bool, np.ndarray]:
     from mobile_vla.sim.scenario import make_scenario
     from mobile_vla.training.run import load_policy
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     policy, cfg = load_policy(run, "last")
     sim = SimConfig()
     with NavEnv(sim) as env:
@@ -204,7 +206,8 @@ def main() -> None:
             capture_output=True,
         )
         run = tmp_path / "run"
-        steps = control_steps(run, args.requests)
+        thread_counts = sorted({1, os.cpu_count() or 1})
+        steps = {n: control_steps(run, args.requests, n) for n in thread_counts}
         frames = camera_frames(30)
         results = {}
         for cache in (True, False):
@@ -221,8 +224,12 @@ def main() -> None:
             f"{args.requests} sequential requests after 10 warm-up:"
         )
         print_pair(results)
-        print(f"control step in process (observe + chunk, no HTTP), {args.requests} steps:")
-        print_pair(steps)
+        for n, latency in steps.items():
+            print(
+                f"control step in process (observe + chunk, no HTTP), {args.requests} steps, "
+                f"{n} thread{'s' if n > 1 else ''}:"
+            )
+            print_pair(latency)
         if args.soak > 0:
             print(
                 f"4 concurrent sessions at 10 Hz for {args.soak:.0f} s: {total - late}/{total} "
