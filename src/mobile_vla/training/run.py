@@ -9,7 +9,7 @@ A run folder holds everything later commands need::
     checkpoints/last   safetensors + JSON, every epoch
     checkpoints/best   the lowest validation loss
     logs/              CSV and TensorBoard logs
-    train_stats.json   samples/s (steady state), peak memory, wall time
+    train_stats.json   samples/s (steady state: the loop's and the step's), peak memory, wall time
 """
 
 from __future__ import annotations
