@@ -135,3 +135,31 @@ def test_training_on_the_cache_matches_live_training(train_data, tmp_path) -> No
         rows = [r.split(",") for r in (run / "logs/csv/metrics.csv").read_text().splitlines()]
         losses[flag] = float([r for r in rows[1:] if r[-1]][-1][-1])
     assert losses["true"] == pytest.approx(losses["false"], rel=0.01)
+
+
+def test_batch_of_cached_prefixes_gives_the_live_window_features(train_data, tmp_path) -> None:
+    """The collated batch (each distinct frame read once, trailing padding dropped) gives the
+    same window features as encoding the batch's images live."""
+    from mobile_vla.training.feature_cache import CachedPrefixDataset
+    from mobile_vla.training.module import collate
+
+    cfg, bundle, policy = setup(train_data, tmp_path)
+    policy.eval()
+    cache = PrefixCache(cfg, policy, bundle.train.frames)
+    ds = CachedPrefixDataset(bundle.train, cache)
+    picks = [0, 1, len(ds) - 1, len(ds) // 2]
+    samples = [ds[i] for i in picks]
+    distinct = {tuple(r) for s in samples for r in s["prefix_ref"].tolist()}
+    batch = ds.collate(samples)
+    live = collate([bundle.train[i] for i in picks])
+    full = cache.get(bundle.train.episodes[0])[0].shape[3]
+    used = batch["prefix_kv"].shape[3]
+    assert used < full  # the text padding shared by every frame is not read
+    assert batch["prefix_mask"].shape[1] == used and batch["prefix_mask"][:, -1].any()
+    assert batch["prefix_kv"].shape[0] == len(distinct) < len(picks) * cfg.data.window_size
+    with torch.no_grad():
+        cached = policy.cached_window_features(
+            batch["prefix_kv"], batch["prefix_mask"], batch["prefix_index"]
+        )
+        feats, _ = policy.window_features(live["images"], live["instruction"], live["obs_mask"])
+    torch.testing.assert_close(cached, feats, rtol=1e-5, atol=1e-5)

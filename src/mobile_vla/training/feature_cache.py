@@ -187,36 +187,39 @@ class CachedPrefixDataset(Dataset):
         return sample
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """The default collate, plus ``prefix_kv`` (U, L, 2, P, D) and ``prefix_mask`` (U, P)
-        for the U distinct frames of the batch and ``prefix_index`` (B, W) into them."""
+        """The default collate, plus ``prefix_kv`` (U, L, 2, P', D) and ``prefix_mask``
+        (U, P') for the U distinct frames of the batch and ``prefix_index`` (B, W) into them.
+        P' <= P drops the trailing prefix positions that are padding in every frame of the
+        batch (the text is padded to ``max_text_tokens``): they are masked out of attention,
+        so the result is the same, with less to read."""
         from mobile_vla.training.module import collate
 
         batch = collate(samples)
         refs = batch.pop("prefix_ref")  # (B, W, 2)
         unique, inverse = torch.unique(refs.view(-1, 2), dim=0, return_inverse=True)
-        first_ep = self.base.episodes[int(unique[0, 0])]
-        kv0, mask0 = self.cache.get(first_ep)
-        # numpy's allocator asks the kernel for huge pages for large buffers: a batch's ~50 MB
-        # of keys/values is written in a quarter of the time a torch.empty buffer takes to
-        # fault in page by page.
-        out = np.empty((len(unique), *kv0.shape[1:]), dtype=np.float32)
-        out_mask = np.empty((len(unique), mask0.shape[0]), dtype=bool)
-        kv, mask = torch.from_numpy(out), torch.from_numpy(out_mask)
         u = unique.numpy()
-        for e in np.unique(u[:, 0]):
+        episodes = np.unique(u[:, 0])
+        entries = {int(e): self.cache.get(self.base.episodes[int(e)]) for e in episodes}
+        used = max(int(np.flatnonzero(m)[-1]) + 1 for _, m in entries.values())
+        kv0 = next(iter(entries.values()))[0]
+        # numpy's allocator asks the kernel for huge pages for large buffers: a batch's tens
+        # of MB of keys/values are written in a quarter of the time a torch.empty buffer takes
+        # to fault in page by page.
+        out = np.empty((len(u), *kv0.shape[1:3], used, kv0.shape[4]), dtype=np.float32)
+        out_mask = np.empty((len(u), used), dtype=bool)
+        for e in episodes:
             rows = np.nonzero(u[:, 0] == e)[0]
-            ep = self.base.episodes[int(e)]
-            ep_kv, ep_mask = self.cache.get(ep)
-            frames = u[rows, 1]  # ascending (torch.unique sorts)
-            if frames[-1] >= len(ep_kv):
+            ep_kv, ep_mask = entries[int(e)]
+            frames = u[rows, 1]
+            if frames.max() >= len(ep_kv):
                 raise IndexError(
-                    f"{ep.path}: frame {frames[-1]} asked of a cached prefix of {len(ep_kv)} frames"
+                    f"{self.base.episodes[int(e)].path}: frame {frames.max()} asked of a "
+                    f"cached prefix of {len(ep_kv)} frames"
                 )
-            # mode="clip" (indices checked above) writes straight into ``out``; the default
-            # mode goes through a temporary buffer.
-            np.take(ep_kv, frames, axis=0, out=out[rows[0] : rows[-1] + 1], mode="clip")
-            out_mask[rows] = ep_mask
-        batch["prefix_kv"] = kv
-        batch["prefix_mask"] = mask
+            for r, f in zip(rows, frames, strict=True):
+                out[r] = ep_kv[f, :, :, :used]
+            out_mask[rows] = ep_mask[:used]
+        batch["prefix_kv"] = torch.from_numpy(out)
+        batch["prefix_mask"] = torch.from_numpy(out_mask)
         batch["prefix_index"] = inverse.view(refs.shape[:2])
         return batch
