@@ -24,8 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from common import MOBILE_VLA, ROOT, collect_episodes, machine
 
 sys.path.insert(0, str(ROOT / "src"))
@@ -89,58 +87,14 @@ def main() -> None:
 
 
 def lora_vision_share(data: Path, steps: int) -> None:
-    """LoRA step time vs the frozen vision forward inside it, on the same real batches."""
-    import torch
+    """LoRA step time vs the frozen vision forward inside it, on the same real batches
+    (bench_vision_share.py's measurement, on the simulated episodes)."""
+    from bench_vision_share import batches_of, build, measure, report
 
-    from mobile_vla.config import load_config
-    from mobile_vla.data.dataset import build_datasets
-    from mobile_vla.training.module import collate
-    from mobile_vla.training.run import build_policy
-
-    cfg = load_config(
-        ROOT / "configs" / "builtin_lora.yaml", [f"data.path={data}", "data.feature_cache=false"]
-    )
-    bundle = build_datasets(cfg)
-    policy, plan = build_policy(cfg, bundle.stats)
-    policy.train()
-    opt = torch.optim.AdamW(plan.param_groups)
-    rng = np.random.default_rng(0)
     n = min(steps, 20)
-    batches = [
-        collate([bundle.train[int(i)] for i in rng.choice(len(bundle.train), 16, replace=False)])
-        for _ in range(n + 3)
-    ]
-    bb = policy.backbone
-    step_s, vision_s = [], []
-    for k, batch in enumerate(batches):
-        t0 = time.perf_counter()
-        loss, _ = policy.loss(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        t1 = time.perf_counter()
-        frames = batch["images"].flatten(0, 1)
-        if "frame_id" in batch:  # the step encodes each distinct frame once; so would a cache
-            frames = frames[np.unique(batch["frame_id"].flatten().numpy(), return_index=True)[1]]
-        with torch.no_grad():
-            bb._image_tokens(bb.preprocess(frames))
-        t2 = time.perf_counter()
-        if k >= 3:
-            step_s.append(t1 - t0)
-            vision_s.append(t2 - t1)
-    step, vision = float(np.median(step_s)), float(np.median(vision_s))
-    print(
-        "LoRA training, builtin backbone, window 8, chunk 10, batch 16 (128 frames), "
-        f"median of {n} steps after 3 warm-up:"
-    )
-    print(
-        f"  live step {step * 1000:.0f} ms ({16 / step:.1f} samples/s); frozen ViT + projector "
-        f"forward of its frames {vision * 1000:.0f} ms ({vision / step:.0%} of the step)"
-    )
-    print(
-        f"  a frozen-vision cache removes at most that: <= {step / (step - vision):.2f}x "
-        "(the LoRA layers sit in the fusion transformer, whose forward and backward remain)"
-    )
+    _, policy, plan, bundle = build("builtin", data, 16, "cpu")
+    step, vision, frames = measure(policy, plan, batches_of(bundle, 16, n), "cpu", False)
+    report("builtin backbone, cpu, fp32", 16, n, step, vision, frames)
 
 
 if __name__ == "__main__":

@@ -315,7 +315,8 @@ class BuiltinBackbone(Backbone):
         x = run_blocks(self.fusion, x, allowed, self.gradient_checkpointing and self.training)
         return self.fusion_norm(x[:, -n_act:])
 
-    def _image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image tokens in the fusion width (N, T, D): the vision tower and its projection."""
         return self.vision_proj(self.vision(pixels)) + self.type_embed[0]
 
     def _action_tokens(self, action_embeds: torch.Tensor, batch: int) -> torch.Tensor:
@@ -325,7 +326,7 @@ class BuiltinBackbone(Backbone):
         self, pixels: torch.Tensor, texts: Sequence[str], action_embeds: torch.Tensor
     ) -> torch.Tensor:
         n = pixels.shape[0]
-        img = self._image_tokens(pixels)
+        img = self.image_features(pixels)
         txt, txt_mask = self.encode_text(texts)
         act = self._action_tokens(action_embeds, n)
         ones = torch.ones(n, img.shape[1], dtype=torch.bool, device=img.device)
@@ -339,7 +340,7 @@ class BuiltinBackbone(Backbone):
         text tokens at every fusion layer (N, L, 2, P, D) and their mask (N, P), text padded to
         ``max_text_tokens``. Independent of the action tokens (they are read-out queries)."""
         n = pixels.shape[0]
-        img = self._image_tokens(pixels)
+        img = self.image_features(pixels)
         txt, txt_mask = self.encode_text(texts)
         pad = self.max_text_tokens - txt.shape[1]
         txt = F.pad(txt, (0, 0, 0, pad))
@@ -378,7 +379,7 @@ class BuiltinBackbone(Backbone):
                 f"config key 'data.window_size' must be <= "
                 f"{self.frame_embed.shape[0]} with backbone.history=pre, got {w}"
             )
-        img = self._image_tokens(pixels.flatten(0, 1))  # (B*W, P, D)
+        img = self.image_features(pixels.flatten(0, 1))  # (B*W, P, D)
         p = img.shape[1]
         img = (img.view(b, w, p, -1) + self.frame_embed[:w, None, :]).reshape(b, w * p, -1)
         img_mask = obs_mask.bool().repeat_interleave(p, dim=1)
