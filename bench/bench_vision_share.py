@@ -22,8 +22,6 @@ frames and actions, instructions from the scenario set.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, machine
+
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT))
 
@@ -62,14 +61,12 @@ def build(family: str, data: Path, batch: int, device: str) -> tuple[Any, Any, A
 
     from mobile_vla.config import load_config
     from mobile_vla.data.dataset import build_datasets
-    from mobile_vla.models.policy import VLAPolicy
-    from mobile_vla.models.strategies import apply_strategy
+    from mobile_vla.training.run import build_policy
 
     common = [f"data.path={data}", "data.feature_cache=false", f"trainer.batch_size={batch}"]
+    backbone = None
     if family == "builtin":
         cfg = load_config(ROOT / "configs" / "builtin_lora.yaml", common)
-        bundle = build_datasets(cfg)
-        policy = VLAPolicy(cfg, bundle.stats)
     else:
         from tests.tiny_models import save_tokenizer
         from transformers import Kosmos2Config, Kosmos2Model, PreTrainedTokenizerFast
@@ -77,7 +74,6 @@ def build(family: str, data: Path, batch: int, device: str) -> tuple[Any, Any, A
         from mobile_vla.models.backbones.kosmos2 import Kosmos2Backbone
 
         cfg = load_config(ROOT / "configs" / "mobile_vla_lora.yaml", common)
-        bundle = build_datasets(cfg)
         tok_dir = data.parent / "tokenizer"
         save_tokenizer(tok_dir)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
@@ -85,9 +81,8 @@ def build(family: str, data: Path, batch: int, device: str) -> tuple[Any, Any, A
         with torch.device(device):
             model = Kosmos2Model(Kosmos2Config())
         backbone = Kosmos2Backbone(cfg.backbone, model=model, tokenizer=tokenizer)
-        policy = VLAPolicy(cfg, bundle.stats, backbone=backbone)
-    policy.train()
-    plan = apply_strategy(policy, cfg.train_setup)
+    bundle = build_datasets(cfg)
+    policy, plan = build_policy(cfg, bundle.stats, backbone=backbone)
     policy.to(device)
     return cfg, policy, plan, bundle
 
@@ -173,10 +168,7 @@ def main() -> None:
     import torch
 
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "no GPU"
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, "
-        f"torch {torch.__version__}"
-    )
+    print(f"{machine()}, {gpu}, torch {torch.__version__}")
     size = 96 if args.family == "builtin" else 224
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_episodes(Path(tmp) / "data", args.episodes, size)

@@ -210,13 +210,7 @@ class CachedPrefixDataset(Dataset):
         for e in episodes:
             rows = np.nonzero(u[:, 0] == e)[0]
             ep_kv, ep_mask = entries[int(e)]
-            frames = u[rows, 1]
-            if frames.max() >= len(ep_kv):
-                raise IndexError(
-                    f"{self.base.episodes[int(e)].path}: frame {frames.max()} asked of a "
-                    f"cached prefix of {len(ep_kv)} frames"
-                )
-            for r, f in zip(rows, frames, strict=True):
+            for r, f in zip(rows, u[rows, 1], strict=True):
                 out[r] = ep_kv[f, :, :, :used]
             out_mask[rows] = ep_mask[:used]
         batch["prefix_kv"] = torch.from_numpy(out)

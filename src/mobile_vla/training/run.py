@@ -29,6 +29,7 @@ from mobile_vla.data.dataset import DataBundle, build_datasets
 from mobile_vla.data.normalization import ActionStats, Normalizer
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import atomic_write_json
+from mobile_vla.models.backbones.base import Backbone
 from mobile_vla.models.policy import VLAPolicy
 from mobile_vla.models.strategies import StrategyPlan, apply_strategy, format_table
 from mobile_vla.training.checkpoint import load_folder
@@ -37,10 +38,13 @@ log = logging.getLogger(__name__)
 RUN_FILES = ("config.yaml", "stats.json", "split.json")
 
 
-def build_policy(cfg: Config, stats: ActionStats) -> tuple[VLAPolicy, StrategyPlan]:
-    """The policy with the strategy applied (LoRA injected, requires_grad set), seeded."""
+def build_policy(
+    cfg: Config, stats: ActionStats, backbone: Backbone | None = None
+) -> tuple[VLAPolicy, StrategyPlan]:
+    """The policy with the strategy applied (LoRA injected, requires_grad set), seeded;
+    ``backbone``, when given, is used instead of building the configured one."""
     torch.manual_seed(cfg.seed)
-    policy = VLAPolicy(cfg, stats)
+    policy = VLAPolicy(cfg, stats, backbone=backbone)
     policy.train()
     check_window(cfg, policy)
     return policy, apply_strategy(policy, cfg.train_setup)
