@@ -230,6 +230,23 @@ def cell_targets(objects: list[list[dict]]) -> torch.Tensor:
     return target
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this x86 CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere
+    bfloat16 autocast is emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> ``bf16-mixed`` where bfloat16 is native on the CPU, else ``32``."""
+    if precision == "auto":
+        return "bf16-mixed" if cpu_has_native_bf16() else "32"
+    return precision
+
+
 def make_optimizer(model: PretrainModel, cfg: PretrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.trainable():
@@ -332,11 +349,13 @@ def pretrain(
     if not log_path.exists():
         with open(log_path, "w", newline="") as fh:
             csv.writer(fh).writerow(fields)
+    precision = resolve_precision(cfg.precision)
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", disable=not progress)
     start = time.perf_counter() - seconds
     while step < cfg.steps:
-        losses = step_losses(model, cfg, corpus, images, ts, table, step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            losses = step_losses(model, cfg, corpus, images, ts, table, step)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable()], 1.0)
@@ -374,7 +393,7 @@ def pretrain(
     from mobile_vla.io import atomic_write_json
 
     atomic_write_json(out / "metrics.json", metrics)
-    export(out, model, cfg, corpus, metrics, seconds, command)
+    export(out, model, cfg, corpus, metrics, seconds, command, precision)
     return out
 
 
@@ -449,6 +468,7 @@ def export(
     metrics: dict[str, Any],
     seconds: float,
     command: str,
+    precision: str = "32",
 ) -> Path:
     from mobile_vla.io import atomic_write_text
     from mobile_vla.pretraining.weights import (
@@ -470,6 +490,7 @@ def export(
         "train_seconds": round(seconds, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
+        "precision": precision,
         "command": command,
         "pretrain_config": to_dict(cfg),
         "metrics": metrics.get("summary", {}),

@@ -168,7 +168,8 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         f"({card.get('corpus', {}).get('splits')}), seed {card.get('corpus', {}).get('seed')}, "
         f"{card.get('corpus', {}).get('image_size')} px |",
         f"| training | {card.get('steps')} steps, batch {card.get('batch_size')}, "
-        f"{card.get('train_seconds', 0) / 60:.1f} min on {card.get('machine', '?')} |",
+        f"{card.get('train_seconds', 0) / 60:.1f} min on {card.get('machine', '?')}, "
+        f"precision {card.get('precision', '32')} |",
         f"| corpus command | `{card.get('corpus', {}).get('command', '')}` |",
         f"| command | `{card.get('command', '')}` |",
         "",
