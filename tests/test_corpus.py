@@ -53,11 +53,16 @@ def test_probe_pairs_name_the_true_order() -> None:
         probe = left_right_probe(scene)
         if probe is None:
             continue
-        true, false = probe
+        (true, false), (true2, false2) = probe
         assert "to the left of" in true and "to the right of" in false
-        first = true.split(" to the left of ")[0]
+        first, second = true.split(" to the left of ")
+        assert false == f"{first} to the right of {second}"
+        # the other direction names the same two objects the other way round
+        assert (true2, false2) == (
+            f"{second} to the right of {first}",
+            f"{second} to the left of {first}",
+        )
         a = next(o for o in scene.objects if first.endswith(f"{o.colour} {o.shape}"))
-        second = true.split(" to the left of ")[1]
         b = next(o for o in scene.objects if second.endswith(f"{o.colour} {o.shape}"))
         assert a.y > b.y  # y points left
 
@@ -79,6 +84,11 @@ def test_bad_corpus_folders(tmp_path: Path, corpus: Path) -> None:
     lines = (mixed / "captions.jsonl").read_text().splitlines()
     (mixed / "captions.jsonl").write_text("\n".join(lines[:-3]) + "\n")
     with pytest.raises(DataError, match="57 lines for 60 images"):
+        load_corpus(mixed)
+    (mixed / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    old = json.loads((mixed / "manifest.json").read_text())
+    (mixed / "manifest.json").write_text(json.dumps({**old, "version": 2}))
+    with pytest.raises(DataError, match=r"is a mobile-vla-caption-corpus v2; .* render it again"):
         load_corpus(mixed)
     (mixed / "captions.jsonl").unlink()
     with pytest.raises(DataError, match="incomplete"):

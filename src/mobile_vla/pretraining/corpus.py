@@ -7,7 +7,8 @@ A corpus is a folder::
     captions.jsonl    one line per image: id, scene seed, split (train / val), captions from
                       the training templates and their facts (what each claims, checkable
                       against any scene), captions from the held-out templates and their
-                      facts, objects, and the left/right probe pair when the scene has one
+                      facts, objects, and the left/right probe's two (true, false) pairs
+                      when the scene has one
 
 Validation scenes are held out by image (``val_fraction``) and, for evaluation, phrased with
 templates never used in training. Image ``i`` is a pure function of (seed, i).
@@ -28,7 +29,7 @@ from mobile_vla.errors import DataError, MobileVLAError
 from mobile_vla.io import atomic_path, atomic_write_json, atomic_write_text
 
 FORMAT = "mobile-vla-caption-corpus"
-VERSION = 2
+VERSION = 3  # 3: the left/right probe in both directions (2: "X left of Y" only)
 FILES = ("manifest.json", "images.npy", "captions.jsonl")
 
 
@@ -191,9 +192,14 @@ def load_corpus(folder: str | Path) -> Corpus:
         manifest = json.loads((folder / "manifest.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DataError(f"corpus folder '{folder}': manifest.json is not valid JSON") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT:
         raise DataError(
             f"corpus folder '{folder}': manifest.json is not a {FORMAT} v{VERSION} manifest"
+        )
+    if manifest.get("version") != VERSION:
+        raise DataError(
+            f"corpus folder '{folder}' is a {FORMAT} v{manifest.get('version')}; this version "
+            f"reads v{VERSION}: render it again with `mobile-vla pretrain-data`"
         )
     try:
         images = np.load(folder / "images.npy", mmap_mode="r", allow_pickle=False)

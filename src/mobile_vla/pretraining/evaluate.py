@@ -12,8 +12,10 @@ Metrics, each for both scores:
 
 * retrieval: image -> caption among ``candidates`` (32: the image's caption and 31 false
   ones from other held-out images); R@1 and R@5 (chance 1/32 and 5/32);
-* left/right probe: for two-object scenes, is "X to the left of Y" ranked above "X to the
-  right of Y" (chance 0.5);
+* left/right probe: for two-object scenes (X left of Y), is "X to the left of Y" ranked above
+  "X to the right of Y", and "Y to the right of X" above "Y to the left of X" — the fraction
+  of the two directions right (chance 0.5; a score that only prefers one of the words "left"
+  and "right" gets exactly 0.5);
 * colour and object-type accuracy: "an image showing a <colour> <shape>" over all colours
   (shape fixed, for objects whose shape is unique in the scene), and over all shapes (colour
   fixed, colour unique in the scene) — the true one must rank first.
@@ -173,9 +175,9 @@ def evaluate(
     shape: dict[str, list[bool]] = {"itc": [], "itm": []}
     for i in tqdm(val, desc="probes", disable=not progress):
         r = corpus.records[i]
-        if r["probe"]:
+        for pair in r["probe"] or ():
             for name, fn in scores.items():
-                s = fn(i, list(r["probe"]))
+                s = fn(i, list(pair))
                 probe[name].append(bool(s[0] > s[1]))
         objs = r["objects"]
         for o in objs:
@@ -204,7 +206,7 @@ def evaluate(
     summary.update(
         retrieval_images=len(sets),
         candidates=CANDIDATES,
-        probe_scenes=len(probe["itc"]),
+        probe_scenes=len(probe["itc"]) // 2,
         colour_objects=len(colour["itc"]),
         shape_objects=len(shape["itc"]),
         chance_r1=1 / CANDIDATES,

@@ -432,14 +432,19 @@ def perturb(text: str, fact: dict, rng: np.random.Generator) -> tuple[str, dict]
     return out, new
 
 
-def left_right_probe(scene: CaptionScene) -> tuple[str, str] | None:
-    """For scenes with two objects side by side: ("X left of Y", "X right of Y")."""
+def left_right_probe(scene: CaptionScene) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """For scenes with two objects side by side, X left of Y: two (true, false) pairs,
+    ("X to the left of Y", "X to the right of Y") and ("Y to the right of X", "Y to the left
+    of X"). Both directions, so a score that merely prefers the word "left" (or "right") gets
+    exactly half of them right: only the order of the objects tells the pairs apart."""
     objs = [o for o in scene.objects]
     for i in range(len(objs)):
         for j in range(i + 1, len(objs)):
             a, b = objs[i], objs[j]
             if a.lateral != b.lateral and (a.colour, a.shape) != (b.colour, b.shape):
                 x, y = f"{article(a.colour)} {a.shape}", f"{article(b.colour)} {b.shape}"
-                true, false = f"{x} to the left of {y}", f"{x} to the right of {y}"
-                return true, false
+                return (
+                    (f"{x} to the left of {y}", f"{x} to the right of {y}"),
+                    (f"{y} to the right of {x}", f"{y} to the left of {x}"),
+                )
     return None
