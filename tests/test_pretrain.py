@@ -26,7 +26,13 @@ from mobile_vla.pretraining.weights import (
     sha256,
     shipped_weights,
 )
-from mobile_vla.sim.caption_scenes import captions, fact_holds, perturb, sample_scene
+from mobile_vla.sim.caption_scenes import (
+    captions,
+    fact_holds,
+    perturb,
+    sample_scene,
+    swap_sides,
+)
 
 from .conftest import TINY_BUILTIN, tiny_builtin_config
 
@@ -89,6 +95,52 @@ def test_side_perturbation_swaps_the_relation() -> None:
             assert p[1] == {"k": "pair", "l": ["blue", "sphere"], "r": ["red", "box"]}
     assert "a red box to the right of a blue sphere" in seen
     assert any(s.startswith("an orange box") for s in seen) or any("a " in s for s in seen)
+
+
+def test_swap_sides_mirrors_the_claim() -> None:
+    pair = {"k": "pair", "l": ["red", "box"], "r": ["blue", "sphere"]}
+    text, fact = swap_sides("a blue sphere to the right of a red box", pair)
+    assert text == "a blue sphere to the left of a red box"
+    assert fact == {"k": "pair", "l": ["blue", "sphere"], "r": ["red", "box"]}
+    place = {"k": "place", "c": "red", "s": "box", "lat": "left", "dep": "far"}
+    assert swap_sides("a red box on the left", place) == (
+        "a red box on the right",
+        {**place, "lat": "right"},
+    )
+    assert swap_sides("a red box in the centre", {**place, "lat": "centre"}) is None
+    assert swap_sides("two objects", {"k": "count", "n": 2}) is None
+    # a red box on each side: the swapped caption is true as well, and training drops it
+    objs = [
+        {"colour": "red", "shape": "box", "lateral": x, "depth": "far"} for x in ("left", "right")
+    ]
+    assert fact_holds(place, objs) and fact_holds(swap_sides("", place)[1], objs)
+
+
+def test_text_order_head_reads_word_order() -> None:
+    """The mean-state text embedding cannot see the order of the tokens; with the word-order
+    head it can (with its output layer zeroed, it is the plain embedding)."""
+    from mobile_vla.pretraining.model import PretrainModel
+
+    cfg = tiny_builtin_config()
+    torch.manual_seed(0)
+    plain = PretrainModel(cfg, 0.07)
+    torch.manual_seed(0)
+    ordered = PretrainModel(cfg, 0.07, text_order_layers=1)
+    ordered.text_head.load_state_dict(plain.text_head.state_dict())
+    torch.nn.init.zeros_(ordered.text_order.out.weight)
+    states, mask = torch.randn(2, 6, 384), torch.ones(2, 6, dtype=torch.bool)
+    reversed_states = states.flip(1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            plain.text_embedding(states, mask), ordered.text_embedding(states, mask)
+        )
+        torch.testing.assert_close(
+            plain.text_embedding(states, mask), plain.text_embedding(reversed_states, mask)
+        )
+        torch.nn.init.normal_(ordered.text_order.out.weight, std=0.5)
+        a = ordered.text_embedding(states, mask)
+        b = ordered.text_embedding(reversed_states, mask)
+    assert (a - b).abs().max() > 1e-3  # the plain embedding: equal to 1e-6 (above)
 
 
 def test_retrieval_distractors_are_false_for_the_image(corpus: Path) -> None:
@@ -284,15 +336,26 @@ def test_bf16_run_says_so_and_reloads(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(pretrain_module, "step_losses", spy)
-    extra = ("precision=bf16-mixed", "steps=12", "eval_every=0")
+    extra = (
+        "precision=bf16-mixed",
+        "steps=12",
+        "eval_every=0",
+        "text_order_layers=1",
+        "order_weight=1.0",
+        "claim_weight=1.0",
+        "image_cells=true",
+    )
     run = pretrain(tiny_cfg(corpus, *extra), tmp_path / "r", progress=False)
     assert seen == [True] * 12
+    rows = list(csv.DictReader((run / "log.csv").read_text().splitlines()))
+    assert all(float(r["order"]) > 0 and float(r["claim"]) > 0 for r in rows)
     weights = run / "export" / "builtin-vl.safetensors"
     card = read_card(weights)
     assert card["precision"] == card["pretrain_config"]["precision"] == "bf16-mixed"
     assert "precision bf16-mixed" in (run / "export" / "MODEL_CARD.md").read_text()
     trained, _, _ = load_run(run)
-    loaded = load_weights_file(weights)
+    loaded = load_weights_file(weights)  # the word-order and claim heads come back too
+    assert loaded.text_order is not None and loaded.image_cells
     states, mask = torch.randn(3, 5, 384), torch.ones(3, 5, dtype=torch.bool)
     with torch.no_grad():
         torch.testing.assert_close(

@@ -514,6 +514,21 @@ class PretrainConfig:
     query (the policy's action-token path; 0 = off)."""
     fusion_images: int = 16
     """Images per step whose attributes are also read through the fusion transformer."""
+    text_order_layers: int = 0
+    """Transformer layers of the word-order head of the contrastive text embedding (over the
+    sentence encoder's token states, added to the map of its mean state; 0 = none: the text
+    embedding is then close to a bag of words and cannot tell "X left of Y" from "Y left of
+    X")."""
+    order_weight: float = 0.0
+    """Weight of the left/right loss: each image's caption against the same caption with left
+    and right swapped (two-way softmax of the contrastive scores; 0 = off)."""
+    claim_weight: float = 0.0
+    """Weight of the claim loss: the word-order head's output names the colour and shape of
+    the left and of the right object of a "X left of Y" caption (needs text_order_layers;
+    without it the head settles on a word bias and the left/right probe stays at chance)."""
+    image_cells: bool = False
+    """The contrastive image embedding also reads the grounded attributes (which colour and
+    shape in which scene cell) that attribute_weight trains."""
     augment: bool = True
     """Brightness and contrast jitter of the images (never a mirror: left and right matter)."""
     eval_every: int = 500

@@ -52,6 +52,34 @@ class AttentionPool(nn.Module):
         return self.norm(self.attn(q, tokens, tokens, need_weights=False)[0][:, 0])
 
 
+class TextOrder(nn.Module):
+    """The word order of a caption, for the contrastive text embedding: transformer layers over
+    the sentence encoder's token states with learned positions, mean-pooled, through a
+    zero-initialised output layer added to the linear map of the mean state. The mean state is
+    close to a bag of words ("X to the right of Y" and the true "Y to the right of X" hold the
+    same words); this is what can tell them apart. Its output layer starts small (std 0.02),
+    so it starts close to the plain mean-state embedding."""
+
+    def __init__(self, text_width: int, width: int, layers: int, heads: int, max_len: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(text_width, width)
+        self.pos = nn.Parameter(torch.randn(1, max_len, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 2 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, width)
+        nn.init.normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.inp(states) + self.pos[:, : states.shape[1]]
+        x = self.norm(self.layers(x, src_key_padding_mask=~mask))
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return self.out((x * m).sum(1) / m.sum(1).clamp_min(1.0))
+
+
 class CellProbe(nn.Module):
     """Which colours and shapes are in which scene cell (lateral x depth), as multi-label
     presence read from the image tokens by max-pooling a linear map of each token: a small
@@ -68,7 +96,13 @@ class CellProbe(nn.Module):
 
 
 class PretrainModel(nn.Module):
-    def __init__(self, cfg: BuiltinConfig, temperature: float) -> None:
+    def __init__(
+        self,
+        cfg: BuiltinConfig,
+        temperature: float,
+        text_order_layers: int = 0,
+        image_cells: bool = False,
+    ) -> None:
         super().__init__()
         bcfg = BackboneConfig(name="builtin", builtin=cfg, pretrained=False)
         self.backbone = BuiltinBackbone(bcfg)
@@ -79,11 +113,31 @@ class PretrainModel(nn.Module):
         # tokens: those carry a shared type embedding that dominates a normalized mean at
         # initialization and collapses the contrastive loss onto the caption prior.
         self.image_pool = AttentionPool(vw, cfg.vision_heads)
-        self.image_head = nn.Linear(2 * vw, width)
+        cell_width = len(CELLS) * (len(COLOURS) + len(SHAPES))
+        # with image_cells the embedding also reads the grounded attributes (which colour and
+        # shape in which scene cell): what a caption's left/right claim is checked against
+        self.image_cells = image_cells
+        self.image_head = nn.Linear(2 * vw + (cell_width if image_cells else 0), width)
         self.text_head = nn.Linear(text_width, width)
+        self.text_order = (
+            TextOrder(
+                text_width,
+                width,
+                text_order_layers,
+                cfg.fusion_heads,
+                self.backbone.max_text_tokens,
+            )
+            if text_order_layers
+            else None
+        )
         self.itm_query = nn.Parameter(torch.randn(1, width) * 0.02)
         self.itm_head = nn.Linear(width, 1)
         self.cell_probe = CellProbe(vw, len(CELLS), len(COLOURS), len(SHAPES))
+        # what a left/right caption claims (the left object's colour and shape, the right
+        # one's), read from the word-order head: it makes that head read roles, not words
+        self.claim_head = (
+            nn.Linear(width, 2 * (len(COLOURS) + len(SHAPES))) if text_order_layers else None
+        )
         # the same grounded attributes read by a query through the fusion transformer
         self.fusion_query = nn.Parameter(torch.randn(1, width) * 0.02)
         self.fusion_probe = nn.Linear(width, len(CELLS) * (len(COLOURS) + len(SHAPES)))
@@ -110,17 +164,43 @@ class PretrainModel(nn.Module):
         return self.backbone.vision_proj(vit) + self.backbone.type_embed[0]
 
     def image_embedding(self, vit: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([self.image_pool(vit), vit.amax(dim=1)], dim=-1)
+        parts = [self.image_pool(vit), vit.amax(dim=1)]
+        if self.image_cells:
+            parts.append(torch.sigmoid(self.cell_probe(vit).flatten(1)))
+        pooled = torch.cat(parts, dim=-1)
         return F.normalize(self.image_head(pooled), dim=-1)
 
     def text_tokens(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.backbone.project_text(states)
 
     def text_embedding(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """From the sentence encoder's masked mean state (its own sentence embedding)."""
+        """From the sentence encoder's masked mean state (its own sentence embedding), plus
+        the word-order head's share when there is one."""
         m = mask.unsqueeze(-1).to(states.dtype)
         mean = F.normalize((states * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
-        return F.normalize(self.text_head(mean), dim=-1)
+        emb = self.text_head(mean)
+        if self.text_order is not None:
+            emb = emb + self.text_order(states, mask)
+        return F.normalize(emb, dim=-1)
+
+    def claim_loss(
+        self, states: torch.Tensor, mask: torch.Tensor, facts: list[dict]
+    ) -> torch.Tensor:
+        """The claim head's four cross-entropies (summed) on "X left of Y" captions: the left
+        object's colour and shape and the right object's, from the word-order head's output."""
+        assert self.text_order is not None and self.claim_head is not None
+        logits = self.claim_head(self.text_order(states, mask))
+        nc, ns = len(COLOURS), len(SHAPES)
+        colours, shapes = list(COLOURS), list(SHAPES)
+        loss = torch.zeros((), device=states.device)
+        for k, side in enumerate(("l", "r")):
+            part = logits[:, k * (nc + ns) : (k + 1) * (nc + ns)]
+            colour = torch.tensor([colours.index(f[side][0]) for f in facts])
+            shape = torch.tensor([shapes.index(f[side][1]) for f in facts])
+            loss = (
+                loss + F.cross_entropy(part[:, :nc], colour) + F.cross_entropy(part[:, nc:], shape)
+            )
+        return loss
 
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=4.6052).exp()  # temperature >= 0.01

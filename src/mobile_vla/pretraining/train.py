@@ -34,7 +34,7 @@ from mobile_vla.config import PretrainConfig, load_config, save_config, to_dict
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.pretraining.corpus import Corpus, load_corpus
 from mobile_vla.pretraining.model import CELLS, PretrainModel
-from mobile_vla.sim.caption_scenes import COLOURS, SHAPES, fact_holds, perturb
+from mobile_vla.sim.caption_scenes import COLOURS, SHAPES, fact_holds, perturb, swap_sides
 from mobile_vla.training.checkpoint import load_folder, save_folder
 from mobile_vla.training.module import warmup_cosine
 
@@ -86,6 +86,7 @@ class TrainSet:
     ids: list[int]  # training image indices
     captions: list[list[tuple[int, dict]]]  # per training image: (text id, fact)
     negatives: list[list[list[tuple[int, dict]]]]  # per image, per caption: perturbed versions
+    swaps: list[list[int | None]]  # per image, per caption: left and right swapped (if false)
 
 
 def prepare(corpus: Corpus, seed: int) -> tuple[TrainSet, list[str]]:
@@ -93,13 +94,18 @@ def prepare(corpus: Corpus, seed: int) -> tuple[TrainSet, list[str]]:
     rng = np.random.default_rng([seed, 31337])
     ids = corpus.split("train")
     texts: list[str] = []
-    caps, negs = [], []
+    caps, negs, swaps = [], [], []
     for i in ids:
         r = corpus.records[i]
-        per_image, per_neg = [], []
+        per_image, per_neg, per_swap = [], [], []
         for text, fact in zip(r["captions"], r["facts"], strict=True):
             texts.append(text)
             per_image.append((text, fact))
+            swapped = swap_sides(text, fact)
+            if swapped is not None and fact_holds(swapped[1], r["objects"]):
+                swapped = None  # e.g. a red box on each side: both captions are true
+            per_swap.append(swapped[0] if swapped else None)
+            texts.extend([swapped[0]] if swapped else [])
             options = []
             for _ in range(PERTURBATIONS):
                 p = perturb(text, fact, rng)
@@ -109,7 +115,8 @@ def prepare(corpus: Corpus, seed: int) -> tuple[TrainSet, list[str]]:
             per_neg.append(options)
         caps.append(per_image)
         negs.append(per_neg)
-    return TrainSet(ids, caps, negs), texts  # type: ignore[arg-type]
+        swaps.append(per_swap)
+    return TrainSet(ids, caps, negs, swaps), texts  # type: ignore[arg-type]
 
 
 def _index(ts: TrainSet, table: TextTable) -> TrainSet:
@@ -117,6 +124,7 @@ def _index(ts: TrainSet, table: TextTable) -> TrainSet:
         ts.ids,
         [[(table.index[t], f) for t, f in per] for per in ts.captions],
         [[[(table.index[t], f) for t, f in opts] for opts in per] for per in ts.negatives],
+        [[None if t is None else table.index[t] for t in per] for per in ts.swaps],  # type: ignore[index]
     )
 
 
@@ -144,10 +152,11 @@ def step_losses(
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     rows = rng.choice(len(ts.ids), size=min(cfg.batch_size, len(ts.ids)), replace=False)
     objects = [corpus.records[ts.ids[r]]["objects"] for r in rows]
-    chosen, negative = [], []
+    chosen, negative, swapped = [], [], []
     for r in rows:
         k = int(rng.integers(len(ts.captions[r])))
         chosen.append(ts.captions[r][k])
+        swapped.append(ts.swaps[r][k])
         opts = ts.negatives[r][k]
         negative.append(opts[int(rng.integers(len(opts)))] if opts else None)
     # text columns: the batch's captions, then their perturbed versions
@@ -171,6 +180,22 @@ def step_losses(
     caps = sim[:, :b]
     t2i = torch.logsumexp(caps, 0) - torch.logsumexp(caps.masked_fill(~positive[:, :b], neg_inf), 0)
     out = {"itc": (i2t.mean() + t2i.mean()) / 2}
+    sided = [i for i, t in enumerate(swapped) if t is not None]
+    if cfg.order_weight > 0 and sided:
+        # each caption against itself with left and right swapped: only word order and the
+        # image tell them apart
+        s_states, s_mask = table.rows([swapped[i] for i in sided])
+        swap_emb = model.text_embedding(s_states, s_mask)
+        rows_t = torch.tensor(sided)
+        true = (img_emb[rows_t] * txt_emb[rows_t]).sum(-1)
+        false = (img_emb[rows_t] * swap_emb).sum(-1)
+        logits = torch.stack([true, false], 1) * model.scale()
+        out["order"] = F.cross_entropy(logits, torch.zeros(len(sided), dtype=torch.long))
+        with torch.no_grad():
+            out["order_acc"] = (true > false).float().mean()
+    pairs = [i for i, (_, f) in enumerate(chosen) if f["k"] == "pair"]
+    if cfg.claim_weight > 0 and model.claim_head is not None and pairs:
+        out["claim"] = model.claim_loss(states[pairs], mask[pairs], [chosen[i][1] for i in pairs])
     if cfg.attribute_weight > 0:
         logits = model.cell_probe(vit)
         # x 10: the per-label BCE is small (most labels are absent) next to the InfoNCE terms
@@ -215,6 +240,8 @@ def step_losses(
         + cfg.itm_weight * out.get("itm", torch.zeros(()))
         + cfg.attribute_weight * out.get("attr", torch.zeros(()))
         + cfg.fusion_weight * out.get("fusion_attr", torch.zeros(()))
+        + cfg.order_weight * out.get("order", torch.zeros(()))
+        + cfg.claim_weight * out.get("claim", torch.zeros(()))
     )
     return out
 
@@ -268,7 +295,7 @@ def trainable_state(model: PretrainModel) -> dict[str, torch.Tensor]:
 
 def build_model(cfg: PretrainConfig) -> PretrainModel:
     torch.manual_seed(cfg.seed)
-    return PretrainModel(cfg.backbone, cfg.temperature)
+    return PretrainModel(cfg.backbone, cfg.temperature, cfg.text_order_layers, cfg.image_cells)
 
 
 def _check_corpus(corpus: Corpus) -> None:
@@ -341,6 +368,9 @@ def pretrain(
         "itm_acc",
         "attr",
         "fusion_attr",
+        "order",
+        "order_acc",
+        "claim",
         "lr",
         "temperature",
         "val_r1",
@@ -378,8 +408,9 @@ def pretrain(
                 ]
             )
         shown = {"loss": f"{row['loss']:.3f}", "itc": f"{row['itc']:.3f}"}
-        if "itm_acc" in row:
-            shown["itm_acc"] = f"{row['itm_acc']:.2f}"
+        for key in ("itm_acc", "order_acc"):
+            if key in row:
+                shown[key] = f"{row[key]:.2f}"
         bar.set_postfix(shown)
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -454,8 +485,15 @@ def load_weights_file(weights: str | Path) -> PretrainModel:
     cfg = BuiltinConfig(
         **{k: v for k, v in arch.items() if k in BuiltinConfig.__dataclass_fields__}
     )
-    model = PretrainModel(cfg, 0.07)
-    model.load_export(load_weights(weights, cfg))
+    state = load_weights(weights, cfg)
+    prefix = "heads.text_order.layers.layers."
+    layers = len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})
+    cells = (
+        "heads.image_head.weight" in state
+        and state["heads.image_head.weight"].shape[1] > 2 * cfg.vision_width
+    )
+    model = PretrainModel(cfg, 0.07, text_order_layers=layers, image_cells=cells)
+    model.load_export(state)
     model.eval()
     return model
 

@@ -379,6 +379,21 @@ def fact_holds(fact: dict, objects: Sequence[SceneObject | dict]) -> bool:
 _SWAP = {"left": "right", "right": "left"}
 
 
+def swap_sides(text: str, fact: dict) -> tuple[str, dict] | None:
+    """The caption with left and right swapped and its fact ("a red box to the left of a blue
+    sphere" -> "... to the right of ..."; "on the left" -> "on the right"); None for a caption
+    without a side (single objects, counts, the centre)."""
+    kind = fact["k"]
+    if kind != "pair" and not (kind == "place" and fact["lat"] != "centre"):
+        return None
+    new = dict(fact)
+    if kind == "pair":
+        new["l"], new["r"] = fact["r"], fact["l"]
+    else:
+        new["lat"] = _SWAP[fact["lat"]]
+    return re.sub(r"\b(left|right)\b", lambda m: _SWAP[m.group(1)], text), new
+
+
 def perturb(text: str, fact: dict, rng: np.random.Generator) -> tuple[str, dict] | None:
     """A minimally different caption and its fact: left and right swapped, or one colour,
     shape or count replaced (articles kept grammatical, so only the meaning changes). None
@@ -396,12 +411,7 @@ def perturb(text: str, fact: dict, rng: np.random.Generator) -> tuple[str, dict]
     choice = str(rng.choice(options))
     new = dict(fact)
     if choice == "side":
-        out = re.sub(r"\b(left|right)\b", lambda m: _SWAP[m.group(1)], text)
-        if kind == "pair":
-            new["l"], new["r"] = fact["r"], fact["l"]
-        else:
-            new["lat"] = _SWAP[fact["lat"]]
-        return out, new
+        return swap_sides(text, fact)
     if choice == "count":
         n = int(rng.choice([k for k in NUMBERS if k != fact["n"]]))
         out = re.sub(r"\b(one|two|three|four)\b", NUMBERS[n], text)
