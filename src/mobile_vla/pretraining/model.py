@@ -12,6 +12,13 @@ sentence encoder:
   scores match / no match, with hard negatives (left and right swapped, one colour, shape or
   count changed, and the most confusable caption of another image).
 
+* **left/right** (with ``text_order_layers``): the text embedding gains a word-order head,
+  trained by each caption against itself with left and right swapped and by a *claim* loss
+  (the head names the colour and shape of the left and the right object of "X left of Y");
+  with ``image_cells`` the image embedding also reads the grounded attributes below. The order
+  loss alone leaves the head at a word bias (2/3 of the training pairs, the templates'
+  share that say "left"); the claim loss makes it read roles.
+
 * **grounded attributes**: which colours and shapes stand in which scene cell (left / centre
   / right x near / far), multi-label from max-pooled image tokens — the facts the captions
   are written from, as a dense signal — and the same read through the fusion transformer by a
@@ -54,8 +61,8 @@ class AttentionPool(nn.Module):
 
 class TextOrder(nn.Module):
     """The word order of a caption, for the contrastive text embedding: transformer layers over
-    the sentence encoder's token states with learned positions, mean-pooled, through a
-    zero-initialised output layer added to the linear map of the mean state. The mean state is
+    the sentence encoder's token states with learned positions, mean-pooled, through an
+    output layer added to the linear map of the mean state. The mean state is
     close to a bag of words ("X to the right of Y" and the true "Y to the right of X" hold the
     same words); this is what can tell them apart. Its output layer starts small (std 0.02),
     so it starts close to the plain mean-state embedding."""
