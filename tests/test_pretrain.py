@@ -29,6 +29,7 @@ from mobile_vla.pretraining.weights import (
 from mobile_vla.sim.caption_scenes import (
     captions,
     fact_holds,
+    left_right_probe_held_out,
     perturb,
     sample_scene,
     swap_sides,
@@ -407,8 +408,25 @@ def test_left_right_probe_is_balanced(
         )
         m = evaluate(model, c, cfg, limit=24)["summary"]
         assert m["probe_scenes"] > 5 and m["left_right_itc"] == 0.5
-    truth = {i: {pair[0] for pair in r["probe"] or ()} for i, r in enumerate(c.records)}
+        # the held-out phrasing's pairs hold the same words: a word score ties them
+        assert m["left_right_held_out_itc"] == 0.5
+    truth = {
+        i: {pair[0] for pair in r["probe"] or ()}
+        | {pair[0] for pair in left_right_probe_held_out(r["objects"]) or ()}
+        for i, r in enumerate(c.records)
+    }
     monkeypatch.setattr(
         Scorer, "itc", lambda self, i, texts: np.array([t in truth[i] for t in texts], float)
     )
-    assert evaluate(model, c, cfg, limit=24)["summary"]["left_right_itc"] == 1.0
+    m = evaluate(model, c, cfg, limit=24)["summary"]
+    assert m["left_right_itc"] == m["left_right_held_out_itc"] == 1.0
+    # a score that learnt "the first object named is on the left" fails the held-out phrasing
+    monkeypatch.setattr(
+        Scorer,
+        "itc",
+        lambda self, i, texts: np.array(
+            [t in truth[i] if "there is" not in t else t not in truth[i] for t in texts], float
+        ),
+    )
+    m = evaluate(model, c, cfg, limit=24)["summary"]
+    assert m["left_right_itc"] == 1.0 and m["left_right_held_out_itc"] == 0.0

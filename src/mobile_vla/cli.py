@@ -320,15 +320,18 @@ def format_pretrain_metrics(m: dict) -> str:
             f"ITM {itm:.3f}" if itm is not None else "(ITM not trained)"
         )
 
-    return "\n".join(
-        [
-            f"held-out retrieval among {m['candidates']} ({m['retrieval_images']} images, "
-            f"chance R@1 {m['chance_r1']:.3f}): R@1 {both('r1')};  R@5 {both('r5')}",
-            f"left/right probe ({m['probe_scenes']} scenes): {both('left_right')}",
-            f"colour accuracy ({m['colour_objects']} objects): {both('colour')}",
-            f"object-type accuracy ({m['shape_objects']} objects): {both('shape')}",
-        ]
-    )
+    lines = [
+        f"held-out retrieval among {m['candidates']} ({m['retrieval_images']} images, "
+        f"chance R@1 {m['chance_r1']:.3f}): R@1 {both('r1')};  R@5 {both('r5')}",
+        f"left/right probe ({m['probe_scenes']} scenes): {both('left_right')}",
+    ]
+    if "left_right_held_out_itc" in m:  # metrics written before this probe existed lack it
+        lines.append(f"left/right probe, held-out phrasing: {both('left_right_held_out')}")
+    lines += [
+        f"colour accuracy ({m['colour_objects']} objects): {both('colour')}",
+        f"object-type accuracy ({m['shape_objects']} objects): {both('shape')}",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_pretrain_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:

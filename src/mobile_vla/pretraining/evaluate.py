@@ -15,7 +15,9 @@ Metrics, each for both scores:
 * left/right probe: for two-object scenes (X left of Y), is "X to the left of Y" ranked above
   "X to the right of Y", and "Y to the right of X" above "Y to the left of X" — the fraction
   of the two directions right (chance 0.5; a score that only prefers one of the words "left"
-  and "right" gets exactly 0.5);
+  and "right" gets exactly 0.5); and the same two objects in a phrasing no training template
+  uses ("left of the Y there is X" above "left of the X there is Y", and the mirror), whose
+  true and false captions hold the same words (a tie counts 1/2);
 * colour and object-type accuracy: "an image showing a <colour> <shape>" over all colours
   (shape fixed, for objects whose shape is unique in the scene), and over all shapes (colour
   fixed, colour unique in the scene) — the true one must rank first.
@@ -32,7 +34,13 @@ from tqdm.auto import tqdm
 from mobile_vla.config import PretrainConfig
 from mobile_vla.pretraining.corpus import Corpus
 from mobile_vla.pretraining.model import PretrainModel
-from mobile_vla.sim.caption_scenes import COLOURS, SHAPES, article, fact_holds
+from mobile_vla.sim.caption_scenes import (
+    COLOURS,
+    SHAPES,
+    article,
+    fact_holds,
+    left_right_probe_held_out,
+)
 
 CANDIDATES = 32
 
@@ -134,6 +142,12 @@ class Scorer:
         return self.model.match_logits(img, tok, mask).numpy()
 
 
+def _wins(true: float, false: float) -> float:
+    """1 when the true caption scores higher, 0 when lower, 1/2 on a tie (a score blind to
+    word order ties the held-out probe's pairs, which hold the same words)."""
+    return 1.0 if true > false else 0.5 if true == false else 0.0
+
+
 def _rank_of_first(scores: np.ndarray) -> int:
     return int((scores > scores[0]).sum())
 
@@ -170,16 +184,19 @@ def evaluate(
         for name, fn in scores.items():
             ranks[name].append(_rank_of_first(fn(i, cands)))
     val = corpus.split("val") if limit is None else [i for i, _ in sets]
-    probe: dict[str, list[bool]] = {"itc": [], "itm": []}
+    probe: dict[str, list[float]] = {"itc": [], "itm": []}
+    probe_held_out: dict[str, list[float]] = {"itc": [], "itm": []}
     colour: dict[str, list[bool]] = {"itc": [], "itm": []}
     shape: dict[str, list[bool]] = {"itc": [], "itm": []}
     for i in tqdm(val, desc="probes", disable=not progress):
         r = corpus.records[i]
-        for pair in r["probe"] or ():
-            for name, fn in scores.items():
-                s = fn(i, list(pair))
-                probe[name].append(bool(s[0] > s[1]))
         objs = r["objects"]
+        held_out = left_right_probe_held_out(objs) if r["probe"] else None
+        for pairs, into in ((r["probe"], probe), (held_out, probe_held_out)):
+            for pair in pairs or ():
+                for name, fn in scores.items():
+                    s = fn(i, list(pair))
+                    into[name].append(_wins(s[0], s[1]))
         for o in objs:
             if sum(p["shape"] == o["shape"] for p in objs) == 1:
                 colours = [o["colour"]] + [c for c in COLOURS if c != o["colour"]]
@@ -194,13 +211,17 @@ def evaluate(
     summary: dict[str, Any] = {}
     for name in ("itc", "itm"):
         if name not in scores:
-            for key in ("r1", "r5", "left_right", "colour", "shape"):
+            for key in ("r1", "r5", "left_right", "left_right_held_out", "colour", "shape"):
                 summary[f"{key}_{name}"] = None  # not trained (itm_weight 0)
             continue
         rk = np.array(ranks[name])
         summary[f"r1_{name}"] = float((rk < 1).mean()) if len(rk) else float("nan")
         summary[f"r5_{name}"] = float((rk < 5).mean()) if len(rk) else float("nan")
-        summary[f"left_right_{name}"] = float(np.mean(probe[name])) if probe[name] else float("nan")
+        for key, values in (
+            ("left_right", probe[name]),
+            ("left_right_held_out", probe_held_out[name]),
+        ):
+            summary[f"{key}_{name}"] = float(np.mean(values)) if values else float("nan")
         summary[f"colour_{name}"] = float(np.mean(colour[name])) if colour[name] else float("nan")
         summary[f"shape_{name}"] = float(np.mean(shape[name])) if shape[name] else float("nan")
     summary.update(

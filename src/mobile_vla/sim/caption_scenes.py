@@ -442,19 +442,50 @@ def perturb(text: str, fact: dict, rng: np.random.Generator) -> tuple[str, dict]
     return out, new
 
 
+def _probe_objects(objects: Sequence[SceneObject | dict]) -> tuple[dict, dict] | None:
+    """The first two objects side by side (a left of b) that differ in colour or shape."""
+    objs = [o if isinstance(o, dict) else asdict(o) for o in objects]
+    for i in range(len(objs)):
+        for j in range(i + 1, len(objs)):
+            a, b = objs[i], objs[j]
+            if a["lateral"] != b["lateral"] and (a["colour"], a["shape"]) != (
+                b["colour"],
+                b["shape"],
+            ):
+                return a, b
+    return None
+
+
 def left_right_probe(scene: CaptionScene) -> tuple[tuple[str, str], tuple[str, str]] | None:
     """For scenes with two objects side by side, X left of Y: two (true, false) pairs,
     ("X to the left of Y", "X to the right of Y") and ("Y to the right of X", "Y to the left
     of X"). Both directions, so a score that merely prefers the word "left" (or "right") gets
     exactly half of them right: only the order of the objects tells the pairs apart."""
-    objs = [o for o in scene.objects]
-    for i in range(len(objs)):
-        for j in range(i + 1, len(objs)):
-            a, b = objs[i], objs[j]
-            if a.lateral != b.lateral and (a.colour, a.shape) != (b.colour, b.shape):
-                x, y = f"{article(a.colour)} {a.shape}", f"{article(b.colour)} {b.shape}"
-                return (
-                    (f"{x} to the left of {y}", f"{x} to the right of {y}"),
-                    (f"{y} to the right of {x}", f"{y} to the left of {x}"),
-                )
-    return None
+    found = _probe_objects(scene.objects)
+    if found is None:
+        return None
+    a, b = found
+    x, y = f"{article(a['colour'])} {a['shape']}", f"{article(b['colour'])} {b['shape']}"
+    return (
+        (f"{x} to the left of {y}", f"{x} to the right of {y}"),
+        (f"{y} to the right of {x}", f"{y} to the left of {x}"),
+    )
+
+
+def left_right_probe_held_out(
+    objects: Sequence[SceneObject | dict],
+) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """The same two objects in a phrasing no training template uses: ("left of the Y there is
+    X", "left of the X there is Y") and ("right of the X there is Y", "right of the Y there is
+    X"). True and false hold the same words, so it asks whether word order is read beyond
+    the templates it was trained on."""
+    found = _probe_objects(objects)
+    if found is None:
+        return None
+    a, b = found
+    x, y = f"{article(a['colour'])} {a['shape']}", f"{article(b['colour'])} {b['shape']}"
+    tx, ty = f"the {a['colour']} {a['shape']}", f"the {b['colour']} {b['shape']}"
+    return (
+        (f"left of {ty} there is {x}", f"left of {tx} there is {y}"),
+        (f"right of {tx} there is {y}", f"right of {ty} there is {x}"),
+    )
