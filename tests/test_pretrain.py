@@ -391,6 +391,10 @@ def test_auto_precision_follows_the_processor(monkeypatch: pytest.MonkeyPatch) -
     assert pretrain_module.resolve_precision("bf16-mixed") == "bf16-mixed"
     with pytest.raises(ConfigError, match="precision"):
         load_config(None, ["precision=fp16"], cls=PretrainConfig)
+    with pytest.raises(ConfigError, match=r"claim_weight.*text_order_layers"):
+        load_config(None, ["claim_weight=1.0"], cls=PretrainConfig)
+    with pytest.raises(ConfigError, match="order_weight"):
+        load_config(None, ["order_weight=-1"], cls=PretrainConfig)
 
 
 def test_left_right_probe_is_balanced(

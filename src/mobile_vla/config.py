@@ -557,9 +557,19 @@ class PretrainConfig:
             raise _fail("learning_rate", "> 0", self.learning_rate)
         if not 0 < self.temperature <= 1:
             raise _fail("temperature", "in (0, 1]", self.temperature)
-        for key in ("weight_decay", "itm_weight", "attribute_weight", "fusion_weight"):
+        for key in (
+            "weight_decay",
+            "itm_weight",
+            "attribute_weight",
+            "fusion_weight",
+            "order_weight",
+            "claim_weight",
+            "text_order_layers",
+        ):
             if getattr(self, key) < 0:
                 raise _fail(key, ">= 0", getattr(self, key))
+        if self.claim_weight > 0 and self.text_order_layers == 0:
+            raise _fail("claim_weight", "0 when text_order_layers is 0", self.claim_weight)
         if not 0.0 <= self.min_lr_scale <= 1.0:
             raise _fail("min_lr_scale", "in [0, 1]", self.min_lr_scale)
 
