@@ -120,7 +120,6 @@ def test_repository_configs_load() -> None:
 
     kinds = {
         "pretrain.yaml": "pretrain",
-        "pretrain_leftright.yaml": "pretrain",
         "study_quick.yaml": "study",
         "study_full.yaml": "study",
         "study_pretraining.yaml": "study",

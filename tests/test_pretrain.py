@@ -29,10 +29,12 @@ from mobile_vla.pretraining.weights import (
 from mobile_vla.sim.caption_scenes import (
     captions,
     fact_holds,
+    fact_key,
     left_right_probe_held_out,
     perturb,
     sample_scene,
     swap_sides,
+    true_facts,
 )
 
 from .conftest import TINY_BUILTIN, tiny_builtin_config
@@ -74,14 +76,34 @@ def test_captions_are_true_and_perturbations_false() -> None:
         rng = np.random.default_rng(seed)
         for held_out in (False, True):
             texts, facts = captions(scene, rng, 5, held_out=held_out)
+            truth = true_facts(scene.objects)
             for text, fact in zip(texts, facts, strict=True):
                 assert fact_holds(fact, scene.objects), (text, fact)
+                assert fact_key(fact) in truth
                 p = perturb(text, fact, rng)
                 if p is not None:
                     total += 1
                     false_perturbations += not fact_holds(p[1], scene.objects)
                     assert p[0] != text
+                    # the set look-up that training uses agrees with fact_holds
+                    assert (fact_key(p[1]) in truth) == fact_holds(p[1], scene.objects)
+                    other = sample_scene(seed + 1000).objects
+                    assert (fact_key(p[1]) in true_facts(other)) == fact_holds(p[1], other)
     assert false_perturbations / total > 0.95  # the rest are filtered out before training
+
+
+def test_pair_templates_do_not_give_away_the_left_object_by_order() -> None:
+    """The left object is named first in some training phrasings and second in others, with
+    either side word: only the two together say which object is left (so a claim head cannot
+    settle on 'the first-named object is on the side the word says')."""
+    from mobile_vla.sim.caption_scenes import TRAIN_TEMPLATES
+
+    first_is_left = set()
+    for template in TRAIN_TEMPLATES["pair"]:
+        text = template.format(c1="red", ac1="a red", s1="box", c2="blue", ac2="a blue", s2="ball")
+        word = "left" if " left" in text else "right"
+        first_is_left.add((text.index("red") < text.index("blue"), word))
+    assert first_is_left == {(True, "left"), (True, "right"), (False, "left"), (False, "right")}
 
 
 def test_side_perturbation_swaps_the_relation() -> None:
@@ -322,6 +344,66 @@ def test_shipped_weights_retrieve_on_freshly_rendered_scenes(tmp_path: Path, cap
     assert r1 > 0.25 and 0.0 <= probe <= 1.0, out
 
 
+def test_head_phase_trains_only_the_heads_and_resumes_exactly(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With head_steps, the word-order head and its losses are off for the first ``steps``;
+    then only the heads of head_modules train (the backbone the policy reads and the map of
+    the mean state stay as they were), and a run interrupted in either phase resumes to the
+    same weights."""
+    extra = (
+        "steps=6",
+        "head_steps=8",
+        "head_batch_size=24",
+        "eval_every=0",
+        "checkpoint_every=3",
+        "text_order_layers=1",
+        "text_order_width=32",
+        "order_weight=1.0",
+        "claim_weight=1.0",
+    )
+    cfg = tiny_cfg(corpus, *extra)
+    whole = pretrain(cfg, tmp_path / "whole", progress=False)
+    rows = list(csv.DictReader((whole / "log.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 15))
+    assert all(r["claim"] == "" and r["order"] == "" for r in rows[:6])
+    assert all(float(r["claim"]) > 0 and float(r["order"]) > 0 for r in rows[6:])
+
+    original = pretrain_module.head_step_losses
+    stop_at: list[int] = []
+
+    def interrupted(*args, **kwargs):
+        if stop_at and args[-1] == stop_at[0]:
+            stop_at.pop()
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_module, "head_step_losses", interrupted)
+    out = tmp_path / "cut"
+    stop_at.append(6)  # the first second-phase step: right after the first phase's 6 steps
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, out, progress=False)
+    at_switch = pretrain_module.load_folder(out / "checkpoints" / "last")
+    assert at_switch["step"] == 6 and at_switch["phase"] == "joint"
+    stop_at.append(10)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, out, resume=True, progress=False)
+    inside = pretrain_module.load_folder(out / "checkpoints" / "last")
+    assert inside["step"] == 9 and inside["phase"] == "heads"
+    pretrain(cfg, out, resume=True, progress=False)
+    a, _, _ = load_run(whole)
+    b, _, _ = load_run(out)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=0, atol=0, msg=k)
+    # what the second phase changed: the heads it trains only
+    final = a.state_dict()
+    changed = {k for k, v in at_switch["model"].items() if not torch.equal(v, final[k])}
+    assert any(k.startswith("text_order.") for k in changed)
+    assert any(k.startswith("image_head.") for k in changed)
+    heads = ("text_order.", "claim_head.", "image_pool.", "image_head.")
+    assert all(k.startswith(heads) for k in changed), changed
+
+
 def test_bf16_run_says_so_and_reloads(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -345,11 +427,14 @@ def test_bf16_run_says_so_and_reloads(
         "order_weight=1.0",
         "claim_weight=1.0",
         "image_cells=true",
+        "head_steps=3",
+        "head_batch_size=16",
     )
     run = pretrain(tiny_cfg(corpus, *extra), tmp_path / "r", progress=False)
     assert seen == [True] * 12
     rows = list(csv.DictReader((run / "log.csv").read_text().splitlines()))
-    assert all(float(r["order"]) > 0 and float(r["claim"]) > 0 for r in rows)
+    assert len(rows) == 15  # 12 steps, then 3 of the heads (where order and claim train)
+    assert all(float(r["order"]) > 0 and float(r["claim"]) > 0 for r in rows[12:])
     weights = run / "export" / "builtin-vl.safetensors"
     card = read_card(weights)
     assert card["precision"] == card["pretrain_config"]["precision"] == "bf16-mixed"
@@ -395,6 +480,12 @@ def test_auto_precision_follows_the_processor(monkeypatch: pytest.MonkeyPatch) -
         load_config(None, ["claim_weight=1.0"], cls=PretrainConfig)
     with pytest.raises(ConfigError, match="order_weight"):
         load_config(None, ["order_weight=-1"], cls=PretrainConfig)
+    with pytest.raises(ConfigError, match=r"head_modules\[1\].*one of text_order"):
+        load_config(None, ["head_modules=[text_order,vision]"], cls=PretrainConfig)
+    with pytest.raises(ConfigError, match=r"text_order_width.*fusion_heads"):
+        load_config(None, ["text_order_layers=1", "text_order_width=30"], cls=PretrainConfig)
+    with pytest.raises(ConfigError, match="head_steps"):
+        load_config(None, ["head_steps=-5"], cls=PretrainConfig)
 
 
 def test_left_right_probe_is_balanced(

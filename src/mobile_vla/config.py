@@ -484,6 +484,9 @@ class Config:
                 )
 
 
+HEAD_MODULES = ("text_order", "claim_head", "image_pool", "image_head", "text_head", "log_scale")
+
+
 @dataclass
 class PretrainConfig:
     """Vision-language pretraining of the built-in backbone (``mobile-vla pretrain``)."""
@@ -519,6 +522,14 @@ class PretrainConfig:
     sentence encoder's token states, added to the map of its mean state; 0 = none: the text
     embedding is then close to a bag of words and cannot tell "X left of Y" from "Y left of
     X")."""
+    text_order_width: int = 0
+    """Width inside the word-order head (0 = the fusion width); its output has the embedding's
+    width either way."""
+    text_order_norm: float = 0.0
+    """Longest share of the word-order head in the text embedding, next to the unit-length
+    map of the mean state (0 = no limit, and the mean state's map is not normalized first):
+    a limit keeps the head a correction for what a bag of words cannot see, so phrasings it
+    was not trained on do not move the embedding far."""
     order_weight: float = 0.0
     """Weight of the left/right loss: each image's caption against the same caption with left
     and right swapped (two-way softmax of the contrastive scores; 0 = off)."""
@@ -529,6 +540,22 @@ class PretrainConfig:
     image_cells: bool = False
     """The contrastive image embedding also reads the grounded attributes (which colour and
     shape in which scene cell) that attribute_weight trains."""
+    head_steps: int = 0
+    """Steps of a second phase after ``steps`` in which the backbone (what the policy reads:
+    ViT, projectors, fusion transformer) is locked and only the modules in ``head_modules``
+    train, with the contrastive, left/right and claim losses; the ViT tokens of the training
+    images are computed once, unaugmented (0 = no second phase). With head_steps > 0 the
+    word-order head and the order and claim losses act in this phase only, so the first
+    phase is the plain recipe."""
+    head_modules: list[str] = field(
+        default_factory=lambda: ["text_order", "claim_head", "image_pool", "image_head"]
+    )
+    """What the second phase trains, out of text_order, claim_head, image_pool, image_head,
+    text_head and log_scale (the temperature)."""
+    head_batch_size: int = 256
+    """Images (and captions) per step of the second phase."""
+    head_learning_rate: float = 1.0e-3
+    """Peak learning rate of the second phase (its own warmup and cosine decay)."""
     augment: bool = True
     """Brightness and contrast jitter of the images (never a mirror: left and right matter)."""
     eval_every: int = 500
@@ -547,14 +574,22 @@ class PretrainConfig:
         for key in ("steps", "batch_size", "checkpoint_every", "eval_images"):
             if getattr(self, key) < 1:
                 raise _fail(key, ">= 1", getattr(self, key))
-        for key in ("warmup_steps", "eval_every", "itm_images", "fusion_images"):
+        for key in ("warmup_steps", "eval_every", "itm_images", "fusion_images", "head_steps"):
             if getattr(self, key) < 0:
                 raise _fail(key, ">= 0", getattr(self, key))
         for key in ("itm_images", "fusion_images"):
             if getattr(self, key) > self.batch_size:
                 raise _fail(key, f"<= batch_size ({self.batch_size})", getattr(self, key))
-        if self.learning_rate <= 0:
-            raise _fail("learning_rate", "> 0", self.learning_rate)
+        for key in ("learning_rate", "head_learning_rate"):
+            if getattr(self, key) <= 0:
+                raise _fail(key, "> 0", getattr(self, key))
+        if self.head_batch_size < 2:
+            raise _fail("head_batch_size", ">= 2", self.head_batch_size)
+        for i, name in enumerate(self.head_modules):
+            if name not in HEAD_MODULES:
+                raise _fail(f"head_modules[{i}]", f"one of {', '.join(HEAD_MODULES)}", name)
+        if self.head_steps and not self.head_modules:
+            raise _fail("head_modules", "at least one module when head_steps > 0", [])
         if not 0 < self.temperature <= 1:
             raise _fail("temperature", "in (0, 1]", self.temperature)
         for key in (
@@ -565,11 +600,20 @@ class PretrainConfig:
             "order_weight",
             "claim_weight",
             "text_order_layers",
+            "text_order_width",
+            "text_order_norm",
         ):
             if getattr(self, key) < 0:
                 raise _fail(key, ">= 0", getattr(self, key))
         if self.claim_weight > 0 and self.text_order_layers == 0:
             raise _fail("claim_weight", "0 when text_order_layers is 0", self.claim_weight)
+        width = self.text_order_width or self.backbone.fusion_width
+        if self.text_order_layers and width % self.backbone.fusion_heads:
+            raise _fail(
+                "text_order_width",
+                f"a multiple of backbone.fusion_heads ({self.backbone.fusion_heads})",
+                width,
+            )
         if not 0.0 <= self.min_lr_scale <= 1.0:
             raise _fail("min_lr_scale", "in [0, 1]", self.min_lr_scale)
 

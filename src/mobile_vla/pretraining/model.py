@@ -12,12 +12,15 @@ sentence encoder:
   scores match / no match, with hard negatives (left and right swapped, one colour, shape or
   count changed, and the most confusable caption of another image).
 
-* **left/right** (with ``text_order_layers``): the text embedding gains a word-order head,
-  trained by each caption against itself with left and right swapped and by a *claim* loss
-  (the head names the colour and shape of the left and the right object of "X left of Y");
-  with ``image_cells`` the image embedding also reads the grounded attributes below. The order
-  loss alone leaves the head at a word bias (2/3 of the training pairs, the templates'
-  share that say "left"); the claim loss makes it read roles.
+* **left/right** (with ``text_order_layers``): the text embedding gains a word-order head:
+  transformer layers over the sentence encoder's token states, read by two role queries (the
+  object on the left, the object on the right), added to the mean-state embedding as a
+  correction of at most ``text_order_norm``. A *claim* loss makes each role slot name its
+  object's colour and shape in "X left of Y" captions, and each such caption is scored
+  against itself with left and right swapped (the *order* loss). Without the claim loss the
+  head settles on a word bias; without the length limit, phrasings it was never trained on
+  move the embedding far (held-out place captions lost half their retrieval). With
+  ``head_steps`` (PretrainConfig) all of this trains in a second phase on the locked backbone.
 
 * **grounded attributes**: which colours and shapes stand in which scene cell (left / centre
   / right x near / far), multi-label from max-pooled image tokens — the facts the captions
@@ -61,14 +64,29 @@ class AttentionPool(nn.Module):
 
 class TextOrder(nn.Module):
     """The word order of a caption, for the contrastive text embedding: transformer layers over
-    the sentence encoder's token states with learned positions, mean-pooled, through an
-    output layer added to the linear map of the mean state. The mean state is
-    close to a bag of words ("X to the right of Y" and the true "Y to the right of X" hold the
-    same words); this is what can tell them apart. Its output layer starts small (std 0.02),
-    so it starts close to the plain mean-state embedding."""
+    the sentence encoder's token states with learned positions, read by two role queries (the
+    object on the left, the object on the right) through an output layer added to the linear
+    map of the mean state. The mean state is close to a bag of words ("X to the right of Y" and
+    the true "Y to the right of X" hold the same words); this is what can tell them apart. The
+    claim head reads each role's slot; the output layer starts small (std 0.02), so the
+    embedding starts close to the plain mean-state one."""
 
-    def __init__(self, text_width: int, width: int, layers: int, heads: int, max_len: int) -> None:
+    ROLES = 2
+
+    def __init__(
+        self,
+        text_width: int,
+        width: int,
+        layers: int,
+        heads: int,
+        max_len: int,
+        out: int,
+        max_norm: float = 0.0,
+    ) -> None:
         super().__init__()
+        # > 0: the head's share is at most this long, next to the unit-length mean-state
+        # embedding (a correction for what a bag of words cannot see, not a second embedding)
+        self.register_buffer("max_norm", torch.tensor(float(max_norm)))
         self.inp = nn.Linear(text_width, width)
         self.pos = nn.Parameter(torch.randn(1, max_len, width) * 0.02)
         layer = nn.TransformerEncoderLayer(
@@ -76,15 +94,25 @@ class TextOrder(nn.Module):
         )
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
-        self.out = nn.Linear(width, width)
+        self.roles = nn.Parameter(torch.randn(1, self.ROLES, width) * 0.02)
+        self.read = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.role_norm = nn.LayerNorm(width)
+        self.out = nn.Linear(self.ROLES * width, out)
         nn.init.normal_(self.out.weight, std=0.02)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def slots(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(N, roles, width): what the caption says is on the left and on the right."""
         x = self.inp(states) + self.pos[:, : states.shape[1]]
         x = self.norm(self.layers(x, src_key_padding_mask=~mask))
-        m = mask.unsqueeze(-1).to(x.dtype)
-        return self.out((x * m).sum(1) / m.sum(1).clamp_min(1.0))
+        q = self.roles.expand(x.shape[0], -1, -1)
+        return self.role_norm(self.read(q, x, x, key_padding_mask=~mask, need_weights=False)[0])
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.out(self.slots(states, mask).flatten(1))
+        if float(self.max_norm) > 0:
+            out = out * (self.max_norm / out.norm(dim=-1, keepdim=True).clamp_min(self.max_norm))
+        return out
 
 
 class CellProbe(nn.Module):
@@ -109,6 +137,8 @@ class PretrainModel(nn.Module):
         temperature: float,
         text_order_layers: int = 0,
         image_cells: bool = False,
+        text_order_width: int = 0,
+        text_order_norm: float = 0.0,
     ) -> None:
         super().__init__()
         bcfg = BackboneConfig(name="builtin", builtin=cfg, pretrained=False)
@@ -129,21 +159,27 @@ class PretrainModel(nn.Module):
         self.text_order = (
             TextOrder(
                 text_width,
-                width,
+                text_order_width or width,
                 text_order_layers,
                 cfg.fusion_heads,
                 self.backbone.max_text_tokens,
+                width,
+                text_order_norm,
             )
             if text_order_layers
             else None
         )
+        # off while a first phase trains without it (PretrainConfig.head_steps)
+        self.order_active = True
         self.itm_query = nn.Parameter(torch.randn(1, width) * 0.02)
         self.itm_head = nn.Linear(width, 1)
         self.cell_probe = CellProbe(vw, len(CELLS), len(COLOURS), len(SHAPES))
         # what a left/right caption claims (the left object's colour and shape, the right
         # one's), read from the word-order head: it makes that head read roles, not words
         self.claim_head = (
-            nn.Linear(width, 2 * (len(COLOURS) + len(SHAPES))) if text_order_layers else None
+            nn.Linear(text_order_width or width, len(COLOURS) + len(SHAPES))
+            if text_order_layers
+            else None
         )
         # the same grounded attributes read by a query through the fusion transformer
         self.fusion_query = nn.Parameter(torch.randn(1, width) * 0.02)
@@ -186,7 +222,9 @@ class PretrainModel(nn.Module):
         m = mask.unsqueeze(-1).to(states.dtype)
         mean = F.normalize((states * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
         emb = self.text_head(mean)
-        if self.text_order is not None:
+        if self.text_order is not None and self.order_active:
+            if float(self.text_order.max_norm) > 0:
+                emb = F.normalize(emb, dim=-1)
             emb = emb + self.text_order(states, mask)
         return F.normalize(emb, dim=-1)
 
@@ -194,14 +232,15 @@ class PretrainModel(nn.Module):
         self, states: torch.Tensor, mask: torch.Tensor, facts: list[dict]
     ) -> torch.Tensor:
         """The claim head's four cross-entropies (summed) on "X left of Y" captions: the left
-        object's colour and shape and the right object's, from the word-order head's output."""
+        object's colour and shape from the word-order head's left slot, the right object's from
+        its right slot."""
         assert self.text_order is not None and self.claim_head is not None
-        logits = self.claim_head(self.text_order(states, mask))
-        nc, ns = len(COLOURS), len(SHAPES)
+        logits = self.claim_head(self.text_order.slots(states, mask))  # (N, 2, colours + shapes)
+        nc = len(COLOURS)
         colours, shapes = list(COLOURS), list(SHAPES)
         loss = torch.zeros((), device=states.device)
         for k, side in enumerate(("l", "r")):
-            part = logits[:, k * (nc + ns) : (k + 1) * (nc + ns)]
+            part = logits[:, k]
             colour = torch.tensor([colours.index(f[side][0]) for f in facts])
             shape = torch.tensor([shapes.index(f[side][1]) for f in facts])
             loss = (

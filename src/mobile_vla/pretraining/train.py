@@ -13,6 +13,11 @@ A run folder::
 
 The sentence encoder is frozen, so its token states are computed once per distinct caption
 (and per minimally changed caption used as a negative) before training.
+
+Two phases: ``steps`` train the whole model (backbone and heads); then ``head_steps`` train
+only the heads of ``head_modules`` on the locked backbone (the word-order head, its claim
+head, the image pooling and map), from ViT tokens computed once, with larger batches. The
+backbone the policy reads is the first phase's.
 """
 
 from __future__ import annotations
@@ -28,13 +33,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from mobile_vla.config import PretrainConfig, load_config, save_config, to_dict
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.pretraining.corpus import Corpus, load_corpus
 from mobile_vla.pretraining.model import CELLS, PretrainModel
-from mobile_vla.sim.caption_scenes import COLOURS, SHAPES, fact_holds, perturb, swap_sides
+from mobile_vla.sim.caption_scenes import (
+    COLOURS,
+    SHAPES,
+    fact_holds,
+    fact_key,
+    perturb,
+    swap_sides,
+    true_facts,
+)
 from mobile_vla.training.checkpoint import load_folder, save_folder
 from mobile_vla.training.module import warmup_cosine
 
@@ -138,6 +152,68 @@ def jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return ((x - mean) * c + mean * b).clamp(0, 255).round().to(torch.uint8)
 
 
+def _captions_of(
+    rows: np.ndarray, ts: TrainSet, rng: np.random.Generator
+) -> tuple[list[tuple[int, dict]], list[tuple[int, dict] | None], list[int | None]]:
+    """One caption per batch row, one of its perturbed negatives and its left/right swap."""
+    chosen, negative, swapped = [], [], []
+    for r in rows:
+        k = int(rng.integers(len(ts.captions[r])))
+        chosen.append(ts.captions[r][k])
+        swapped.append(ts.swaps[r][k])
+        opts = ts.negatives[r][k]
+        negative.append(opts[int(rng.integers(len(opts)))] if opts else None)
+    return chosen, negative, swapped
+
+
+def contrastive_losses(
+    model: PretrainModel,
+    cfg: PretrainConfig,
+    img_emb: torch.Tensor,
+    objects: list[list[dict]],
+    chosen: list[tuple[int, dict]],
+    negative: list[tuple[int, dict] | None],
+    swapped: list[int | None],
+    table: TextTable,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """ITC over the batch's captions and their perturbed versions, and (while the word-order
+    head is active) the left/right and claim losses; also the similarity matrix, the
+    positives and the caption states, for ITM."""
+    # text columns: the batch's captions, then their perturbed versions
+    columns: list[tuple[int, dict]] = list(chosen) + [n for n in negative if n is not None]
+    text_ids = [c[0] for c in columns]
+    b = len(chosen)
+    keys = [fact_key(f) for _, f in columns]
+    truth = [true_facts(objs) for objs in objects]
+    positive = torch.tensor([[k in t for k in keys] for t in truth], dtype=torch.bool)
+    states, mask = table.rows(text_ids)
+    txt_emb = model.text_embedding(states, mask)
+    sim = img_emb @ txt_emb.T * model.scale()  # (B, columns)
+    neg_inf = torch.finfo(sim.dtype).min
+    i2t = torch.logsumexp(sim, 1) - torch.logsumexp(sim.masked_fill(~positive, neg_inf), 1)
+    caps = sim[:, :b]
+    t2i = torch.logsumexp(caps, 0) - torch.logsumexp(caps.masked_fill(~positive[:, :b], neg_inf), 0)
+    out = {"itc": (i2t.mean() + t2i.mean()) / 2}
+    # "X left of Y" captions against themselves with left and right swapped: only word order
+    # and the image tell them apart (a single object's side is a word, which the mean state
+    # already tells apart)
+    sided = [i for i, t in enumerate(swapped) if t is not None and chosen[i][1]["k"] == "pair"]
+    if cfg.order_weight > 0 and model.order_active and sided:
+        s_states, s_mask = table.rows([swapped[i] for i in sided])  # type: ignore[misc]
+        swap_emb = model.text_embedding(s_states, s_mask)
+        rows_t = torch.tensor(sided)
+        true = (img_emb[rows_t] * txt_emb[rows_t]).sum(-1)
+        false = (img_emb[rows_t] * swap_emb).sum(-1)
+        logits = torch.stack([true, false], 1) * model.scale()
+        out["order"] = F.cross_entropy(logits, torch.zeros(len(sided), dtype=torch.long))
+        with torch.no_grad():
+            out["order_acc"] = (true > false).float().mean()
+    pairs = [i for i, (_, f) in enumerate(chosen) if f["k"] == "pair"]
+    if cfg.claim_weight > 0 and model.claim_head is not None and model.order_active and pairs:
+        out["claim"] = model.claim_loss(states[pairs], mask[pairs], [chosen[i][1] for i in pairs])
+    return out, {"sim": sim, "positive": positive, "states": states, "mask": mask}
+
+
 def step_losses(
     model: PretrainModel,
     cfg: PretrainConfig,
@@ -152,50 +228,15 @@ def step_losses(
     gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
     rows = rng.choice(len(ts.ids), size=min(cfg.batch_size, len(ts.ids)), replace=False)
     objects = [corpus.records[ts.ids[r]]["objects"] for r in rows]
-    chosen, negative, swapped = [], [], []
-    for r in rows:
-        k = int(rng.integers(len(ts.captions[r])))
-        chosen.append(ts.captions[r][k])
-        swapped.append(ts.swaps[r][k])
-        opts = ts.negatives[r][k]
-        negative.append(opts[int(rng.integers(len(opts)))] if opts else None)
-    # text columns: the batch's captions, then their perturbed versions
-    columns: list[tuple[int, dict]] = list(chosen) + [n for n in negative if n is not None]
-    text_ids = [c[0] for c in columns]
+    chosen, negative, swapped = _captions_of(rows, ts, rng)
     b = len(rows)
-    positive = torch.tensor(
-        [[fact_holds(f, objs) for _, f in columns] for objs in objects], dtype=torch.bool
-    )
     batch = images[[ts.ids[r] for r in rows]].permute(0, 3, 1, 2)
     if cfg.augment:
         batch = jitter(batch, gen)
     vit = model.vit(model.backbone.preprocess(batch))
     img_emb = model.image_embedding(vit)
-    states, mask = table.rows(text_ids)
-    txt_tok = model.text_tokens(states, mask)
-    txt_emb = model.text_embedding(states, mask)
-    sim = img_emb @ txt_emb.T * model.scale()  # (B, columns)
-    neg_inf = torch.finfo(sim.dtype).min
-    i2t = torch.logsumexp(sim, 1) - torch.logsumexp(sim.masked_fill(~positive, neg_inf), 1)
-    caps = sim[:, :b]
-    t2i = torch.logsumexp(caps, 0) - torch.logsumexp(caps.masked_fill(~positive[:, :b], neg_inf), 0)
-    out = {"itc": (i2t.mean() + t2i.mean()) / 2}
-    sided = [i for i, t in enumerate(swapped) if t is not None]
-    if cfg.order_weight > 0 and sided:
-        # each caption against itself with left and right swapped: only word order and the
-        # image tell them apart
-        s_states, s_mask = table.rows([swapped[i] for i in sided])
-        swap_emb = model.text_embedding(s_states, s_mask)
-        rows_t = torch.tensor(sided)
-        true = (img_emb[rows_t] * txt_emb[rows_t]).sum(-1)
-        false = (img_emb[rows_t] * swap_emb).sum(-1)
-        logits = torch.stack([true, false], 1) * model.scale()
-        out["order"] = F.cross_entropy(logits, torch.zeros(len(sided), dtype=torch.long))
-        with torch.no_grad():
-            out["order_acc"] = (true > false).float().mean()
-    pairs = [i for i, (_, f) in enumerate(chosen) if f["k"] == "pair"]
-    if cfg.claim_weight > 0 and model.claim_head is not None and pairs:
-        out["claim"] = model.claim_loss(states[pairs], mask[pairs], [chosen[i][1] for i in pairs])
+    out, extra = contrastive_losses(model, cfg, img_emb, objects, chosen, negative, swapped, table)
+    sim, positive, mask = extra["sim"], extra["positive"], extra["mask"]
     if cfg.attribute_weight > 0:
         logits = model.cell_probe(vit)
         # x 10: the per-label BCE is small (most labels are absent) next to the InfoNCE terms
@@ -207,6 +248,7 @@ def step_losses(
         out["fusion_attr"] = 10 * F.binary_cross_entropy_with_logits(logits, target)
     k = cfg.itm_images
     if k and cfg.itm_weight > 0:
+        txt_tok = model.text_tokens(extra["states"], mask)
         pairs: list[tuple[int, int, float]] = []  # (image row, text column, label)
         neg_col = b
         with torch.no_grad():
@@ -235,14 +277,70 @@ def step_losses(
         out["itm"] = F.binary_cross_entropy_with_logits(logits, labels)
         with torch.no_grad():
             out["itm_acc"] = ((logits > 0).float() == labels).float().mean()
-    out["loss"] = (
+    out["loss"] = _total(out, cfg)
+    return out
+
+
+def _total(out: dict[str, torch.Tensor], cfg: PretrainConfig) -> torch.Tensor:
+    zero = torch.zeros(())
+    return (
         out["itc"]
-        + cfg.itm_weight * out.get("itm", torch.zeros(()))
-        + cfg.attribute_weight * out.get("attr", torch.zeros(()))
-        + cfg.fusion_weight * out.get("fusion_attr", torch.zeros(()))
-        + cfg.order_weight * out.get("order", torch.zeros(()))
-        + cfg.claim_weight * out.get("claim", torch.zeros(()))
+        + cfg.itm_weight * out.get("itm", zero)
+        + cfg.attribute_weight * out.get("attr", zero)
+        + cfg.fusion_weight * out.get("fusion_attr", zero)
+        + cfg.order_weight * out.get("order", zero)
+        + cfg.claim_weight * out.get("claim", zero)
     )
+
+
+def head_params(model: PretrainModel, cfg: PretrainConfig) -> list[tuple[str, nn.Parameter]]:
+    """What the second phase trains: the parameters of ``cfg.head_modules``."""
+    names = tuple(m if m == "log_scale" else f"{m}." for m in cfg.head_modules)
+    return [(n, p) for n, p in model.trainable() if n.startswith(names)]
+
+
+@torch.no_grad()
+def image_features(
+    model: PretrainModel, images: torch.Tensor, ids: list[int], precision: str, tokens: bool
+) -> torch.Tensor:
+    """For the second phase, unaugmented: the ViT tokens (N, P, W) in bfloat16 when the image
+    side's heads train, else the contrastive embeddings (N, D)."""
+    was = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(ids), 128):
+        chunk = images[ids[start : start + 128]].permute(0, 3, 1, 2)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            vit = model.vit(model.backbone.preprocess(chunk))
+            out.append(vit.to(torch.bfloat16) if tokens else model.image_embedding(vit).float())
+    model.train(was)
+    return torch.cat(out)
+
+
+def image_side_trains(cfg: PretrainConfig) -> bool:
+    return any(m in ("image_pool", "image_head") for m in cfg.head_modules)
+
+
+def head_step_losses(
+    model: PretrainModel,
+    cfg: PretrainConfig,
+    corpus: Corpus,
+    features: torch.Tensor,
+    ts: TrainSet,
+    table: TextTable,
+    step: int,
+) -> dict[str, torch.Tensor]:
+    """The losses of a second-phase step (``features``: :func:`image_features` of every
+    training image, in the order of ``ts.ids``); its batch is a pure function of (seed,
+    step)."""
+    rng = np.random.default_rng([cfg.seed, 6, step])
+    rows = rng.choice(len(ts.ids), size=min(cfg.head_batch_size, len(ts.ids)), replace=False)
+    objects = [corpus.records[ts.ids[r]]["objects"] for r in rows]
+    chosen, negative, swapped = _captions_of(rows, ts, rng)
+    picked = features[torch.as_tensor(rows)]
+    img_emb = model.image_embedding(picked.float()) if image_side_trains(cfg) else picked
+    out, _ = contrastive_losses(model, cfg, img_emb, objects, chosen, negative, swapped, table)
+    out["loss"] = _total(out, cfg)
     return out
 
 
@@ -274,17 +372,46 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def make_optimizer(model: PretrainModel, cfg: PretrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: list[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for name, p in model.trainable():
+    for name, p in params:
         (no_decay if p.ndim < 2 or "embed" in name or name.endswith("query") else decay).append(p)
     return torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ],
-        lr=cfg.learning_rate,
+        lr=lr,
         betas=(0.9, 0.98),
+    )
+
+
+@dataclass
+class Phase:
+    """One phase of a run: steps [start, start + steps) train ``params`` at ``lr`` under
+    warmup and cosine decay."""
+
+    name: str
+    start: int
+    steps: int
+    lr: float
+    warmup: int
+    params: list[tuple[str, torch.nn.Parameter]]
+
+    def lr_at(self, step: int, min_lr_scale: float) -> float:
+        return self.lr * warmup_cosine(step - self.start, self.warmup, self.steps, min_lr_scale)
+
+
+def phase_at(model: PretrainModel, cfg: PretrainConfig, step: int) -> Phase:
+    """The phase that step ``step`` belongs to: the whole model for ``steps``, then the heads
+    of ``head_modules`` on the locked backbone for ``head_steps``."""
+    if step < cfg.steps:
+        return Phase("joint", 0, cfg.steps, cfg.learning_rate, cfg.warmup_steps, model.trainable())
+    warmup = min(cfg.warmup_steps, cfg.head_steps // 10)
+    return Phase(
+        "heads", cfg.steps, cfg.head_steps, cfg.head_learning_rate, warmup, head_params(model, cfg)
     )
 
 
@@ -295,7 +422,14 @@ def trainable_state(model: PretrainModel) -> dict[str, torch.Tensor]:
 
 def build_model(cfg: PretrainConfig) -> PretrainModel:
     torch.manual_seed(cfg.seed)
-    return PretrainModel(cfg.backbone, cfg.temperature, cfg.text_order_layers, cfg.image_cells)
+    return PretrainModel(
+        cfg.backbone,
+        cfg.temperature,
+        cfg.text_order_layers,
+        cfg.image_cells,
+        cfg.text_order_width,
+        cfg.text_order_norm,
+    )
 
 
 def _check_corpus(corpus: Corpus) -> None:
@@ -342,23 +476,21 @@ def pretrain(
     table = encode_texts(model, texts, progress)
     ts = _index(ts, table)
     images = torch.from_numpy(np.array(corpus.images))  # in memory: random batches
-    optimizer = make_optimizer(model, cfg)
+    total = cfg.steps + cfg.head_steps
     step, seconds = 0, 0.0
+    state = None
     if resume:
         state = load_folder(last)
         result = model.load_state_dict(state["model"], strict=False)
         if result.unexpected_keys:
             raise MobileVLAError(f"checkpoint '{last}' does not fit this model")
-        optimizer.load_state_dict(state["optimizer"])
         step, seconds = int(state["step"]), float(state["seconds"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: warmup_cosine(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_scale),
-        last_epoch=step - 1 if step else -1,
-    )
-    if step:  # LambdaLR with last_epoch needs initial_lr; set the lr of the next step
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
-            group["lr"] = base * warmup_cosine(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_scale)
+    phase = phase_at(model, cfg, step)
+    optimizer = make_optimizer(phase.params, phase.lr, cfg.weight_decay)
+    if state is not None and state.get("phase", "joint") == phase.name:
+        optimizer.load_state_dict(state["optimizer"])  # not at the switch: a new optimizer
+    precision = resolve_precision(cfg.precision)
+    features = None
     log_path = out / "log.csv"
     fields = [
         "step",
@@ -379,24 +511,35 @@ def pretrain(
     if not log_path.exists():
         with open(log_path, "w", newline="") as fh:
             csv.writer(fh).writerow(fields)
-    precision = resolve_precision(cfg.precision)
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", disable=not progress)
+    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not progress)
     start = time.perf_counter() - seconds
-    while step < cfg.steps:
+    while step < total:
+        if phase.name == "joint" and step >= cfg.steps:  # the second phase begins
+            phase = phase_at(model, cfg, step)
+            optimizer = make_optimizer(phase.params, phase.lr, cfg.weight_decay)
+        # with a second phase the word-order head trains in that phase only
+        model.order_active = cfg.head_steps == 0 or phase.name == "heads"
+        lr = phase.lr_at(step, cfg.min_lr_scale)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            losses = step_losses(model, cfg, corpus, images, ts, table, step)
+            if phase.name == "joint":
+                losses = step_losses(model, cfg, corpus, images, ts, table, step)
+            else:
+                if features is None:
+                    features = image_features(
+                        model, images, ts.ids, precision, image_side_trains(cfg)
+                    )
+                losses = head_step_losses(model, cfg, corpus, features, ts, table, step)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable()], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in phase.params], 1.0)
         optimizer.step()
-        scheduler.step()
         step += 1
         row = {k: float(v.detach()) for k, v in losses.items()}
-        row.update(
-            step=step, lr=scheduler.get_last_lr()[0], temperature=1 / float(model.scale().detach())
-        )
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+        row.update(step=step, lr=lr, temperature=1 / float(model.scale().detach()))
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
             row["val_r1"] = quick_recall(model, corpus, cfg)
             model.train()
         row["seconds"] = time.perf_counter() - start
@@ -413,10 +556,11 @@ def pretrain(
                 shown[key] = f"{row[key]:.2f}"
         bar.set_postfix(shown)
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save(last, model, optimizer, step, time.perf_counter() - start, cfg)
+        if step % cfg.checkpoint_every == 0 or step in (cfg.steps, total):
+            _save(last, model, optimizer, step, time.perf_counter() - start, cfg, phase.name)
         if not math.isfinite(row["loss"]):
             raise MobileVLAError(f"pretraining diverged at step {step} (loss {row['loss']})")
+    model.order_active = True
     bar.close()
     seconds = time.perf_counter() - start
     model.eval()
@@ -435,11 +579,13 @@ def _save(
     step: int,
     seconds: float,
     cfg: PretrainConfig,
+    phase: str = "joint",
 ) -> None:
     save_folder(
         {
             "model": trainable_state(model),
             "optimizer": optimizer.state_dict(),
+            "phase": phase,
             "step": step,
             "seconds": seconds,
             "config": to_dict(cfg),
@@ -465,7 +611,8 @@ def load_run(run: str | Path) -> tuple[PretrainModel, PretrainConfig, dict[str, 
         raise MobileVLAError(
             f"checkpoint '{last}' is of another architecture ({str(exc).splitlines()[-1][:160]})"
         ) from None
-    missing = [k for k in result.missing_keys if ".text_encoder." not in k]
+    buffers = {n for n, _ in model.named_buffers()}  # set from the config, not saved
+    missing = [k for k in result.missing_keys if ".text_encoder." not in k and k not in buffers]
     if missing or result.unexpected_keys:
         raise MobileVLAError(
             f"checkpoint '{last}' is of another architecture than '{run / 'config.yaml'}' "
@@ -492,7 +639,19 @@ def load_weights_file(weights: str | Path) -> PretrainModel:
         "heads.image_head.weight" in state
         and state["heads.image_head.weight"].shape[1] > 2 * cfg.vision_width
     )
-    model = PretrainModel(cfg, 0.07, text_order_layers=layers, image_cells=cells)
+    order_width = (
+        int(state["heads.text_order.inp.weight"].shape[0])
+        if "heads.text_order.inp.weight" in state
+        else 0
+    )
+    model = PretrainModel(
+        cfg,
+        0.07,
+        text_order_layers=layers,
+        image_cells=cells,
+        text_order_width=order_width,
+        text_order_norm=float(state.get("heads.text_order.max_norm", torch.zeros(()))),
+    )
     model.load_export(state)
     model.eval()
     return model
@@ -524,6 +683,7 @@ def export(
             for k in ("images", "image_size", "seed", "splits", "captions_per_image", "command")
         },
         "steps": cfg.steps,
+        "head_steps": cfg.head_steps,
         "batch_size": cfg.batch_size,
         "train_seconds": round(seconds, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "

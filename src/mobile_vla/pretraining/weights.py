@@ -148,6 +148,13 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         )
     if pc.get("itm_weight", 0) > 0 and pc.get("itm_images", 0) > 0:
         objectives.append("image-text matching through the fusion transformer (ITM)")
+    if pc.get("text_order_layers", 0) > 0:
+        objectives.append(
+            "a word-order head on the text embedding"
+            + (", with a left/right swap loss" if pc.get("order_weight", 0) > 0 else "")
+            + (", and a claim loss (which object is left)" if pc.get("claim_weight") else "")
+            + (" (trained on the locked backbone)" if pc.get("head_steps", 0) > 0 else "")
+        )
     lines = [
         "# builtin-vl: vision-language pretrained weights of the built-in backbone",
         "",
@@ -167,7 +174,14 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         f"| corpus | {card.get('corpus', {}).get('images')} images "
         f"({card.get('corpus', {}).get('splits')}), seed {card.get('corpus', {}).get('seed')}, "
         f"{card.get('corpus', {}).get('image_size')} px |",
-        f"| training | {card.get('steps')} steps, batch {card.get('batch_size')}, "
+        f"| training | {card.get('steps')} steps, batch {card.get('batch_size')}"
+        + (
+            f", then {card['head_steps']} steps of the heads on the locked backbone, batch "
+            f"{card.get('pretrain_config', {}).get('head_batch_size')}"
+            if card.get("head_steps")
+            else ""
+        )
+        + ", "
         f"{card.get('train_seconds', 0) / 60:.1f} min on {card.get('machine', '?')}, "
         f"precision {card.get('precision', '32')} |",
         f"| corpus command | `{card.get('corpus', {}).get('command', '')}` |",

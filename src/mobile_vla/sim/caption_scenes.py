@@ -41,11 +41,25 @@ DEPTH = {"near": 1.1, "far": 1.8}
 
 TRAIN_TEMPLATES = {
     "single": ("{ac} {s}", "a {size} {c} {s}", "there is {ac} {s}", "a photo of {ac} {s}"),
-    "place": ("{ac} {s} {where}", "the {c} {s} is {dist} {where}", "{ac} {s}, {dist}, {where}"),
+    "place": (
+        "{ac} {s} {where}",
+        "the {c} {s} is {dist} {where}",
+        "{ac} {s}, {dist}, {where}",
+        # the side named before the object too
+        "{where} is {ac} {s}, {dist}",
+        "{dist} and {where}: {ac} {s}",
+    ),
+    # the left object (1) named first or second, by "left" or by "right": neither the order
+    # of mention nor the side word alone tells which object is on the left, only both together
     "pair": (
         "{ac1} {s1} to the left of {ac2} {s2}",
         "{ac2} {s2} to the right of {ac1} {s1}",
         "the {c1} {s1} is left of the {c2} {s2}",
+        "the {c2} {s2} is right of the {c1} {s1}",
+        "to the left of the {c2} {s2} is {ac1} {s1}",
+        "to the right of the {c1} {s1} you see {ac2} {s2}",
+        "the {c2} {s2} has {ac1} {s1} on its left",
+        "the {c1} {s1} has {ac2} {s2} on its right",
     ),
     "count": ("{n} {objects}", "a scene with {n} {objects}"),
 }
@@ -374,6 +388,30 @@ def fact_holds(fact: dict, objects: Sequence[SceneObject | dict]) -> bool:
         and ("dep" not in fact or o["depth"] == fact["dep"])
         for o in objs
     )
+
+
+def fact_key(fact: dict) -> tuple:
+    """A hashable form of a caption's fact, for :func:`true_facts`."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in fact.items()))
+
+
+def true_facts(objects: Sequence[SceneObject | dict]) -> frozenset[tuple]:
+    """The keys of every fact a caption can claim that holds for a scene: ``fact_key(f) in
+    true_facts(objects)`` is ``fact_holds(f, objects)``, as one set look-up (a training step
+    checks every caption of the batch against every image)."""
+    objs = [o if isinstance(o, dict) else asdict(o) for o in objects]
+    facts: list[dict] = [{"k": "count", "n": len(objs)}]
+    for o in objs:
+        c, s = o["colour"], o["shape"]
+        facts += [
+            {"k": "single", "c": c, "s": s},
+            {"k": "single", "c": c, "s": s, "z": o["size"]},
+            {"k": "place", "c": c, "s": s, "lat": o["lateral"], "dep": o["depth"]},
+        ]
+        for b in objs:
+            if LATERAL_RANK[o["lateral"]] < LATERAL_RANK[b["lateral"]]:
+                facts.append({"k": "pair", "l": [c, s], "r": [b["colour"], b["shape"]]})
+    return frozenset(fact_key(f) for f in facts)
 
 
 _SWAP = {"left": "right", "right": "left"}
