@@ -12,7 +12,7 @@ import pytest
 from mobile_vla.cli import main
 from mobile_vla.errors import DataError
 from mobile_vla.pretraining.corpus import build_corpus, load_corpus
-from mobile_vla.sim.caption_scenes import EVAL_TEMPLATES, sample_scene
+from mobile_vla.sim.caption_scenes import EVAL_TEMPLATES, fact_holds, sample_scene
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_probe_pairs_name_the_true_order() -> None:
         assert not {("centre", "near"), ("centre", "far")} <= cells  # never the nav layout
         from mobile_vla.sim.caption_scenes import left_right_probe
 
-        probe = left_right_probe(scene)
+        probe = left_right_probe(scene.objects)
         if probe is None:
             continue
         (true, false), (true2, false2) = probe
@@ -65,6 +65,35 @@ def test_probe_pairs_name_the_true_order() -> None:
         a = next(o for o in scene.objects if first.endswith(f"{o.colour} {o.shape}"))
         b = next(o for o in scene.objects if second.endswith(f"{o.colour} {o.shape}"))
         assert a.y > b.y  # y points left
+        # the false caption is false: each object is the only one of its kind in the scene
+        for o in (a, b):
+            assert sum((p.colour, p.shape) == (o.colour, o.shape) for p in scene.objects) == 1
+        reverse = {"k": "pair", "l": [b.colour, b.shape], "r": [a.colour, a.shape]}
+        assert not fact_holds(reverse, scene.objects)
+
+
+def test_probe_skips_objects_that_are_not_the_only_one_of_their_kind() -> None:
+    def obj(colour: str, shape: str, lateral: str) -> dict:
+        y = {"left": 0.5, "centre": 0.0, "right": -0.5}[lateral]
+        return dict(
+            shape=shape, colour=colour, size="small", lateral=lateral, depth="far", x=2.0, y=y
+        )
+
+    from mobile_vla.sim.caption_scenes import left_right_probe
+
+    # a red box on each side of a green bottle: "the red box is right of the bottle" is true too
+    boxes = [
+        obj("red", "box", "left"),
+        obj("green", "bottle", "centre"),
+        obj("red", "box", "right"),
+    ]
+    assert left_right_probe(boxes) is None
+    probe = left_right_probe([*boxes, obj("blue", "sphere", "right")])
+    assert probe is not None
+    assert probe[0] == (
+        "a green bottle to the left of a blue sphere",
+        "a green bottle to the right of a blue sphere",
+    )
 
 
 def test_bad_corpus_folders(tmp_path: Path, corpus: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,10 @@ from mobile_vla.sim.caption_scenes import (
     captions,
     fact_holds,
     fact_key,
+    left_right_probe,
     left_right_probe_held_out,
+    mirror_fact,
+    mirror_objects,
     perturb,
     sample_scene,
     swap_sides,
@@ -76,20 +80,42 @@ def test_captions_are_true_and_perturbations_false() -> None:
         rng = np.random.default_rng(seed)
         for held_out in (False, True):
             texts, facts = captions(scene, rng, 5, held_out=held_out)
-            truth = true_facts(scene.objects)
             for text, fact in zip(texts, facts, strict=True):
                 assert fact_holds(fact, scene.objects), (text, fact)
-                assert fact_key(fact) in truth
                 p = perturb(text, fact, rng)
                 if p is not None:
                     total += 1
                     false_perturbations += not fact_holds(p[1], scene.objects)
                     assert p[0] != text
-                    # the set look-up that training uses agrees with fact_holds
-                    assert (fact_key(p[1]) in truth) == fact_holds(p[1], scene.objects)
-                    other = sample_scene(seed + 1000).objects
-                    assert (fact_key(p[1]) in true_facts(other)) == fact_holds(p[1], other)
     assert false_perturbations / total > 0.95  # the rest are filtered out before training
+
+
+def test_facts_hold_by_their_rules() -> None:
+    objs = [
+        {"colour": "red", "shape": "box", "size": "small", "lateral": "left", "depth": "near"},
+        {"colour": "blue", "shape": "sphere", "size": "large", "lateral": "centre", "depth": "far"},
+        {"colour": "red", "shape": "box", "size": "large", "lateral": "centre", "depth": "near"},
+    ]
+    red_box, blue_sphere = ["red", "box"], ["blue", "sphere"]
+    holds = [
+        {"k": "count", "n": 3},
+        {"k": "single", "c": "red", "s": "box"},
+        {"k": "single", "c": "red", "s": "box", "z": "large"},
+        {"k": "place", "c": "blue", "s": "sphere", "lat": "centre", "dep": "far"},
+        {"k": "pair", "l": red_box, "r": blue_sphere},  # the red box on the left
+        {"k": "pair", "l": red_box, "r": red_box},  # left of the other red box
+    ]
+    fails = [
+        {"k": "count", "n": 2},
+        {"k": "single", "c": "blue", "s": "box"},
+        {"k": "single", "c": "blue", "s": "sphere", "z": "small"},
+        {"k": "place", "c": "red", "s": "box", "lat": "left", "dep": "far"},
+        {"k": "pair", "l": blue_sphere, "r": red_box},  # beside the centre red box, not left
+    ]
+    assert all(fact_holds(f, objs) for f in holds)
+    assert not any(fact_holds(f, objs) for f in fails)
+    # one count, three facts an object ("a red box" once for both) and the two pairs
+    assert len(true_facts(objs)) == 1 + 3 * 3 - 1 + 2
 
 
 def test_pair_templates_do_not_give_away_the_left_object_by_order() -> None:
@@ -134,9 +160,52 @@ def test_swap_sides_mirrors_the_claim() -> None:
     assert swap_sides("two objects", {"k": "count", "n": 2}) is None
     # a red box on each side: the swapped caption is true as well, and training drops it
     objs = [
-        {"colour": "red", "shape": "box", "lateral": x, "depth": "far"} for x in ("left", "right")
+        {"colour": "red", "shape": "box", "size": "small", "lateral": x, "depth": "far"}
+        for x in ("left", "right")
     ]
     assert fact_holds(place, objs) and fact_holds(swap_sides("", place)[1], objs)
+
+
+def test_mirror_image_reads_every_caption_with_sides_swapped() -> None:
+    """What head_mirror relies on: a caption is true of a scene exactly when its left/right
+    swap is true of the scene's mirror image."""
+    for seed in range(150):
+        scene = sample_scene(seed)
+        mirrored = mirror_objects(scene.objects)
+        assert [o["lateral"] for o in mirrored] == sorted(
+            (o["lateral"] for o in mirrored), key=["left", "centre", "right"].index
+        )
+        assert mirror_objects(mirrored) == [asdict(o) for o in scene.objects]
+        true = true_facts(scene.objects)
+        facts = ({k: list(v) if isinstance(v, tuple) else v for k, v in key} for key in true)
+        assert true_facts(mirrored) == {fact_key(mirror_fact(f)) for f in facts}
+        rng = np.random.default_rng(seed)
+        for text, fact in zip(*captions(scene, rng, 8), strict=True):
+            swapped = swap_sides(text, fact)
+            seen = swapped if swapped is not None else (text, fact)
+            assert fact_holds(seen[1], mirrored) and seen[1] == mirror_fact(fact)
+
+
+def test_mirrored_rows_swap_their_captions() -> None:
+    """The second phase's mirrored rows: the side caption becomes its swap, the caption itself
+    is the negative and the order loss's false caption; other captions stay."""
+    from mobile_vla.pretraining.train import _mirror
+
+    pair = {"k": "pair", "l": ["red", "box"], "r": ["blue", "sphere"]}
+    count = {"k": "count", "n": 2}
+    objs = [
+        {"colour": c, "shape": s, "size": "small", "lateral": lat, "depth": "far", "x": 2, "y": y}
+        for c, s, lat, y in (("red", "box", "left", 0.5), ("blue", "sphere", "right", -0.5))
+    ]
+    chosen = [(0, pair), (1, count), (0, pair)]
+    negative = [(2, {**pair, "l": ["green", "box"]}), (3, {"k": "count", "n": 3}), None]
+    c, n, s, o = _mirror(chosen, negative, [5, None, 5], [objs] * 3, np.array([True, True, False]))
+    assert c[0] == (5, {"k": "pair", "l": ["blue", "sphere"], "r": ["red", "box"]})
+    assert n[0] == (0, pair) and s[0] == 0
+    assert fact_holds(c[0][1], o[0]) and not fact_holds(n[0][1], o[0])
+    assert (c[1], n[1], s[1]) == ((1, count), negative[1], None)
+    assert [x["lateral"] for x in o[1]] == ["left", "right"] and o[1][0]["colour"] == "blue"
+    assert (c[2], n[2], s[2], o[2]) == (chosen[2], None, 5, objs)
 
 
 def test_text_order_head_reads_word_order() -> None:
@@ -361,6 +430,7 @@ def test_head_phase_trains_only_the_heads_and_resumes_exactly(
         "text_order_width=32",
         "order_weight=1.0",
         "claim_weight=1.0",
+        "head_mirror=true",
     )
     cfg = tiny_cfg(corpus, *extra)
     whole = pretrain(cfg, tmp_path / "whole", progress=False)
@@ -506,7 +576,7 @@ def test_left_right_probe_is_balanced(
         # the held-out phrasing's pairs hold the same words: a word score ties them
         assert m["left_right_held_out_itc"] == 0.5
     truth = {
-        i: {pair[0] for pair in r["probe"] or ()}
+        i: {pair[0] for pair in left_right_probe(r["objects"]) or ()}
         | {pair[0] for pair in left_right_probe_held_out(r["objects"]) or ()}
         for i, r in enumerate(c.records)
     }

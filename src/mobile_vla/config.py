@@ -556,8 +556,14 @@ class PretrainConfig:
     """Images (and captions) per step of the second phase."""
     head_learning_rate: float = 1.0e-3
     """Peak learning rate of the second phase (its own warmup and cosine decay)."""
+    head_mirror: bool = False
+    """Second phase: each image is shown as itself or as its mirror image (even odds), whose
+    captions have left and right swapped ("X left of Y" becomes "X right of Y") and whose
+    objects' sides are swapped for the contrastive targets. Twice the scenes for the left/right
+    losses; the mirrored images' ViT tokens are computed once too (twice the memory)."""
     augment: bool = True
-    """Brightness and contrast jitter of the images (never a mirror: left and right matter)."""
+    """Brightness and contrast jitter of the images (never a plain mirror, which would make
+    every side caption false: see head_mirror)."""
     eval_every: int = 500
     """Held-out retrieval R@1 every this many steps (logged; 0 = only at the end)."""
     eval_images: int = 256

@@ -93,7 +93,7 @@ def _render_chunk(args: tuple[list[int], int, int, int, float]) -> list[tuple[in
             "eval_captions": eval_texts,
             "eval_facts": eval_facts,
             "objects": [asdict(o) for o in scene.objects],
-            "probe": left_right_probe(scene),
+            "probe": left_right_probe(scene.objects),
         }
         out.append((i, image, record))
     return out

@@ -12,7 +12,9 @@ Metrics, each for both scores:
 
 * retrieval: image -> caption among ``candidates`` (32: the image's caption and 31 false
   ones from other held-out images); R@1 and R@5 (chance 1/32 and 5/32);
-* left/right probe: for two-object scenes (X left of Y), is "X to the left of Y" ranked above
+* left/right probe: for scenes with two objects side by side (X left of Y, each the only one
+  of its colour and shape in the scene, so the false caption is false), is "X to the left of
+  Y" ranked above
   "X to the right of Y", and "Y to the right of X" above "Y to the left of X" — the fraction
   of the two directions right (chance 0.5; a score that only prefers one of the words "left"
   and "right" gets exactly 0.5); and the same two objects in a phrasing no training template
@@ -39,6 +41,7 @@ from mobile_vla.sim.caption_scenes import (
     SHAPES,
     article,
     fact_holds,
+    left_right_probe,
     left_right_probe_held_out,
 )
 
@@ -88,12 +91,7 @@ class Scorer:
     @torch.no_grad()
     def images(self, ids: list[int]) -> None:
         todo = [i for i in ids if i not in self._img]
-        for s in range(0, len(todo), 64):
-            chunk = todo[s : s + 64]
-            x = torch.from_numpy(np.stack([self.corpus.images[i] for i in chunk])).permute(
-                0, 3, 1, 2
-            )
-            vit = self.model.vit(self.model.backbone.preprocess(x))
+        for chunk, vit in self.model.vit_batches(self.corpus.images, todo, 64):
             emb = self.model.image_embedding(vit)
             tok = self.model.fusion_image_tokens(vit)
             for k, i in enumerate(chunk):
@@ -191,8 +189,12 @@ def evaluate(
     for i in tqdm(val, desc="probes", disable=not progress):
         r = corpus.records[i]
         objs = r["objects"]
-        held_out = left_right_probe_held_out(objs) if r["probe"] else None
-        for pairs, into in ((r["probe"], probe), (held_out, probe_held_out)):
+        # from the objects, not the corpus's stored pairs: one rule for every corpus version
+        pairs_of = (
+            (left_right_probe(objs), probe),
+            (left_right_probe_held_out(objs), probe_held_out),
+        )
+        for pairs, into in pairs_of:
             for pair in pairs or ():
                 for name, fn in scores.items():
                     s = fn(i, list(pair))

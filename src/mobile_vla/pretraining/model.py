@@ -35,6 +35,9 @@ The backbone's weights ship; the pooling and score heads ship beside them under 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -201,6 +204,18 @@ class PretrainModel(nn.Module):
     def vit(self, pixels: torch.Tensor) -> torch.Tensor:
         """The ViT's patch tokens (N, P, vision_width)."""
         return self.backbone.vision(pixels)
+
+    def vit_batches(
+        self, images: np.ndarray | torch.Tensor, ids: list[int], size: int, mirror: bool = False
+    ) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """The ViT tokens of uint8 (N, H, W, 3) ``images[ids]``, ``size`` images at a time (of
+        their mirror images, left and right swapped, with ``mirror``): (ids, tokens) pairs."""
+        for start in range(0, len(ids), size):
+            chunk = list(ids[start : start + size])
+            x = torch.as_tensor(images[chunk]).permute(0, 3, 1, 2)
+            if mirror:
+                x = x.flip(-1)
+            yield chunk, self.vit(self.backbone.preprocess(x))
 
     def fusion_image_tokens(self, vit: torch.Tensor) -> torch.Tensor:
         """The same tokens as the policy's fusion transformer sees them."""

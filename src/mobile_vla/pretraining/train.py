@@ -43,8 +43,10 @@ from mobile_vla.pretraining.model import CELLS, PretrainModel
 from mobile_vla.sim.caption_scenes import (
     COLOURS,
     SHAPES,
-    fact_holds,
     fact_key,
+    has_side,
+    mirror_fact,
+    mirror_objects,
     perturb,
     swap_sides,
     true_facts,
@@ -112,18 +114,19 @@ def prepare(corpus: Corpus, seed: int) -> tuple[TrainSet, list[str]]:
     for i in ids:
         r = corpus.records[i]
         per_image, per_neg, per_swap = [], [], []
+        truth = true_facts(r["objects"])
         for text, fact in zip(r["captions"], r["facts"], strict=True):
             texts.append(text)
             per_image.append((text, fact))
             swapped = swap_sides(text, fact)
-            if swapped is not None and fact_holds(swapped[1], r["objects"]):
+            if swapped is not None and fact_key(swapped[1]) in truth:
                 swapped = None  # e.g. a red box on each side: both captions are true
             per_swap.append(swapped[0] if swapped else None)
             texts.extend([swapped[0]] if swapped else [])
             options = []
             for _ in range(PERTURBATIONS):
                 p = perturb(text, fact, rng)
-                if p is not None and not fact_holds(p[1], r["objects"]) and p not in options:
+                if p is not None and fact_key(p[1]) not in truth and p not in options:
                     options.append(p)
             texts.extend(t for t, _ in options)
             per_neg.append(options)
@@ -301,20 +304,50 @@ def head_params(model: PretrainModel, cfg: PretrainConfig) -> list[tuple[str, nn
 
 @torch.no_grad()
 def image_features(
-    model: PretrainModel, images: torch.Tensor, ids: list[int], precision: str, tokens: bool
+    model: PretrainModel,
+    images: torch.Tensor,
+    ids: list[int],
+    precision: str,
+    tokens: bool,
+    mirror: bool = False,
 ) -> torch.Tensor:
     """For the second phase, unaugmented: the ViT tokens (N, P, W) in bfloat16 when the image
-    side's heads train, else the contrastive embeddings (N, D)."""
+    side's heads train, else the contrastive embeddings (N, D); of the mirror images (left
+    and right swapped) with ``mirror``."""
     was = model.training
     model.eval()
     out = []
-    for start in range(0, len(ids), 128):
-        chunk = images[ids[start : start + 128]].permute(0, 3, 1, 2)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            vit = model.vit(model.backbone.preprocess(chunk))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        for _, vit in model.vit_batches(images, ids, 128, mirror):
             out.append(vit.to(torch.bfloat16) if tokens else model.image_embedding(vit).float())
     model.train(was)
     return torch.cat(out)
+
+
+def _mirror(
+    chosen: list[tuple[int, dict]],
+    negative: list[tuple[int, dict] | None],
+    swapped: list[int | None],
+    objects: list[list[dict]],
+    flip: np.ndarray,
+) -> tuple[
+    list[tuple[int, dict]], list[tuple[int, dict] | None], list[int | None], list[list[dict]]
+]:
+    """The batch with the ``flip`` rows shown as their mirror image. A side caption becomes
+    its swap (true of the mirror), with the caption itself as the perturbed negative and as
+    the order loss's false caption; a caption without a side (a count, a single object, the
+    centre) and its negative read the same in the mirror."""
+    chosen, negative, swapped = list(chosen), list(negative), list(swapped)
+    objects = list(objects)
+    for i in np.flatnonzero(flip):
+        text_id, fact = chosen[i]
+        objects[i] = mirror_objects(objects[i])
+        if has_side(fact):
+            assert swapped[i] is not None
+            chosen[i] = (swapped[i], mirror_fact(fact))  # type: ignore[assignment]
+            negative[i] = (text_id, fact)
+            swapped[i] = text_id
+    return chosen, negative, swapped, objects
 
 
 def image_side_trains(cfg: PretrainConfig) -> bool:
@@ -329,15 +362,26 @@ def head_step_losses(
     ts: TrainSet,
     table: TextTable,
     step: int,
+    mirrored: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The losses of a second-phase step (``features``: :func:`image_features` of every
-    training image, in the order of ``ts.ids``); its batch is a pure function of (seed,
-    step)."""
+    training image, in the order of ``ts.ids``; ``mirrored``: those of their mirror images,
+    for ``head_mirror``); its batch is a pure function of (seed, step)."""
     rng = np.random.default_rng([cfg.seed, 6, step])
     rows = rng.choice(len(ts.ids), size=min(cfg.head_batch_size, len(ts.ids)), replace=False)
     objects = [corpus.records[ts.ids[r]]["objects"] for r in rows]
     chosen, negative, swapped = _captions_of(rows, ts, rng)
     picked = features[torch.as_tensor(rows)]
+    if mirrored is not None:
+        flip = rng.random(len(rows)) < 0.5
+        # a side caption whose swap is true as well (a red box on each side) has no mirror
+        # text prepared: that row stays as it is
+        flip &= [
+            not has_side(f) or s is not None for (_, f), s in zip(chosen, swapped, strict=True)
+        ]
+        chosen, negative, swapped, objects = _mirror(chosen, negative, swapped, objects, flip)
+        at = torch.as_tensor(np.flatnonzero(flip))
+        picked[at] = mirrored[torch.as_tensor(rows)[at]]
     img_emb = model.image_embedding(picked.float()) if image_side_trains(cfg) else picked
     out, _ = contrastive_losses(model, cfg, img_emb, objects, chosen, negative, swapped, table)
     out["loss"] = _total(out, cfg)
@@ -490,7 +534,7 @@ def pretrain(
     if state is not None and state.get("phase", "joint") == phase.name:
         optimizer.load_state_dict(state["optimizer"])  # not at the switch: a new optimizer
     precision = resolve_precision(cfg.precision)
-    features = None
+    features = mirrored = None
     log_path = out / "log.csv"
     fields = [
         "step",
@@ -528,10 +572,13 @@ def pretrain(
                 losses = step_losses(model, cfg, corpus, images, ts, table, step)
             else:
                 if features is None:
-                    features = image_features(
-                        model, images, ts.ids, precision, image_side_trains(cfg)
-                    )
-                losses = head_step_losses(model, cfg, corpus, features, ts, table, step)
+                    tokens = image_side_trains(cfg)
+                    features = image_features(model, images, ts.ids, precision, tokens)
+                    if cfg.head_mirror:
+                        mirrored = image_features(model, images, ts.ids, precision, tokens, True)
+                losses = head_step_losses(
+                    model, cfg, corpus, features, ts, table, step, mirrored=mirrored
+                )
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in phase.params], 1.0)

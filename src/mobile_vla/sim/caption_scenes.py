@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -370,24 +371,7 @@ def captions(
 
 def fact_holds(fact: dict, objects: Sequence[SceneObject | dict]) -> bool:
     """Whether a caption's fact is true of a scene (its objects, as dataclasses or dicts)."""
-    objs = [o if isinstance(o, dict) else asdict(o) for o in objects]
-    kind = fact["k"]
-    if kind == "count":
-        return len(objs) == fact["n"]
-    if kind == "pair":
-        left = [o for o in objs if [o["colour"], o["shape"]] == list(fact["l"])]
-        right = [o for o in objs if [o["colour"], o["shape"]] == list(fact["r"])]
-        return any(
-            LATERAL_RANK[a["lateral"]] < LATERAL_RANK[b["lateral"]] for a in left for b in right
-        )
-    return any(
-        o["colour"] == fact["c"]
-        and o["shape"] == fact["s"]
-        and ("z" not in fact or o["size"] == fact["z"])
-        and ("lat" not in fact or o["lateral"] == fact["lat"])
-        and ("dep" not in fact or o["depth"] == fact["dep"])
-        for o in objs
-    )
+    return fact_key(fact) in true_facts(objects)
 
 
 def fact_key(fact: dict) -> tuple:
@@ -396,9 +380,10 @@ def fact_key(fact: dict) -> tuple:
 
 
 def true_facts(objects: Sequence[SceneObject | dict]) -> frozenset[tuple]:
-    """The keys of every fact a caption can claim that holds for a scene: ``fact_key(f) in
-    true_facts(objects)`` is ``fact_holds(f, objects)``, as one set look-up (a training step
-    checks every caption of the batch against every image)."""
+    """The keys (:func:`fact_key`) of every fact a caption can claim that holds for a scene:
+    its object count; each object's colour and shape, with and without its size, and with
+    its side and depth; "X left of Y" for each two objects whose sides are in that order.
+    A training step checks every caption of the batch against every image with it."""
     objs = [o if isinstance(o, dict) else asdict(o) for o in objects]
     facts: list[dict] = [{"k": "count", "n": len(objs)}]
     for o in objs:
@@ -417,19 +402,35 @@ def true_facts(objects: Sequence[SceneObject | dict]) -> frozenset[tuple]:
 _SWAP = {"left": "right", "right": "left"}
 
 
+def has_side(fact: dict) -> bool:
+    """Whether a caption's fact names a side (a pair, or a place on the left or right)."""
+    return fact["k"] == "pair" or (fact["k"] == "place" and fact["lat"] != "centre")
+
+
+def mirror_fact(fact: dict) -> dict:
+    """The fact as it reads in the scene's mirror image: left and right swapped (a copy)."""
+    new = dict(fact)
+    if fact["k"] == "pair":
+        new["l"], new["r"] = fact["r"], fact["l"]
+    elif "lat" in fact:
+        new["lat"] = _SWAP.get(fact["lat"], fact["lat"])
+    return new
+
+
+def mirror_objects(objects: Sequence[SceneObject | dict]) -> list[dict]:
+    """The objects of the scene's mirror image (left and right swapped), left to right."""
+    objs = [o if isinstance(o, dict) else asdict(o) for o in objects]
+    out = [dict(o, lateral=_SWAP.get(o["lateral"], o["lateral"]), y=-o["y"]) for o in objs]
+    return sorted(out, key=lambda o: (-o["y"], o["x"]))
+
+
 def swap_sides(text: str, fact: dict) -> tuple[str, dict] | None:
     """The caption with left and right swapped and its fact ("a red box to the left of a blue
     sphere" -> "... to the right of ..."; "on the left" -> "on the right"); None for a caption
     without a side (single objects, counts, the centre)."""
-    kind = fact["k"]
-    if kind != "pair" and not (kind == "place" and fact["lat"] != "centre"):
+    if not has_side(fact):
         return None
-    new = dict(fact)
-    if kind == "pair":
-        new["l"], new["r"] = fact["r"], fact["l"]
-    else:
-        new["lat"] = _SWAP[fact["lat"]]
-    return re.sub(r"\b(left|right)\b", lambda m: _SWAP[m.group(1)], text), new
+    return re.sub(r"\b(left|right)\b", lambda m: _SWAP[m.group(1)], text), mirror_fact(fact)
 
 
 def perturb(text: str, fact: dict, rng: np.random.Generator) -> tuple[str, dict] | None:
@@ -481,25 +482,28 @@ def perturb(text: str, fact: dict, rng: np.random.Generator) -> tuple[str, dict]
 
 
 def _probe_objects(objects: Sequence[SceneObject | dict]) -> tuple[dict, dict] | None:
-    """The first two objects side by side (a left of b) that differ in colour or shape."""
+    """The first two objects side by side (a left of b), each the only one of its colour and
+    shape in the scene: "X to the right of Y" must be false (with a second X on Y's right it
+    is true, and the probe would ask a question without an answer)."""
     objs = [o if isinstance(o, dict) else asdict(o) for o in objects]
-    for i in range(len(objs)):
-        for j in range(i + 1, len(objs)):
-            a, b = objs[i], objs[j]
-            if a["lateral"] != b["lateral"] and (a["colour"], a["shape"]) != (
-                b["colour"],
-                b["shape"],
-            ):
+    counts = Counter((o["colour"], o["shape"]) for o in objs)
+    unique = [o for o in objs if counts[o["colour"], o["shape"]] == 1]
+    for i in range(len(unique)):
+        for j in range(i + 1, len(unique)):
+            a, b = sorted((unique[i], unique[j]), key=lambda o: LATERAL_RANK[o["lateral"]])
+            if LATERAL_RANK[a["lateral"]] < LATERAL_RANK[b["lateral"]]:
                 return a, b
     return None
 
 
-def left_right_probe(scene: CaptionScene) -> tuple[tuple[str, str], tuple[str, str]] | None:
+def left_right_probe(
+    objects: Sequence[SceneObject | dict],
+) -> tuple[tuple[str, str], tuple[str, str]] | None:
     """For scenes with two objects side by side, X left of Y: two (true, false) pairs,
     ("X to the left of Y", "X to the right of Y") and ("Y to the right of X", "Y to the left
     of X"). Both directions, so a score that merely prefers the word "left" (or "right") gets
     exactly half of them right: only the order of the objects tells the pairs apart."""
-    found = _probe_objects(scene.objects)
+    found = _probe_objects(objects)
     if found is None:
         return None
     a, b = found
