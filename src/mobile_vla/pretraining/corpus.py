@@ -29,7 +29,8 @@ from mobile_vla.errors import DataError, MobileVLAError
 from mobile_vla.io import atomic_path, atomic_write_json, atomic_write_text
 
 FORMAT = "mobile-vla-caption-corpus"
-VERSION = 3  # 3: the left/right probe in both directions (2: "X left of Y" only)
+VERSION = 4  # 4: pair templates that name the left object second too; the probe on objects
+# unique of their kind (3: the probe in both directions; 2: "X left of Y" only)
 FILES = ("manifest.json", "images.npy", "captions.jsonl")
 
 
