@@ -438,6 +438,10 @@ def test_head_phase_trains_only_the_heads_and_resumes_exactly(
     assert [int(r["step"]) for r in rows] == list(range(1, 15))
     assert all(r["claim"] == "" and r["order"] == "" for r in rows[:6])
     assert all(float(r["claim"]) > 0 and float(r["order"]) > 0 for r in rows[6:])
+    first = pretrain_module.load_folder(whole / "checkpoints" / "phase1")
+    assert first["step"] == 6 and first["phase"] == "joint"
+    card = (whole / "export" / "MODEL_CARD.md").read_text()
+    assert "then 8 steps of the heads" in card and "their mirror images" in card
 
     original = pretrain_module.head_step_losses
     stop_at: list[int] = []
@@ -455,6 +459,8 @@ def test_head_phase_trains_only_the_heads_and_resumes_exactly(
         pretrain(cfg, out, progress=False)
     at_switch = pretrain_module.load_folder(out / "checkpoints" / "last")
     assert at_switch["step"] == 6 and at_switch["phase"] == "joint"
+    for k, v in at_switch["model"].items():
+        torch.testing.assert_close(v, first["model"][k], rtol=0, atol=0, msg=k)
     stop_at.append(10)
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg, out, resume=True, progress=False)

@@ -7,6 +7,7 @@ A run folder::
                              ``checkpoint_every`` steps and at the end; ``--resume`` continues
                              from it, bit for bit (batches and augmentation are a function of
                              (seed, step))
+    checkpoints/phase1/      the same at the end of the first phase (with ``head_steps``)
     log.csv                  step, losses, learning rate, temperature, periodic held-out R@1
     metrics.json             ``mobile-vla pretrain-eval`` (also run at the end of training)
     export/                  builtin-vl.safetensors + .json card + MODEL_CARD.md
@@ -16,8 +17,9 @@ The sentence encoder is frozen, so its token states are computed once per distin
 
 Two phases: ``steps`` train the whole model (backbone and heads); then ``head_steps`` train
 only the heads of ``head_modules`` on the locked backbone (the word-order head, its claim
-head, the image pooling and map), from ViT tokens computed once, with larger batches. The
-backbone the policy reads is the first phase's.
+head, the image pooling and map), from ViT tokens computed once, with larger batches, and
+with ``head_mirror`` on the images and their mirror images (sides swapped in the captions to
+match). The backbone the policy reads is the first phase's.
 """
 
 from __future__ import annotations
@@ -605,6 +607,16 @@ def pretrain(
         bar.update(1)
         if step % cfg.checkpoint_every == 0 or step in (cfg.steps, total):
             _save(last, model, optimizer, step, time.perf_counter() - start, cfg, phase.name)
+        if cfg.head_steps and step == cfg.steps:  # kept: the second phase can be redone from it
+            _save(
+                out / "checkpoints" / "phase1",
+                model,
+                optimizer,
+                step,
+                time.perf_counter() - start,
+                cfg,
+                phase.name,
+            )
         if not math.isfinite(row["loss"]):
             raise MobileVLAError(f"pretraining diverged at step {step} (loss {row['loss']})")
     model.order_active = True
