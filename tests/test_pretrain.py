@@ -480,6 +480,65 @@ def test_head_phase_trains_only_the_heads_and_resumes_exactly(
     assert all(k.startswith(heads) for k in changed), changed
 
 
+def test_second_phase_redone_from_another_run_is_that_config_from_scratch(
+    corpus: Path, run: Path, tmp_path: Path, capsys
+) -> None:
+    """``--heads-from RUN``: the first phase is RUN's (checkpoints/phase1) and only the second
+    trains, with other second-phase keys; the weights are those of the whole run with that
+    config. A first-phase key that differs, or a run without phase1, is refused."""
+    extra = (
+        "steps=5",
+        "head_steps=6",
+        "head_batch_size=24",
+        "eval_every=0",
+        "checkpoint_every=4",
+        "text_order_layers=1",
+        "text_order_width=32",
+        "order_weight=1.0",
+        "claim_weight=1.0",
+    )
+    base = pretrain(tiny_cfg(corpus, *extra), tmp_path / "base", progress=False)
+    other = tiny_cfg(corpus, *extra, "head_mirror=true", "head_learning_rate=0.0003")
+    fresh = pretrain(other, tmp_path / "fresh", progress=False)
+    assert (
+        main(
+            [
+                "pretrain",
+                "--out",
+                str(tmp_path / "redo"),
+                "--heads-from",
+                str(base),
+                "-q",
+                "--data",
+                str(corpus),
+                *[f"--{kv}" for kv in (*TINY_PRETRAIN, *extra)],
+                "--head_mirror=true",
+                "--head_learning_rate=0.0003",
+            ]
+        )
+        == 0
+    )
+    assert "R@1" in capsys.readouterr().out
+    a, _, _ = load_run(fresh)
+    b, _, _ = load_run(tmp_path / "redo")
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=0, atol=0, msg=k)
+    rows = list(csv.DictReader((tmp_path / "redo" / "log.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 12))
+    with pytest.raises(MobileVLAError, match=r"other \['learning_rate'\]"):
+        pretrain(
+            tiny_cfg(corpus, *extra, "learning_rate=0.0005"),
+            tmp_path / "bad",
+            progress=False,
+            heads_from=base,
+        )
+    with pytest.raises(MobileVLAError, match="has no checkpoints/phase1"):
+        pretrain(tiny_cfg(corpus, *extra), tmp_path / "bad2", progress=False, heads_from=run)
+    with pytest.raises(MobileVLAError, match="head_steps must be > 0"):
+        pretrain(tiny_cfg(corpus, *extra, "head_steps=0"), tmp_path / "bad3", heads_from=base)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()
+
+
 def test_bf16_run_says_so_and_reloads(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -306,7 +306,14 @@ def cmd_pretrain(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     command = " ".join(
         ["mobile-vla pretrain", *(sys.argv[2:] if sys.argv[1:2] == ["pretrain"] else [])]
     )
-    out = pretrain(cfg, args.out, resume=args.resume, progress=not args.quiet, command=command)
+    out = pretrain(
+        cfg,
+        args.out,
+        resume=args.resume,
+        progress=not args.quiet,
+        command=command,
+        heads_from=args.heads_from,
+    )
     m = json.loads((out / "metrics.json").read_text())["summary"]
     print(format_pretrain_metrics(m))
     print(f"wrote {out / 'export'} (weights, model card)")
@@ -589,6 +596,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="caption corpus folder")
     p.add_argument("--out", type=Path, required=True, help="pretraining run folder")
     p.add_argument("--resume", action="store_true", help="continue --out from checkpoints/last")
+    p.add_argument(
+        "--heads-from",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="redo only the second phase, from RUN's checkpoints/phase1 (the config may differ "
+        "in second-phase keys only)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_pretrain)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import math
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -485,18 +486,62 @@ def _check_corpus(corpus: Corpus) -> None:
         raise MobileVLAError(f"corpus folder '{corpus.folder}' has no held-out images")
 
 
+# what may differ between a run and one that redoes its second phase (``heads_from``)
+SECOND_PHASE_KEYS = (
+    "head_steps",
+    "head_modules",
+    "head_batch_size",
+    "head_learning_rate",
+    "head_mirror",
+    "eval_every",
+    "checkpoint_every",
+)
+
+
+def _first_phase_of(run: Path, cfg: PretrainConfig) -> Path:
+    """``run``'s ``checkpoints/phase1``, after checking that ``cfg`` differs from the config
+    it was trained with in second-phase keys only."""
+    first = run / "checkpoints" / "phase1"
+    if not first.is_dir():
+        raise MobileVLAError(
+            f"--heads-from: '{run}' has no checkpoints/phase1 (a run with head_steps > 0 "
+            "keeps its state at the end of the first phase there)"
+        )
+    if cfg.head_steps <= 0:
+        raise MobileVLAError("--heads-from redoes the second phase: head_steps must be > 0")
+    theirs = load_folder(first)["config"]
+    changed = [
+        k for k, v in to_dict(cfg).items() if k not in SECOND_PHASE_KEYS and theirs.get(k) != v
+    ]
+    if changed:
+        raise MobileVLAError(
+            f"--heads-from: the first phase in '{first}' was trained with other {changed}; "
+            f"only the second phase's keys may differ ({', '.join(SECOND_PHASE_KEYS)})"
+        )
+    return first
+
+
 def pretrain(
     cfg: PretrainConfig,
     out: str | Path,
     resume: bool = False,
     progress: bool = True,
     command: str = "",
+    heads_from: str | Path | None = None,
 ) -> Path:
-    """Train (or resume) a pretraining run in ``out``; evaluate and export at the end."""
+    """Train (or resume) a pretraining run in ``out``; evaluate and export at the end. With
+    ``heads_from`` (another run with ``head_steps``), the first phase is that run's
+    (``checkpoints/phase1``) and only the second phase trains, with ``cfg``'s second-phase
+    keys: the result is the run ``cfg`` would give from scratch."""
     from mobile_vla.pretraining.evaluate import evaluate, quick_recall
 
     out = Path(out)
     last = out / "checkpoints" / "last"
+    first = None
+    if heads_from is not None:
+        if resume:
+            raise MobileVLAError("--heads-from starts a new run; it does not go with --resume")
+        first = _first_phase_of(Path(heads_from), cfg)
     if resume:
         if not last.exists():
             raise MobileVLAError(f"--resume: pretraining run '{out}' has no checkpoints/last")
@@ -516,6 +561,15 @@ def pretrain(
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_config(cfg, out / "config.yaml")
+    if first is not None:  # the new run starts at the switch, with the other run's log so far
+        shutil.copytree(first, out / "checkpoints" / "phase1")
+        shutil.copytree(first, last)
+        from mobile_vla.io import atomic_write_text
+
+        rows = (Path(heads_from) / "log.csv").read_text().splitlines()  # type: ignore[arg-type]
+        kept = [r for r in rows[1:] if r and int(r.split(",")[0]) <= cfg.steps]
+        atomic_write_text(out / "log.csv", "\n".join([rows[0], *kept]) + "\n")
+        resume = True
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model(cfg)
     ts, texts = prepare(corpus, cfg.seed)
