@@ -566,9 +566,11 @@ def pretrain(
         shutil.copytree(first, last)
         from mobile_vla.io import atomic_write_text
 
-        rows = (Path(heads_from) / "log.csv").read_text().splitlines()  # type: ignore[arg-type]
-        kept = [r for r in rows[1:] if r and int(r.split(",")[0]) <= cfg.steps]
-        atomic_write_text(out / "log.csv", "\n".join([rows[0], *kept]) + "\n")
+        log = Path(heads_from) / "log.csv"  # type: ignore[arg-type]
+        if log.exists():
+            rows = log.read_text().splitlines()
+            kept = [r for r in rows[1:] if r and int(r.split(",")[0]) <= cfg.steps]
+            atomic_write_text(out / "log.csv", "\n".join([rows[0], *kept]) + "\n")
         resume = True
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model(cfg)
