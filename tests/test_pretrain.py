@@ -3,6 +3,7 @@ exported and shipped weights, bad input."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
@@ -19,7 +20,7 @@ from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.pretraining import train as pretrain_module
 from mobile_vla.pretraining.corpus import build_corpus, load_corpus
 from mobile_vla.pretraining.evaluate import retrieval_sets
-from mobile_vla.pretraining.train import load_run, pretrain
+from mobile_vla.pretraining.train import load_run, load_weights_file, pretrain
 from mobile_vla.pretraining.weights import (
     WeightsError,
     load_weights,
@@ -498,7 +499,14 @@ def test_second_phase_redone_from_another_run_is_that_config_from_scratch(
         "claim_weight=1.0",
     )
     base = pretrain(tiny_cfg(corpus, *extra), tmp_path / "base", progress=False)
-    other = tiny_cfg(corpus, *extra, "head_mirror=true", "head_learning_rate=0.0003")
+    other = tiny_cfg(
+        corpus,
+        *extra,
+        "head_mirror=true",
+        "head_learning_rate=0.0003",
+        "head_seed=3",
+        "head_cells=true",
+    )
     fresh = pretrain(other, tmp_path / "fresh", progress=False)
     assert (
         main(
@@ -514,6 +522,8 @@ def test_second_phase_redone_from_another_run_is_that_config_from_scratch(
                 *[f"--{kv}" for kv in (*TINY_PRETRAIN, *extra)],
                 "--head_mirror=true",
                 "--head_learning_rate=0.0003",
+                "--head_seed=3",
+                "--head_cells=true",
             ]
         )
         == 0
@@ -525,6 +535,29 @@ def test_second_phase_redone_from_another_run_is_that_config_from_scratch(
         torch.testing.assert_close(v, b.state_dict()[k], rtol=0, atol=0, msg=k)
     rows = list(csv.DictReader((tmp_path / "redo" / "log.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == list(range(1, 12))
+    card = (tmp_path / "redo" / "export" / "MODEL_CARD.md").read_text()
+    assert "(seed 3)" in card and "reading the cell probe" in card
+    # head_cells: the map of the cell probe starts at zero, trains, and ships with the heads
+    assert b.cell_map is not None and float(b.cell_map.weight.abs().sum()) > 0
+    shipped = load_weights_file(tmp_path / "redo" / "export" / "builtin-vl.safetensors")
+    assert shipped.cell_map is not None
+    assert torch.equal(shipped.cell_map.weight, b.cell_map.weight)
+    with pytest.raises(ConfigError, match="head_cells"):
+        tiny_cfg(corpus, "head_steps=0", "head_cells=true")
+    # head_seed: the word-order and claim heads are drawn anew from it at the switch
+    first = pretrain_module.load_folder(base / "checkpoints" / "phase1")["model"]
+    drawn_a, _, _ = load_run(base)
+    drawn_a.load_state_dict(first, strict=False)
+    drawn_b = copy.deepcopy(drawn_a)
+    drawn_a.reset_word_order(3)
+    drawn_b.reset_word_order(3)
+    heads = [k for k in first if k.startswith(("text_order.", "claim_head."))]
+    assert len(heads) > 10
+    for k in heads:
+        assert torch.equal(drawn_a.state_dict()[k], drawn_b.state_dict()[k]), k  # seeded
+        if "norm" not in k and "bias" not in k:
+            # and not the weights the heads were built with
+            assert not torch.equal(drawn_a.state_dict()[k], first[k]), k
     with pytest.raises(MobileVLAError, match=r"other \['learning_rate'\]"):
         pretrain(
             tiny_cfg(corpus, *extra, "learning_rate=0.0005"),
@@ -544,7 +577,6 @@ def test_bf16_run_says_so_and_reloads(
 ) -> None:
     """``precision: bf16-mixed`` trains under bfloat16 autocast and says so on the card; the
     exported heads give ``pretrain-eval --weights`` the trained model's embeddings."""
-    from mobile_vla.pretraining.train import load_weights_file
 
     seen: list[bool] = []
     original = pretrain_module.step_losses

@@ -556,6 +556,18 @@ class PretrainConfig:
     """Images (and captions) per step of the second phase."""
     head_learning_rate: float = 1.0e-3
     """Peak learning rate of the second phase (its own warmup and cosine decay)."""
+    head_cells: bool = False
+    """Second phase: the contrastive image embedding also reads the grounded attributes (the
+    first phase's cell probe: which colour and shape in which scene cell, from the image
+    tokens) through a map that starts at zero and trains with the heads; the first phase is
+    the same with or without it. Unlike ``image_cells``, which does this from the first step
+    by widening the image map, it leaves the first phase as it is, so it is a second-phase
+    key (``--heads-from``)."""
+    head_seed: int | None = None
+    """Seed of the second phase: its batches and the first weights of the word-order and claim
+    heads, drawn anew at the switch (None: ``seed``, and the heads keep the weights they were
+    built with). Other values repeat the second phase from one first phase (``--heads-from``)
+    to measure its run-to-run spread."""
     head_mirror: bool = False
     """Second phase: each image is shown as itself or as its mirror image (even odds), whose
     captions have left and right swapped ("X left of Y" becomes "X right of Y") and whose
@@ -594,6 +606,8 @@ class PretrainConfig:
         for i, name in enumerate(self.head_modules):
             if name not in HEAD_MODULES:
                 raise _fail(f"head_modules[{i}]", f"one of {', '.join(HEAD_MODULES)}", name)
+        if self.head_cells and not self.head_steps:
+            raise _fail("head_cells", "false when head_steps is 0 (a second-phase key)", True)
         if self.head_steps and not self.head_modules:
             raise _fail("head_modules", "at least one module when head_steps > 0", [])
         if not 0 < self.temperature <= 1:

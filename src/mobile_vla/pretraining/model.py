@@ -104,6 +104,20 @@ class TextOrder(nn.Module):
         nn.init.normal_(self.out.weight, std=0.02)
         nn.init.zeros_(self.out.bias)
 
+    def reset_parameters(self) -> None:
+        """Every weight drawn anew from the global generator, as at construction."""
+        for m in self.modules():
+            if m is self:
+                continue
+            if isinstance(m, nn.MultiheadAttention):
+                m._reset_parameters()
+            elif hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.roles, std=0.02)
+        nn.init.normal_(self.out.weight, std=0.02)
+        nn.init.zeros_(self.out.bias)
+
     def slots(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(N, roles, width): what the caption says is on the left and on the right."""
         x = self.inp(states) + self.pos[:, : states.shape[1]]
@@ -142,6 +156,7 @@ class PretrainModel(nn.Module):
         image_cells: bool = False,
         text_order_width: int = 0,
         text_order_norm: float = 0.0,
+        head_cells: bool = False,
     ) -> None:
         super().__init__()
         bcfg = BackboneConfig(name="builtin", builtin=cfg, pretrained=False)
@@ -192,6 +207,15 @@ class PretrainModel(nn.Module):
         for p in self.backbone.text_encoder.parameters():
             p.requires_grad_(False)
         self.backbone.text_encoder.eval()
+        # the second phase's map of the grounded attributes into the image embedding (with
+        # head_cells): built last, from zeros and outside the global generator, so the rest of
+        # the model and the first phase are the same with or without it
+        self.cell_map: nn.Linear | None = None
+        if head_cells:
+            with torch.random.fork_rng(devices=[]):
+                self.cell_map = nn.Linear(cell_width, width)
+            nn.init.zeros_(self.cell_map.weight)
+            nn.init.zeros_(self.cell_map.bias)
 
     def train(self, mode: bool = True) -> PretrainModel:
         super().train(mode)
@@ -225,8 +249,10 @@ class PretrainModel(nn.Module):
         parts = [self.image_pool(vit), vit.amax(dim=1)]
         if self.image_cells:
             parts.append(torch.sigmoid(self.cell_probe(vit).flatten(1)))
-        pooled = torch.cat(parts, dim=-1)
-        return F.normalize(self.image_head(pooled), dim=-1)
+        emb = self.image_head(torch.cat(parts, dim=-1))
+        if self.cell_map is not None and self.order_active:
+            emb = emb + self.cell_map(torch.sigmoid(self.cell_probe(vit).flatten(1)))
+        return F.normalize(emb, dim=-1)
 
     def text_tokens(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.backbone.project_text(states)
@@ -262,6 +288,16 @@ class PretrainModel(nn.Module):
                 loss + F.cross_entropy(part[:, :nc], colour) + F.cross_entropy(part[:, nc:], shape)
             )
         return loss
+
+    def reset_word_order(self, seed: int) -> None:
+        """The word-order and claim heads' weights drawn anew from ``seed`` (the global
+        generator is left as it was)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            if self.text_order is not None:
+                self.text_order.reset_parameters()
+            if self.claim_head is not None:
+                self.claim_head.reset_parameters()
 
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=4.6052).exp()  # temperature >= 0.01

@@ -19,7 +19,8 @@ Two phases: ``steps`` train the whole model (backbone and heads); then ``head_st
 only the heads of ``head_modules`` on the locked backbone (the word-order head, its claim
 head, the image pooling and map), from ViT tokens computed once, with larger batches, and
 with ``head_mirror`` on the images and their mirror images (sides swapped in the captions to
-match). The backbone the policy reads is the first phase's.
+match), with ``head_cells`` an image embedding that also reads the cell probe. The backbone the
+policy reads is the first phase's.
 """
 
 from __future__ import annotations
@@ -301,7 +302,8 @@ def _total(out: dict[str, torch.Tensor], cfg: PretrainConfig) -> torch.Tensor:
 
 def head_params(model: PretrainModel, cfg: PretrainConfig) -> list[tuple[str, nn.Parameter]]:
     """What the second phase trains: the parameters of ``cfg.head_modules``."""
-    names = tuple(m if m == "log_scale" else f"{m}." for m in cfg.head_modules)
+    modules = [*cfg.head_modules, *(["cell_map"] if model.cell_map is not None else [])]
+    names = tuple(m if m == "log_scale" else f"{m}." for m in modules)
     return [(n, p) for n, p in model.trainable() if n.startswith(names)]
 
 
@@ -354,7 +356,7 @@ def _mirror(
 
 
 def image_side_trains(cfg: PretrainConfig) -> bool:
-    return any(m in ("image_pool", "image_head") for m in cfg.head_modules)
+    return cfg.head_cells or any(m in ("image_pool", "image_head") for m in cfg.head_modules)
 
 
 def head_step_losses(
@@ -370,7 +372,8 @@ def head_step_losses(
     """The losses of a second-phase step (``features``: :func:`image_features` of every
     training image, in the order of ``ts.ids``; ``mirrored``: those of their mirror images,
     for ``head_mirror``); its batch is a pure function of (seed, step)."""
-    rng = np.random.default_rng([cfg.seed, 6, step])
+    seed = cfg.seed if cfg.head_seed is None else cfg.head_seed
+    rng = np.random.default_rng([seed, 6, step])
     rows = rng.choice(len(ts.ids), size=min(cfg.head_batch_size, len(ts.ids)), replace=False)
     objects = [corpus.records[ts.ids[r]]["objects"] for r in rows]
     chosen, negative, swapped = _captions_of(rows, ts, rng)
@@ -462,6 +465,15 @@ def phase_at(model: PretrainModel, cfg: PretrainConfig, step: int) -> Phase:
     )
 
 
+def begin_phase(model: PretrainModel, cfg: PretrainConfig, step: int) -> Phase:
+    """:func:`phase_at` for a phase that starts at ``step``; at the switch to the second phase
+    with ``head_seed``, the word-order and claim heads are drawn anew from it first."""
+    phase = phase_at(model, cfg, step)
+    if phase.name == "heads" and step == cfg.steps and cfg.head_seed is not None:
+        model.reset_word_order(cfg.head_seed)
+    return phase
+
+
 def trainable_state(model: PretrainModel) -> dict[str, torch.Tensor]:
     names = {n for n, _ in model.trainable()}
     return {k: v for k, v in model.state_dict().items() if k in names}
@@ -476,6 +488,7 @@ def build_model(cfg: PretrainConfig) -> PretrainModel:
         cfg.image_cells,
         cfg.text_order_width,
         cfg.text_order_norm,
+        cfg.head_cells,
     )
 
 
@@ -493,6 +506,8 @@ SECOND_PHASE_KEYS = (
     "head_batch_size",
     "head_learning_rate",
     "head_mirror",
+    "head_seed",
+    "head_cells",
     "eval_every",
     "checkpoint_every",
 )
@@ -587,7 +602,11 @@ def pretrain(
         if result.unexpected_keys:
             raise MobileVLAError(f"checkpoint '{last}' does not fit this model")
         step, seconds = int(state["step"]), float(state["seconds"])
+    # a run resumed at the switch (its last checkpoint is the first phase's end) begins the
+    # second phase here, as the uninterrupted run does in the loop
     phase = phase_at(model, cfg, step)
+    if state is not None and state.get("phase", "joint") != phase.name:
+        phase = begin_phase(model, cfg, step)
     optimizer = make_optimizer(phase.params, phase.lr, cfg.weight_decay)
     if state is not None and state.get("phase", "joint") == phase.name:
         optimizer.load_state_dict(state["optimizer"])  # not at the switch: a new optimizer
@@ -618,7 +637,7 @@ def pretrain(
     start = time.perf_counter() - seconds
     while step < total:
         if phase.name == "joint" and step >= cfg.steps:  # the second phase begins
-            phase = phase_at(model, cfg, step)
+            phase = begin_phase(model, cfg, step)
             optimizer = make_optimizer(phase.params, phase.lr, cfg.weight_decay)
         # with a second phase the word-order head trains in that phase only
         model.order_active = cfg.head_steps == 0 or phase.name == "heads"
@@ -766,6 +785,7 @@ def load_weights_file(weights: str | Path) -> PretrainModel:
         image_cells=cells,
         text_order_width=order_width,
         text_order_norm=float(state.get("heads.text_order.max_norm", torch.zeros(()))),
+        head_cells="heads.cell_map.weight" in state,
     )
     model.load_export(state)
     model.eval()

@@ -179,6 +179,8 @@ def model_card_markdown(card: dict[str, Any]) -> str:
             f", then {card['head_steps']} steps of the heads on the locked backbone, batch "
             f"{card.get('pretrain_config', {}).get('head_batch_size')}"
             + (" on the images and their mirror images" if pc.get("head_mirror") else "")
+            + (", the image embedding reading the cell probe" if pc.get("head_cells") else "")
+            + (f" (seed {pc['head_seed']})" if pc.get("head_seed") is not None else "")
             if card.get("head_steps")
             else ""
         )
