@@ -409,9 +409,9 @@ def test_shipped_weights_retrieve_on_freshly_rendered_scenes(tmp_path: Path, cap
     out = capsys.readouterr().out
     r1 = float(out.split("R@1 ITC ")[1].split()[0])
     probe = float(out.split("left/right probe")[1].split("ITC ")[1].split()[0])
-    # chance: 0.031. The left/right probe is at chance for these weights (see the model card):
-    # it is printed, and its balance is tested in test_left_right_probe_is_balanced
-    assert r1 > 0.25 and 0.0 <= probe <= 1.0, out
+    # chance: 0.031 and 0.5; on 100 images the probe asks about some 70 scenes (the card's
+    # figure, on 886 held-out scenes, is above 0.9)
+    assert r1 > 0.25 and probe > 0.7, out
 
 
 def test_head_phase_trains_only_the_heads_and_resumes_exactly(
