@@ -246,12 +246,16 @@ class PretrainModel(nn.Module):
         return self.backbone.vision_proj(vit) + self.backbone.type_embed[0]
 
     def image_embedding(self, vit: torch.Tensor) -> torch.Tensor:
+        mapped = self.cell_map is not None and self.order_active
         parts = [self.image_pool(vit), vit.amax(dim=1)]
+        if self.image_cells or mapped:
+            cells = torch.sigmoid(self.cell_probe(vit).flatten(1))  # once for both uses
         if self.image_cells:
-            parts.append(torch.sigmoid(self.cell_probe(vit).flatten(1)))
+            parts.append(cells)
         emb = self.image_head(torch.cat(parts, dim=-1))
-        if self.cell_map is not None and self.order_active:
-            emb = emb + self.cell_map(torch.sigmoid(self.cell_probe(vit).flatten(1)))
+        if mapped:
+            assert self.cell_map is not None
+            emb = emb + self.cell_map(cells)
         return F.normalize(emb, dim=-1)
 
     def text_tokens(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

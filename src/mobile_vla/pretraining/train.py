@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from mobile_vla.config import PretrainConfig, load_config, save_config, to_dict
 from mobile_vla.errors import MobileVLAError
+from mobile_vla.io import atomic_write_json, atomic_write_text
 from mobile_vla.pretraining.corpus import Corpus, load_corpus
 from mobile_vla.pretraining.model import CELLS, PretrainModel
 from mobile_vla.sim.caption_scenes import (
@@ -371,7 +372,7 @@ def head_step_losses(
 ) -> dict[str, torch.Tensor]:
     """The losses of a second-phase step (``features``: :func:`image_features` of every
     training image, in the order of ``ts.ids``; ``mirrored``: those of their mirror images,
-    for ``head_mirror``); its batch is a pure function of (seed, step)."""
+    for ``head_mirror``); its batch is a pure function of (head_seed or seed, step)."""
     seed = cfg.seed if cfg.head_seed is None else cfg.head_seed
     rng = np.random.default_rng([seed, 6, step])
     rows = rng.choice(len(ts.ids), size=min(cfg.head_batch_size, len(ts.ids)), replace=False)
@@ -469,7 +470,8 @@ def begin_phase(model: PretrainModel, cfg: PretrainConfig, step: int) -> Phase:
     """:func:`phase_at` for a phase that starts at ``step``; at the switch to the second phase
     with ``head_seed``, the word-order and claim heads are drawn anew from it first."""
     phase = phase_at(model, cfg, step)
-    if phase.name == "heads" and step == cfg.steps and cfg.head_seed is not None:
+    at_switch = phase.name == "heads" and step == cfg.steps and cfg.head_steps > 0
+    if at_switch and cfg.head_seed is not None:
         model.reset_word_order(cfg.head_seed)
     return phase
 
@@ -579,8 +581,6 @@ def pretrain(
     if first is not None:  # the new run starts at the switch, with the other run's log so far
         shutil.copytree(first, out / "checkpoints" / "phase1")
         shutil.copytree(first, last)
-        from mobile_vla.io import atomic_write_text
-
         log = Path(heads_from) / "log.csv"  # type: ignore[arg-type]
         if log.exists():
             rows = log.read_text().splitlines()
@@ -604,9 +604,7 @@ def pretrain(
         step, seconds = int(state["step"]), float(state["seconds"])
     # a run resumed at the switch (its last checkpoint is the first phase's end) begins the
     # second phase here, as the uninterrupted run does in the loop
-    phase = phase_at(model, cfg, step)
-    if state is not None and state.get("phase", "joint") != phase.name:
-        phase = begin_phase(model, cfg, step)
+    phase = begin_phase(model, cfg, step)
     optimizer = make_optimizer(phase.params, phase.lr, cfg.weight_decay)
     if state is not None and state.get("phase", "joint") == phase.name:
         optimizer.load_state_dict(state["optimizer"])  # not at the switch: a new optimizer
@@ -699,8 +697,6 @@ def pretrain(
     seconds = time.perf_counter() - start
     model.eval()
     metrics = evaluate(model, corpus, cfg, progress=progress)
-    from mobile_vla.io import atomic_write_json
-
     atomic_write_json(out / "metrics.json", metrics)
     export(out, model, cfg, corpus, metrics, seconds, command, precision)
     return out
@@ -802,7 +798,6 @@ def export(
     command: str,
     precision: str = "32",
 ) -> Path:
-    from mobile_vla.io import atomic_write_text
     from mobile_vla.pretraining.weights import (
         SHIPPED_NAME,
         export_weights,
