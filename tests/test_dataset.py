@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mobile_vla.config import AugmentConfig, Config, DataConfig, load_config
+from mobile_vla.config import AugmentConfig, Config, DataConfig, SimConfig, load_config
 from mobile_vla.data.augmentation import augment
 from mobile_vla.data.dataset import EpisodeDataset, build_datasets, side_of_instruction
 from mobile_vla.data.episodes import load_episodes, split_episodes, train_subset
@@ -301,7 +301,8 @@ def test_build_datasets_end_to_end(sim_dataset: Path, tmp_path: Path) -> None:
     )
     bundle = build_datasets(cfg)
     assert len(bundle.split.train) == 16 and len(bundle.split.val) == 8
-    assert len(bundle.train) == 16 * 18 and len(bundle.val) == 8 * 18
+    n = SimConfig().episode_length
+    assert len(bundle.train) == 16 * n and len(bundle.val) == 8 * n
     s = bundle.val[0]
     assert s["images"].shape == (8, 3, 48, 64) and s["actions"].shape == (10, 2)
     assert float(s["actions"].abs().max()) <= 1.0

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mobile_vla.cli import main
-from mobile_vla.config import DataConfig
+from mobile_vla.config import DataConfig, SimConfig
 from mobile_vla.data.episodes import load_episodes, scan_episodes
 from mobile_vla.data.hdf5 import (
     FrameReader,
@@ -300,7 +300,7 @@ def test_inspect_json_statistics(sim_dataset: Path, capsys: pytest.CaptureFixtur
 
     assert main(["inspect", str(sim_dataset), "--json", "-q"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["episodes"] == 24 and report["frames"] == 24 * 18
+    assert report["episodes"] == 24 and report["frames"] == 24 * SimConfig().episode_length
     assert report["scenarios"] == {"1box_left": 6, "1box_right": 6, "2box_left": 6, "2box_right": 6}
     assert report["sides"] == {"left": 12, "right": 12}
     assert report["image_sizes"] == {"48x64": 24}

@@ -12,7 +12,7 @@ import pytest
 from mobile_vla.cli import main
 from mobile_vla.config import SimConfig, load_config
 from mobile_vla.data.hdf5 import read_episode_info
-from mobile_vla.errors import ConfigError
+from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.sim.collect import collect, plan_jobs
 from mobile_vla.sim.env import NavEnv
 from mobile_vla.sim.expert import run_expert
@@ -27,7 +27,9 @@ def test_same_seed_same_frames() -> None:
         ep_a, ep_b = run_expert(a, s), run_expert(b, s)
     np.testing.assert_array_equal(ep_a.frames, ep_b.frames)
     np.testing.assert_array_equal(ep_a.actions, ep_b.actions)
-    assert ep_a.frames.shape == (18, 48, 64, 3) and ep_a.frames.std() > 5  # a real picture
+    assert (
+        ep_a.frames.shape == (SMALL.episode_length, 48, 64, 3) and ep_a.frames.std() > 5
+    )  # a real picture
     other = make_scenario(12, "2box", "right", "far", SMALL)
     with NavEnv(SMALL) as c:
         assert not np.array_equal(run_expert(c, other).frames[0], ep_a.frames[0])
@@ -60,7 +62,7 @@ def test_both_sides_share_the_layout_and_the_paths_differ() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("mode", ["teleop_18_frames", "continuous_noisy_to_completion"])
+@pytest.mark.parametrize("mode", ["teleop_default_length", "continuous_noisy_to_completion"])
 def test_expert_succeeds_in_random_scenarios(side: str, mode: str) -> None:
     cfg = (
         SimConfig()
@@ -187,3 +189,88 @@ def test_collect_cli_writes_the_robot_format(
     assert saved.seed == 1 and saved.sim.episode_length == 12 and saved.sim.image_size == [32, 40]
     assert main(["collect", "--out", str(out), "--episodes", "0", "-q"]) == 2
     assert main(["collect", "--out", str(out), "--episodes", "1", "--scenarios", "3box", "-q"]) == 2
+
+
+def test_collection_pairs_left_and_right_on_one_scene(
+    tmp_path: Path, small_sim_cfg: SimConfig
+) -> None:
+    """The left and the right episode of a (layout, distance, repeat) share the scene, so the
+    first frames are equal and only the instruction tells the sides apart: a policy cannot
+    learn the side from a training scene's look."""
+    cells = parse_scenarios(["1box_left_far", "1box_right_far"])
+    jobs = plan_jobs(4, cells, 3)
+    assert jobs[0].seed == jobs[1].seed != jobs[2].seed == jobs[3].seed
+    results = collect(tmp_path, 2, cells, seed=3, workers=1, cfg=small_sim_cfg, progress=False)
+    with h5py.File(results[0].path) as left, h5py.File(results[1].path) as right:
+        np.testing.assert_array_equal(left["images"][0], right["images"][0])
+        assert left["language_instruction"][()] != right["language_instruction"][()]
+        assert left["actions"][2, 1] > 0 > right["actions"][2, 1]  # the paths differ
+
+
+def test_collect_never_overwrites_and_numbers_from_start_index(
+    tmp_path: Path, small_sim_cfg: SimConfig
+) -> None:
+    cells = parse_scenarios(["2box_left_close"])
+    first = collect(tmp_path, 1, cells, seed=0, cfg=small_sim_cfg, progress=False)
+    before = Path(first[0].path).read_bytes()
+    with pytest.raises(MobileVLAError, match=r"already holds .*--start-index"):
+        collect(tmp_path, 1, cells, seed=1, cfg=small_sim_cfg, progress=False)
+    assert Path(first[0].path).read_bytes() == before
+    more = collect(tmp_path, 1, cells, seed=1, cfg=small_sim_cfg, progress=False, start_index=7)
+    assert Path(more[0].path).name.endswith("_00007.h5")
+
+
+def test_corrected_episodes_are_policy_driven_and_expert_labelled(
+    tmp_path: Path, small_sim_cfg: SimConfig
+) -> None:
+    """DAgger: the controller drives, every recorded action is the expert's command at the pose
+    the controller reached, and the episode ends at the collision."""
+    from dataclasses import replace
+
+    from mobile_vla.evaluation.closed_loop import ConstantController, ExpertReplayController
+    from mobile_vla.sim.env import NavEnv
+    from mobile_vla.sim.expert import Expert, run_corrected
+    from mobile_vla.sim.scenario import make_scenario
+
+    cfg = replace(small_sim_cfg, max_steps=40)
+    scenario = make_scenario(11, "1box", "left", "medium", cfg)
+    rng = np.random.default_rng(0)
+    with NavEnv(cfg) as env:
+        crash = run_corrected(env, scenario, ConstantController([1.15, 0, 0]), rng)
+        poses = env.trajectory
+        assert env.collision
+        expert = Expert(scenario, cfg)
+        labels = np.stack([expert.act(p) for p in poses[: len(crash.actions)]])
+        np.testing.assert_array_equal(crash.actions, labels)
+        assert crash.actions[0, 1] > 0  # the expert would have stepped left
+        assert len(crash.actions) < cfg.max_steps and all(crash.perturbed)
+        # the expert itself as the driver: a clean demonstration that ends on its stop frames
+        good = run_corrected(env, scenario, ExpertReplayController(cfg), rng, hold_frames=2)
+        assert env.outcome().success
+        assert not good.actions[-2:].any() and good.actions[-3].any()
+        # a DAgger collection through collect() writes the driven episodes with their origin
+    results = collect(
+        tmp_path,
+        2,
+        parse_scenarios(["1box_left_medium"]),
+        seed=0,
+        cfg=cfg,
+        progress=False,
+        controller=ExpertReplayController(cfg),
+        expert_prob=0.5,
+    )
+    with h5py.File(results[0].path) as fh:
+        assert fh.attrs["driven_by"] == "policy" and fh.attrs["expert_prob"] == 0.5
+
+
+def test_default_demonstrations_end_with_the_stop() -> None:
+    """Collected with the default length, a clean demonstration ends in the goal with stop
+    frames, so a policy learns where to stop (cut at 18 frames, a quarter never showed it)."""
+    cfg = dataclasses.replace(SimConfig(), image_size=[24, 24])
+    stops = []
+    with NavEnv(cfg, render=False) as env:
+        for i, cell in enumerate(parse_scenarios(None)):
+            ep = run_expert(env, make_scenario(50 + i, *cell, cfg), record_frames=False)
+            assert ep.outcome.success
+            stops.append(int((np.abs(ep.actions).sum(1) == 0)[-2:].all()))
+    assert sum(stops) == len(stops)

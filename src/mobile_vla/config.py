@@ -163,8 +163,11 @@ class SimConfig:
     """Control rate: one action and one frame per 1/control_hz seconds."""
     physics_timestep: float = 0.005
     """MuJoCo integration step in seconds (must divide the control period)."""
-    episode_length: int = 18
-    """Frames per collected episode; 0 = run the expert to completion (up to max_steps)."""
+    episode_length: int = 24
+    """Frames per collected episode; 0 = run the expert to completion (up to max_steps). The
+    expert needs 16-20 frames, so 24 ends every clean demonstration with stop frames (at the
+    robot's 18 frames a quarter of them never reached the stop and most others showed one or
+    two stop frames; a policy trained on those drives on into the target)."""
     max_steps: int = 60
     """Step limit for run-to-completion episodes and for closed-loop evaluation."""
     teleop_actions: bool = True
@@ -333,7 +336,7 @@ class HeadConfig:
             raise _fail(f"{prefix}.gripper_loss_ratio", ">= 0", self.gripper_loss_ratio)
 
 
-STRATEGIES = ("frozen", "lora", "partial", "full", "sandwich", "gradual")
+STRATEGIES = ("frozen", "lora", "partial", "full", "sandwich", "gradual", "frozen_text")
 
 
 @dataclass
@@ -342,7 +345,9 @@ class TrainSetup:
     the preset. Names follow RoboVLMs' ``train_setup``."""
 
     strategy: str = "frozen"
-    """frozen, lora, partial, full, sandwich or gradual."""
+    """frozen, lora, partial, full, sandwich, gradual, or frozen_text (frozen, and the head
+    also reads the instruction's sentence embedding: not Case 3, which reads only the
+    backbone's action-token output)."""
     freeze_backbone: bool | None = None
     train_vision: bool | None = None
     train_text_embedding: bool | None = None

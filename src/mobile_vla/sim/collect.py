@@ -1,8 +1,13 @@
 """``mobile-vla collect``: simulated expert episodes written in the robot's HDF5 format.
 
 Episode ``i`` takes grid cell ``i mod len(cells)`` (layout x side x distance, so every cell gets
-the same count) and scenario seed ``SeedSequence([seed, i])``: a collection is a pure function of
-its arguments, whatever the number of workers.
+the same count) and a scenario seed drawn from ``SeedSequence([seed, k, layout, distance])`` with
+``k = i // len(cells)``: the left and the right episode of a (layout, distance, k) share their
+seed, hence the same obstacle, target, colours and light, and differ only in the instruction and
+the path. Without that pairing every episode looks unique, and a policy can learn which side to
+take from the floor colour of each training episode instead of from the instruction (it then
+ignores the instruction on new scenes). A collection is a pure function of its arguments,
+whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ import multiprocessing as mp
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from mobile_vla.config import SimConfig, config_to_yaml
+from mobile_vla.config import DISTANCES, LAYOUTS, SimConfig, config_to_yaml
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.io import atomic_write_text
 from mobile_vla.sim.gl import ensure_gl_backend
@@ -41,12 +47,19 @@ class EpisodeResult:
     frames: int
 
 
-def episode_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+def episode_seed(seed: int, repeat: int, layout: str, distance: str) -> int:
+    """The scenario seed of the ``repeat``-th (layout, distance) episode: both sides share it."""
+    key = [seed, repeat, LAYOUTS.index(layout), DISTANCES.index(distance)]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 def plan_jobs(episodes: int, cells: Sequence[tuple[str, str, str]], seed: int) -> list[EpisodeJob]:
-    return [EpisodeJob(i, episode_seed(seed, i), *cells[i % len(cells)]) for i in range(episodes)]
+    jobs = []
+    for i in range(episodes):
+        layout, side, distance = cells[i % len(cells)]
+        seed_i = episode_seed(seed, i // len(cells), layout, distance)
+        jobs.append(EpisodeJob(i, seed_i, layout, side, distance))
+    return jobs
 
 
 def episode_filename(job: EpisodeJob) -> str:
@@ -60,10 +73,10 @@ def episode_filename(job: EpisodeJob) -> str:
 
 
 _worker_env = None
+MIN_CORRECTED_FRAMES = 3
 
 
 def _run_job(args: tuple[EpisodeJob, SimConfig, str]) -> EpisodeResult:
-    from mobile_vla.data.hdf5 import write_episode
     from mobile_vla.sim.env import NavEnv
     from mobile_vla.sim.expert import run_expert
     from mobile_vla.sim.scenario import make_scenario
@@ -74,6 +87,14 @@ def _run_job(args: tuple[EpisodeJob, SimConfig, str]) -> EpisodeResult:
         _worker_env = NavEnv(cfg)
     scenario = make_scenario(job.seed, job.layout, job.side, job.distance, cfg)
     ep = run_expert(_worker_env, scenario, np.random.default_rng([job.seed, 1]))
+    return _write(job, cfg, out, scenario, ep, {})
+
+
+def _write(
+    job: EpisodeJob, cfg: SimConfig, out: str, scenario: Any, ep: Any, extra: dict[str, Any]
+) -> EpisodeResult:
+    from mobile_vla.data.hdf5 import write_episode
+
     path = Path(out) / episode_filename(job)
     write_episode(
         path,
@@ -96,9 +117,38 @@ def _run_job(args: tuple[EpisodeJob, SimConfig, str]) -> EpisodeResult:
             "expert_success": int(ep.outcome.success),
             "control_hz": cfg.control_hz,
             "source": "mobile_vla.sim",
+            **extra,
         },
     )
     return EpisodeResult(job.index, str(path), ep.outcome.success, len(ep.actions))
+
+
+def _run_corrected_jobs(
+    jobs: Sequence[EpisodeJob],
+    cfg: SimConfig,
+    out: str,
+    controller: Any,
+    expert_prob: float,
+    bar: Any,
+) -> list[EpisodeResult]:
+    """Policy-driven, expert-labelled episodes (DAgger), in this process: the controller (a
+    trained policy) is not copied into workers."""
+    from mobile_vla.sim.env import NavEnv
+    from mobile_vla.sim.expert import run_corrected
+    from mobile_vla.sim.scenario import make_scenario
+
+    results = []
+    with NavEnv(cfg) as env:
+        for job in jobs:
+            scenario = make_scenario(job.seed, job.layout, job.side, job.distance, cfg)
+            rng = np.random.default_rng([job.seed, 2])
+            ep = run_corrected(env, scenario, controller, rng, expert_prob)
+            bar.update(1)
+            if len(ep.actions) < MIN_CORRECTED_FRAMES:
+                continue  # collided at once: nothing worth learning from
+            extra = {"driven_by": "policy", "expert_prob": expert_prob}
+            results.append(_write(job, cfg, out, scenario, ep, extra))
+    return results
 
 
 def save_collect_config(
@@ -123,24 +173,50 @@ def collect(
     workers: int = 1,
     cfg: SimConfig | None = None,
     progress: bool = True,
+    controller: Any = None,
+    expert_prob: float = 0.0,
+    start_index: int = 0,
 ) -> list[EpisodeResult]:
-    """Write ``episodes`` expert episodes into ``out``; returns one result per episode."""
+    """Write ``episodes`` expert episodes into ``out``; returns one result per episode.
+
+    With ``controller`` (a trained policy behind the closed-loop controller interface) the
+    policy drives and the expert labels every frame it visits (DAgger, see
+    :func:`~mobile_vla.sim.expert.run_corrected`); episodes that end within
+    ``MIN_CORRECTED_FRAMES`` frames are not written. ``start_index`` numbers the files from
+    there, so a second collection can go into the same folder; an existing file is never
+    overwritten."""
     cfg = cfg or SimConfig()
     if episodes < 1:
         raise MobileVLAError(f"--episodes must be >= 1, got {episodes}")
     if workers < 1:
         raise MobileVLAError(f"--workers must be >= 1, got {workers}")
+    if not 0.0 <= expert_prob <= 1.0:
+        raise MobileVLAError(f"--expert-prob must be in [0, 1], got {expert_prob}")
+    if start_index < 0:
+        raise MobileVLAError(f"--start-index must be >= 0, got {start_index}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MobileVLAError(f"--out '{out}' exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     save_collect_config(out, episodes, cells, seed, cfg)
     ensure_gl_backend()  # chosen once here; spawned workers inherit MUJOCO_GL
-    jobs = [(job, cfg, str(out)) for job in plan_jobs(episodes, cells, seed)]
+    planned = [
+        EpisodeJob(j.index + start_index, j.seed, j.layout, j.side, j.distance)
+        for j in plan_jobs(episodes, cells, seed)
+    ]
+    taken = [episode_filename(j) for j in planned if (out / episode_filename(j)).exists()]
+    if taken:
+        raise MobileVLAError(
+            f"--out '{out}' already holds {taken[0]} (and {len(taken) - 1} more of this "
+            "collection's files); choose another folder or --start-index"
+        )
+    jobs = [(job, cfg, str(out)) for job in planned]
     bar = tqdm(total=len(jobs), desc="collect", unit="ep", disable=not progress)
     results: list[EpisodeResult] = []
     try:
-        if workers == 1:
+        if controller is not None:
+            results = _run_corrected_jobs(planned, cfg, str(out), controller, expert_prob, bar)
+        elif workers == 1:
             for job in jobs:
                 results.append(_run_job(job))
                 bar.update(1)

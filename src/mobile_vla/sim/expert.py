@@ -173,3 +173,62 @@ def run_expert(
         outcome=env.outcome(),
         perturbed=perturbed,
     )
+
+
+def wrong_side(scenario: Scenario, pose: tuple[float, float, float]) -> bool:
+    """The robot is level with the obstacle on the side the instruction did not name: from
+    here the expert's lane is behind the obstacle, so its labels stop being demonstrations."""
+    x, y, _ = pose
+    front, back = scenario.obstacle_x
+    lo, hi = scenario.obstacle_y
+    level = front - ROBOT_HALF < x < back + ROBOT_HALF
+    beyond = y - ROBOT_HALF > hi - 0.05 if scenario.side_sign < 0 else y + ROBOT_HALF < lo + 0.05
+    return level and beyond
+
+
+def run_corrected(
+    env: NavEnv,
+    scenario: Scenario,
+    controller: object,
+    rng: np.random.Generator,
+    expert_prob: float = 0.0,
+    hold_frames: int = 3,
+) -> ExpertEpisode:
+    """One episode driven by ``controller`` (anything with ``reset(scenario)`` and
+    ``act(image, instruction) -> command``, e.g. a trained policy) and labelled by the expert:
+    the recorded action of every frame is what the expert commands from the pose the policy
+    brought the robot to (DAgger). With ``expert_prob`` a step executes the expert's command
+    instead (DAgger's beta). The episode ends at a collision (the frame that collided is not
+    recorded), when the robot is level with the obstacle on the wrong side, ``hold_frames``
+    frames after the expert first says stop, or at ``cfg.max_steps``."""
+    cfg = env.cfg
+    expert = Expert(scenario, cfg)
+    obs = env.reset(scenario)
+    controller.reset(scenario)  # type: ignore[attr-defined]
+    frames, actions, events, perturbed = [], [], [], []
+    done_frames = 0
+    for t in range(cfg.max_steps):
+        pose = env.pose
+        if wrong_side(scenario, pose):
+            break
+        label = np.zeros(3, np.float32) if expert.done(pose) else expert.act(pose)
+        frames.append(obs["image"])
+        actions.append(label)
+        events.append(_event(t, label))
+        command = np.asarray(controller.act(obs["image"], obs["instruction"]), np.float32)  # type: ignore[attr-defined]
+        use_expert = expert_prob > 0 and rng.random() < expert_prob
+        perturbed.append(not use_expert)
+        done_frames = done_frames + 1 if not label.any() else 0
+        if done_frames >= hold_frames:
+            break
+        obs, info = env.step(label if use_expert else command)
+        if info["collision"]:
+            break
+    h, w = cfg.image_size
+    return ExpertEpisode(
+        frames=np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8),
+        actions=np.stack(actions).astype(np.float32) if actions else np.zeros((0, 3), np.float32),
+        event_types=events,
+        outcome=env.outcome(),
+        perturbed=perturbed,
+    )
