@@ -115,3 +115,18 @@ def test_policy_controller_history_and_cli(train_data, tmp_path, capsys) -> None
     assert metrics["closed_loop"]["chunk_mode"] == "ensemble"
     assert (run / "eval" / "trajectories_left.png").exists()
     assert list((run / "eval").glob("rollout_*.gif"))
+
+
+def test_expert_start_drives_the_first_steps_then_hands_over() -> None:
+    from mobile_vla.evaluation.closed_loop import ExpertStartController
+
+    full, _ = closed_loop(ExpertStartController(ConstantController(), SIM, 60), SIM, 4, seed=0)
+    assert full["success_rate"] == 1.0  # the expert all the way: the upper bound
+    handed, results = closed_loop(
+        ExpertStartController(ConstantController(), SIM, 3), SIM, 4, seed=0
+    )
+    assert handed["success_rate"] == 0.0
+    for r in results:  # three expert steps, then the zero command stops the robot
+        assert r.end == "stopped" and r.steps == 3 + 3
+        assert r.trajectory[3][0] > r.trajectory[0][0] + 0.2  # the expert moved it
+        assert abs(r.trajectory[-1][0] - r.trajectory[3][0]) < 0.05  # then it stood

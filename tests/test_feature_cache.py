@@ -159,7 +159,7 @@ def test_batch_of_cached_prefixes_gives_the_live_window_features(train_data, tmp
     assert batch["prefix_kv"].shape[0] == len(distinct) < len(picks) * cfg.data.window_size
     with torch.no_grad():
         cached = policy.cached_window_features(
-            batch["prefix_kv"], batch["prefix_mask"], batch["prefix_index"]
+            batch["prefix_kv"], batch["prefix_mask"], batch["prefix_index"], batch["instruction"]
         )
         feats, _ = policy.window_features(live["images"], live["instruction"], live["obs_mask"])
     torch.testing.assert_close(cached, feats, rtol=1e-5, atol=1e-5)

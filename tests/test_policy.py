@@ -474,3 +474,57 @@ def test_merged_lora_is_the_same_function(tmp_path) -> None:
         after = policy(b).logits
     assert merge_lora(policy) == 0  # already merged
     torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["frozen", "lora", "partial", "gradual"])
+def test_frozen_parts_run_in_eval_mode_while_training(strategy, tmp_path) -> None:
+    """Dropout is off in every module whose weights are all frozen (the sentence encoder
+    included), so live frozen training computes what evaluation and the feature cache do;
+    what trains is in train mode, and gradual's newly unfrozen layers leave eval mode."""
+    _, policy, plan = make("builtin", {}, tmp_path, f"train_setup.strategy={strategy}")
+    bb = policy.backbone
+    assert policy.training and policy.head.training
+    assert not bb.text_encoder.training and not bb.vision.training
+    assert not any(m.training for m in bb.text_encoder.modules())
+    if strategy == "lora":
+        lora_dropout = [m for n, m in bb.fusion.named_modules() if n.endswith("lora_dropout")]
+        assert lora_dropout and all(m.training for m in lora_dropout)
+    if strategy == "partial":
+        assert not bb.fusion[0].training and bb.fusion[-1].training
+    if strategy == "gradual":
+        assert not bb.fusion[-1].training
+        plan.unfreeze_next()
+        policy.train()
+        assert bb.fusion[-1].training and not bb.fusion[0].training
+    # the live frozen path is deterministic in train mode: the encoder's dropout is off
+    if strategy == "frozen":
+        b = batch()
+        with torch.no_grad():
+            torch.testing.assert_close(policy(b).logits, policy(b).logits, rtol=0, atol=0)
+
+
+def test_frozen_text_gives_the_head_the_instruction(tmp_path) -> None:
+    """frozen_text: each context vector is followed by the instruction's sentence embedding, so
+    left and right give the head different inputs on the same frame; frozen does not get it,
+    and a backbone without a sentence encoder refuses the strategy by name."""
+    _, policy, plan = make("builtin", {}, tmp_path, "train_setup.strategy=frozen_text")
+    _, frozen, _ = make("builtin", {}, tmp_path)
+    assert plan.resolved.instruction_to_head and not frozen.instruction_to_head
+    bb = policy.backbone
+    frame = batch()["images"][:1, 0]
+    left, right = "pass the box on the left", "pass the box on the right"
+    with torch.no_grad():
+        fl, fr = (policy.frame_features(frame, [t]) for t in (left, right))
+        width = fl.shape[1] - bb.sentence_dim
+        assert width == frozen.frame_features(frame, [left]).shape[1]
+        assert (fl[:, width:] - fr[:, width:]).abs().max() > 0.1
+        np.testing.assert_allclose(fl[0, width:].norm(), bb.sentence_dim**0.5, rtol=1e-4)
+    # only the head and the action token train: the embedding is an input, not a weight
+    changed = one_step(policy, plan)
+    assert not any(v for n, v in changed.items() if n.startswith("backbone."))
+    assert changed["head.trunk.lstm.weight_ih_l0"]
+
+
+def test_frozen_text_needs_a_sentence_encoder(tiny_vlms, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"frozen_text.*sentence encoder.*kosmos2"):
+        make("kosmos2", tiny_vlms, tmp_path, "train_setup.strategy=frozen_text")

@@ -28,6 +28,10 @@ def quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # frozen backbone parts stay in eval mode on purpose (VLAPolicy.train)
+    warnings.filterwarnings(
+        "ignore", message=r".*module\(s\) in eval mode at the start of training.*"
+    )
 
 
 def refuse_overrides(overrides: Sequence[str], command: str) -> None:
@@ -49,6 +53,13 @@ def cmd_collect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     cfg = _config_from(args, overrides)
     seed = cfg.seed if args.seed is None else args.seed
     cells = parse_scenarios(args.scenarios)
+    controller = None
+    if args.policy is not None:
+        from mobile_vla.evaluation.closed_loop import PolicyController
+        from mobile_vla.training.run import load_policy
+
+        policy, run_cfg = load_policy(args.policy, args.checkpoint)
+        controller = PolicyController(policy, run_cfg)
     results = collect(
         args.out,
         args.episodes,
@@ -57,12 +68,16 @@ def cmd_collect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         workers=args.workers,
         cfg=cfg.sim,
         progress=not args.quiet,
+        controller=controller,
+        expert_prob=args.expert_prob,
+        start_index=args.start_index,
     )
     ok = sum(r.success for r in results)
     frames = sum(r.frames for r in results)
+    who = "the policy" if controller is not None else "the expert"
     print(
         f"wrote {len(results)} episodes ({frames} frames) to {args.out}; "
-        f"expert reached the goal in {ok}/{len(results)}"
+        f"{who} reached the goal in {ok}/{len(results)}"
     )
     return 0
 
@@ -136,7 +151,10 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             args.checkpoint,
             progress=not args.quiet,
             loaded=loaded,
+            expert_steps=args.expert_steps,
         )
+        if args.expert_steps:
+            print(f"the expert drove the first {args.expert_steps} steps (a diagnostic):")
         print(format_closed_loop(c))
     return 0
 
@@ -474,6 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="collection seed (default: config seed)")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
     p.add_argument("--config", type=Path, default=None, help="YAML config (sim section)")
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="run folder: its policy drives and the expert labels each frame (DAgger)",
+    )
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument(
+        "--expert-prob",
+        type=float,
+        default=0.0,
+        help="with --policy: probability that a step executes the expert's command",
+    )
+    p.add_argument("--start-index", type=int, default=0, help="number the files from here")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_collect)
 
@@ -510,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_chunk_arguments(p)
     p.add_argument("--videos", type=int, default=2, help="rollout GIFs to save")
+    p.add_argument(
+        "--expert-steps",
+        type=int,
+        default=0,
+        help="diagnostic: the expert drives the first N steps (side chosen), then the policy",
+    )
     p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)

@@ -200,6 +200,29 @@ class ExpertReplayController:
         return self.actions.popleft() if self.actions else np.zeros(3, np.float32)
 
 
+class ExpertStartController:
+    """The expert drives the first ``steps`` steps, then ``controller`` (which sees every frame
+    from the start, so its history is complete). A diagnostic, not a success figure: it tells
+    apart a policy that cannot choose the side at the start (where left and right look the
+    same) from one that cannot drive once the side is chosen."""
+
+    def __init__(self, controller: Controller, sim_cfg: SimConfig, steps: int) -> None:
+        self.controller, self.steps = controller, steps
+        self.expert = ExpertReplayController(sim_cfg)
+        self.t = 0
+
+    def reset(self, scenario: Any) -> None:
+        self.controller.reset(scenario)
+        self.expert.reset(scenario)
+        self.t = 0
+
+    def act(self, image: np.ndarray, instruction: str) -> np.ndarray:
+        own = self.controller.act(image, instruction)
+        expert = self.expert.act(image, instruction)
+        self.t += 1
+        return expert if self.t <= self.steps else own
+
+
 class ConstantController:
     """The same command every step (zero: the robot never moves)."""
 
@@ -343,10 +366,13 @@ def evaluate_run_closed_loop(
     which: str = "best",
     progress: bool = True,
     loaded: tuple[Any, Config] | None = None,
+    expert_steps: int = 0,
 ) -> dict[str, Any]:
     """Closed-loop metrics of a run folder; writes ``metrics.json["closed_loop"]``, rollout
     GIFs and one top-down trajectory plot per side under ``RUN/eval/``. ``loaded`` is the
-    run's (policy, config) when the caller has already loaded them."""
+    run's (policy, config) when the caller has already loaded them. With ``expert_steps`` the
+    expert drives the first steps (:class:`ExpertStartController`) and the result goes to
+    ``metrics.json["closed_loop_expert_start"]`` and ``RUN/eval/expert_start/`` instead."""
     from pathlib import Path
 
     from mobile_vla.evaluation.plots import rollout_gif, trajectory_plot
@@ -356,11 +382,13 @@ def evaluate_run_closed_loop(
     policy, cfg = loaded if loaded is not None else load_policy(run, which)
     run = Path(run)
     seed = cfg.seed if seed is None else seed
-    controller = PolicyController(policy, cfg, chunk_mode, k, decay)
+    controller: Controller = PolicyController(policy, cfg, chunk_mode, k, decay)
+    if expert_steps > 0:
+        controller = ExpertStartController(controller, cfg.sim, expert_steps)
     summary, results = closed_loop(
         controller, cfg.sim, episodes, seed, keep_frames=videos, progress=progress
     )
-    out_dir = run / "eval"
+    out_dir = run / "eval" / ("expert_start" if expert_steps else "")
     for r in results[:videos]:
         rollout_gif(
             r.frames, out_dir / f"rollout_{r.index:03d}_{r.layout}_{r.side}.gif", cfg.sim.control_hz
@@ -380,8 +408,9 @@ def evaluate_run_closed_loop(
             "seed": seed,
             "checkpoint": which,
             "step_limit": cfg.sim.max_steps,
+            "expert_steps": expert_steps,
             "episodes_detail": [r.to_json() for r in results],
         }
     )
-    update_metrics(run, "closed_loop", summary)
+    update_metrics(run, "closed_loop_expert_start" if expert_steps else "closed_loop", summary)
     return summary

@@ -22,6 +22,7 @@ from mobile_vla.config import Config
 from mobile_vla.data.normalization import ActionStats, Normalizer
 from mobile_vla.models.backbones import Backbone, build_backbone
 from mobile_vla.models.heads import ActionCodec, ActionHead, HeadOutput, teleop_action_set
+from mobile_vla.models.strategies import resolve
 
 
 class VLAPolicy(nn.Module):
@@ -38,8 +39,14 @@ class VLAPolicy(nn.Module):
         self.chunk = cfg.data.fwd_pred_next_n
         self.normalizer = Normalizer(stats, cfg.data.normalization)
         bounded = cfg.data.normalization in ("minmax", "quantile")
+        # frozen_text: each frame's context vector is followed by the instruction's sentence
+        # embedding, so the head reads the instruction even where the backbone's output does not
+        self.instruction_to_head = resolve(cfg.train_setup).instruction_to_head
+        extra = self.backbone.sentence_dim if self.instruction_to_head else 0
+        if self.instruction_to_head and not extra:
+            self.backbone.sentence_embedding([])  # raises: this backbone has no sentence encoder
         self.head = ActionHead(
-            n_act * d,
+            n_act * d + extra,
             1 if self.pre else self.window,
             self.chunk,
             self.action_dims,
@@ -54,12 +61,30 @@ class VLAPolicy(nn.Module):
             action_set = self.normalizer.normalize(physical)
         self.codec = ActionCodec(cfg.head, self.action_dims, action_set)
 
+    def train(self, mode: bool = True) -> VLAPolicy:
+        """Train mode for what trains; every backbone module whose parameters are all frozen
+        stays in eval mode (no dropout), so a frozen part computes in training exactly what it
+        computes in evaluation and what the feature cache stored. Modules without parameters
+        (dropout inside a LoRA layer or the head) follow their parent."""
+        super().train(mode)
+        if mode:
+            freeze_eval(self.backbone)
+        return self
+
     # -- the two halves -------------------------------------------------------------------
+    def with_instruction(self, ctx: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Context vectors (N, F) -> (N, F + E) with the instruction's sentence embedding when
+        the strategy gives the head the instruction (``frozen_text``); else unchanged."""
+        if not self.instruction_to_head:
+            return ctx
+        emb = self.backbone.sentence_embedding(texts).to(ctx.device, ctx.dtype)
+        return torch.cat([ctx, emb], dim=-1)
+
     def frame_features(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """uint8 frames (N, 3, H, W) + one instruction each -> context vectors (N, F)."""
         pixels = self.backbone.preprocess(images)
         ctx = self.backbone.encode_post(pixels, texts, self.action_token)
-        return ctx.flatten(1)
+        return self.with_instruction(ctx.flatten(1), texts)
 
     def window_features(
         self,
@@ -79,7 +104,8 @@ class VLAPolicy(nn.Module):
             pixels = self.backbone.preprocess(images.flatten(0, 1))
             pixels = pixels.view(b, w, *pixels.shape[1:])
             ctx = self.backbone.encode_pre(pixels, texts, self.action_token, obs_mask)
-            return ctx.flatten(1)[:, None], torch.ones(b, 1, device=ctx.device)
+            ctx = self.with_instruction(ctx.flatten(1), texts)
+            return ctx[:, None], torch.ones(b, 1, device=ctx.device)
         per_frame = [t for t in texts for _ in range(w)]
         flat = images.flatten(0, 1)
         if frame_id is None:
@@ -102,17 +128,29 @@ class VLAPolicy(nn.Module):
 
     # -- training ---------------------------------------------------------------------------
     def cached_window_features(
-        self, prefix_kv: torch.Tensor, prefix_mask: torch.Tensor, index: torch.Tensor
+        self,
+        prefix_kv: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        index: torch.Tensor,
+        texts: Sequence[str],
     ) -> torch.Tensor:
         """Context vectors (B, W, F) from the cached prefix keys/values (U, L, 2, P, D) and
-        masks (U, P) of a batch's distinct frames; ``index`` (B, W) picks each window's."""
+        masks (U, P) of a batch's distinct frames; ``index`` (B, W) picks each window's;
+        ``texts`` are the windows' instructions."""
         ctx = self.backbone.encode_from_prefix(prefix_kv, prefix_mask, self.action_token)
-        return ctx.flatten(1)[index]
+        ctx = ctx.flatten(1)[index]
+        if not self.instruction_to_head:
+            return ctx
+        emb = self.backbone.sentence_embedding(texts).to(ctx.device, ctx.dtype)
+        return torch.cat([ctx, emb[:, None].expand(-1, ctx.shape[1], -1)], dim=-1)
 
     def forward(self, batch: dict[str, Any]) -> HeadOutput:
         if "prefix_kv" in batch:  # the frozen-prefix feature cache
             feats = self.cached_window_features(
-                batch["prefix_kv"], batch["prefix_mask"], batch["prefix_index"]
+                batch["prefix_kv"],
+                batch["prefix_mask"],
+                batch["prefix_index"],
+                batch["instruction"],
             )
             return self.head_forward(feats, batch["obs_mask"])
         feats, mask = self.window_features(
@@ -141,3 +179,13 @@ class VLAPolicy(nn.Module):
             obs_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
         out = self({"images": images, "instruction": list(texts), "obs_mask": obs_mask})
         return self.to_physical(self.decode(out))
+
+
+def freeze_eval(module: nn.Module) -> None:
+    """Put every submodule that has parameters, none of them trainable, in eval mode."""
+    params = list(module.parameters())
+    if params and not any(p.requires_grad for p in params):
+        module.eval()
+        return
+    for child in module.children():
+        freeze_eval(child)

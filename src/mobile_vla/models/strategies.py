@@ -13,6 +13,9 @@ part flags turn parts back on)::
     gradual    starts as frozen; unfreezes from the top, one group per epoch
                (or every ``gradual_every_steps`` steps): top layer + final norm, the next
                layers down, then resampler, vision, text embedding + text tower
+    frozen_text  frozen, and the head also reads the instruction's sentence embedding
+               (another path for the instruction than the backbone's action-token output,
+               so it is reported beside Case 3 and Case 4, never as either)
 
 The head and the action token always train. Learning rates: head ``learning_rate``, action
 token ``action_token_lr``, LoRA ``lora_lr``, vision ``vision_lr``, other backbone parts
@@ -59,7 +62,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {**_ALL_ON, "lora_enable": False},
     "sandwich": {**_ALL_OFF, "train_vision": True, "train_decoder_layers": 1, "lora_enable": False},
     "gradual": {**_ALL_OFF, "lora_enable": False},
+    "frozen_text": {**_ALL_OFF, "lora_enable": False},
 }
+#: Strategies whose head reads the instruction's sentence embedding beside the context vectors.
+INSTRUCTION_TO_HEAD = ("frozen_text",)
 TABLE_GROUPS = (
     "vision",
     "resampler",
@@ -81,10 +87,12 @@ class Resolved:
     train_text_tower: bool
     train_decoder_layers: int
     lora_enable: bool
+    instruction_to_head: bool = False
 
 
 def resolve(setup: TrainSetup) -> Resolved:
     flags = dict(PRESETS[setup.strategy])
+    flags["instruction_to_head"] = setup.strategy in INSTRUCTION_TO_HEAD
     if setup.freeze_backbone is not None:
         flags.update(_ALL_OFF if setup.freeze_backbone else _ALL_ON)
     for name in FLAGS:

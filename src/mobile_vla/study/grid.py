@@ -31,12 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mobile_vla.config import _fail, load_config, save_config, to_dict
+from mobile_vla.config import STRATEGIES, _fail, load_config, save_config, to_dict
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import atomic_write_json
 from mobile_vla.study.chain import READY
 
-STRATEGIES = ("frozen", "lora", "partial", "full", "sandwich", "gradual")
 FORMAT = "mobile-vla-study"
 VERSION = 1
 

@@ -146,13 +146,16 @@ class PolicyModule(pl.LightningModule):
         if ts.strategy == "gradual" and ts.gradual_every_steps == 0:
             while self.plan.stage < self.current_epoch and self.plan.unfreeze_next():
                 pass
+            self.policy.train(self.training)  # what is unfrozen now leaves eval mode
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         ts = self.cfg.train_setup
         if ts.strategy == "gradual" and ts.gradual_every_steps > 0:
             target = self.global_step // ts.gradual_every_steps
-            while self.plan.stage < target and self.plan.unfreeze_next():
-                pass
+            if self.plan.stage < target:
+                while self.plan.stage < target and self.plan.unfreeze_next():
+                    pass
+                self.policy.train(self.training)
 
     def configure_optimizers(self) -> Any:
         t = self.cfg.trainer

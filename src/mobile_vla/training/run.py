@@ -45,9 +45,10 @@ def build_policy(
     ``backbone``, when given, is used instead of building the configured one."""
     torch.manual_seed(cfg.seed)
     policy = VLAPolicy(cfg, stats, backbone=backbone)
-    policy.train()
     check_window(cfg, policy)
-    return policy, apply_strategy(policy, cfg.train_setup)
+    plan = apply_strategy(policy, cfg.train_setup)
+    policy.train()  # after the strategy: frozen parts stay in eval mode
+    return policy, plan
 
 
 def check_window(cfg: Config, policy: VLAPolicy) -> None:

@@ -79,6 +79,17 @@ class Backbone(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         raise NotImplementedError
 
+    #: Width of :meth:`sentence_embedding` (0: the backbone has no sentence encoder).
+    sentence_dim: int = 0
+
+    def sentence_embedding(self, texts: Sequence[str]) -> torch.Tensor:
+        """One fixed vector per instruction (N, sentence_dim), for strategies whose head reads
+        the instruction beside the backbone's output (``frozen_text``)."""
+        raise ConfigError(
+            f"strategy 'frozen_text' needs a backbone with a sentence encoder; backbone "
+            f"'{self.name}' has none (use backbone.name=builtin)"
+        )
+
     #: Parameter-name prefixes whose weights come from the pretrained source (hub or folder):
     #: frozen ones need not be saved with a run, as they are reloaded from there.
     pretrained_prefixes: tuple[str, ...] = ("model.",)

@@ -201,6 +201,8 @@ class BuiltinBackbone(Backbone):
         self.max_text_tokens = g.max_text_tokens
         self.gradient_checkpointing = False
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sentence_cache: dict[str, torch.Tensor] = {}
+        self.sentence_dim = text_width
         for module in (self.vision, self.vision_proj, self.text_proj, self.fusion):
             init_weights(module)
         if cfg.pretrained:
@@ -260,7 +262,35 @@ class BuiltinBackbone(Backbone):
 
     def train(self, mode: bool = True) -> BuiltinBackbone:
         self._text_cache.clear()  # weights may change in train mode: cached text is stale
+        self._sentence_cache.clear()
         return super().train(mode)
+
+    @torch.no_grad()
+    def sentence_embedding(self, texts: Sequence[str]) -> torch.Tensor:
+        """The sentence encoder's own sentence embedding (mean of the token states, unit
+        length, as all-MiniLM-L6-v2 is trained to give), computed without dropout or gradient
+        and kept per distinct text; scaled by sqrt(width) so that its entries are of the size
+        of the LayerNorm'd context vector's."""
+        if len(self._sentence_cache) > 256:
+            self._sentence_cache.clear()
+        missing = sorted({t for t in texts if t not in self._sentence_cache})
+        if missing:
+            was_training = self.text_encoder.training
+            self.text_encoder.eval()
+            batch = self.tokenizer(
+                [self.prompt(t) for t in missing],
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_tokens,
+                return_tensors="pt",
+            ).to(self.type_embed.device)
+            states = self.text_encoder(**batch).last_hidden_state
+            self.text_encoder.train(was_training)
+            m = batch["attention_mask"][..., None].to(states.dtype)
+            pooled = F.normalize((states * m).sum(1) / m.sum(1), dim=-1) * self.sentence_dim**0.5
+            for t, v in zip(missing, pooled.float(), strict=True):
+                self._sentence_cache[t] = v
+        return torch.stack([self._sentence_cache[t] for t in texts])
 
     def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected token states (N, L, D) and their validity mask (N, L), computed once per
