@@ -277,13 +277,7 @@ class BuiltinBackbone(Backbone):
         if missing:
             was_training = self.text_encoder.training
             self.text_encoder.eval()
-            batch = self.tokenizer(
-                [self.prompt(t) for t in missing],
-                padding=True,
-                truncation=True,
-                max_length=self.max_text_tokens,
-                return_tensors="pt",
-            ).to(self.type_embed.device)
+            batch = self.tokenize(missing)
             states = self.text_encoder(**batch).last_hidden_state
             self.text_encoder.train(was_training)
             m = batch["attention_mask"][..., None].to(states.dtype)
@@ -291,6 +285,16 @@ class BuiltinBackbone(Backbone):
             for t, v in zip(missing, pooled.float(), strict=True):
                 self._sentence_cache[t] = v
         return torch.stack([self._sentence_cache[t] for t in texts])
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The prompts of ``texts`` tokenized for the sentence encoder, on the model's device."""
+        return self.tokenizer(
+            [self.prompt(t) for t in texts],
+            padding=True,
+            truncation=True,
+            max_length=self.max_text_tokens,
+            return_tensors="pt",
+        ).to(self.type_embed.device)
 
     def encode_text(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected token states (N, L, D) and their validity mask (N, L), computed once per
@@ -300,13 +304,7 @@ class BuiltinBackbone(Backbone):
         device = self.type_embed.device
         cacheable = not self.training and not torch.is_grad_enabled()
         if not (cacheable and all(t in self._text_cache for t in unique)):
-            batch = self.tokenizer(
-                [self.prompt(t) for t in unique],
-                padding=True,
-                truncation=True,
-                max_length=self.max_text_tokens,
-                return_tensors="pt",
-            ).to(device)
+            batch = self.tokenize(unique)
             tokens = self.project_text(self.text_encoder(**batch).last_hidden_state)
             mask = batch["attention_mask"].bool()
             if not cacheable:
