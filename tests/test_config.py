@@ -140,3 +140,15 @@ def test_base_yaml_spells_out_every_default() -> None:
     raw = yaml.safe_load((root / "base.yaml").read_text())
     assert to_dict(load_config(root / "base.yaml")) == to_dict(Config())
     assert set(raw) == set(to_dict(Config()))  # every section written out
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    """YAML 1.1 reads `1e-4` as a string; a float key takes it as the number it spells, in a
+    file and on the command line, and a word is still refused by name."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train_setup:\n  learning_rate: 3e-4\n")
+    cfg = load_config(path, ["--train_setup.backbone_lr=1e-4", "train_setup.lora_lr=2E+1"])
+    assert cfg.train_setup.learning_rate == 3e-4 and cfg.train_setup.backbone_lr == 1e-4
+    assert cfg.train_setup.lora_lr == 20.0
+    with pytest.raises(ConfigError, match=r"'train_setup\.backbone_lr' must be a number"):
+        load_config(None, ["--train_setup.backbone_lr=1e-4x"])

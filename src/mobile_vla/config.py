@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -672,6 +673,9 @@ def _type_name(tp: Any) -> str:
     )
 
 
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(tp: Any, value: Any, key: str, source: str = "") -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -714,6 +718,8 @@ def _convert(tp: Any, value: Any, key: str, source: str = "") -> Any:
             raise _fail(key, "an integer", value)
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _fail(key, "a number", value)
         return float(value)
