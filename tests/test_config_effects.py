@@ -246,7 +246,10 @@ def model_observable(overrides: list[str], data: Path, tmp: Path) -> str:
         f"{grp['name']}:{grp['lr']}:{len(grp['params'])}" for grp in plan.param_groups
     )
     trainable = ",".join(n for n, p in policy.named_parameters() if p.requires_grad)
-    return digest(*losses, out.logits.detach().numpy(), groups, trainable, str(plan.table))
+    physical = policy.to_physical(policy.decode(out))
+    return digest(
+        *losses, out.logits.detach().numpy(), physical, groups, trainable, str(plan.table)
+    )
 
 
 def trainer_observable(overrides: list[str], data: Path, tmp: Path) -> str:
@@ -325,6 +328,7 @@ MODEL: dict[str, tuple[list[str], list[str]]] = {
         ["head.action_space=classes", "head.action_set=[[1.15,0],[0,1.15]]"],
     ),
     "head.gripper": ([], ["head.gripper=linear_y"]),
+    "head.snap_to_keys": ([], ["head.snap_to_keys=0.5"]),
     "head.gripper_loss_ratio": (
         ["head.gripper=linear_y"],
         ["head.gripper=linear_y", "head.gripper_loss_ratio=1.0"],

@@ -528,3 +528,20 @@ def test_frozen_text_gives_the_head_the_instruction(tmp_path) -> None:
 def test_frozen_text_needs_a_sentence_encoder(tiny_vlms, tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"frozen_text.*sentence encoder.*kosmos2"):
         make("kosmos2", tiny_vlms, tmp_path, "train_setup.strategy=frozen_text")
+
+
+def test_snap_to_keys_executes_teleop_keys(tmp_path) -> None:
+    """head.snap_to_keys: small residual commands become 0 (a real stop), large ones the key
+    speed of the training data, on both signs; off by default."""
+    _, plain, _ = make("builtin", {}, tmp_path)
+    _, snapping, _ = make("builtin", {}, tmp_path, "head.snap_to_keys=0.5")
+    normalized = torch.tensor([[[0.0, 0.0], [0.95, -0.95], [-0.2, 0.3]]])
+    raw = plain.to_physical(normalized)
+    snapped = snapping.to_physical(normalized)
+    keys = np.maximum(np.abs(STATS.min), np.abs(STATS.max))
+    expect = np.where(np.abs(raw) > 0.5 * keys, np.sign(raw) * keys, 0.0)
+    np.testing.assert_allclose(snapped, expect)
+    assert (snapped == 0).any() and np.isclose(np.abs(snapped), keys).any()
+    assert not np.allclose(raw, snapped)
+    with pytest.raises(ConfigError, match=r"head\.snap_to_keys"):
+        make("builtin", {}, tmp_path, "head.snap_to_keys=1.5")

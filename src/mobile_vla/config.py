@@ -322,6 +322,11 @@ class HeadConfig:
     gripper: str = ""
     """Name of an action dimension that is binary (open/close): predicted with BCE."""
     gripper_loss_ratio: float = 0.01
+    snap_to_keys: float = 0.0
+    """0 = off. Else the executed command snaps each predicted dimension to the teleop keys
+    {-v, 0, +v} (v: the dimension's largest |value| in the training data): |a| > snap_to_keys
+    * v gives +-v, anything smaller 0. A regression head's small residual commands then become
+    a real stop, as a teleoperated robot's keys are."""
 
     def validate(self, prefix: str) -> None:
         for key in ("hidden_size", "num_layers"):
@@ -335,6 +340,8 @@ class HeadConfig:
             raise _fail(f"{prefix}.loss_weights", "non-negative numbers", self.loss_weights)
         if self.gripper_loss_ratio < 0:
             raise _fail(f"{prefix}.gripper_loss_ratio", ">= 0", self.gripper_loss_ratio)
+        if not 0.0 <= self.snap_to_keys < 1.0:
+            raise _fail(f"{prefix}.snap_to_keys", "in [0, 1) (0 = off)", self.snap_to_keys)
 
 
 STRATEGIES = ("frozen", "lora", "partial", "full", "sandwich", "gradual", "frozen_text")

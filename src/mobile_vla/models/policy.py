@@ -168,7 +168,18 @@ class VLAPolicy(nn.Module):
         return self.codec.decode(out.logits)
 
     def to_physical(self, normalized: torch.Tensor) -> np.ndarray:
-        return self.normalizer.denormalize(normalized.detach().float().cpu().numpy())
+        """Normalized actions -> physical ones, snapped to the teleop keys when
+        ``head.snap_to_keys`` > 0 (not the gripper dimension)."""
+        out = self.normalizer.denormalize(normalized.detach().float().cpu().numpy())
+        snap = self.cfg.head.snap_to_keys
+        if snap > 0:
+            stats = self.normalizer.stats
+            keys = np.maximum(np.abs(stats.min), np.abs(stats.max)).astype(np.float32)
+            snapped = np.where(np.abs(out) > snap * keys, np.sign(out) * keys, 0.0)
+            if self.codec.gripper_index >= 0:
+                snapped[..., self.codec.gripper_index] = out[..., self.codec.gripper_index]
+            out = snapped.astype(np.float32)
+        return out
 
     @torch.no_grad()
     def predict(
