@@ -73,11 +73,13 @@ class VLAPolicy(nn.Module):
 
     # -- the two halves -------------------------------------------------------------------
     def with_instruction(self, ctx: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """Context vectors (N, F) -> (N, F + E) with the instruction's sentence embedding when
-        the strategy gives the head the instruction (``frozen_text``); else unchanged."""
+        """Context vectors (N, ..., F) -> (N, ..., F + E) with instruction i's sentence
+        embedding after every vector of row i, when the strategy gives the head the
+        instruction (``frozen_text``); else unchanged."""
         if not self.instruction_to_head:
             return ctx
         emb = self.backbone.sentence_embedding(texts).to(ctx.device, ctx.dtype)
+        emb = emb.view(emb.shape[0], *[1] * (ctx.dim() - 2), -1).expand(*ctx.shape[:-1], -1)
         return torch.cat([ctx, emb], dim=-1)
 
     def frame_features(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
@@ -138,11 +140,7 @@ class VLAPolicy(nn.Module):
         masks (U, P) of a batch's distinct frames; ``index`` (B, W) picks each window's;
         ``texts`` are the windows' instructions."""
         ctx = self.backbone.encode_from_prefix(prefix_kv, prefix_mask, self.action_token)
-        ctx = ctx.flatten(1)[index]
-        if not self.instruction_to_head:
-            return ctx
-        emb = self.backbone.sentence_embedding(texts).to(ctx.device, ctx.dtype)
-        return torch.cat([ctx, emb[:, None].expand(-1, ctx.shape[1], -1)], dim=-1)
+        return self.with_instruction(ctx.flatten(1)[index], texts)
 
     def forward(self, batch: dict[str, Any]) -> HeadOutput:
         if "prefix_kv" in batch:  # the frozen-prefix feature cache

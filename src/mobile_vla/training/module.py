@@ -117,8 +117,7 @@ class PolicyModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_architecture(checkpoint, self.cfg, self.state_dict(), "resume")
-        while self.plan.stage < checkpoint.get("gradual_stage", 0):
-            self.plan.unfreeze_next()
+        self.unfreeze_to(checkpoint.get("gradual_stage", 0))
         rng = checkpoint.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])
@@ -144,18 +143,20 @@ class PolicyModule(pl.LightningModule):
             dataset.set_epoch(self.current_epoch)
         ts = self.cfg.train_setup
         if ts.strategy == "gradual" and ts.gradual_every_steps == 0:
-            while self.plan.stage < self.current_epoch and self.plan.unfreeze_next():
-                pass
-            self.policy.train(self.training)  # what is unfrozen now leaves eval mode
+            self.unfreeze_to(self.current_epoch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         ts = self.cfg.train_setup
         if ts.strategy == "gradual" and ts.gradual_every_steps > 0:
-            target = self.global_step // ts.gradual_every_steps
-            if self.plan.stage < target:
-                while self.plan.stage < target and self.plan.unfreeze_next():
-                    pass
-                self.policy.train(self.training)
+            self.unfreeze_to(self.global_step // ts.gradual_every_steps)
+
+    def unfreeze_to(self, stage: int) -> None:
+        """gradual: unfreeze up to ``stage``; what is unfrozen leaves eval mode."""
+        if self.plan.stage >= stage:
+            return
+        while self.plan.stage < stage and self.plan.unfreeze_next():
+            pass
+        self.policy.train(self.training)
 
     def configure_optimizers(self) -> Any:
         t = self.cfg.trainer
