@@ -336,6 +336,30 @@ def test_classes_default_to_the_nine_teleop_keys() -> None:
     assert len(keys) == 9 and [0.0, 0.0] in keys and [1.15, -1.15] in keys
 
 
+def test_classes_refuse_keys_that_normalization_merges(tmp_path) -> None:
+    # forward-only data: quantile normalization clips -1.15 and 0 on linear_x to one value, so
+    # "reverse" and "stop" would be one class; the policy refuses it and names the fix
+    forward = np.random.default_rng(0).uniform(-1.15, 1.15, (200, 2))
+    forward[:, 0] = np.where(forward[:, 0] > 0, 1.15, 0.0)
+    stats = ActionStats.from_arrays(["linear_x", "linear_y"], [forward])
+    cfg = load_config(
+        None, [*tiny_overrides(tmp_path, tmp_path, "builtin", {}), "head.action_space=classes"]
+    )
+    with pytest.raises(ConfigError, match=r"head\.action_set.*quantile.*minmax"):
+        build_policy(cfg, stats)
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(tmp_path, tmp_path, "builtin", {}),
+            "head.action_space=classes",
+            "data.normalization=minmax",
+        ],
+    )
+    policy, _ = build_policy(cfg, stats)
+    keys = policy.codec.action_set
+    assert len({tuple(k.tolist()) for k in keys}) == 9
+
+
 def test_apply_strategy_param_table_totals(tiny_vlms, tmp_path) -> None:
     _, policy, plan = make("kosmos2", tiny_vlms, tmp_path, "train_setup.strategy=frozen")
     t = plan.table

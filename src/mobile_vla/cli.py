@@ -82,6 +82,35 @@ def cmd_collect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def cmd_dagger(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.sim.scenario import parse_scenarios
+    from mobile_vla.training.dagger import dagger
+
+    cfg = _config_from(args, overrides)
+
+    def report(r) -> None:
+        who = "existing episodes" if r.driven_by == "data" else r.driven_by
+        reached = "" if r.driven_by == "data" else f", goal reached {r.goal_reached}/{r.episodes}"
+        print(
+            f"round {r.round}: {r.episodes} episodes ({who}{reached}); trained {r.run} "
+            f"({r.train_steps} steps, {r.train_wall_s:.0f} s)"
+        )
+
+    dagger(
+        cfg,
+        args.data,
+        args.rounds,
+        args.episodes,
+        parse_scenarios(args.scenarios),
+        seed=cfg.seed if args.seed is None else args.seed,
+        expert_prob=args.expert_prob,
+        workers=args.workers,
+        progress=not args.quiet,
+        on_round=report,
+    )
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.data.episodes import scan_episodes
     from mobile_vla.data.inspect import DatasetSummary
@@ -509,6 +538,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_collect)
 
+    p = sub.add_parser(
+        "dagger",
+        help="expert episodes, then rounds where the policy drives and the expert corrects",
+    )
+    p.add_argument("config", type=Path, help="YAML config of the policy to train")
+    p.add_argument("--data", required=True, type=Path, help="episode folder (grows each round)")
+    p.add_argument("--rounds", type=int, default=3, help="correction rounds after round 0")
+    p.add_argument("--episodes", type=int, default=240, help="episodes collected per round")
+    p.add_argument("--scenarios", nargs="+", default=None, help="grid cells (as for collect)")
+    p.add_argument("--seed", type=int, default=None, help="scene seed of round 0 (+r per round)")
+    p.add_argument("--expert-prob", type=float, default=0.0, help="as for collect")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for round 0")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_dagger)
+
     p = sub.add_parser("inspect", help="validate a dataset folder and print its statistics")
     p.add_argument("data", type=Path, help="folder of episode files")
     p.add_argument("--pattern", default=None, help="glob pattern (default: data.pattern)")
@@ -673,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose and args.command in ("train", "eval", "compare", "serve"):
+    if not args.verbose and args.command in ("train", "eval", "compare", "serve", "dagger"):
         quiet_lightning()
     try:
         return int(args.func(args, overrides) or 0)

@@ -20,6 +20,7 @@ from torch import nn
 
 from mobile_vla.config import Config
 from mobile_vla.data.normalization import ActionStats, Normalizer
+from mobile_vla.errors import ConfigError
 from mobile_vla.models.backbones import Backbone, build_backbone
 from mobile_vla.models.heads import ActionCodec, ActionHead, HeadOutput, teleop_action_set
 from mobile_vla.models.strategies import resolve
@@ -59,6 +60,7 @@ class VLAPolicy(nn.Module):
                 cfg.head.action_set or teleop_action_set(self.action_dims), np.float32
             )
             action_set = self.normalizer.normalize(physical)
+            _check_distinct_keys(physical, action_set, cfg.data.normalization)
         self.codec = ActionCodec(cfg.head, self.action_dims, action_set)
 
     def train(self, mode: bool = True) -> VLAPolicy:
@@ -188,6 +190,21 @@ class VLAPolicy(nn.Module):
             obs_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
         out = self({"images": images, "instruction": list(texts), "obs_mask": obs_mask})
         return self.to_physical(self.decode(out))
+
+
+def _check_distinct_keys(physical: np.ndarray, normalized: np.ndarray, mode: str) -> None:
+    """A classes head labels each target with its nearest key in the normalized space; two keys
+    that normalize to one point (quantile clipping maps every value below q01 to -1) would make
+    a key unlearnable and relabel its data as the other."""
+    for i in range(len(normalized)):
+        for j in range(i):
+            if np.allclose(normalized[i], normalized[j], atol=1e-6):
+                raise ConfigError(
+                    f"head.action_set: keys {physical[j].tolist()} and {physical[i].tolist()} "
+                    f"become the same class under data.normalization '{mode}' (it clips actions "
+                    "outside the training data's range); use data.normalization: minmax with "
+                    "head.action_space: classes"
+                )
 
 
 def freeze_eval(module: nn.Module) -> None:
