@@ -387,3 +387,24 @@ def test_serve_cli_starts_answers_and_shuts_down_gracefully(served_run: Path) ->
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_non_finite_policy_output_reaches_the_robot_as_a_stop(served_run: Path) -> None:
+    import torch
+
+    live, engine = start(served_run)
+    try:
+        with torch.no_grad():  # weights poisoned after loading, as a corrupted file would be
+            last = [m for m in engine.policy.head.out if isinstance(m, torch.nn.Linear)][-1]
+            last.bias[0] = float("nan")
+        body = json.dumps({"image": b64_jpeg(frame()), "instruction": "go left"}).encode()
+        status, out = raw_post(live.url, "/predict", body, key=None)
+        assert status == 200 and out["action"] == [0.0, 0.0, 0.0]
+        assert np.isfinite(out["chunk"]).all() and "non-finite" in out["fallback"]
+        with StreamClient(f"ws://127.0.0.1:{live.port}/stream") as ws:
+            got = ws.infer(frame(size=64), "go around on the left")
+            assert np.isfinite(got["actions"]).all() and not got["action"].any()
+            assert "fallback" in got
+        assert engine.nonfinite == 2
+    finally:
+        live.stop()

@@ -74,6 +74,7 @@ class Engine:
         self.policy, self.cfg, self.settings, self.name = policy, cfg, settings, name
         self.sessions: OrderedDict[str, tuple[PolicyController, float]] = OrderedDict()
         self.lock = threading.Lock()
+        self.nonfinite = 0  # replies whose policy output was NaN/inf, replaced by a stop
 
     def _controller(self, session_id: str, create: bool = True) -> PolicyController | None:
         now = time.monotonic()
@@ -109,13 +110,27 @@ class Engine:
             if obs.reset:
                 ctrl.reset(None)
             command = ctrl.act(obs.image, obs.instruction)
+            chunk = np.asarray(ctrl.last_chunk if ctrl.last_chunk is not None else [], np.float32)
+            out: dict[str, Any] = {}
+            if not (np.isfinite(command).all() and np.isfinite(chunk).all()):
+                # a robot must never receive NaN/inf: it gets a stop command, the reply says
+                # why, and the session's history (which may hold the bad values) starts over
+                self.nonfinite += 1
+                log.error(
+                    "session %s: the policy produced a non-finite action (%d so far); sent a "
+                    "stop command and cleared the session's history",
+                    obs.session_id,
+                    self.nonfinite,
+                )
+                command = np.zeros_like(command, dtype=np.float32)
+                chunk = np.zeros_like(chunk)
+                ctrl.reset(None)
+                out["fallback"] = "non-finite policy output; stop command sent, history cleared"
             infer_ms = (time.perf_counter() - t0) * 1000
-            return {
-                "action": command,
-                "chunk": ctrl.last_chunk,
-                "infer_ms": infer_ms,
-                "step": ctrl.steps,
-            }
+            out.update(
+                {"action": command, "chunk": chunk, "infer_ms": infer_ms, "step": ctrl.steps}
+            )
+            return out
 
     def reset(self, session_id: str) -> bool:
         with self.lock:
@@ -189,6 +204,7 @@ def create_app(engine: Engine) -> Starlette:
                 "step": out["step"],
                 "infer_ms": out["infer_ms"],
                 "latency_ms": (time.perf_counter() - t0) * 1000,
+                **({"fallback": out["fallback"]} if "fallback" in out else {}),
             }
         )
 
@@ -262,6 +278,7 @@ def create_app(engine: Engine) -> Starlette:
                             "action": np.asarray(out["action"], np.float32),
                             "session_id": obs.session_id,
                             "server_timing": {"infer_ms": out["infer_ms"]},
+                            **({"fallback": out["fallback"]} if "fallback" in out else {}),
                         }
                     )
                 )
