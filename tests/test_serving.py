@@ -7,6 +7,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -146,6 +147,15 @@ BAD = [
     ("zero_size_image", None, 400, "image"),
     ("huge_image", None, 400, "at most 4096 pixels"),
     ("bad_session", None, 400, "session_id"),
+    ("deep_json", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    (
+        "huge_integer",
+        b'{"image": "AAAA", "instruction": "go", "n": ' + b"9" * 5000 + b"}",
+        400,
+        "not valid JSON",
+    ),
+    ("lone_surrogate", b'{"image": "AAAA", "instruction": "go \\ud800 left"}', 400, "surrogate"),
+    ("surrogate_session", None, 400, "surrogate"),
 ]
 
 
@@ -163,6 +173,8 @@ def _body(kind: str) -> bytes:
         return json.dumps(
             {"image": base64.b64encode(buf.getvalue()).decode(), "instruction": "go"}
         ).encode()
+    if kind == "surrogate_session":
+        return f'{{"image": "{ok}", "instruction": "go", "session_id": "\\udc00"}}'.encode()
     if kind == "bad_session":
         return json.dumps({"image": ok, "instruction": "go", "session_id": 5}).encode()
     raise AssertionError(kind)
@@ -361,9 +373,8 @@ def test_serve_cli_starts_answers_and_shuts_down_gracefully(served_run: Path) ->
             str(served_run),
             "--port",
             str(port),
-            "--api-key",
-            KEY,
         ],
+        env={**os.environ, "MOBILE_VLA_API_KEY": KEY},  # a key in argv is visible in ps
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -408,3 +419,58 @@ def test_a_non_finite_policy_output_reaches_the_robot_as_a_stop(served_run: Path
         assert engine.nonfinite == 2
     finally:
         live.stop()
+
+
+def raw_request(url: str, method: str, path: str, body: bytes | None, headers: dict) -> tuple:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request(method, path, body=body, headers=headers, encode_chunked="chunked" in str(headers))
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, resp.getheader("content-type"), data
+
+
+def test_framework_errors_are_json_and_reset_checks_the_key_first(server: LiveServer) -> None:
+    for method, path in (("GET", "/nowhere"), ("GET", "/predict"), ("DELETE", "/reset")):
+        status, ctype, data = raw_request(server.url, method, path, None, {"X-API-Key": KEY})
+        assert status in (404, 405) and ctype == "application/json", (method, path, data)
+        assert "error" in json.loads(data)
+    # an empty or chunked body is no way around the key
+    status, _, data = raw_request(server.url, "POST", "/reset", b"", {})
+    assert status == 401 and "X-API-Key" in json.loads(data)["error"]
+    chunked = {"Transfer-Encoding": "chunked", "Content-Type": "application/json"}
+    body = iter([json.dumps({"session_id": "default"}).encode()])
+    status, _, data = raw_request(server.url, "POST", "/reset", body, chunked)
+    assert status == 401
+    # with the key, a chunked body names the session it resets
+    good = json.dumps({"image": b64_jpeg(frame()), "instruction": "go", "session_id": "robot7"})
+    assert raw_post(server.url, "/predict", good.encode())[0] == 200
+    body = iter([json.dumps({"session_id": "robot7"}).encode()])
+    status, _, data = raw_request(server.url, "POST", "/reset", body, {**chunked, "X-API-Key": KEY})
+    assert status == 200 and json.loads(data)["session_id"] == "robot7"
+
+
+def test_serve_refuses_weak_key_settings(served_run: Path, tmp_path, monkeypatch, capsys) -> None:
+    from mobile_vla.cli import main
+
+    monkeypatch.delenv("MOBILE_VLA_API_KEY", raising=False)
+    assert main(["serve", str(served_run), "--host", "0.0.0.0"]) == 2
+    assert "--insecure" in capsys.readouterr().err
+    assert main(["serve", str(served_run), "--api-key", ""]) == 2
+    assert "empty API key" in capsys.readouterr().err
+    empty = tmp_path / "key"
+    empty.write_text("\n")
+    assert main(["serve", str(served_run), "--api-key-file", str(empty)]) == 2
+    assert f"--api-key-file '{empty}' gives an empty API key" in capsys.readouterr().err
+    monkeypatch.setenv("MOBILE_VLA_API_KEY", " ")
+    assert main(["serve", str(served_run)]) == 2
+    assert "MOBILE_VLA_API_KEY gives an empty API key" in capsys.readouterr().err
+
+
+def test_health_without_the_key_says_only_that_the_model_is_loaded(server: LiveServer) -> None:
+    assert PredictClient(server.url).health() == {"model_loaded": True}
+    full = PredictClient(server.url, KEY).health()
+    assert full["model"] == "srv" and "sim" in full
+    with pytest.raises(Exception):  # noqa: B017 - a key in the URL is not accepted
+        StreamClient(f"ws://127.0.0.1:{server.port}/stream?api_key={KEY}")

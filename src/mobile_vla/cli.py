@@ -251,12 +251,44 @@ def cmd_import_config(args: argparse.Namespace, overrides: Sequence[str]) -> int
     return 0
 
 
+def serve_api_key(args: argparse.Namespace) -> str:
+    """The server's key from --api-key-file, MOBILE_VLA_API_KEY or --api-key (visible in ps),
+    in that order; a key that is given but empty is refused, never read as 'no key'."""
+    import os
+
+    if args.api_key_file is not None:
+        try:
+            key = args.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MobileVLAError(f"--api-key-file '{args.api_key_file}': {exc}") from None
+        source = f"--api-key-file '{args.api_key_file}'"
+    elif "MOBILE_VLA_API_KEY" in os.environ:
+        key, source = os.environ["MOBILE_VLA_API_KEY"].strip(), "MOBILE_VLA_API_KEY"
+    elif args.api_key is not None:
+        key, source = args.api_key.strip(), "--api-key"
+    else:
+        return ""
+    if not key:
+        raise MobileVLAError(f"{source} gives an empty API key; give a key or leave it out")
+    return key
+
+
 def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.serving.server import ServeSettings, load_engine, serve
 
     refuse_overrides(overrides, "serve")
+    key = serve_api_key(args)
+    loopback = args.host in ("127.0.0.1", "localhost", "::1")
+    if not key and not loopback and not args.insecure:
+        raise MobileVLAError(
+            f"--host {args.host} makes the server reachable from other machines without a key; "
+            "give one (--api-key-file FILE or the MOBILE_VLA_API_KEY environment variable) or "
+            "pass --insecure"
+        )
+    if not key and not loopback:
+        print(f"warning: serving on {args.host} without an API key (--insecure)", file=sys.stderr)
     settings = ServeSettings(
-        api_key=args.api_key or "",
+        api_key=key,
         max_body_bytes=args.max_body,
         session_ttl_s=args.session_ttl,
         chunk_mode=args.chunk,
@@ -624,7 +656,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require this X-API-Key")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this X-API-Key (visible in ps: prefer --api-key-file or MOBILE_VLA_API_KEY)",
+    )
+    p.add_argument("--api-key-file", type=Path, default=None, help="file holding the key")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without an API key",
+    )
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     add_chunk_arguments(p)

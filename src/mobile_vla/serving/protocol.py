@@ -35,12 +35,22 @@ class Observation:
     reset: bool
 
 
+def _check_utf8(text: str, field: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(
+            f"field '{field}' is not valid Unicode text (it holds an unpaired surrogate)"
+        ) from None
+
+
 def check_instruction(value: Any, limit: int = MAX_INSTRUCTION_CHARS) -> str:
     if value is None:
         raise BadRequest("missing field 'instruction' (the instruction text)")
     if not isinstance(value, str):
         raise BadRequest(f"field 'instruction' must be a string, got {type(value).__name__}")
     text = value.strip()
+    _check_utf8(text, "instruction")
     if not text:
         raise BadRequest("field 'instruction' is empty")
     if len(text) > limit:
@@ -102,6 +112,7 @@ def check_session(value: Any) -> str:
             f"field 'session_id' must be a non-empty string of at most "
             f"{MAX_SESSION_ID_CHARS} characters"
         )
+    _check_utf8(value, "session_id")
     return value
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
@@ -164,6 +165,20 @@ def _authorised(settings: ServeSettings, given: str | None) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), settings.api_key.encode())
 
 
+def parse_json(body: bytes) -> Any:
+    """JSON that Python can parse and a reply can echo: nesting deeper than the parser's
+    recursion limit, integers over Python's 4,300-digit limit and unpaired surrogates are
+    refused as bad requests, not 500s."""
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        raise BadRequest("the body's JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, huge integers
+        detail = str(exc).splitlines()[0][:120]
+        raise BadRequest(f"the body is not valid JSON ({detail})") from None
+    return payload
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -184,10 +199,9 @@ def create_app(engine: Engine) -> Starlette:
         if not _authorised(s, request.headers.get("x-api-key")):
             raise BadRequest("missing or wrong X-API-Key header", 401)
         body = await _read_body(request, s.max_body_bytes)
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("the body is not valid JSON") from None
+        if not body:
+            return {}
+        return parse_json(body)
 
     async def predict(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
@@ -210,9 +224,7 @@ def create_app(engine: Engine) -> Starlette:
 
     async def reset(request: Request) -> JSONResponse:
         try:
-            payload = (
-                await read_json(request) if int(request.headers.get("content-length") or 0) else {}
-            )
+            payload = await read_json(request)  # the key is checked first, whatever the body
             if not isinstance(payload, dict):
                 raise BadRequest("the body must be a JSON object")
             sid = check_session(payload.get("session_id"))
@@ -223,6 +235,8 @@ def create_app(engine: Engine) -> Starlette:
         return JSONResponse({"session_id": sid, "reset": True})
 
     async def health(request: Request) -> JSONResponse:
+        if s.api_key and not _authorised(s, request.headers.get("x-api-key")):
+            return JSONResponse({"model_loaded": True})  # the rest is behind the key
         return JSONResponse(
             {
                 "model_loaded": True,
@@ -233,7 +247,7 @@ def create_app(engine: Engine) -> Starlette:
         )
 
     async def stream(ws: WebSocket) -> None:
-        given = ws.headers.get("x-api-key") or ws.query_params.get("api_key")
+        given = ws.headers.get("x-api-key")  # never from the URL: URLs land in access logs
         if not _authorised(s, given):
             await ws.close(code=1008, reason="missing or wrong X-API-Key")
             return
@@ -285,13 +299,23 @@ def create_app(engine: Engine) -> Starlette:
         except WebSocketDisconnect:
             return
 
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        status = getattr(exc, "status_code", 500)
+        detail = getattr(exc, "detail", None) or "internal error"
+        return _error(str(detail), status)
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(f"internal error ({type(exc).__name__})", 500)
+
     return Starlette(
+        exception_handlers={HTTPException: http_error, Exception: server_error},
         routes=[
             Route("/predict", predict, methods=["POST"]),
             Route("/reset", reset, methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             WebSocketRoute("/stream", stream),
-        ]
+        ],
     )
 
 
