@@ -145,7 +145,8 @@ BAD = [
     ("empty_instruction", None, 400, "is empty"),
     ("long_instruction", None, 400, "at most 1000"),
     ("zero_size_image", None, 400, "image"),
-    ("huge_image", None, 400, "at most 4096 pixels"),
+    ("huge_image", None, 400, "at most 1024 pixels"),
+    ("gif_image", None, 400, "expected JPEG or PNG"),
     ("bad_session", None, 400, "session_id"),
     ("deep_json", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
     (
@@ -167,9 +168,12 @@ def _body(kind: str) -> bytes:
         return json.dumps({"image": ok, "instruction": "left " * 2000}).encode()
     if kind == "zero_size_image":
         return json.dumps({"image": "", "instruction": "go"}).encode()
-    if kind == "huge_image":
+    if kind in ("huge_image", "gif_image"):
         buf = io.BytesIO()
-        Image.new("RGB", (5000, 8)).save(buf, format="PNG")
+        if kind == "gif_image":
+            Image.new("RGB", (8, 8)).save(buf, format="GIF")
+        else:
+            Image.new("RGB", (1500, 8)).save(buf, format="PNG")
         return json.dumps(
             {"image": base64.b64encode(buf.getvalue()).decode(), "instruction": "go"}
         ).encode()
@@ -474,3 +478,21 @@ def test_health_without_the_key_says_only_that_the_model_is_loaded(server: LiveS
     assert full["model"] == "srv" and "sim" in full
     with pytest.raises(Exception):  # noqa: B017 - a key in the URL is not accepted
         StreamClient(f"ws://127.0.0.1:{server.port}/stream?api_key={KEY}")
+
+
+def test_a_half_sent_body_gets_408_and_the_server_keeps_serving(served_run: Path) -> None:
+    live, _ = start(served_run, body_timeout_s=0.5)
+    try:
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 1000\r\n\r\n{"image": '
+            )
+            t0 = time.time()
+            reply = sock.recv(4096).decode()
+            assert time.time() - t0 < 5
+        assert reply.startswith("HTTP/1.1 408") and "not complete within 0.5 s" in reply
+        good = json.dumps({"image": b64_jpeg(frame()), "instruction": "go left"}).encode()
+        assert raw_post(live.url, "/predict", good, key=None)[0] == 200
+    finally:
+        live.stop()

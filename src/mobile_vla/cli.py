@@ -290,6 +290,8 @@ def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     settings = ServeSettings(
         api_key=key,
         max_body_bytes=args.max_body,
+        max_image_side=args.max_image_side,
+        body_timeout_s=args.body_timeout,
         session_ttl_s=args.session_ttl,
         chunk_mode=args.chunk,
         chunk_k=args.chunk_k,
@@ -662,6 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this X-API-Key (visible in ps: prefer --api-key-file or MOBILE_VLA_API_KEY)",
     )
     p.add_argument("--api-key-file", type=Path, default=None, help="file holding the key")
+    p.add_argument(
+        "--max-image-side", type=int, default=1024, help="largest image side accepted (pixels)"
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=10.0, help="seconds to receive a request body"
+    )
     p.add_argument(
         "--insecure",
         action="store_true",

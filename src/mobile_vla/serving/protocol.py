@@ -15,7 +15,8 @@ from PIL import Image, UnidentifiedImageError
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_INSTRUCTION_CHARS = 1000
-MAX_IMAGE_SIDE = 4096
+MAX_IMAGE_SIDE = 1024  # the robot sends 224x224; ``serve --max-image-side`` raises it
+IMAGE_FORMATS = ("JPEG", "PNG")
 MAX_SESSION_ID_CHARS = 128
 
 
@@ -91,7 +92,7 @@ def decode_image(b64: Any, max_side: int = MAX_IMAGE_SIDE) -> np.ndarray:
     if not raw:
         raise BadRequest("field 'image' is empty")
     try:
-        img = Image.open(io.BytesIO(raw))
+        img = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
         w, h = img.size  # header only: the size is checked before decoding the pixels
         if w == 0 or h == 0:
             raise BadRequest(f"field 'image' is empty ({w}x{h})")

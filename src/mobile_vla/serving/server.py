@@ -64,6 +64,7 @@ class ServeSettings:
     chunk_k: int = 1
     ensemble_decay: float = 0.1
     history_cache: bool = True
+    body_timeout_s: float = 10.0  # a request body not complete by then gets 408
 
 
 class Engine:
@@ -179,15 +180,22 @@ def parse_json(body: bytes) -> Any:
     return payload
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float = 10.0) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(f"request body is {int(declared)} bytes; at most {limit}", 413)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BadRequest(f"request body is over {limit} bytes", 413)
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise BadRequest(f"request body is over {limit} bytes", 413)
+
+    try:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise BadRequest(f"the request body was not complete within {timeout:g} s", 408) from None
     return bytes(body)
 
 
@@ -198,7 +206,7 @@ def create_app(engine: Engine) -> Starlette:
     async def read_json(request: Request) -> Any:
         if not _authorised(s, request.headers.get("x-api-key")):
             raise BadRequest("missing or wrong X-API-Key header", 401)
-        body = await _read_body(request, s.max_body_bytes)
+        body = await _read_body(request, s.max_body_bytes, s.body_timeout_s)
         if not body:
             return {}
         return parse_json(body)
@@ -206,7 +214,11 @@ def create_app(engine: Engine) -> Starlette:
     async def predict(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         try:
-            obs = parse_predict(await read_json(request), s.max_instruction_chars, s.max_image_side)
+            payload = await read_json(request)
+            # decoding runs in a worker thread: a slow image never stalls the event loop
+            obs = await run_in_threadpool(
+                parse_predict, payload, s.max_instruction_chars, s.max_image_side
+            )
         except BadRequest as exc:
             return _error(str(exc), exc.status)
         out = await run_in_threadpool(engine.step, obs)
