@@ -225,8 +225,70 @@ def test_incomplete_run_folder_and_corrupt_checkpoint(tmp_path) -> None:
         load_policy(tmp_path / "r")
     save_folder({"x": torch.ones(2)}, tmp_path / "ck")
     (tmp_path / "ck" / "tensors.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        load_folder(tmp_path / "ck")
+    (tmp_path / "ck" / "checksum.json").unlink()  # as written before checksums were stored
     with pytest.raises(CheckpointError, match="corrupt"):
         load_folder(tmp_path / "ck")
+
+
+def _poison_first_float(path: Path) -> None:
+    """Overwrite the first 4 bytes of tensor data with a float32 NaN, in place."""
+    raw = bytearray((path / "tensors.safetensors").read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    raw[header : header + 4] = np.float32("nan").tobytes()
+    (path / "tensors.safetensors").write_bytes(bytes(raw))
+
+
+def test_checkpoint_integrity_nan_weights_and_crash_between_renames(tmp_path) -> None:
+    ck = tmp_path / "last"
+    save_folder({"state_dict": {"w": torch.ones(4)}}, ck)
+    _poison_first_float(ck)
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        load_folder(ck)
+    (ck / "checksum.json").unlink()
+    with pytest.raises(CheckpointError, match="tensor 'w' holds NaN"):
+        load_folder(ck)
+    save_folder({"state_dict": {"w": torch.full((4,), float("inf"))}}, ck)
+    with pytest.raises(CheckpointError, match="tensor 'w' holds NaN or infinite"):
+        load_folder(ck)
+
+    # a crash between the two renames: 'last' gone, the previous version complete as .last.old
+    save_folder({"state_dict": {"w": torch.zeros(4)}}, ck)
+    ck.rename(tmp_path / ".last.old")
+    (tmp_path / ".last.abc123").mkdir()  # the new version's temporary folder, half written
+    assert load_folder(ck)["state_dict"]["w"].sum() == 0 and ck.is_dir()
+    save_folder({"state_dict": {"w": torch.ones(4)}}, ck)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]  # the stale temp is gone
+
+
+def test_checkpoints_and_run_files_respect_the_umask(tmp_path) -> None:
+    import os
+    import stat
+
+    from mobile_vla.io import atomic_write_json
+
+    old = os.umask(0o022)
+    try:
+        save_folder({"x": torch.ones(2)}, tmp_path / "ck")
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "ck") == 0o755
+    assert {mode(p) for p in (tmp_path / "ck").iterdir()} == {0o644}
+    assert mode(tmp_path / "m.json") == 0o644
+
+
+def test_a_run_killed_in_its_first_checkpoint_write_starts_again(train_data, tmp_path) -> None:
+    cfg = cfg_for(train_data, tmp_path, "trainer.run_name=k", "trainer.max_steps=2")
+    stale = tmp_path / "runs" / "k" / "checkpoints" / ".last.x1y2"
+    stale.mkdir(parents=True)
+    (stale / "tensors.safetensors").write_bytes(b"half")
+    with pytest.raises(MobileVLAError, match="stopped before its first checkpoint"):
+        train(cfg, resume=tmp_path / "runs" / "k", progress=False)
+    run = train(cfg, progress=False)
+    assert load_folder(run / "checkpoints" / "last")["global_step"] == 2 and not stale.exists()
 
 
 def test_checkpoint_format_round_trip_without_pickle(tmp_path) -> None:
@@ -249,6 +311,7 @@ def test_checkpoint_format_round_trip_without_pickle(tmp_path) -> None:
     np.random.set_state(back["rng"]["np"])
     random.setstate(back["rng"]["py"])
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
+        "checksum.json",
         "state.json",
         "tensors.safetensors",
     ]

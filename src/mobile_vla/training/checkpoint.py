@@ -3,15 +3,19 @@
 A checkpoint is a folder::
 
     tensors.safetensors   every tensor of the state (model tensors, optimizer moments, RNG)
+    checksum.json         the sha256 of tensors.safetensors, verified on load
     state.json            the structure, with {"__tensor__": key} where a tensor was
 
 It is written to a temporary folder and renamed into place, so a crash never leaves a
-half-written ``last`` or ``best``. :class:`SafeCheckpointIO` lets Lightning save and restore
+half-written ``last`` or ``best`` (see :func:`save_folder` for the crash between renames).
+Loading refuses a file whose bytes changed and weights that are NaN or infinite.
+:class:`SafeCheckpointIO` lets Lightning save and restore
 its full training state (optimizer, schedulers, loops) through this format.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -27,9 +31,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mobile_vla.errors import MobileVLAError
+from mobile_vla.io import current_umask, fsync_dir
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
+CHECKSUM = "checksum.json"  # sha256 of TENSORS, written with it
 
 
 class CheckpointError(MobileVLAError):
@@ -86,25 +92,59 @@ def decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _complete(path: Path) -> bool:
+    return (path / STATE).is_file() and (path / TENSORS).is_file()
+
+
+def recover(path: str | Path) -> Path:
+    """Finish a swap that a crash cut between its two renames: ``path`` is gone and its
+    previous version waits, complete, as ``.<name>.old``; put it back."""
+    path = Path(path)
+    old = _old(path)
+    if not path.exists() and old.is_dir() and _complete(old):
+        os.replace(old, path)
+        fsync_dir(path.parent)
+    return path
+
+
 def save_folder(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to checkpoint folder ``path`` atomically (replacing what was there)."""
+    """Write ``state`` to checkpoint folder ``path`` atomically (replacing what was there).
+
+    The new version is written and fsynced in a temporary folder beside ``path``; the old
+    version is moved to ``.<name>.old`` and the new one renamed into place, then the parent
+    folder is fsynced. A crash between the two renames leaves both versions complete, and
+    :func:`recover` (called by every load and save) puts the old one back; temporary folders
+    that a crash left behind are removed by the next save."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
+    for stale in path.parent.glob(f".{path.name}.*"):
+        if stale.is_dir() and stale != _old(path):
+            shutil.rmtree(stale, ignore_errors=True)  # an interrupted write's temporary folder
     tensors: dict[str, torch.Tensor] = {}
     structure = encode(state, tensors)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 whatever the umask
         save_file(tensors, str(tmp / TENSORS))
+        (tmp / CHECKSUM).write_text(json.dumps({"sha256": _sha256(tmp / TENSORS)}))
         (tmp / STATE).write_text(json.dumps(structure))
-        for name in (TENSORS, STATE):
+        for name in (TENSORS, CHECKSUM, STATE):
+            os.chmod(tmp / name, 0o666 & ~current_umask())
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
+        fsync_dir(tmp)
         old = None
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = _old(path)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -113,16 +153,42 @@ def save_folder(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_folder(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not (path / STATE).is_file() or not (path / TENSORS).is_file():
+    """Read a checkpoint folder, verifying its checksum (checkpoints written before checksums
+    were stored are read without) and refusing non-finite floating-point tensors."""
+    path = recover(path)
+    if not _complete(path):
         raise CheckpointError(f"checkpoint '{path}' is incomplete: expected {STATE} and {TENSORS}")
     try:
+        if (path / CHECKSUM).is_file():
+            expected = json.loads((path / CHECKSUM).read_text())["sha256"]
+            if _sha256(path / TENSORS) != expected:
+                raise CheckpointError(
+                    f"checkpoint '{path}': {TENSORS} does not match the checksum stored when it "
+                    "was written (the file was modified or damaged)"
+                )
         structure = json.loads((path / STATE).read_text())
         tensors = load_file(str(path / TENSORS))
-    except (OSError, ValueError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         raise CheckpointError(f"checkpoint '{path}' is corrupt ({str(exc)[:120]})") from None
-    return decode(structure, tensors)
+    state = decode(structure, tensors)
+    weights = state.get("state_dict") if isinstance(state, dict) else None
+    for name, value in (weights or {}).items():
+        floating = isinstance(value, torch.Tensor) and value.is_floating_point()
+        if floating and not torch.isfinite(value).all():
+            raise CheckpointError(
+                f"checkpoint '{path}': tensor '{name}' holds NaN or infinite values; "
+                "refusing to load it"
+            )
+    return state
 
 
 class SafeCheckpointIO(CheckpointIO):

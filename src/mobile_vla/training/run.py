@@ -32,7 +32,7 @@ from mobile_vla.io import atomic_write_json
 from mobile_vla.models.backbones.base import Backbone
 from mobile_vla.models.policy import VLAPolicy
 from mobile_vla.models.strategies import StrategyPlan, apply_strategy, format_table
-from mobile_vla.training.checkpoint import load_folder
+from mobile_vla.training.checkpoint import load_folder, recover
 
 log = logging.getLogger(__name__)
 RUN_FILES = ("config.yaml", "stats.json", "split.json")
@@ -101,7 +101,9 @@ def new_run_dir(cfg: Config) -> Path:
         f"{cfg.train_setup.strategy}-{cfg.backbone.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     )
     run = Path(cfg.trainer.output_dir) / name
-    if (run / "checkpoints").exists():
+    folder = run / "checkpoints"
+    # a run killed during its first checkpoint write holds no checkpoint: it starts anew
+    if any((recover(folder / w) / "state.json").is_file() for w in ("last", "best")):
         raise MobileVLAError(
             f"run folder '{run}' already holds checkpoints; resume it with --resume {run} or "
             "choose another trainer.run_name"
@@ -127,9 +129,12 @@ def train(
     run = resume if resume is not None else new_run_dir(cfg)
     ckpt = None
     if resume is not None:
-        ckpt = run / "checkpoints" / "last"
+        ckpt = recover(run / "checkpoints" / "last")
         if not ckpt.exists():
-            raise MobileVLAError(f"cannot resume '{run}': it has no checkpoints/last")
+            raise MobileVLAError(
+                f"cannot resume '{run}': it has no checkpoints/last (it stopped before its first "
+                "checkpoint); start it again with 'train CONFIG' and the same trainer.run_name"
+            )
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     bundle = build_datasets(cfg, progress=progress)
     if not len(bundle.val):
