@@ -272,6 +272,50 @@ def test_training_reader_refuses_bad_files_unless_skip_bad(
     assert all(name in caplog.text for name in bad)
 
 
+def _corrupt_frame(path: Path, t: int) -> Path:
+    with h5py.File(path) as fh:
+        offset = fh["images"].id.get_chunk_info(t).byte_offset
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + 64] = b"\x00" * 64
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("frame_cache", [True, False])
+def test_a_frame_that_cannot_be_decoded_is_a_bad_file_before_training(
+    frame_cache: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mobile_vla.config import load_config
+    from mobile_vla.data.dataset import build_datasets
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(4):
+        _good(folder / f"episode_20251106_14150{i}_1box_{'left' if i % 2 else 'right'}.h5")
+    bad = _corrupt_frame(folder / "episode_20251106_141502_1box_right.h5", 2)
+    over = [
+        f"data.path={folder}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.frame_cache={str(frame_cache).lower()}",
+        "data.window_size=2",
+        "data.fwd_pred_next_n=2",
+        "data.image_size=[12,16]",
+        "data.val_fraction=0.25",
+    ]
+    with pytest.raises(DataError) as err:
+        build_datasets(load_config(None, over))
+    msg = str(err.value)
+    assert bad.name in msg and "frame" in msg and "cannot be decoded" in msg
+    assert "skip_bad" in msg
+    with caplog.at_level("WARNING"):
+        bundle = build_datasets(load_config(None, [*over, "data.skip_bad=true"]))
+    kept = [e.path.name for e in bundle.split.train + bundle.split.val]
+    assert len(kept) == 3 and bad.name not in kept and bad.name in caplog.text
+    for ds in (bundle.train, bundle.val):  # every sample of what is kept decodes
+        for i in range(len(ds)):
+            ds[i]
+
+
 def test_missing_or_empty_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_episodes(DataConfig(path=str(tmp_path / "nope")))

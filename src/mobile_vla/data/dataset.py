@@ -18,6 +18,7 @@ so a sample depends only on its index and epoch; nothing reseeds a global RNG.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,16 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from mobile_vla.config import Config, DataConfig
 from mobile_vla.data.augmentation import augment
 from mobile_vla.data.episodes import Split, load_episodes, split_episodes, train_subset
 from mobile_vla.data.frame_cache import DirectFrames, FrameCache
-from mobile_vla.data.hdf5 import EpisodeInfo
+from mobile_vla.data.hdf5 import EpisodeInfo, verify_frames
 from mobile_vla.data.normalization import ActionStats, Normalizer
-from mobile_vla.errors import DataError
+from mobile_vla.errors import DataError, EpisodeError
 
 SIDE_VALUE = {"left": 1, "right": -1}
+
+log = logging.getLogger(__name__)
 
 
 def side_of_instruction(text: str) -> int:
@@ -173,11 +177,50 @@ class DataBundle:
     val: EpisodeDataset
 
 
+def drop_undecodable(
+    episodes: list[EpisodeInfo],
+    cfg: DataConfig,
+    source: FrameCache | DirectFrames,
+    progress: bool = False,
+) -> list[EpisodeInfo]:
+    """Decode every frame once before training (building the frame cache, or checking each
+    frame without it), so a file with a frame that cannot be decoded is a bad file like any
+    other: refused with its name and frame unless ``data.skip_bad``, then reported and left out
+    — never found halfway through training."""
+    bad: list[EpisodeError] = []
+    good: list[EpisodeInfo] = []
+    what = "frame cache" if isinstance(source, FrameCache) else "checking frames"
+    for ep in tqdm(episodes, desc=what, unit="ep", disable=not progress):
+        try:
+            if isinstance(source, FrameCache):
+                source.frames(ep)
+            else:
+                verify_frames(ep.path)
+        except EpisodeError as exc:
+            bad.append(exc)
+            continue
+        good.append(ep)
+    if isinstance(source, FrameCache):
+        source.save_index()
+    if bad:
+        listing = "; ".join(str(e) for e in bad)
+        if not cfg.skip_bad:
+            raise DataError(
+                f"{len(bad)} episode file(s) in '{cfg.path}' have frames that cannot be decoded "
+                f"(fix them or pass --data.skip_bad=true): {listing}"
+            )
+        log.warning("skipping %d episode file(s) in %s: %s", len(bad), cfg.path, listing)
+    if not good:
+        raise DataError(f"no usable episodes in '{cfg.path}' ({len(bad)} undecodable)")
+    return good
+
+
 def build_datasets(cfg: Config, progress: bool = False) -> DataBundle:
     """Load and validate the episodes, split them, fit normalization on the training split,
     build (or reuse) the frame cache, and return the two datasets."""
     data = cfg.data
-    episodes = load_episodes(data, progress=progress)
+    source = make_frame_source(data)
+    episodes = drop_undecodable(load_episodes(data, progress=progress), data, source, progress)
     split_seed = cfg.seed if data.split_seed < 0 else data.split_seed
     split = split_episodes(episodes, data.val_fraction, split_seed)
     if data.train_episodes:
@@ -192,9 +235,6 @@ def build_datasets(cfg: Config, progress: bool = False) -> DataBundle:
         names, [ep.actions[:, data.action_indices] for ep in split.train]
     )
     normalizer = Normalizer(stats, data.normalization)
-    source = make_frame_source(data)
-    if isinstance(source, FrameCache):
-        source.ensure(episodes, progress=progress)
     return DataBundle(
         split=split,
         stats=stats,
