@@ -163,6 +163,40 @@ def test_resume_equals_uninterrupted(strategy, train_data, tmp_path) -> None:
     assert (cut / "logs" / "csv-2" / "metrics.csv").exists()
 
 
+class KillAtStep(pl.Callback):
+    """Simulates a crash in the middle of an epoch (after some epochs' checkpoints)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+def test_a_run_killed_mid_epoch_ends_at_max_steps_like_the_whole_run(train_data, tmp_path) -> None:
+    extra = ["trainer.max_epochs=100", "trainer.max_steps=50"]
+    whole = train(cfg_for(train_data, tmp_path, *extra, "trainer.run_name=w"), progress=False)
+    cut_cfg = cfg_for(train_data, tmp_path, *extra, "trainer.run_name=c")
+    cut = tmp_path / "runs" / "c"
+    for step in (20, 40):  # two crashes, each mid-epoch (an epoch is 15 steps here)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(
+                cut_cfg,
+                resume=cut if step > 20 else None,
+                progress=False,
+                callbacks=[KillAtStep(step)],
+            )
+        assert 0 < load_folder(cut / "checkpoints" / "last")["global_step"] < step
+    train(cut_cfg, resume=cut, progress=False)
+    a = load_folder(whole / "checkpoints" / "last")
+    b = load_folder(cut / "checkpoints" / "last")
+    assert a["global_step"] == b["global_step"] == 50
+    assert json.loads((cut / "train_stats.json").read_text())["global_step"] == 50
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backbone", ["builtin", "kosmos2"])
 def test_save_then_load_gives_identical_predictions(
     backbone, train_data, tiny_vlms, tmp_path

@@ -141,6 +141,13 @@ class PolicyModule(pl.LightningModule):
         dataset = getattr(loader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
+        # Lightning sets the sampler's epoch from its own progress counter, which is one ahead
+        # after a resume from a checkpoint written at an epoch's end (the order of the epoch
+        # after a resume differed from the uninterrupted run's); the iterator is created after
+        # this hook, so the epoch the module sees decides
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, EpochSampler):
+            sampler.set_epoch(self.current_epoch)
         ts = self.cfg.train_setup
         if ts.strategy == "gradual" and ts.gradual_every_steps == 0:
             self.unfreeze_to(self.current_epoch)
