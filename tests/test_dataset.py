@@ -124,6 +124,21 @@ def test_split_is_stratified_deterministic_and_order_free(tmp_path: Path) -> Non
     assert [e.path.name for e in split.val] != names[-len(split.val) :]
 
 
+def test_test_split_is_stratified_disjoint_and_leaves_validation_as_it_was(tmp_path: Path) -> None:
+    counts = {"1box_left": 10, "1box_right": 10, "2box_left": 20, "2box_right": 2}
+    eps = _fake_episodes(tmp_path, counts)
+    split = split_episodes(eps, 0.2, seed=3, test_fraction=0.2)
+    test = Counter(e.scenario for e in split.test)
+    # a 2-episode stratum keeps one for training and gives its other to validation first
+    assert test == {"1box_left": 2, "1box_right": 2, "2box_left": 4}
+    parts = [{e.path for e in p} for p in (split.train, split.val, split.test)]
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+    assert sum(map(len, parts)) == len(eps)
+    assert split.val == split_episodes(eps, 0.2, seed=3).val  # validation unchanged
+    assert set(split.to_json()) == {"train", "val", "test"}
+    assert "test" not in split_episodes(eps, 0.2, seed=3).to_json()
+
+
 def test_train_subsets_are_nested_and_stratified(tmp_path: Path) -> None:
     counts = {"1box_left": 10, "1box_right": 10, "2box_left": 20, "2box_right": 5}
     train = split_episodes(_fake_episodes(tmp_path, counts), 0.2, seed=3).train

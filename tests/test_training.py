@@ -124,7 +124,9 @@ def test_train_writes_a_complete_run_and_eval_writes_metrics(train_data, tmp_pat
     assert "val_loss" in out and "direction_accuracy" in out
     metrics = json.loads((run / "metrics.json").read_text())["offline"]
     split = json.loads((run / "split.json").read_text())
-    assert metrics["episodes"] == len(split["val"]) and metrics["split"] == "val"
+    # base.yaml holds out a test split: best is chosen on val, the figures are on test
+    assert metrics["episodes"] == len(split["test"]) > 0 and metrics["split"] == "test"
+    assert not set(split["test"]) & set(split["val"])
     assert set(metrics["rmse"]) == {"linear_x", "linear_y", "all"}
     assert metrics["direction_accuracy"]["threshold"] == 0.1
     assert 0.0 <= metrics["instruction_sensitivity"]["sign_flip_rate"] <= 1.0

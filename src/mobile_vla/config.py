@@ -91,7 +91,10 @@ class DataConfig:
     instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE
     """Instruction for files without ``language_instruction``; ``{side}`` comes from the name."""
     val_fraction: float = 0.1
-    """Share of episodes per (scenario, side) stratum held out for validation."""
+    """Share of episodes per (scenario, side) stratum held out for validation (``best``)."""
+    test_fraction: float = 0.0
+    """Share per stratum held out as the test split: ``eval`` reports offline figures on it
+    (on validation when 0), so the checkpoint is not chosen on the episodes it is scored on."""
     split_seed: int = -1
     """Seed of the train/validation split and of the training subset (-1 = the run's seed);
     a study fixes it so that every cell is validated on the same episodes."""
@@ -139,6 +142,12 @@ class DataConfig:
             )
         if not 0.0 <= self.val_fraction < 1.0:
             raise _fail(f"{prefix}.val_fraction", "in [0, 1)", self.val_fraction)
+        if not 0.0 <= self.test_fraction < 1.0 or self.val_fraction + self.test_fraction >= 1.0:
+            raise _fail(
+                f"{prefix}.test_fraction",
+                "in [0, 1) with val_fraction + test_fraction < 1",
+                self.test_fraction,
+            )
         if self.train_episodes < 0:
             raise _fail(f"{prefix}.train_episodes", ">= 0 (0 = all)", self.train_episodes)
         if not self.pattern:

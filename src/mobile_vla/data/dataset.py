@@ -222,14 +222,16 @@ def build_datasets(cfg: Config, progress: bool = False) -> DataBundle:
     source = make_frame_source(data)
     episodes = drop_undecodable(load_episodes(data, progress=progress), data, source, progress)
     split_seed = cfg.seed if data.split_seed < 0 else data.split_seed
-    split = split_episodes(episodes, data.val_fraction, split_seed)
+    split = split_episodes(episodes, data.val_fraction, split_seed, data.test_fraction)
     if data.train_episodes:
         if data.train_episodes > len(split.train):
             raise DataError(
                 f"config key 'data.train_episodes' asks for {data.train_episodes} training "
                 f"episodes; '{data.path}' has {len(split.train)} after the validation split"
             )
-        split = Split(train_subset(split.train, data.train_episodes, split_seed), split.val)
+        split = Split(
+            train_subset(split.train, data.train_episodes, split_seed), split.val, split.test
+        )
     names = [data.action_names[k] for k in data.action_indices]
     stats = ActionStats.from_arrays(
         names, [ep.actions[:, data.action_indices] for ep in split.train]

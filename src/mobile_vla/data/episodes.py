@@ -94,39 +94,54 @@ def _stable_int(text: str) -> int:
 class Split:
     train: list[EpisodeInfo]
     val: list[EpisodeInfo]
+    test: list[EpisodeInfo] = field(default_factory=list)
 
     def to_json(self) -> dict[str, list[str]]:
-        return {"train": [e.path.name for e in self.train], "val": [e.path.name for e in self.val]}
+        out = {"train": [e.path.name for e in self.train], "val": [e.path.name for e in self.val]}
+        if self.test:
+            out["test"] = [e.path.name for e in self.test]
+        return out
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, self.to_json())
 
 
-def split_episodes(episodes: Sequence[EpisodeInfo], val_fraction: float, seed: int) -> Split:
+def split_episodes(
+    episodes: Sequence[EpisodeInfo], val_fraction: float, seed: int, test_fraction: float = 0.0
+) -> Split:
     """Episode-level split stratified by (scenario, side), deterministic from ``seed``.
 
-    Each stratum gives ``round(val_fraction * n)`` episodes to validation, at least one when
-    ``val_fraction > 0`` and the stratum has two or more, and always keeps one for training.
-    The result does not depend on the order episodes are listed in.
+    Each stratum gives ``round(fraction * n)`` episodes to test and to validation, at least one
+    each when the fraction is > 0 and the stratum has enough, and always keeps one for
+    training. The result does not depend on the order episodes are listed in; with
+    ``test_fraction`` 0 it is the train/validation split of earlier versions.
     """
     strata: dict[str, list[EpisodeInfo]] = defaultdict(list)
     for ep in episodes:
         strata[ep.stratum].append(ep)
     train: list[EpisodeInfo] = []
     val: list[EpisodeInfo] = []
+    test: list[EpisodeInfo] = []
     for key in sorted(strata):
         group = sorted(strata[key], key=lambda e: e.path.name)
         rng = np.random.default_rng([seed, _stable_int(key)])
         order = rng.permutation(len(group))
-        n_val = round(val_fraction * len(group)) if val_fraction > 0 else 0
-        if val_fraction > 0 and len(group) >= 2:
-            n_val = max(n_val, 1)
-        n_val = min(n_val, len(group) - 1)
+        n_val = _share(val_fraction, len(group), 1)
+        n_test = _share(test_fraction, len(group), 1 + n_val)
         val.extend(group[i] for i in order[:n_val])
-        train.extend(group[i] for i in order[n_val:])
-    train.sort(key=lambda e: e.path.name)
-    val.sort(key=lambda e: e.path.name)
-    return Split(train, val)
+        test.extend(group[i] for i in order[n_val : n_val + n_test])
+        train.extend(group[i] for i in order[n_val + n_test :])
+    for part in (train, val, test):
+        part.sort(key=lambda e: e.path.name)
+    return Split(train, val, test)
+
+
+def _share(fraction: float, n: int, keep: int) -> int:
+    """round(fraction * n), at least 1 when fraction > 0, leaving ``keep`` episodes."""
+    k = round(fraction * n) if fraction > 0 else 0
+    if fraction > 0 and n > keep:
+        k = max(k, 1)
+    return max(0, min(k, n - keep))
 
 
 def train_subset(train: Sequence[EpisodeInfo], n: int, seed: int) -> list[EpisodeInfo]:

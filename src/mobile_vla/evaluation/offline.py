@@ -123,21 +123,28 @@ def evaluate_run(
     progress: bool = True,
     loaded: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
-    """Offline metrics of a run on its own validation episodes; writes ``metrics.json``.
+    """Offline metrics of a run on its test episodes (validation episodes when it has no test
+    split); writes ``metrics.json``.
     ``loaded`` is the run's (policy, config) when the caller has already loaded them."""
     from mobile_vla.data.dataset import EpisodeDataset, make_frame_source
-    from mobile_vla.training.run import load_policy, update_metrics, validation_episodes
+    from mobile_vla.training.run import (
+        load_policy,
+        scoring_split,
+        update_metrics,
+        validation_episodes,
+    )
 
     policy, cfg = loaded if loaded is not None else load_policy(run, which)
-    val = validation_episodes(run, cfg)
+    part = scoring_split(run)  # test when the run holds one out: best was chosen on val
+    episodes = validation_episodes(run, cfg, part)
     dataset = EpisodeDataset(
-        val, cfg.data, policy.normalizer, False, cfg.seed, make_frame_source(cfg.data)
+        episodes, cfg.data, policy.normalizer, False, cfg.seed, make_frame_source(cfg.data)
     )
     metrics = evaluate_offline(policy, dataset, batch_size, progress)
     metrics.update(
         {
-            "split": "val",
-            "episodes": len(val),
+            "split": part,
+            "episodes": len(episodes),
             "seed": cfg.seed,
             "checkpoint": which,
             "run": str(run),

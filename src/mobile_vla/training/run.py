@@ -293,19 +293,27 @@ def check_run(run: str | Path) -> Path:
     return run
 
 
-def validation_episodes(run: str | Path, cfg: Config) -> list[Any]:
-    """The run's validation episodes (``split.json``), read from ``cfg.data``'s folder."""
+def validation_episodes(run: str | Path, cfg: Config, part: str = "val") -> list[Any]:
+    """The run's validation (or ``part="test"``: test) episodes (``split.json``), read from
+    ``cfg.data``'s folder."""
     from mobile_vla.data.episodes import load_episodes
     from mobile_vla.errors import DataError
 
     split = json.loads((Path(run) / "split.json").read_text())
+    names = split.get(part, [])
     by_name = {e.path.name: e for e in load_episodes(cfg.data)}
-    missing = [n for n in split["val"] if n not in by_name]
+    missing = [n for n in names if n not in by_name]
     if missing:
         raise DataError(
-            f"validation episodes of run '{run}' are missing from '{cfg.data.path}': {missing[:5]}"
+            f"{part} episodes of run '{run}' are missing from '{cfg.data.path}': {missing[:5]}"
         )
-    return [by_name[n] for n in split["val"]]
+    return [by_name[n] for n in names]
+
+
+def scoring_split(run: str | Path) -> str:
+    """The split offline figures are reported on: ``test`` when the run has one, else ``val``."""
+    split = json.loads((Path(run) / "split.json").read_text())
+    return "test" if split.get("test") else "val"
 
 
 def update_metrics(run: str | Path, key: str, value: dict[str, Any]) -> None:
