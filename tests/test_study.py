@@ -201,6 +201,13 @@ def test_grid_order_and_noise_rules() -> None:
         compare_two([cell(1.0), cell(1.01)], [cell(2.0), cell(2.01)], get, False)["verdict"] == "a"
     )
     assert compare_two([cell(1.0)], [cell(2.0)], get, False)["verdict"].startswith("no noise")
+    # two seeds each: |diff| 2.2 > 2 s.e. (1.41), but Welch's t with 2 df gives p = 0.09
+    t = compare_two([cell(0.0), cell(1.0)], [cell(2.2), cell(3.2)], get, False)
+    assert t["verdict"] == "within noise" and t["p"] == pytest.approx(0.0897, abs=2e-3)
+    assert t["diff"] == pytest.approx(-2.2) and t["ci95"][0] < t["diff"] < 0 < t["ci95"][1]
+    assert t["g"] < 0
+    s = success_test([cell(0, 20, 24)], [cell(0, 4, 24)])
+    assert s["diff"] == pytest.approx(16 / 24) and s["ci95"][0] < s["diff"] < s["ci95"][1] <= 1
     assert success_test([cell(0, 20, 24)], [cell(0, 4, 24)])["verdict"] == "a"
     assert success_test([cell(0, 12, 24)], [cell(0, 10, 24)])["verdict"] == "within noise"
 

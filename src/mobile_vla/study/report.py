@@ -138,28 +138,63 @@ def headline(results: dict[str, Any]) -> tuple[bool, int]:
 def compare_two(
     a: list[dict[str, Any]], b: list[dict[str, Any]], getter: Getter, higher: bool
 ) -> dict[str, Any]:
-    sa, sb = _stats([getter(c) for c in a]), _stats([getter(c) for c in b])
-    if sa["mean"] is None or sb["mean"] is None:
+    """Welch's t-test on the per-seed values (the t distribution: with 2-5 seeds a normal
+    approximation overstates certainty), with the difference's 95% confidence interval and
+    Hedges' g (the difference in pooled standard deviations, small-sample corrected)."""
+    from scipy import stats as st
+
+    va = [float(v) for v in (getter(c) for c in a) if v is not None]
+    vb = [float(v) for v in (getter(c) for c in b) if v is not None]
+    if not va or not vb:
         return {"verdict": "n/a"}
-    diff = sa["mean"] - sb["mean"]
-    if sa["std"] is None or sb["std"] is None:
+    diff = float(np.mean(va) - np.mean(vb))
+    if len(va) < 2 or len(vb) < 2:
         return {"diff": diff, "se": None, "verdict": "no noise estimate (one seed)"}
-    se = math.sqrt(sa["std"] ** 2 / sa["n"] + sb["std"] ** 2 / sb["n"])
-    if abs(diff) <= 2 * se:
-        return {"diff": diff, "se": se, "verdict": "within noise"}
-    better_a = diff > 0 if higher else diff < 0
-    return {"diff": diff, "se": se, "verdict": "a" if better_a else "b"}
+    sa2, sb2 = np.var(va, ddof=1), np.var(vb, ddof=1)
+    na, nb = len(va), len(vb)
+    se = float(math.sqrt(sa2 / na + sb2 / nb))
+    if se == 0.0:
+        verdict = "within noise" if diff == 0 else ("a" if (diff > 0) == higher else "b")
+        return {
+            "diff": diff,
+            "se": 0.0,
+            "ci95": [diff, diff],
+            "p": 0.0 if diff else 1.0,
+            "df": na + nb - 2,
+            "g": None,
+            "verdict": verdict,
+        }
+    df = se**4 / ((sa2 / na) ** 2 / (na - 1) + (sb2 / nb) ** 2 / (nb - 1))
+    t = diff / se
+    p = float(2 * st.t.sf(abs(t), df))
+    half = float(st.t.ppf(0.975, df)) * se
+    pooled = math.sqrt(((na - 1) * sa2 + (nb - 1) * sb2) / (na + nb - 2))
+    g = diff / pooled * (1 - 3 / (4 * (na + nb) - 9)) if pooled > 0 else None
+    out = {"diff": diff, "se": se, "ci95": [diff - half, diff + half], "p": p, "df": df, "g": g}
+    if p >= 0.05:
+        out["verdict"] = "within noise"
+    else:
+        out["verdict"] = "a" if (diff > 0) == higher else "b"
+    return out
 
 
 def success_test(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pooled closed-loop success of two arms: the two-proportion z-test (episodes are the
+    units), the difference in success rate with its 95% Newcombe (Wilson-score) interval."""
     pa, pb = pooled_success(a), pooled_success(b)
     if not pa["episodes"] or not pb["episodes"]:
         return {"verdict": "n/a"}
     p = (pa["successes"] + pb["successes"]) / (pa["episodes"] + pb["episodes"])
     se = math.sqrt(max(p * (1 - p), 1e-12) * (1 / pa["episodes"] + 1 / pb["episodes"]))
-    z = (pa["rate"] - pb["rate"]) / se
+    diff = pa["rate"] - pb["rate"]
+    z = diff / se
+    (la, ua), (lb, ub) = pa["ci95"], pb["ci95"]
+    ci = [
+        diff - math.sqrt((pa["rate"] - la) ** 2 + (ub - pb["rate"]) ** 2),
+        diff + math.sqrt((ua - pa["rate"]) ** 2 + (pb["rate"] - lb) ** 2),
+    ]
     verdict = "within noise" if abs(z) <= 1.96 else ("a" if z > 0 else "b")
-    return {"a": pa, "b": pb, "z": z, "verdict": verdict}
+    return {"a": pa, "b": pb, "z": z, "diff": diff, "ci95": ci, "verdict": verdict}
 
 
 def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
@@ -189,7 +224,9 @@ def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
                 test = success_test(g[(best, pt, size)], g[(second, pt, size)])
                 detail = (
                     f"{test['a']['successes']}/{test['a']['episodes']} vs "
-                    f"{test['b']['successes']}/{test['b']['episodes']}, z = {test['z']:.2f}"
+                    f"{test['b']['successes']}/{test['b']['episodes']}, difference "
+                    f"{100 * test['diff']:+.1f} points [95% CI {100 * test['ci95'][0]:+.1f}, "
+                    f"{100 * test['ci95'][1]:+.1f}], z = {test['z']:.2f}"
                     if "z" in test
                     else ""
                 )
@@ -197,12 +234,18 @@ def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
                 test = compare_two(g[(best, pt, size)], g[(second, pt, size)], getter, higher)
                 detail = f"{fmt.format(means[best])} vs {fmt.format(means[second])}"
                 if test.get("se"):
-                    detail += f", difference {test['diff']:+.4g} ± {test['se']:.2g} (1 s.e.)"
+                    lo, hi = test["ci95"]
+                    detail += (
+                        f", difference {test['diff']:+.4g} [95% CI {lo:+.4g}, {hi:+.4g}], "
+                        f"Welch t df {test['df']:.1f}, p = {test['p']:.3f}"
+                    )
+                    if test.get("g") is not None:
+                        detail += f", Hedges' g {test['g']:+.2f}"
             if test["verdict"] == "a":
-                lines.append(f"**{best}** is best on {name} ({detail}) — beyond noise.")
+                lines.append(f"**{best}** is best on {name} ({detail}) — significant at 5%.")
             elif test["verdict"] == "within noise":
                 lines.append(
-                    f"{best} and {second} are **within noise** of each other on {name} ({detail})."
+                    f"{best} and {second} are **not distinguishable** on {name} ({detail})."
                 )
             elif test["verdict"].startswith("no noise"):
                 lines.append(
@@ -232,7 +275,7 @@ def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
             verdict = {
                 "a": "pretraining helps",
                 "b": "pretraining hurts",
-                "within noise": "pretraining makes no difference beyond noise",
+                "within noise": "pretraining makes no difference that the seeds can detect",
             }.get(test["verdict"], "pretrained vs random (one seed, no noise estimate)")
             lines.append(f"{s}: {verdict} on {name} (pretrained vs random: {detail}).")
     return lines
