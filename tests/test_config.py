@@ -77,6 +77,8 @@ def test_wrong_type_names_key() -> None:
         ("data.action_dims=[linear_z]", "data.action_dims"),
         ("data.image_size=[4, 4]", "data.image_size"),
         ("data.val_fraction=1.5", "data.val_fraction"),
+        ("data.channel_order=grb", "data.channel_order"),
+        ("data.test_fraction=0.95", "data.test_fraction"),
         ("data.instruction_template='go there'", "data.instruction_template"),
         ("data.augment.mirror_prob=2", "data.augment.mirror_prob"),
         ("sim.physics_timestep=0.03", "sim.physics_timestep"),

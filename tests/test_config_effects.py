@@ -121,6 +121,7 @@ DATA: dict[str, tuple[str, str]] = {
     "data.chunk_offset": ("", "data.chunk_offset=1"),
     "data.image_size": ("", "data.image_size=[16,16]"),
     "data.val_fraction": ("", "data.val_fraction=0.5"),
+    "data.channel_order": ("", "data.channel_order=bgr"),
     "data.test_fraction": ("data.val_fraction=0", "data.val_fraction=0 data.test_fraction=0.5"),
     "data.split_seed": ("", "data.split_seed=7"),
     "data.train_episodes": ("", "data.train_episodes=4"),

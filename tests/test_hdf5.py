@@ -351,3 +351,79 @@ def test_inspect_json_statistics(sim_dataset: Path, capsys: pytest.CaptureFixtur
     assert set(report["actions"]) == {"linear_x", "linear_y", "angular_z"}
     assert set(report["actions"]["linear_y"]["top_values"]) <= {"-1.15", "0", "1.15"}
     assert report["bad_files"] == []
+
+
+def _red_robot_file(path: Path) -> Path:
+    """A robot-style file (no channel_order attribute) whose frames are a red scene as OpenCV
+    stores it: BGR, so the stored bytes are (0, 0, 200)."""
+    write_real_layout(path, num_frames=4, height=8, width=8)
+    with h5py.File(path, "a") as fh:
+        fh["images"][...] = np.broadcast_to(np.array([0, 0, 200], np.uint8), (4, 8, 8, 3))
+    return path
+
+
+@pytest.mark.parametrize("frame_cache", [True, False])
+def test_bgr_files_reach_the_model_as_rgb(frame_cache: bool, tmp_path: Path) -> None:
+    from mobile_vla.config import load_config
+    from mobile_vla.data.dataset import build_datasets
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, side in enumerate(("left", "right", "left", "right")):
+        _red_robot_file(folder / f"episode_20251106_14150{i}_1box_{side}.h5")
+    # a file collect wrote says it is RGB: a red scene stored as (200, 0, 0)
+    write_episode(
+        folder / "episode_20251106_141509_1box_left.h5",
+        np.broadcast_to(np.array([200, 0, 0], np.uint8), (4, 8, 8, 3)).copy(),
+        np.zeros((4, 3), np.float32),
+        "go left",
+    )
+    over = [
+        f"data.path={folder}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"data.frame_cache={str(frame_cache).lower()}",
+        "data.window_size=2",
+        "data.fwd_pred_next_n=2",
+        "data.image_size=[8,8]",
+        "data.val_fraction=0",
+    ]
+
+    def colours(extra: list[str]) -> dict[str, tuple[int, ...]]:
+        ds = build_datasets(load_config(None, [*over, *extra])).train
+        return {
+            ds.episodes[int(ds.index[i][0])].path.name: tuple(
+                int(v) for v in ds[i]["images"][-1, :, 0, 0]
+            )
+            for i in range(len(ds))
+        }
+
+    robot = "episode_20251106_141500_1box_left.h5"
+    collected = "episode_20251106_141509_1box_left.h5"
+    auto = colours([])
+    assert auto[robot] == (0, 0, 200)  # no recorded order: read as RGB, the red scene is blue
+    assert auto[collected] == (200, 0, 0)  # collect records rgb
+    forced = colours(["data.channel_order=bgr"])
+    assert forced[robot] == (200, 0, 0) and forced[collected] == (0, 0, 200)
+    assert colours(["data.channel_order=rgb"]) == auto
+    with h5py.File(folder / collected) as fh:
+        assert fh.attrs["channel_order"] == "rgb"
+
+
+def test_inspect_reports_channel_order_and_writes_a_contact_sheet(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _red_robot_file(folder / "episode_20251106_141500_1box_left.h5")
+    sheet = tmp_path / "sheet.png"
+    args = ["inspect", str(folder), "-q", "--sheet", str(sheet), "--data.image_size=[8,8]"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "channel order: rgb (assumed, not recorded)=1" in out and "channel_order=bgr" in out
+    tile = np.asarray(Image.open(sheet).convert("RGB"))[0, 420:500]
+    assert (tile == [0, 0, 200]).all(axis=-1).any()  # shown as the model would see it: blue
+    assert main([*args[:-1], "--data.image_size=[8,8]", "--data.channel_order=bgr"]) == 0
+    out = capsys.readouterr().out
+    assert "channel order: bgr (data.channel_order)=1" in out
+    tile = np.asarray(Image.open(sheet).convert("RGB"))[0, 420:500]
+    assert (tile == [200, 0, 0]).all(axis=-1).any()

@@ -125,12 +125,17 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         deep=args.deep,
         progress=not args.quiet,
     )
-    summary = DatasetSummary(scan, data.action_names)
+    summary = DatasetSummary(scan, data.action_names, data.channel_order)
     if not scan.episodes and not scan.bad:
         raise MobileVLAError(
             f"no files matching '{args.pattern or data.pattern}' in dataset folder '{args.data}'"
         )
     print(json.dumps(summary.to_json(), indent=2) if args.json else summary.to_text())
+    if args.sheet is not None and scan.episodes:
+        from mobile_vla.data.inspect import contact_sheet
+
+        path = contact_sheet(scan.episodes, args.sheet, data.image_size, data.channel_order)
+        print(f"contact sheet (first, middle, last frame as the model sees them): {path}")
     return 1 if scan.bad else 0
 
 
@@ -592,6 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default=None, help="glob pattern (default: data.pattern)")
     p.add_argument("--deep", action="store_true", help="decode every frame of every file")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--sheet", type=Path, default=None, help="write a PNG of frames as the model sees them"
+    )
     p.add_argument("--config", type=Path, default=None, help="YAML config (data section)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_inspect)

@@ -90,6 +90,10 @@ class DataConfig:
     """Frames are resized to [height, width] (the robot node sends 224x224)."""
     instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE
     """Instruction for files without ``language_instruction``; ``{side}`` comes from the name."""
+    channel_order: str = "auto"
+    """How files store frames: ``rgb``, ``bgr`` (the robot's OpenCV collector), or ``auto``
+    (the file's ``channel_order`` attribute, written by ``collect``; RGB when absent). The
+    model always sees RGB, as the robot's JPEGs decode at serving time."""
     val_fraction: float = 0.1
     """Share of episodes per (scenario, side) stratum held out for validation (``best``)."""
     test_fraction: float = 0.0
@@ -140,6 +144,8 @@ class DataConfig:
                 "a template containing '{side}'",
                 self.instruction_template,
             )
+        if self.channel_order not in ("auto", "rgb", "bgr"):
+            raise _fail(f"{prefix}.channel_order", "one of auto, rgb, bgr", self.channel_order)
         if not 0.0 <= self.val_fraction < 1.0:
             raise _fail(f"{prefix}.val_fraction", "in [0, 1)", self.val_fraction)
         if not 0.0 <= self.test_fraction < 1.0 or self.val_fraction + self.test_fraction >= 1.0:

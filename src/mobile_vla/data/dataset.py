@@ -162,8 +162,8 @@ class EpisodeDataset(Dataset):
 
 def make_frame_source(cfg: DataConfig) -> FrameCache | DirectFrames:
     if cfg.frame_cache:
-        return FrameCache(cfg.resolved_cache_dir(), cfg.image_size)
-    return DirectFrames(cfg.image_size)
+        return FrameCache(cfg.resolved_cache_dir(), cfg.image_size, cfg.channel_order)
+    return DirectFrames(cfg.image_size, channel_order=cfg.channel_order)
 
 
 @dataclass

@@ -51,12 +51,31 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-class FrameCache:
-    """Per-episode memory-mapped frames at one target size."""
+CHANNEL_ORDERS = ("auto", "rgb", "bgr")
 
-    def __init__(self, root: str | Path, size: Sequence[int]) -> None:
+
+def stored_channel_order(episode: EpisodeInfo, configured: str = "auto") -> str:
+    """How the file stores its frames: ``configured`` unless it is ``auto``, then the file's
+    ``channel_order`` attribute (``collect`` writes ``rgb``), else ``rgb``. The robot's OpenCV
+    collector stores BGR without saying so: set ``data.channel_order: bgr`` for its files."""
+    if configured != "auto":
+        return configured
+    attr = str(episode.attrs.get("channel_order", "rgb")).lower()
+    return attr if attr in ("rgb", "bgr") else "rgb"
+
+
+def to_rgb(frames: np.ndarray, order: str) -> np.ndarray:
+    return np.ascontiguousarray(frames[..., ::-1]) if order == "bgr" else frames
+
+
+class FrameCache:
+    """Per-episode memory-mapped frames at one target size, always RGB (files stored as BGR
+    are converted on the way in, per :func:`stored_channel_order`)."""
+
+    def __init__(self, root: str | Path, size: Sequence[int], channel_order: str = "auto") -> None:
         self.root = Path(root)
         self.size = (int(size[0]), int(size[1]))
+        self.channel_order = channel_order
         self._index_path = self.root / "index.json"
         self._index: dict[str, dict] | None = None
         self._maps: dict[Path, np.ndarray] = {}
@@ -93,6 +112,12 @@ class FrameCache:
         index[str(path)] = {"stat": stamp, "sha256": sha}
         return sha
 
+    def episode_key(self, episode: EpisodeInfo) -> str:
+        """The content key of what the model sees of an episode: the file's bytes and, for a
+        file converted from BGR, that conversion (an RGB entry keeps the plain file hash)."""
+        sha = self.content_key(episode.path)
+        return sha + "-bgr" if stored_channel_order(episode, self.channel_order) == "bgr" else sha
+
     def save_index(self) -> None:
         if self._index is not None:
             atomic_write_json(self._index_path, self._index)
@@ -124,10 +149,11 @@ class FrameCache:
 
     def _build_entry(self, episode: EpisodeInfo, entry: Path) -> None:
         shape = (episode.num_frames, *self.size, 3)
+        order = stored_channel_order(episode, self.channel_order)
         with FrameReader(episode.path) as reader, atomic_path(entry, suffix=".npy") as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             for t in range(episode.num_frames):
-                out[t] = resize_frames(reader.frames([t]), self.size)[0]
+                out[t] = resize_frames(to_rgb(reader.frames([t]), order), self.size)[0]
             out.flush()
             del out  # unmap before the rename
 
@@ -137,7 +163,7 @@ class FrameCache:
             cached = self._maps.get(episode.path)
             if cached is not None:
                 return cached
-            entry = self.entry_path(self.content_key(episode.path))
+            entry = self.entry_path(self.episode_key(episode))
             arr = self._open_entry(entry, episode.num_frames)
             if arr is None:
                 self._build_entry(episode, entry)
@@ -168,9 +194,12 @@ class FrameCache:
 class DirectFrames:
     """Frames read straight from the HDF5 files and resized on every access (no cache)."""
 
-    def __init__(self, size: Sequence[int], max_open: int = 32) -> None:
+    def __init__(
+        self, size: Sequence[int], max_open: int = 32, channel_order: str = "auto"
+    ) -> None:
         self.size = (int(size[0]), int(size[1]))
         self.max_open = max_open
+        self.channel_order = channel_order
         self._readers: dict[Path, FrameReader] = {}
 
     def window(self, episode: EpisodeInfo, indices: Sequence[int]) -> np.ndarray:
@@ -181,8 +210,15 @@ class DirectFrames:
                 old.close()
             reader = self._readers[episode.path] = FrameReader(episode.path)
         unique = sorted(set(int(i) for i in indices))
-        decoded = dict(zip(unique, resize_frames(reader.frames(unique), self.size), strict=True))
+        order = stored_channel_order(episode, self.channel_order)
+        frames = resize_frames(to_rgb(reader.frames(unique), order), self.size)
+        decoded = dict(zip(unique, frames, strict=True))
         return np.stack([decoded[int(i)] for i in indices])
 
     def __getstate__(self) -> dict:
-        return {"size": self.size, "max_open": self.max_open, "_readers": {}}
+        return {
+            "size": self.size,
+            "max_open": self.max_open,
+            "channel_order": self.channel_order,
+            "_readers": {},
+        }

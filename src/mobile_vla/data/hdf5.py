@@ -402,6 +402,7 @@ def write_episode(
     attrs.setdefault("action_chunk_size", 10)
     attrs.setdefault("time_period", "morning")
     attrs.setdefault("collection_datetime", "")
+    attrs.setdefault("channel_order", "rgb")  # the frames given here are RGB (the simulator's)
     with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as fh:
         chunk = (1, *images.shape[1:])
         fh.create_dataset(

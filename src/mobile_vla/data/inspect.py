@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from mobile_vla.data.episodes import ScanResult
 class DatasetSummary:
     scan: ScanResult
     action_names: Sequence[str]
+    channel_order: str = "auto"
 
     def to_json(self) -> dict[str, Any]:
         eps = self.scan.episodes
@@ -35,6 +37,9 @@ class DatasetSummary:
                 for (h, w, _), n in sorted(Counter(e.image_shape for e in eps).items())
             },
             "instruction_sources": dict(Counter(e.instruction_source for e in eps)),
+            "channel_orders": dict(
+                sorted(Counter(_order_label(e, self.channel_order) for e in eps).items())
+            ),
             "instructions": dict(Counter(e.instruction for e in eps).most_common()),
             "actions": {},
             "bad_files": [{"file": e.path.name, "problem": e.problem} for e in self.scan.bad],
@@ -79,7 +84,14 @@ class DatasetSummary:
             "distances: " + _kv(j["distances"]),
             "image sizes: " + _kv(j["image_sizes"]),
             "instruction from: " + _kv(j["instruction_sources"]),
+            "channel order: " + _kv(j["channel_orders"]),
         ]
+        if any(k.startswith("rgb (assumed") for k in j["channel_orders"]):
+            lines.append(
+                "  note: files without a channel_order attribute are read as RGB; the robot's "
+                "OpenCV collector stores BGR: pass --data.channel_order=bgr for its files "
+                "(--sheet shows what the model sees)"
+            )
         if j["actions"]:
             lines.append("actions:")
             lines.append(
@@ -111,3 +123,56 @@ def _describe(values: Sequence[int]) -> dict[str, float]:
 
 def _kv(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "-"
+
+
+def _order_label(ep: Any, configured: str) -> str:
+    from mobile_vla.data.frame_cache import stored_channel_order
+
+    order = stored_channel_order(ep, configured)
+    if configured != "auto":
+        return f"{order} (data.channel_order)"
+    if "channel_order" in ep.attrs:
+        return f"{order} (file attribute)"
+    return f"{order} (assumed, not recorded)"
+
+
+def contact_sheet(
+    episodes: Sequence[Any],
+    out: str | Path,
+    size: Sequence[int],
+    channel_order: str = "auto",
+    max_episodes: int = 24,
+) -> Path:
+    """A PNG with the first, middle and last frame of up to ``max_episodes`` episodes (one row
+    each, labelled with the file and its instruction) exactly as the model sees them: converted
+    to RGB per the channel order and resized to ``data.image_size``."""
+    from PIL import Image, ImageDraw
+
+    from mobile_vla.data.frame_cache import resize_frames, stored_channel_order, to_rgb
+    from mobile_vla.data.hdf5 import FrameReader
+    from mobile_vla.io import atomic_path
+
+    if not episodes:
+        raise ValueError("no good episodes to show")
+    h, w = int(size[0]), int(size[1])
+    scale = max(1, 96 // max(h, w))  # small model inputs are enlarged to be seen
+    th, tw = h * scale, w * scale
+    label_w = 420
+    rows = list(episodes)[:max_episodes]
+    sheet = Image.new("RGB", (label_w + 3 * (tw + 4), len(rows) * (th + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, ep in enumerate(rows):
+        t = ep.num_frames
+        with FrameReader(ep.path) as reader:
+            frames = reader.frames([0, t // 2, t - 1])
+        frames = resize_frames(to_rgb(frames, stored_channel_order(ep, channel_order)), (h, w))
+        y = r * (th + 4)
+        draw.text((4, y + 2), ep.path.name[:64], fill="black")
+        draw.text((4, y + 16), ep.instruction[:64], fill=(60, 60, 60))
+        for c, frame in enumerate(frames):
+            tile = Image.fromarray(frame).resize((tw, th), Image.NEAREST)
+            sheet.paste(tile, (label_w + c * (tw + 4), y))
+    out = Path(out)
+    with atomic_path(out, suffix=".png") as tmp:
+        sheet.save(tmp, format="PNG")
+    return out

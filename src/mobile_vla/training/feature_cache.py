@@ -84,7 +84,7 @@ class PrefixCache:
         self._maps: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
 
     def _paths(self, ep: EpisodeInfo) -> tuple[Path, Path]:
-        content = self.frames.content_key(ep.path)
+        content = self.frames.episode_key(ep)
         key = hashlib.sha256(f"{content}|{ep.instruction}".encode()).hexdigest()[:32]
         return self.root / f"{key}.npy", self.root / f"{key}_mask.npy"
 
