@@ -91,6 +91,7 @@ def test_train_writes_a_complete_run_and_eval_writes_metrics(train_data, tmp_pat
         *("--" + o for o in tiny_overrides(train_data, tmp_path)),
         "--trainer.run_name=r1",
         "--trainer.max_epochs=2",
+        "--data.test_fraction=0.1",
     ]
     assert main(args) == 0
     run = tmp_path / "runs" / "r1"
@@ -124,7 +125,7 @@ def test_train_writes_a_complete_run_and_eval_writes_metrics(train_data, tmp_pat
     assert "val_loss" in out and "direction_accuracy" in out
     metrics = json.loads((run / "metrics.json").read_text())["offline"]
     split = json.loads((run / "split.json").read_text())
-    # base.yaml holds out a test split: best is chosen on val, the figures are on test
+    # with a test split, best is chosen on val and the figures are on test
     assert metrics["episodes"] == len(split["test"]) > 0 and metrics["split"] == "test"
     assert not set(split["test"]) & set(split["val"])
     assert set(metrics["rmse"]) == {"linear_x", "linear_y", "all"}
