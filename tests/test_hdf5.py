@@ -427,3 +427,54 @@ def test_inspect_reports_channel_order_and_writes_a_contact_sheet(tmp_path: Path
     assert "channel order: bgr (data.channel_order)=1" in out
     tile = np.asarray(Image.open(sheet).convert("RGB"))[0, 420:500]
     assert (tile == [200, 0, 0]).all(axis=-1).any()
+
+
+def test_names_seen_in_real_collections(tmp_path: Path) -> None:
+    basket = read_episode_info(
+        _good(tmp_path / "episode_20251106_141502_basket_1box_hori_left_core.h5")
+    )
+    assert basket.scenario.startswith("1box") and basket.side == "left"
+    assert "basket" in basket.instruction and "bottle" not in basket.instruction
+    assert "on the left" in basket.instruction
+    center = read_episode_info(_good(tmp_path / "episode_20251106_141503_1box_v3_center.h5"))
+    assert center.instruction.endswith("in the center") and "on the center" not in (
+        center.instruction
+    )
+    evening = read_episode_info(
+        _good(tmp_path / "episode_20251106_141504_2box_vert_right_medium_evening.h5")
+    )
+    assert evening.side == "right" and evening.distance == "medium"
+    assert "beverage bottle on the right" in evening.instruction
+    with pytest.raises(EpisodeError) as err:
+        read_episode_info(_good(tmp_path / "episode_20250805_092219.h5"))
+    msg = str(err.value)
+    assert msg.startswith("episode_20250805_092219.h5: ") and "'language_instruction'" in msg
+
+
+def test_a_git_lfs_pointer_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "episode_20251106_141502_1box_left.h5"
+    path.write_text(
+        "version https://git-lfs.github.com/spec/v1\n"
+        "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+        "size 12345\n"
+    )
+    with pytest.raises(EpisodeError, match=r"Git LFS pointer.*git lfs pull"):
+        read_episode_info(path)
+
+
+def test_inspect_reports_mixed_speeds_and_motionless_episodes(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    old = np.zeros((5, 3), np.float32)
+    old[1:, 0] = 0.5
+    for i, (acts, side) in enumerate(
+        [(None, "left"), (None, "right"), (old, "left"), (np.zeros((5, 3), np.float32), "right")]
+    ):
+        write_real_layout(
+            folder / f"episode_20251106_14150{i}_1box_{side}.h5", 5, 12, 16, actions=acts
+        )
+    assert main(["inspect", str(folder), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "speed (largest |action| per episode): 0=1, 0.5=1, 1.15=2" in out
+    assert "recorded at 2 speeds (0.5, 1.15" in out
+    assert "1 episode(s) never move" in out and "episode_20251106_141503_1box_right.h5" in out

@@ -29,6 +29,8 @@ from mobile_vla.errors import EpisodeError
 from mobile_vla.io import atomic_path
 
 SIDE_TOKENS = ("left", "right", "center")
+TARGET_TOKENS = {"bottle": "beverage bottle", "basket": "basket"}  # name token -> phrase
+LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
 DISTANCE_TOKENS = ("close", "medium", "far")
 TIME_PERIODS = ("dawn", "morning", "evening", "night")
 _NAME_RE = re.compile(r"^episode_(\d{8})_(\d{6})_(.+)$")
@@ -44,6 +46,7 @@ class EpisodeName:
     side: str | None
     distance: str | None
     extra: tuple[str, ...] = ()
+    target: str | None = None  # "basket" / "bottle" when the name says which
 
 
 def parse_episode_name(path: str | Path) -> EpisodeName:
@@ -53,9 +56,11 @@ def parse_episode_name(path: str | Path) -> EpisodeName:
             stem = stem[: -len(suffix)]
     match = _NAME_RE.match(stem)
     tokens = match.group(3).split("_") if match else stem.split("_")
+    target = next((t for t in tokens if t in TARGET_TOKENS), None)
+    tokens = [t for t in tokens if t not in TARGET_TOKENS]  # "basket_1box_hori_left_..."
     side = next((t for t in tokens if t in SIDE_TOKENS), None)
     distance = next((t for t in tokens if t in DISTANCE_TOKENS), None)
-    if match:
+    if match and tokens:
         layout = tokens[0]
         if len(tokens) > 1 and tokens[1] in SIDE_TOKENS:
             scenario, extra = f"{layout}_{tokens[1]}", tuple(tokens[2:])
@@ -63,13 +68,22 @@ def parse_episode_name(path: str | Path) -> EpisodeName:
             scenario, extra = layout, tuple(tokens[1:])
     else:
         layout, scenario, extra = "unknown", "unknown", tuple(tokens)
-    return EpisodeName(scenario, layout, side, distance, extra)
+    return EpisodeName(scenario, layout, side, distance, extra, target)
 
 
-def derive_instruction(side: str | None, template: str = DEFAULT_INSTRUCTION_TEMPLATE) -> str:
+def derive_instruction(
+    side: str | None, template: str = DEFAULT_INSTRUCTION_TEMPLATE, target: str | None = None
+) -> str:
+    """The instruction of a file without ``language_instruction``: the template with the side
+    from the name, and the target the name gives (``{target}`` in the template, or the
+    template's "beverage bottle" swapped for it); "on the center" reads "in the center"."""
     if side is None:
         raise ValueError("no side")
-    return template.format(side=side)
+    phrase = TARGET_TOKENS.get(target or "bottle", "beverage bottle")
+    text = template.format(side=side, target=phrase)
+    if target is not None and target != "bottle":
+        text = text.replace("beverage bottle", phrase)
+    return text.replace("on the center", "in the center")
 
 
 _SWAP = {
@@ -172,6 +186,12 @@ def read_episode_info(
     except OSError as exc:
         raise EpisodeError(path, f"file cannot be read ({_short(exc)})") from None
     if not is_hdf5:
+        with open(path, "rb") as fh_raw:
+            head = fh_raw.read(len(LFS_MAGIC))
+        if head == LFS_MAGIC:
+            raise EpisodeError(
+                path, "this is a Git LFS pointer, not the HDF5 file; run git lfs pull"
+            )
         raise EpisodeError(path, "not an HDF5 file")
     try:
         fh = h5py.File(path, "r")
@@ -280,9 +300,12 @@ def _validate_open_file(
     else:
         if side is None:
             raise EpisodeError(
-                path, "no 'language_instruction' and the file name names no side (left/right)"
+                path,
+                "the file has no 'language_instruction' dataset and its name names no side "
+                "(left/right/center), so there is no instruction: add the dataset "
+                "'language_instruction' (the key that supplies one) or put the side in the name",
             )
-        instruction = derive_instruction(side, instruction_template)
+        instruction = derive_instruction(side, instruction_template, name.target)
         source = "name"
 
     if check_frames:

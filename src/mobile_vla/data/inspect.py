@@ -42,6 +42,8 @@ class DatasetSummary:
             ),
             "instructions": dict(Counter(e.instruction for e in eps).most_common()),
             "actions": {},
+            "speeds": dict(sorted(Counter(_speed(e.actions) for e in eps).items())),
+            "motionless_episodes": [e.path.name for e in eps if not np.abs(e.actions).any()],
             "bad_files": [{"file": e.path.name, "problem": e.problem} for e in self.scan.bad],
         }
         if eps:
@@ -105,6 +107,20 @@ class DatasetSummary:
                     f"{s['std']:8.3f} {s['q01']:8.3f} {s['q99']:8.3f}  "
                     f"{s['distinct_values']} distinct ({top})"
                 )
+        lines.append("speed (largest |action| per episode): " + _kv(j["speeds"]))
+        moving = [k for k in j["speeds"] if k != "0"]
+        if 1 < len(moving) <= 3:  # a few distinct key speeds, not continuous commands
+            lines.append(
+                f"  note: episodes were recorded at {len(moving)} speeds ({', '.join(moving)}; "
+                "older recordings used 0.5): mixed, the policy learns a speed that is neither; "
+                "train on one (data.pattern) or rescale the others"
+            )
+        if j["motionless_episodes"]:
+            names = j["motionless_episodes"]
+            lines.append(
+                f"  note: {len(names)} episode(s) never move (every action is 0, e.g. only "
+                f"stop_action): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            )
         lines.append(f"instructions ({len(j['instructions'])} distinct):")
         for text, n in list(j["instructions"].items())[:20]:
             lines.append(f"  {n:5d}  {text}")
@@ -114,6 +130,12 @@ class DatasetSummary:
             lines.append(f"bad files ({len(j['bad_files'])}):")
             lines.extend(f"  {b['file']}: {b['problem']}" for b in j["bad_files"])
         return "\n".join(lines)
+
+
+def _speed(actions: np.ndarray) -> str:
+    """The episode's largest |action| (2 decimals): 1.15 for today's teleop keys, 0.5 for
+    older recordings, 0 for an episode that never moves."""
+    return f"{round(float(np.abs(actions).max()), 2) if actions.size else 0.0:g}"
 
 
 def _describe(values: Sequence[int]) -> dict[str, float]:
