@@ -496,3 +496,55 @@ def test_a_half_sent_body_gets_408_and_the_server_keeps_serving(served_run: Path
         assert raw_post(live.url, "/predict", good, key=None)[0] == 200
     finally:
         live.stop()
+
+
+def test_batched_sessions_answer_as_one_by_one(served_run: Path) -> None:
+    from mobile_vla.serving.protocol import Observation
+    from mobile_vla.serving.server import load_engine
+
+    seq = load_engine(served_run, ServeSettings())
+    bat = load_engine(served_run, ServeSettings())
+    texts = ["go around on the left", "go around on the right", "go left", "go right"]
+    for t in range(6):
+        obs = [
+            Observation(
+                frame(10 * t + k, size=48), texts[k], f"robot{k}", reset=(t == 3 and k == 1)
+            )
+            for k in range(4)
+        ]
+        if t == 4:  # robot0 twice in one batch: its second request follows its first
+            obs.append(Observation(frame(99, size=48), texts[0], "robot0", reset=False))
+        one = [seq.step(o) for o in obs]
+        many = bat.step_many(obs)
+        assert [m["batch"] for m in many[:4]] == [4] * 4
+        for a, b in zip(one, many, strict=True):
+            np.testing.assert_allclose(a["action"], b["action"], atol=1e-5)
+            np.testing.assert_allclose(a["chunk"], b["chunk"], atol=1e-5)
+            assert a["step"] == b["step"]
+
+
+def test_concurrent_robots_are_batched_over_http(served_run: Path) -> None:
+    live, _ = start(served_run)
+    try:
+        bodies = [
+            json.dumps(
+                {"image": b64_jpeg(frame(k)), "instruction": "go left", "session_id": f"r{k}"}
+            ).encode()
+            for k in range(8)
+        ]
+        replies: list[tuple[int, dict]] = []
+
+        def robot(body: bytes) -> None:
+            for _ in range(5):
+                replies.append(raw_post(live.url, "/predict", body, key=None))
+
+        threads = [threading.Thread(target=robot, args=(b,)) for b in bodies]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+        assert len(replies) == 40 and all(code == 200 for code, _ in replies)
+        assert max(out["batch"] for _, out in replies) > 1  # requests that waited went together
+        assert sorted(out["step"] for _, out in replies) == sorted(list(range(1, 6)) * 8)
+    finally:
+        live.stop()

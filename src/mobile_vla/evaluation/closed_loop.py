@@ -128,7 +128,7 @@ class PolicyController:
         camera: Any = None,
     ) -> None:
         self.policy, self.cfg = policy, cfg
-        self.window = cfg.data.window_size
+        self.window_size = cfg.data.window_size
         self.size = tuple(cfg.data.image_size)
         self.executor = ChunkExecutor(chunk_mode, k, decay)
         self.cache = cache_features and cfg.backbone.history == "post"
@@ -136,7 +136,7 @@ class PolicyController:
         self.reset(None)
 
     def reset(self, scenario: Any) -> None:
-        self.buffer: deque[torch.Tensor] = deque(maxlen=self.window)
+        self.buffer: deque[torch.Tensor] = deque(maxlen=self.window_size)
         self.executor.reset()
         self.last_chunk: np.ndarray | None = None
         self.steps = 0
@@ -145,37 +145,82 @@ class PolicyController:
     def device(self) -> torch.device:
         return self.policy.action_token.device
 
-    @torch.no_grad()
-    def observe(self, image: np.ndarray, instruction: str) -> None:
-        """Add one camera frame (any size, uint8 HxWx3) to the history."""
+    def frame_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """One camera frame (any size, uint8 HxWx3) as the model takes it: (3, H, W)."""
         if self.camera is not None:
             image = self.camera(image)
         frame = torch.from_numpy(resize_frames(image[None], self.size)[0].transpose(2, 0, 1))
-        frame = frame.to(self.device)
-        if self.cache:
-            self.buffer.append(self.policy.frame_features(frame[None], [instruction])[0])
-        else:
-            self.buffer.append(frame)
+        return frame.to(self.device)
+
+    def push(self, item: torch.Tensor) -> None:
+        """Add a frame's context vector (history cache) or the frame itself to the history."""
+        self.buffer.append(item)
         self.steps += 1
+
+    @torch.no_grad()
+    def observe(self, image: np.ndarray, instruction: str) -> None:
+        """Add one camera frame (any size, uint8 HxWx3) to the history."""
+        frame = self.frame_tensor(image)
+        if self.cache:
+            self.push(self.policy.frame_features(frame[None], [instruction])[0])
+        else:
+            self.push(frame)
+
+    def window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history as one padded window (W, ...) and its mask (W,)."""
+        items = list(self.buffer)
+        pad = self.window_size - len(items)
+        window = torch.stack([items[0]] * pad + items)
+        mask = torch.tensor([False] * pad + [True] * len(items), device=self.device)
+        return window, mask
 
     @torch.no_grad()
     def chunk(self, instruction: str) -> np.ndarray:
         """Physical action chunk (N, D) from the current history."""
-        items = list(self.buffer)
-        pad = self.window - len(items)
-        window = torch.stack([items[0]] * pad + items)[None]
-        mask = torch.tensor([[False] * pad + [True] * len(items)], device=self.device)
+        window, mask = self.window()
         if self.cache:
-            out = self.policy.head_forward(window, mask)
+            out = self.policy.head_forward(window[None], mask[None])
         else:
-            out = self.policy({"images": window, "instruction": [instruction], "obs_mask": mask})
+            out = self.policy(
+                {"images": window[None], "instruction": [instruction], "obs_mask": mask[None]}
+            )
         self.last_chunk = self.policy.to_physical(self.policy.decode(out))[0]
         return self.last_chunk
+
+    def command(self, chunk: np.ndarray | None) -> np.ndarray:
+        """The step's command from a new chunk (or None when the executor needs none)."""
+        return to_command(self.executor(chunk), self.policy.action_dims)
 
     def act(self, image: np.ndarray, instruction: str) -> np.ndarray:
         self.observe(image, instruction)
         chunk = self.chunk(instruction) if self.executor.needs_prediction() else None
-        return to_command(self.executor(chunk), self.policy.action_dims)
+        return self.command(chunk)
+
+
+@torch.no_grad()
+def act_many(
+    controllers: Sequence[PolicyController], images: Sequence[np.ndarray], texts: Sequence[str]
+) -> list[np.ndarray]:
+    """One control step of several controllers that share a policy (distinct sessions), in
+    one forward pass each for the frames and for the heads: what :meth:`PolicyController.act`
+    gives each, up to floating-point summation order. History cache only."""
+    if not controllers:
+        return []
+    policy = controllers[0].policy
+    assert all(c.policy is policy and c.cache for c in controllers)
+    frames = torch.stack([c.frame_tensor(im) for c, im in zip(controllers, images, strict=True)])
+    feats = policy.frame_features(frames, list(texts))
+    for c, f in zip(controllers, feats, strict=True):
+        c.push(f)
+    need = [i for i, c in enumerate(controllers) if c.executor.needs_prediction()]
+    chunks: dict[int, np.ndarray] = {}
+    if need:
+        windows, masks = zip(*(controllers[i].window() for i in need), strict=True)
+        out = policy.head_forward(torch.stack(windows), torch.stack(masks))
+        physical = policy.to_physical(policy.decode(out))
+        for k, i in enumerate(need):
+            controllers[i].last_chunk = chunks[i] = physical[k]
+    return [c.command(chunks.get(i)) for i, c in enumerate(controllers)]
 
 
 class ExpertReplayController:

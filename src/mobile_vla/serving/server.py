@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from mobile_vla.config import ACTION_NAMES, Config
-from mobile_vla.evaluation.closed_loop import PolicyController
+from mobile_vla.evaluation.closed_loop import PolicyController, act_many
 from mobile_vla.serving.protocol import (
     MAX_BODY_BYTES,
     MAX_IMAGE_SIDE,
@@ -64,6 +65,7 @@ class ServeSettings:
     chunk_k: int = 1
     ensemble_decay: float = 0.1
     history_cache: bool = True
+    max_batch: int = 16  # requests of different sessions answered by one forward pass
     body_timeout_s: float = 10.0  # a request body not complete by then gets 408
 
 
@@ -106,33 +108,77 @@ class Engine:
 
     def step(self, obs: Observation) -> dict[str, Any]:
         with self.lock:
+            return self._step_one(obs)
+
+    def step_many(self, batch: Sequence[Observation]) -> list[dict[str, Any]]:
+        """Several requests at once: the first request of each session goes through one
+        forward pass for all their frames and one for all their heads (each session keeps its
+        own history); a session's second request in the same batch follows on its own, after
+        its first. Replies equal :meth:`step`'s one by one, up to summation order."""
+        with self.lock:
             t0 = time.perf_counter()
-            ctrl = self._controller(obs.session_id)
-            assert ctrl is not None
-            if obs.reset:
-                ctrl.reset(None)
-            command = ctrl.act(obs.image, obs.instruction)
-            chunk = np.asarray(ctrl.last_chunk if ctrl.last_chunk is not None else [], np.float32)
-            out: dict[str, Any] = {}
-            if not (np.isfinite(command).all() and np.isfinite(chunk).all()):
-                # a robot must never receive NaN/inf: it gets a stop command, the reply says
-                # why, and the session's history (which may hold the bad values) starts over
-                self.nonfinite += 1
-                log.error(
-                    "session %s: the policy produced a non-finite action (%d so far); sent a "
-                    "stop command and cleared the session's history",
-                    obs.session_id,
-                    self.nonfinite,
-                )
-                command = np.zeros_like(command, dtype=np.float32)
-                chunk = np.zeros_like(chunk)
-                ctrl.reset(None)
-                out["fallback"] = "non-finite policy output; stop command sent, history cleared"
-            infer_ms = (time.perf_counter() - t0) * 1000
-            out.update(
-                {"action": command, "chunk": chunk, "infer_ms": infer_ms, "step": ctrl.steps}
+            seen: set[str] = set()
+            together, after = [], []
+            for i, obs in enumerate(batch):
+                (after if obs.session_id in seen else together).append(i)
+                seen.add(obs.session_id)
+            results: list[dict[str, Any] | None] = [None] * len(batch)
+            if self.settings.history_cache and len(together) > 1:
+                ctrls = []
+                for i in together:
+                    ctrl = self._controller(batch[i].session_id)
+                    assert ctrl is not None
+                    if batch[i].reset:
+                        ctrl.reset(None)
+                    ctrls.append(ctrl)
+                images = [batch[i].image for i in together]
+                commands = act_many(ctrls, images, [batch[i].instruction for i in together])
+                for i, ctrl, command in zip(together, ctrls, commands, strict=True):
+                    results[i] = self._reply(batch[i], ctrl, command, t0, len(together))
+            else:
+                after = sorted(together + after)
+            for i in after:
+                results[i] = self._step_one(batch[i])
+            return [r for r in results if r is not None]
+
+    def _step_one(self, obs: Observation) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        ctrl = self._controller(obs.session_id)
+        assert ctrl is not None
+        if obs.reset:
+            ctrl.reset(None)
+        return self._reply(obs, ctrl, ctrl.act(obs.image, obs.instruction), t0, 1)
+
+    def _reply(
+        self, obs: Observation, ctrl: PolicyController, command: np.ndarray, t0: float, batch: int
+    ) -> dict[str, Any]:
+        chunk = np.asarray(ctrl.last_chunk if ctrl.last_chunk is not None else [], np.float32)
+        out: dict[str, Any] = {}
+        if not (np.isfinite(command).all() and np.isfinite(chunk).all()):
+            # a robot must never receive NaN/inf: it gets a stop command, the reply says
+            # why, and the session's history (which may hold the bad values) starts over
+            self.nonfinite += 1
+            log.error(
+                "session %s: the policy produced a non-finite action (%d so far); sent a "
+                "stop command and cleared the session's history",
+                obs.session_id,
+                self.nonfinite,
             )
-            return out
+            command = np.zeros_like(command, dtype=np.float32)
+            chunk = np.zeros_like(chunk)
+            ctrl.reset(None)
+            out["fallback"] = "non-finite policy output; stop command sent, history cleared"
+        infer_ms = (time.perf_counter() - t0) * 1000
+        out.update(
+            {
+                "action": command,
+                "chunk": chunk,
+                "infer_ms": infer_ms,
+                "step": ctrl.steps,
+                "batch": batch,
+            }
+        )
+        return out
 
     def reset(self, session_id: str) -> bool:
         with self.lock:
@@ -202,6 +248,33 @@ async def _read_body(request: Request, limit: int, timeout: float = 10.0) -> byt
 def create_app(engine: Engine) -> Starlette:
     s = engine.settings
     ids = itertools.count()
+    # Requests wait in ``pending`` while the model is busy; the drain task answers everything
+    # that waited (up to max_batch) with one Engine.step_many call, so N robots cost about one
+    # forward pass of N frames per cycle instead of N forward passes.
+    pending: list[tuple[Observation, asyncio.Future]] = []
+    drainer: list[asyncio.Task] = []
+
+    async def drain() -> None:
+        while pending:
+            batch = pending[: max(1, s.max_batch)]
+            del pending[: len(batch)]
+            try:
+                outs = await run_in_threadpool(engine.step_many, [o for o, _ in batch])
+            except Exception as exc:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), out in zip(batch, outs, strict=True):
+                if not fut.done():
+                    fut.set_result(out)
+
+    async def infer(obs: Observation) -> dict[str, Any]:
+        fut = asyncio.get_running_loop().create_future()
+        pending.append((obs, fut))
+        if not drainer or drainer[0].done():
+            drainer[:] = [asyncio.create_task(drain())]
+        return await fut
 
     async def read_json(request: Request) -> Any:
         if not _authorised(s, request.headers.get("x-api-key")):
@@ -221,7 +294,7 @@ def create_app(engine: Engine) -> Starlette:
             )
         except BadRequest as exc:
             return _error(str(exc), exc.status)
-        out = await run_in_threadpool(engine.step, obs)
+        out = await infer(obs)
         return JSONResponse(
             {
                 "action": [float(v) for v in out["action"]],
@@ -229,6 +302,7 @@ def create_app(engine: Engine) -> Starlette:
                 "session_id": obs.session_id,
                 "step": out["step"],
                 "infer_ms": out["infer_ms"],
+                "batch": out["batch"],
                 "latency_ms": (time.perf_counter() - t0) * 1000,
                 **({"fallback": out["fallback"]} if "fallback" in out else {}),
             }
@@ -296,7 +370,7 @@ def create_app(engine: Engine) -> Starlette:
                 except BadRequest as exc:
                     await ws.send_bytes(packb({"error": str(exc), "status": exc.status}))
                     continue
-                out = await run_in_threadpool(engine.step, obs)
+                out = await infer(obs)
                 await ws.send_bytes(
                     packb(
                         {
