@@ -10,6 +10,10 @@
    intra-op thread and on all cores.
 3. Four concurrent sessions, each a robot at 10 Hz, for ``--soak`` seconds against the cached
    server: the share of responses under 1 s (the robot's deadline).
+4. Capacity curve (``--capacity S`` seconds per point): 1-16 robots at 10 Hz, each its own
+   session, against the server answering waiting requests one by one (``--max-batch 1``) and
+   batched (``--max-batch 16``): per robot the achieved rate (the slowest robot's) and the p99
+   latency. Target: >= 8 robots with every robot >= 9.5 Hz and p99 < 250 ms.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, cache: bool) -> tuple[subprocess.Popen, str]:
+def start_server(run: Path, cache: bool, max_batch: int = 16) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
         sys.executable,
@@ -53,6 +57,7 @@ def start_server(run: Path, cache: bool) -> tuple[subprocess.Popen, str]:
         "--checkpoint",
         "last",
     ]
+    cmd += ["--max-batch", str(max_batch)]
     if not cache:
         cmd.append("--no-history-cache")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,6 +138,49 @@ def soak(
     return counts["total"], counts["late"], worst[0]
 
 
+def capacity(
+    url: str, frames: list[bytes], robots: int, seconds: float, hz: float = 10.0
+) -> tuple[float, float, float]:
+    """``robots`` sessions at ``hz`` each for ``seconds``: (slowest robot's achieved Hz,
+    mean achieved Hz, p99 latency in ms). A robot sends its next frame at its next tick, or
+    at once when the answer came late (as the ROS node's timer does)."""
+    text = "Navigate to the gray basket on the right"
+    done: list[int] = [0] * robots
+    lat: list[float] = []
+    lock = threading.Lock()
+    start = time.perf_counter() + 0.5
+    end = start + seconds
+
+    def robot(k: int) -> None:
+        client = PredictClient(url, timeout=1.0)
+        next_t = start + k / (hz * robots)  # robots' ticks spread over a period
+        i = 0
+        while True:
+            time.sleep(max(0.0, next_t - time.perf_counter()))
+            if time.perf_counter() >= end:
+                return
+            t0 = time.perf_counter()
+            try:
+                client.predict(frames[i % len(frames)], text, f"cap{robots}-{k}", reset=i == 0)
+                ok = True
+            except Exception:
+                ok = False
+            dt = time.perf_counter() - t0
+            with lock:
+                lat.append(dt * 1000)
+                done[k] += ok and dt <= 1.0
+            i += 1
+            next_t = max(next_t + 1.0 / hz, time.perf_counter())
+
+    threads = [threading.Thread(target=robot, args=(k,)) for k in range(robots)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rates = np.asarray(done) / seconds
+    return float(rates.min()), float(rates.mean()), float(np.percentile(lat, 99))
+
+
 def control_steps(run: Path, steps: int, threads: int) -> dict[bool, np.ndarray]:
     """In-process control-step latency (ms) on ``threads`` intra-op threads: PolicyController
     with and without the cache."""
@@ -185,6 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--soak", type=float, default=60.0)
+    parser.add_argument("--capacity", type=float, default=15.0, help="seconds per point (0: off)")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
@@ -236,6 +285,36 @@ def main() -> None:
                 f"responses under 1 s ({(total - late) / total:.2%}); slowest "
                 f"{worst * 1000:.0f} ms"
             )
+        if args.capacity > 0:
+            curve: dict[int, dict[int, tuple[float, float, float]]] = {}
+            for max_batch in (1, 16):
+                proc, url = start_server(run, True, max_batch)
+                try:
+                    latencies(url, frames, 20)  # warm-up
+                    curve[max_batch] = {
+                        n: capacity(url, frames, n, args.capacity) for n in (1, 2, 4, 8, 12, 16)
+                    }
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+            print(
+                f"capacity: robots at 10 Hz, {args.capacity:.0f} s per point; slowest robot's "
+                "answered rate (Hz, answers within 1 s) / mean / p99 latency:"
+            )
+            print(f"  {'robots':>6}  {'one by one (--max-batch 1)':>30}  {'batched (16)':>30}")
+            for n in curve[1]:
+                row = [
+                    f"{lo:5.1f} / {mean:5.1f} Hz / {p99:6.0f} ms"
+                    for lo, mean, p99 in (curve[1][n], curve[16][n])
+                ]
+                print(f"  {n:>6}  {row[0]:>30}  {row[1]:>30}")
+            for max_batch in (1, 16):
+                ok = [n for n, (lo, _, p99) in curve[max_batch].items() if lo >= 9.5 and p99 < 250]
+                most = max(ok) if ok else 0
+                print(
+                    f"  max-batch {max_batch:>2}: most robots with every robot >= 9.5 Hz and p99 "
+                    f"< 250 ms: {most} (target >= 8: {'met' if most >= 8 else 'NOT met'})"
+                )
 
 
 if __name__ == "__main__":
