@@ -272,6 +272,17 @@ def test_training_reader_refuses_bad_files_unless_skip_bad(
     assert all(name in caplog.text for name in bad)
 
 
+def _data_overrides(folder: Path, tmp: Path, frame_cache: bool, size: str) -> list[str]:
+    return [
+        f"data.path={folder}",
+        f"data.cache_dir={tmp / 'cache'}",
+        f"data.frame_cache={str(frame_cache).lower()}",
+        "data.window_size=2",
+        "data.fwd_pred_next_n=2",
+        f"data.image_size={size}",
+    ]
+
+
 def _corrupt_frame(path: Path, t: int) -> Path:
     with h5py.File(path) as fh:
         offset = fh["images"].id.get_chunk_info(t).byte_offset
@@ -293,15 +304,7 @@ def test_a_frame_that_cannot_be_decoded_is_a_bad_file_before_training(
     for i in range(4):
         _good(folder / f"episode_20251106_14150{i}_1box_{'left' if i % 2 else 'right'}.h5")
     bad = _corrupt_frame(folder / "episode_20251106_141502_1box_right.h5", 2)
-    over = [
-        f"data.path={folder}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        f"data.frame_cache={str(frame_cache).lower()}",
-        "data.window_size=2",
-        "data.fwd_pred_next_n=2",
-        "data.image_size=[12,16]",
-        "data.val_fraction=0.25",
-    ]
+    over = [*_data_overrides(folder, tmp_path, frame_cache, "[12,16]"), "data.val_fraction=0.25"]
     with pytest.raises(DataError) as err:
         build_datasets(load_config(None, over))
     msg = str(err.value)
@@ -378,15 +381,7 @@ def test_bgr_files_reach_the_model_as_rgb(frame_cache: bool, tmp_path: Path) -> 
         np.zeros((4, 3), np.float32),
         "go left",
     )
-    over = [
-        f"data.path={folder}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        f"data.frame_cache={str(frame_cache).lower()}",
-        "data.window_size=2",
-        "data.fwd_pred_next_n=2",
-        "data.image_size=[8,8]",
-        "data.val_fraction=0",
-    ]
+    over = [*_data_overrides(folder, tmp_path, frame_cache, "[8,8]"), "data.val_fraction=0"]
 
     def colours(extra: list[str]) -> dict[str, tuple[int, ...]]:
         ds = build_datasets(load_config(None, [*over, *extra])).train

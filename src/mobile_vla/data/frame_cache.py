@@ -12,7 +12,6 @@ truncated or has the wrong shape is reported in one log line and rebuilt, never 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -24,11 +23,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mobile_vla.data.hdf5 import EpisodeInfo, FrameReader
-from mobile_vla.io import atomic_path, atomic_write_json
+from mobile_vla.io import atomic_path, atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
-
-_HASH_CHUNK = 1 << 22
 
 
 def resize_frames(frames: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -41,14 +38,6 @@ def resize_frames(frames: np.ndarray, size: Sequence[int]) -> np.ndarray:
     for i, frame in enumerate(frames):
         out[i] = np.asarray(Image.fromarray(frame).resize((w, h), Image.BILINEAR))
     return out
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 CHANNEL_ORDERS = ("auto", "rgb", "bgr")

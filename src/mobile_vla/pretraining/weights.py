@@ -9,7 +9,6 @@ the hash and the architecture before a single tensor is used. The package ships 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from mobile_vla.config import BuiltinConfig
 from mobile_vla.errors import ConfigError
-from mobile_vla.io import atomic_path, atomic_write_json
+from mobile_vla.io import atomic_path, atomic_write_json, file_sha256
 
 FORMAT = "mobile-vla-builtin-weights"
 VERSION = 1
@@ -48,14 +47,6 @@ def shipped_weights() -> Path:
     return Path(__file__).resolve().parent.parent / "weights" / f"{SHIPPED_NAME}.safetensors"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def architecture(cfg: BuiltinConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in ARCH_KEYS}
 
@@ -79,7 +70,7 @@ def export_weights(
         "format": FORMAT,
         "version": VERSION,
         "architecture": architecture(cfg),
-        "sha256": sha256(out),
+        "sha256": file_sha256(out),
         "bytes": out.stat().st_size,
         "parameters": int(sum(v.numel() for v in tensors.values())),
         **card,
@@ -111,7 +102,7 @@ def load_weights(weights: str | Path, cfg: BuiltinConfig) -> dict[str, torch.Ten
     card and ``cfg``; each problem is one error naming the file."""
     weights = Path(weights)
     card = read_card(weights)
-    digest = sha256(weights)
+    digest = file_sha256(weights)
     if digest != card.get("sha256"):
         raise WeightsError(
             f"weights file '{weights}' has SHA-256 {digest[:16]}..., its model card says "

@@ -15,7 +15,6 @@ its full training state (optimizer, schedulers, loops) through this format.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mobile_vla.errors import MobileVLAError
-from mobile_vla.io import current_umask, fsync_dir
+from mobile_vla.io import current_umask, file_sha256, fsync_dir
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -131,7 +130,7 @@ def save_folder(state: dict[str, Any], path: str | Path) -> Path:
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700 whatever the umask
         save_file(tensors, str(tmp / TENSORS))
-        (tmp / CHECKSUM).write_text(json.dumps({"sha256": _sha256(tmp / TENSORS)}))
+        (tmp / CHECKSUM).write_text(json.dumps({"sha256": file_sha256(tmp / TENSORS)}))
         (tmp / STATE).write_text(json.dumps(structure))
         for name in (TENSORS, CHECKSUM, STATE):
             os.chmod(tmp / name, 0o666 & ~current_umask())
@@ -153,14 +152,6 @@ def save_folder(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_folder(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint folder, verifying its checksum (checkpoints written before checksums
     were stored are read without) and refusing non-finite floating-point tensors."""
@@ -170,7 +161,7 @@ def load_folder(path: str | Path) -> dict[str, Any]:
     try:
         if (path / CHECKSUM).is_file():
             expected = json.loads((path / CHECKSUM).read_text())["sha256"]
-            if _sha256(path / TENSORS) != expected:
+            if file_sha256(path / TENSORS) != expected:
                 raise CheckpointError(
                     f"checkpoint '{path}': {TENSORS} does not match the checksum stored when it "
                     "was written (the file was modified or damaged)"
