@@ -17,6 +17,7 @@ import torch
 from mobile_vla.cli import main
 from mobile_vla.config import BackboneConfig, PretrainConfig, load_config
 from mobile_vla.errors import ConfigError, MobileVLAError
+from mobile_vla.io import file_sha256
 from mobile_vla.pretraining import train as pretrain_module
 from mobile_vla.pretraining.corpus import build_corpus, load_corpus
 from mobile_vla.pretraining.evaluate import retrieval_sets
@@ -25,7 +26,6 @@ from mobile_vla.pretraining.weights import (
     WeightsError,
     load_weights,
     read_card,
-    sha256,
     shipped_weights,
 )
 from mobile_vla.sim.caption_scenes import (
@@ -391,7 +391,7 @@ def test_pretrain_eval_cli_and_bad_input(run: Path, corpus: Path, tmp_path: Path
 def test_shipped_weights_are_intact_small_and_documented() -> None:
     path = shipped_weights()
     card = read_card(path)
-    assert card["sha256"] == sha256(path)
+    assert card["sha256"] == file_sha256(path)
     assert path.stat().st_size <= 25 * 1024 * 1024
     assert card["architecture"]["image_size"] == load_config(None).backbone.builtin.image_size
     text = (path.parent / "MODEL_CARD.md").read_text()
