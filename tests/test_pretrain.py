@@ -636,11 +636,13 @@ def test_bf16_run_says_so_and_reloads(
 
 
 def test_auto_precision_follows_the_processor(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pretrain_module, "cpu_has_native_bf16", lambda: True)
-    assert pretrain_module.resolve_precision("auto") == "bf16-mixed"
-    monkeypatch.setattr(pretrain_module, "cpu_has_native_bf16", lambda: False)
-    assert pretrain_module.resolve_precision("auto") == "32"
-    assert pretrain_module.resolve_precision("bf16-mixed") == "bf16-mixed"
+    from mobile_vla import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert hardware.resolve_precision("auto") == "bf16-mixed"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert hardware.resolve_precision("auto") == "32"
+    assert hardware.resolve_precision("bf16-mixed") == "bf16-mixed"
     with pytest.raises(ConfigError, match="precision"):
         load_config(None, ["precision=fp16"], cls=PretrainConfig)
     with pytest.raises(ConfigError, match=r"claim_weight.*text_order_layers"):

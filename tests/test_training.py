@@ -243,6 +243,25 @@ def test_gradient_clip_val_is_applied(train_data, tmp_path) -> None:
     assert max(norms[1e-3]) <= 1e-3 * 1.0001
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_uses_bf16_where_native_and_records_it(
+    native, train_data, tmp_path, monkeypatch
+) -> None:
+    from mobile_vla import hardware
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: native)
+    cfg = cfg_for(
+        train_data, tmp_path, "trainer.precision=auto", "trainer.max_steps=3", "trainer.run_name=p"
+    )
+    run = train(cfg, progress=False)
+    stats = json.loads((run / "train_stats.json").read_text())
+    assert stats["precision"] == ("bf16-mixed" if native else "32")
+    state = load_folder(run / "checkpoints" / "last")
+    assert all(
+        v.dtype == torch.float32 for v in state["state_dict"].values() if v.is_floating_point()
+    )
+
+
 def test_checkpoint_from_another_architecture_is_refused(train_data, tmp_path) -> None:
     cfg = cfg_for(train_data, tmp_path, "trainer.run_name=a", "trainer.max_steps=2")
     run = train(cfg, progress=False)

@@ -431,7 +431,10 @@ class TrainerConfig:
     """Stop after this many optimizer steps (-1 = run max_epochs)."""
     batch_size: int = 8
     num_workers: int = 0
-    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "32"
+    """``auto``: bfloat16 autocast where the hardware multiplies it natively (a CPU with
+    AVX512-BF16 or AMX, a CUDA GPU that supports it), else 32; ``train_stats.json`` records
+    what was used."""
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 0.0
     """Clip the gradient norm to this value (0 = off)."""

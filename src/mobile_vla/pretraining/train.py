@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from mobile_vla.config import PretrainConfig, load_config, save_config, to_dict
 from mobile_vla.errors import MobileVLAError
+from mobile_vla.hardware import resolve_precision
 from mobile_vla.io import atomic_write_json, atomic_write_text
 from mobile_vla.pretraining.corpus import Corpus, load_corpus
 from mobile_vla.pretraining.model import CELLS, PretrainModel
@@ -404,23 +405,6 @@ def cell_targets(objects: list[list[dict]]) -> torch.Tensor:
             target[b, c, list(COLOURS).index(o["colour"])] = 1.0
             target[b, c, len(COLOURS) + SHAPES.index(o["shape"])] = 1.0
     return target
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this x86 CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere
-    bfloat16 autocast is emulated and slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> ``bf16-mixed`` where bfloat16 is native on the CPU, else ``32``."""
-    if precision == "auto":
-        return "bf16-mixed" if cpu_has_native_bf16() else "32"
-    return precision
 
 
 def make_optimizer(

@@ -28,6 +28,7 @@ from mobile_vla.config import Config, load_config, save_config
 from mobile_vla.data.dataset import DataBundle, build_datasets
 from mobile_vla.data.normalization import ActionStats, Normalizer
 from mobile_vla.errors import ConfigError, MobileVLAError
+from mobile_vla.hardware import resolve_precision
 from mobile_vla.io import atomic_write_json
 from mobile_vla.models.backbones.base import Backbone
 from mobile_vla.models.policy import VLAPolicy
@@ -203,6 +204,7 @@ def train(
         result["global_step"] = trainer.global_step
         result["epochs"] = trainer.current_epoch
         result["feature_cache"] = feature_cache
+        result["precision"] = resolve_precision(t.precision, t.accelerator)
         atomic_write_json(run / "train_stats.json", result)
     return run
 
@@ -257,7 +259,7 @@ def _make_trainer(
     return pl.Trainer(
         max_epochs=t.max_epochs if t.max_epochs > 0 else -1,
         max_steps=t.max_steps,
-        precision=t.precision,
+        precision=resolve_precision(t.precision, t.accelerator),
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None,
         gradient_clip_algorithm="norm",
