@@ -11,8 +11,8 @@ import pytest
 
 from mobile_vla.cli import main
 from mobile_vla.errors import DataError
+from mobile_vla.pretraining.caption_scenes import EVAL_TEMPLATES, fact_holds, sample_scene
 from mobile_vla.pretraining.corpus import build_corpus, load_corpus
-from mobile_vla.sim.caption_scenes import EVAL_TEMPLATES, fact_holds, sample_scene
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_probe_pairs_name_the_true_order() -> None:
         scene = sample_scene(seed)
         cells = {(o.lateral, o.depth) for o in scene.objects}
         assert not {("centre", "near"), ("centre", "far")} <= cells  # never the nav layout
-        from mobile_vla.sim.caption_scenes import left_right_probe
+        from mobile_vla.pretraining.caption_scenes import left_right_probe
 
         probe = left_right_probe(scene.objects)
         if probe is None:
@@ -79,7 +79,7 @@ def test_probe_skips_objects_that_are_not_the_only_one_of_their_kind() -> None:
             shape=shape, colour=colour, size="small", lateral=lateral, depth="far", x=2.0, y=y
         )
 
-    from mobile_vla.sim.caption_scenes import left_right_probe
+    from mobile_vla.pretraining.caption_scenes import left_right_probe
 
     # a red box on each side of a green bottle: "the red box is right of the bottle" is true too
     boxes = [
@@ -130,7 +130,7 @@ def test_bad_corpus_folders(tmp_path: Path, corpus: Path) -> None:
 def _render(renderer, scene, size: int) -> np.ndarray:
     import mujoco
 
-    from mobile_vla.sim.caption_scenes import scene_xml
+    from mobile_vla.pretraining.caption_scenes import scene_xml
 
     model = mujoco.MjModel.from_xml_string(scene_xml(scene, size))
     data = mujoco.MjData(model)
@@ -144,7 +144,7 @@ def test_every_object_is_wholly_in_view() -> None:
     object pushed out to the side."""
     from dataclasses import replace
 
-    from mobile_vla.sim.caption_scenes import in_view
+    from mobile_vla.pretraining.caption_scenes import in_view
     from mobile_vla.sim.gl import ModelRenderer, ensure_gl_backend
 
     ensure_gl_backend()
@@ -168,7 +168,7 @@ def test_every_object_is_wholly_in_view() -> None:
 def test_one_gl_context_renders_what_mujoco_renderer_renders() -> None:
     import mujoco
 
-    from mobile_vla.sim.caption_scenes import scene_xml
+    from mobile_vla.pretraining.caption_scenes import scene_xml
     from mobile_vla.sim.gl import ModelRenderer, ensure_gl_backend
 
     ensure_gl_backend()

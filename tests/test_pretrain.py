@@ -19,16 +19,7 @@ from mobile_vla.config import BackboneConfig, PretrainConfig, load_config
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import file_sha256
 from mobile_vla.pretraining import train as pretrain_module
-from mobile_vla.pretraining.corpus import build_corpus, load_corpus
-from mobile_vla.pretraining.evaluate import retrieval_sets
-from mobile_vla.pretraining.train import load_run, load_weights_file, pretrain
-from mobile_vla.pretraining.weights import (
-    WeightsError,
-    load_weights,
-    read_card,
-    shipped_weights,
-)
-from mobile_vla.sim.caption_scenes import (
+from mobile_vla.pretraining.caption_scenes import (
     captions,
     fact_holds,
     fact_key,
@@ -40,6 +31,15 @@ from mobile_vla.sim.caption_scenes import (
     sample_scene,
     swap_sides,
     true_facts,
+)
+from mobile_vla.pretraining.corpus import build_corpus, load_corpus
+from mobile_vla.pretraining.evaluate import retrieval_sets
+from mobile_vla.pretraining.train import load_run, load_weights_file, pretrain
+from mobile_vla.pretraining.weights import (
+    WeightsError,
+    load_weights,
+    read_card,
+    shipped_weights,
 )
 
 from .conftest import TINY_BUILTIN, tiny_builtin_config
@@ -123,7 +123,7 @@ def test_pair_templates_do_not_give_away_the_left_object_by_order() -> None:
     """The left object is named first in some training phrasings and second in others, with
     either side word: only the two together say which object is left (so a claim head cannot
     settle on 'the first-named object is on the side the word says')."""
-    from mobile_vla.sim.caption_scenes import TRAIN_TEMPLATES
+    from mobile_vla.pretraining.caption_scenes import TRAIN_TEMPLATES
 
     first_is_left = set()
     for template in TRAIN_TEMPLATES["pair"]:

@@ -60,7 +60,12 @@ def _close_renderer() -> None:
 
 
 def _render_chunk(args: tuple[list[int], int, int, int, float]) -> list[tuple[int, Any, dict]]:
-    from mobile_vla.sim.caption_scenes import captions, left_right_probe, sample_scene, scene_xml
+    from mobile_vla.pretraining.caption_scenes import (
+        captions,
+        left_right_probe,
+        sample_scene,
+        scene_xml,
+    )
     from mobile_vla.sim.gl import ensure_gl_backend
 
     ensure_gl_backend()

@@ -34,9 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mobile_vla.config import PretrainConfig
-from mobile_vla.pretraining.corpus import Corpus
-from mobile_vla.pretraining.model import PretrainModel
-from mobile_vla.sim.caption_scenes import (
+from mobile_vla.pretraining.caption_scenes import (
     COLOURS,
     SHAPES,
     article,
@@ -44,6 +42,8 @@ from mobile_vla.sim.caption_scenes import (
     left_right_probe,
     left_right_probe_held_out,
 )
+from mobile_vla.pretraining.corpus import Corpus
+from mobile_vla.pretraining.model import PretrainModel
 
 CANDIDATES = 32
 

@@ -45,7 +45,7 @@ from torch import nn
 from mobile_vla.config import BackboneConfig, BuiltinConfig
 from mobile_vla.errors import ConfigError
 from mobile_vla.models.backbones.builtin import BuiltinBackbone, init_weights
-from mobile_vla.sim.caption_scenes import COLOURS, DEPTH, LATERAL, SHAPES
+from mobile_vla.pretraining.caption_scenes import COLOURS, DEPTH, LATERAL, SHAPES
 
 CELLS = [(lat, dep) for lat in LATERAL for dep in DEPTH]
 

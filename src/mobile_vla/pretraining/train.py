@@ -44,9 +44,7 @@ from mobile_vla.config import PretrainConfig, load_config, save_config, to_dict
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.hardware import resolve_precision
 from mobile_vla.io import atomic_write_json, atomic_write_text
-from mobile_vla.pretraining.corpus import Corpus, load_corpus
-from mobile_vla.pretraining.model import CELLS, PretrainModel
-from mobile_vla.sim.caption_scenes import (
+from mobile_vla.pretraining.caption_scenes import (
     COLOURS,
     SHAPES,
     fact_key,
@@ -57,6 +55,8 @@ from mobile_vla.sim.caption_scenes import (
     swap_sides,
     true_facts,
 )
+from mobile_vla.pretraining.corpus import Corpus, load_corpus
+from mobile_vla.pretraining.model import CELLS, PretrainModel
 from mobile_vla.training.checkpoint import load_folder, save_folder
 from mobile_vla.training.module import warmup_cosine
 
