@@ -22,6 +22,7 @@ teleoperated episodes, say) and collects expert episodes only into an empty fold
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -134,8 +135,7 @@ def dagger(
             driver, controller = "expert", None
             if r > 0:
                 driver = done[-1].run
-                policy, policy_cfg = load_policy(driver)
-                controller = PolicyController(policy, policy_cfg)
+                controller = PolicyController(*load_policy(driver))
             results = collect(
                 data,
                 episodes,
@@ -156,6 +156,7 @@ def dagger(
                 "goal_reached": sum(x.success for x in results),
             }
             _save(path, data, seed, done, collected)
+            del controller  # the driving policy is not needed while the next one trains
         log.info("DAgger round %d: %s", r, collected)
         folder = Path(cfg.trainer.output_dir) / run_name
         if (folder / "train_stats.json").exists():
@@ -176,6 +177,9 @@ def dagger(
         )
         done.append(record)
         _save(path, data, seed, done, None)
+        # the trainer's objects form reference cycles that hold the round's memory maps of the
+        # feature cache (hundreds of MB per thousand frames); free them before the next round
+        gc.collect()
         if on_round is not None:
             on_round(record)
     return done
