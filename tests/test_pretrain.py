@@ -694,3 +694,14 @@ def test_left_right_probe_is_balanced(
     )
     m = evaluate(model, c, cfg, limit=24)["summary"]
     assert m["left_right_itc"] == 1.0 and m["left_right_held_out_itc"] == 0.0
+
+
+def test_retrieval_counts_ties_against_the_true_caption() -> None:
+    from mobile_vla.pretraining.evaluate import hit_probability
+
+    assert hit_probability(np.zeros(32)) == pytest.approx(1 / 32)  # a constant scorer: chance
+    assert hit_probability(np.zeros(32), 5) == pytest.approx(5 / 32)
+    assert hit_probability(np.array([2.0, 1.0, 0.5])) == 1.0
+    assert hit_probability(np.array([1.0, 1.0, 0.5])) == 0.5  # a two-way tie, as the probe
+    assert hit_probability(np.array([1.0, 3.0, 1.0, 1.0]), 2) == pytest.approx(1 / 3)
+    assert hit_probability(np.array([0.0, 1.0, 2.0])) == 0.0

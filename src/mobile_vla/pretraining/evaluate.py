@@ -11,7 +11,8 @@ no "wrong" candidate is in fact true of the image. Two scores rank captions:
 Metrics, each for both scores:
 
 * retrieval: image -> caption among ``candidates`` (32: the image's caption and 31 false
-  ones from other held-out images); R@1 and R@5 (chance 1/32 and 5/32);
+  ones from other held-out images); R@1 and R@5 (chance 1/32 and 5/32; ties are broken at
+  random, so a constant score gets chance);
 * left/right probe: for scenes with two objects side by side (X left of Y, each the only one
   of its colour and shape in the scene, so the false caption is false), is "X to the left of
   Y" ranked above
@@ -146,8 +147,14 @@ def _wins(true: float, false: float) -> float:
     return 1.0 if true > false else 0.5 if true == false else 0.0
 
 
-def _rank_of_first(scores: np.ndarray) -> int:
-    return int((scores > scores[0]).sum())
+def hit_probability(scores: np.ndarray, k: int = 1) -> float:
+    """Probability that the true caption (``scores[0]``) ranks in the top ``k`` when ties are
+    broken at random: with ``g`` candidates scoring higher and ``t`` others tying it, the true
+    one lands uniformly on ranks g..g+t. Ties count as the left/right probe counts them (a
+    two-way tie is 1/2), never in the true caption's favour: a constant scorer gets 1/n."""
+    g = int((scores > scores[0]).sum())
+    t = int((scores == scores[0]).sum()) - 1
+    return float(min(1.0, max(0.0, (k - g) / (t + 1))))
 
 
 @torch.no_grad()
@@ -157,7 +164,7 @@ def quick_recall(model: PretrainModel, corpus: Corpus, cfg: PretrainConfig) -> f
     scorer = Scorer(model, corpus)
     sets = retrieval_sets(corpus, cfg.seed, cfg.eval_images)
     scorer.images([i for i, _ in sets])
-    return float(np.mean([_rank_of_first(scorer.itc(i, c)) == 0 for i, c in sets]))
+    return float(np.mean([hit_probability(scorer.itc(i, c)) for i, c in sets]))
 
 
 @torch.no_grad()
@@ -176,16 +183,17 @@ def evaluate(
     scores = {"itc": scorer.itc}
     if cfg.itm_weight > 0 and cfg.itm_images > 0:
         scores["itm"] = scorer.itm
-    ranks: dict[str, list[int]] = {"itc": [], "itm": []}
+    hits: dict[str, list[tuple[float, float]]] = {"itc": [], "itm": []}  # (top-1, top-5)
     scorer.images([i for i, _ in sets])
     for i, cands in tqdm(sets, desc="retrieval", disable=not progress):
         for name, fn in scores.items():
-            ranks[name].append(_rank_of_first(fn(i, cands)))
+            s = fn(i, cands)
+            hits[name].append((hit_probability(s, 1), hit_probability(s, 5)))
     val = corpus.split("val") if limit is None else [i for i, _ in sets]
     probe: dict[str, list[float]] = {"itc": [], "itm": []}
     probe_held_out: dict[str, list[float]] = {"itc": [], "itm": []}
-    colour: dict[str, list[bool]] = {"itc": [], "itm": []}
-    shape: dict[str, list[bool]] = {"itc": [], "itm": []}
+    colour: dict[str, list[float]] = {"itc": [], "itm": []}
+    shape: dict[str, list[float]] = {"itc": [], "itm": []}
     for i in tqdm(val, desc="probes", disable=not progress):
         r = corpus.records[i]
         objs = r["objects"]
@@ -204,21 +212,21 @@ def evaluate(
                 colours = [o["colour"]] + [c for c in COLOURS if c != o["colour"]]
                 texts = [f"an image showing {article(c)} {o['shape']}" for c in colours]
                 for name, fn in scores.items():
-                    colour[name].append(_rank_of_first(fn(i, texts)) == 0)
+                    colour[name].append(hit_probability(fn(i, texts)))
             if sum(p["colour"] == o["colour"] for p in objs) == 1:
                 shapes = [o["shape"]] + [s for s in SHAPES if s != o["shape"]]
                 texts = [f"an image showing {article(o['colour'])} {s}" for s in shapes]
                 for name, fn in scores.items():
-                    shape[name].append(_rank_of_first(fn(i, texts)) == 0)
+                    shape[name].append(hit_probability(fn(i, texts)))
     summary: dict[str, Any] = {}
     for name in ("itc", "itm"):
         if name not in scores:
             for key in ("r1", "r5", "left_right", "left_right_held_out", "colour", "shape"):
                 summary[f"{key}_{name}"] = None  # not trained (itm_weight 0)
             continue
-        rk = np.array(ranks[name])
-        summary[f"r1_{name}"] = float((rk < 1).mean()) if len(rk) else float("nan")
-        summary[f"r5_{name}"] = float((rk < 5).mean()) if len(rk) else float("nan")
+        hk = np.array(hits[name]).reshape(-1, 2)
+        summary[f"r1_{name}"] = float(hk[:, 0].mean()) if len(hk) else float("nan")
+        summary[f"r5_{name}"] = float(hk[:, 1].mean()) if len(hk) else float("nan")
         for key, values in (
             ("left_right", probe[name]),
             ("left_right_held_out", probe_held_out[name]),
