@@ -32,6 +32,7 @@ LAYOUTS = ("1box", "2box")
 SIDES = ("left", "right")
 DISTANCES = ("close", "medium", "far")
 TARGETS = ("bottle", "basket")
+CHANNEL_ORDERS = ("auto", "rgb", "bgr")  # data.channel_order
 DEFAULT_INSTRUCTION_TEMPLATE = (
     "Navigate around obstacles and reach the front of the beverage bottle on the {side}"
 )
@@ -144,8 +145,10 @@ class DataConfig:
                 "a template containing '{side}'",
                 self.instruction_template,
             )
-        if self.channel_order not in ("auto", "rgb", "bgr"):
-            raise _fail(f"{prefix}.channel_order", "one of auto, rgb, bgr", self.channel_order)
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise _fail(
+                f"{prefix}.channel_order", f"one of {', '.join(CHANNEL_ORDERS)}", self.channel_order
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise _fail(f"{prefix}.val_fraction", "in [0, 1)", self.val_fraction)
         if not 0.0 <= self.test_fraction < 1.0 or self.val_fraction + self.test_fraction >= 1.0:

@@ -26,15 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from mobile_vla.config import Config, DataConfig
 from mobile_vla.data.augmentation import augment
 from mobile_vla.data.episodes import Split, load_episodes, split_episodes, train_subset
 from mobile_vla.data.frame_cache import DirectFrames, FrameCache
-from mobile_vla.data.hdf5 import EpisodeInfo, verify_frames
+from mobile_vla.data.hdf5 import EpisodeInfo
 from mobile_vla.data.normalization import ActionStats, Normalizer
-from mobile_vla.errors import DataError, EpisodeError
+from mobile_vla.errors import DataError
 
 SIDE_VALUE = {"left": 1, "right": -1}
 
@@ -187,21 +186,9 @@ def drop_undecodable(
     frame without it), so a file with a frame that cannot be decoded is a bad file like any
     other: refused with its name and frame unless ``data.skip_bad``, then reported and left out
     — never found halfway through training."""
-    bad: list[EpisodeError] = []
-    good: list[EpisodeInfo] = []
-    what = "frame cache" if isinstance(source, FrameCache) else "checking frames"
-    for ep in tqdm(episodes, desc=what, unit="ep", disable=not progress):
-        try:
-            if isinstance(source, FrameCache):
-                source.frames(ep)
-            else:
-                verify_frames(ep.path)
-        except EpisodeError as exc:
-            bad.append(exc)
-            continue
-        good.append(ep)
-    if isinstance(source, FrameCache):
-        source.save_index()
+    bad = source.ensure(episodes, progress=progress)
+    failed = {e.path for e in bad}
+    good = [ep for ep in episodes if ep.path not in failed]
     if bad:
         listing = "; ".join(str(e) for e in bad)
         if not cfg.skip_bad:

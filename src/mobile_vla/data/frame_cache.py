@@ -17,12 +17,14 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mobile_vla.data.hdf5 import EpisodeInfo, FrameReader
+from mobile_vla.data.hdf5 import EpisodeInfo, FrameReader, verify_frames
+from mobile_vla.errors import EpisodeError
 from mobile_vla.io import atomic_path, atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,6 @@ def resize_frames(frames: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return out
 
 
-CHANNEL_ORDERS = ("auto", "rgb", "bgr")
-
-
 def stored_channel_order(episode: EpisodeInfo, configured: str = "auto") -> str:
     """How the file stores its frames: ``configured`` unless it is ``auto``, then the file's
     ``channel_order`` attribute (``collect`` writes ``rgb``), else ``rgb``. The robot's OpenCV
@@ -55,6 +54,31 @@ def stored_channel_order(episode: EpisodeInfo, configured: str = "auto") -> str:
 
 def to_rgb(frames: np.ndarray, order: str) -> np.ndarray:
     return np.ascontiguousarray(frames[..., ::-1]) if order == "bgr" else frames
+
+
+def model_frames(
+    reader: FrameReader,
+    episode: EpisodeInfo,
+    indices: Sequence[int],
+    size: Sequence[int],
+    channel_order: str = "auto",
+) -> np.ndarray:
+    """Frames ``indices`` of an episode as the model sees them: RGB (per
+    :func:`stored_channel_order`) and resized to ``size``; uint8 (len(indices), H, W, 3)."""
+    order = stored_channel_order(episode, channel_order)
+    return resize_frames(to_rgb(reader.frames(indices), order), size)
+
+
+def _collect_errors(
+    episodes: Sequence[EpisodeInfo], check: Any, desc: str, progress: bool
+) -> list[EpisodeError]:
+    bad = []
+    for ep in tqdm(episodes, desc=desc, unit="ep", disable=not progress):
+        try:
+            check(ep)
+        except EpisodeError as exc:
+            bad.append(exc)
+    return bad
 
 
 class FrameCache:
@@ -138,11 +162,10 @@ class FrameCache:
 
     def _build_entry(self, episode: EpisodeInfo, entry: Path) -> None:
         shape = (episode.num_frames, *self.size, 3)
-        order = stored_channel_order(episode, self.channel_order)
         with FrameReader(episode.path) as reader, atomic_path(entry, suffix=".npy") as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             for t in range(episode.num_frames):
-                out[t] = resize_frames(to_rgb(reader.frames([t]), order), self.size)[0]
+                out[t] = model_frames(reader, episode, [t], self.size, self.channel_order)[0]
             out.flush()
             del out  # unmap before the rename
 
@@ -162,11 +185,12 @@ class FrameCache:
             self._maps[episode.path] = arr
             return arr
 
-    def ensure(self, episodes: Sequence[EpisodeInfo], progress: bool = False) -> None:
-        """Build every missing entry up front (with a progress bar) and save the hash index."""
-        for ep in tqdm(episodes, desc="frame cache", unit="ep", disable=not progress):
-            self.frames(ep)
+    def ensure(self, episodes: Sequence[EpisodeInfo], progress: bool = False) -> list[EpisodeError]:
+        """Build every missing entry up front (with a progress bar) and save the hash index;
+        returns the errors of episodes whose frames cannot be decoded (no entry is left)."""
+        bad = _collect_errors(episodes, self.frames, "frame cache", progress)
         self.save_index()
+        return bad
 
     def __getstate__(self) -> dict:
         # Worker processes re-open their own maps.
@@ -199,10 +223,15 @@ class DirectFrames:
                 old.close()
             reader = self._readers[episode.path] = FrameReader(episode.path)
         unique = sorted(set(int(i) for i in indices))
-        order = stored_channel_order(episode, self.channel_order)
-        frames = resize_frames(to_rgb(reader.frames(unique), order), self.size)
+        frames = model_frames(reader, episode, unique, self.size, self.channel_order)
         decoded = dict(zip(unique, frames, strict=True))
         return np.stack([decoded[int(i)] for i in indices])
+
+    def ensure(self, episodes: Sequence[EpisodeInfo], progress: bool = False) -> list[EpisodeError]:
+        """Decode every frame of every episode once (nothing is kept); returns the errors of
+        episodes whose frames cannot be decoded."""
+        check = lambda ep: verify_frames(ep.path)  # noqa: E731
+        return _collect_errors(episodes, check, "checking frames", progress)
 
     def __getstate__(self) -> dict:
         return {

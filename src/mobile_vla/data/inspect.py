@@ -170,7 +170,7 @@ def contact_sheet(
     to RGB per the channel order and resized to ``data.image_size``."""
     from PIL import Image, ImageDraw
 
-    from mobile_vla.data.frame_cache import resize_frames, stored_channel_order, to_rgb
+    from mobile_vla.data.frame_cache import model_frames
     from mobile_vla.data.hdf5 import FrameReader
     from mobile_vla.io import atomic_path
 
@@ -186,8 +186,7 @@ def contact_sheet(
     for r, ep in enumerate(rows):
         t = ep.num_frames
         with FrameReader(ep.path) as reader:
-            frames = reader.frames([0, t // 2, t - 1])
-        frames = resize_frames(to_rgb(frames, stored_channel_order(ep, channel_order)), (h, w))
+            frames = model_frames(reader, ep, [0, t // 2, t - 1], (h, w), channel_order)
         y = r * (th + 4)
         draw.text((4, y + 2), ep.path.name[:64], fill="black")
         draw.text((4, y + 16), ep.instruction[:64], fill=(60, 60, 60))
