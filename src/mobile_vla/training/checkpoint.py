@@ -95,7 +95,8 @@ def _old(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
 
-def _complete(path: Path) -> bool:
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` holds both files of a checkpoint."""
     return (path / STATE).is_file() and (path / TENSORS).is_file()
 
 
@@ -104,7 +105,7 @@ def recover(path: str | Path) -> Path:
     previous version waits, complete, as ``.<name>.old``; put it back."""
     path = Path(path)
     old = _old(path)
-    if not path.exists() and old.is_dir() and _complete(old):
+    if not path.exists() and old.is_dir() and is_complete(old):
         os.replace(old, path)
         fsync_dir(path.parent)
     return path
@@ -156,7 +157,7 @@ def load_folder(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint folder, verifying its checksum (checkpoints written before checksums
     were stored are read without) and refusing non-finite floating-point tensors."""
     path = recover(path)
-    if not _complete(path):
+    if not is_complete(path):
         raise CheckpointError(f"checkpoint '{path}' is incomplete: expected {STATE} and {TENSORS}")
     try:
         if (path / CHECKSUM).is_file():

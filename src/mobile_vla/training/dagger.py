@@ -122,12 +122,11 @@ def dagger(
         run_cfg = _round_cfg(cfg, data, run_name)
         if pending is not None and pending["round"] == r:
             collected = pending  # collected before an interruption: not collected twice
-        elif r == 0 and any(data.glob(cfg.data.pattern)):
-            n = len(list(data.glob(cfg.data.pattern)))
+        elif r == 0 and (existing := sorted(data.glob(cfg.data.pattern))):
             collected = {
                 "round": 0,
                 "driven_by": "data",
-                "episodes": n,
+                "episodes": len(existing),
                 "frames": 0,
                 "goal_reached": 0,
             }

@@ -33,7 +33,7 @@ from mobile_vla.io import atomic_write_json
 from mobile_vla.models.backbones.base import Backbone
 from mobile_vla.models.policy import VLAPolicy
 from mobile_vla.models.strategies import StrategyPlan, apply_strategy, format_table
-from mobile_vla.training.checkpoint import load_folder, recover
+from mobile_vla.training.checkpoint import is_complete, load_folder, recover
 
 log = logging.getLogger(__name__)
 RUN_FILES = ("config.yaml", "stats.json", "split.json")
@@ -104,7 +104,7 @@ def new_run_dir(cfg: Config) -> Path:
     run = Path(cfg.trainer.output_dir) / name
     folder = run / "checkpoints"
     # a run killed during its first checkpoint write holds no checkpoint: it starts anew
-    if any((recover(folder / w) / "state.json").is_file() for w in ("last", "best")):
+    if any(is_complete(recover(folder / w)) for w in ("last", "best")):
         raise MobileVLAError(
             f"run folder '{run}' already holds checkpoints; resume it with --resume {run} or "
             "choose another trainer.run_name"
@@ -168,6 +168,7 @@ def train(
 
         loggers.append(WandbLogger(save_dir=str(run), name=run.name))
     stats_cb = TrainStats()
+    precision = resolve_precision(t.precision, t.accelerator)  # "auto" decided once, recorded
     try:  # settings Lightning refuses are reported before anything is written
         trainer = _make_trainer(
             pl,
@@ -177,6 +178,7 @@ def train(
             [RunCheckpoints(run / "checkpoints"), stats_cb, *(callbacks or [])],
             SafeCheckpointIO(),
             progress,
+            precision,
         )
     except (ValueError, RuntimeError, TypeError, MisconfigurationException) as exc:
         raise ConfigError(
@@ -204,7 +206,7 @@ def train(
         result["global_step"] = trainer.global_step
         result["epochs"] = trainer.current_epoch
         result["feature_cache"] = feature_cache
-        result["precision"] = resolve_precision(t.precision, t.accelerator)
+        result["precision"] = precision
         atomic_write_json(run / "train_stats.json", result)
     return run
 
@@ -255,11 +257,12 @@ def _make_trainer(
     callbacks: list[Any],
     checkpoint_io: Any,
     progress: bool,
+    precision: str,
 ) -> Any:
     return pl.Trainer(
         max_epochs=t.max_epochs if t.max_epochs > 0 else -1,
         max_steps=t.max_steps,
-        precision=resolve_precision(t.precision, t.accelerator),
+        precision=precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None,
         gradient_clip_algorithm="norm",
