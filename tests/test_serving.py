@@ -21,11 +21,12 @@ from PIL import Image
 from mobile_vla.config import load_config
 from mobile_vla.serving.client import PredictClient, ServerError, StreamClient, jpeg_224
 from mobile_vla.serving.protocol import packb, unpackb
-from mobile_vla.serving.server import Engine, ServeSettings, create_app
+from mobile_vla.serving.server import Engine, ServeSettings
 
+from . import http_fuzz
 from .conftest import tiny_overrides
 
-KEY = "s3cret-key"
+KEY = http_fuzz.KEY
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +51,13 @@ class LiveServer:
     def __init__(self, engine: Engine) -> None:
         import uvicorn
 
+        from mobile_vla.serving.server import uvicorn_config
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.server = uvicorn.Server(
-            uvicorn.Config(
-                create_app(engine), host="127.0.0.1", port=self.port, log_level="warning"
-            )
+            uvicorn_config(engine, "127.0.0.1", self.port, log_level="warning")
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -496,6 +497,139 @@ def test_a_half_sent_body_gets_408_and_the_server_keeps_serving(served_run: Path
         assert raw_post(live.url, "/predict", good, key=None)[0] == 200
     finally:
         live.stop()
+
+
+def test_half_sent_headers_get_408_and_the_connection_closes(served_run: Path) -> None:
+    """Before the deadline protocol a connection that had sent part of its headers (new, or
+    kept alive after a first request) waited for the rest forever."""
+    live, _ = start(served_run, header_timeout_s=0.5)
+    good = json.dumps({"image": b64_jpeg(frame()), "instruction": "go left"}).encode()
+    try:
+        socks = [socket.create_connection(("127.0.0.1", live.port), timeout=10) for _ in range(20)]
+        for sock in socks:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        # meanwhile the server answers complete requests
+        assert raw_post(live.url, "/predict", good, key=None)[0] == 200
+        t0 = time.time()
+        for sock in socks:
+            reply = sock.recv(4096).decode()
+            assert reply.startswith("HTTP/1.1 408") and "headers not complete within 0.5 s" in reply
+            assert sock.recv(4096) == b""  # closed by the server
+            sock.close()
+        assert time.time() - t0 < 5
+        # a kept-alive connection: one full request, then half of the next one
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+            sock.sendall(
+                b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHo"
+            )
+            replies = b""
+            while b"408" not in replies:
+                chunk = sock.recv(4096)
+                assert chunk, replies
+                replies += chunk
+            assert replies.startswith(b"HTTP/1.1 200") and b"model_loaded" in replies
+        # a slow but complete sender (headers in three parts, within the deadline) is served
+        with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+            for part in (b"GET /hea", b"lth HTTP/1.1\r\n", b"Host: x\r\n\r\n"):
+                sock.sendall(part)
+                time.sleep(0.1)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        live.stop()
+
+
+def test_the_kept_fuzz_corpus_gets_json_4xx_never_5xx(served_run: Path) -> None:
+    """Every request of ``tests/data/http_fuzz.jsonl.gz`` (281: see tests/http_fuzz.py) gets an
+    answer within the deadlines, never a 5xx, and every error is JSON with ``error``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    live, _ = start(served_run, api_key=KEY, header_timeout_s=1.0, body_timeout_s=1.0)
+    corpus = http_fuzz.load()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda item: http_fuzz.send(live.port, item[1]), corpus))
+        good = json.dumps({"image": b64_jpeg(frame()), "instruction": "go left"}).encode()
+        assert raw_post(live.url, "/predict", good)[0] == 200
+    finally:
+        live.stop()
+    counts = {"tried": len(corpus), "2xx": 0, "4xx": 0, "5xx": 0, "no answer": 0, "slow": 0}
+    bad = []
+    for (name, raw), (status, body, seconds) in zip(corpus, answers, strict=True):
+        counts["slow"] += seconds > 3.0  # deadlines are 1 s; model calls take milliseconds
+        if status is None:
+            counts["no answer"] += 1
+            bad.append((name, "no answer", body[:80]))
+            continue
+        counts[f"{status // 100}xx"] = counts.get(f"{status // 100}xx", 0) + 1
+        if status >= 500:
+            bad.append((name, status, body[:200]))
+        elif status >= 400 and not raw.startswith(b"HEAD "):
+            try:
+                ok = isinstance(json.loads(body).get("error"), str)
+            except (ValueError, AttributeError):
+                ok = False
+            if not ok:
+                bad.append((name, status, body[:200]))
+    print("fuzz corpus:", counts)
+    assert not bad, bad
+    assert counts["slow"] == 0 and counts["5xx"] == 0
+    assert counts["2xx"] >= 5  # the good request and the valid variants were answered
+
+
+def test_a_robot_is_not_starved_by_hostile_clients(served_run: Path) -> None:
+    """A robot ticking at 10 Hz for a fixed 3 s budget while four clients send image bombs
+    (900-byte JPEGs declaring 4096 x 4096), 1024 x 1024 PNGs that must be decoded, and
+    half-sent requests: it gets at least 90% of its ticks answered, each within 1 s. (When the
+    server decoded images on its event loop, such a client cut a robot to 22% of its ticks.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    live, _ = start(served_run, api_key=KEY, header_timeout_s=1.0, body_timeout_s=1.0)
+    corpus = dict(http_fuzz.load())
+    png = io.BytesIO()
+    Image.fromarray(frame(1, 1024)).save(png, format="PNG")
+    attacks = [
+        corpus["image_jpeg_declares_4096"],
+        http_fuzz._request(
+            json.dumps({"image": base64.b64encode(png.getvalue()).decode(), "instruction": "go"})
+            .encode(),
+            key=KEY,
+        ),
+        corpus["half_headers_2"],
+        corpus["half_body_1"],
+    ]
+    stop = threading.Event()
+
+    def attacker(raw: bytes) -> int:
+        sent = 0
+        while not stop.is_set():
+            http_fuzz.send(live.port, raw, timeout=5)
+            sent += 1
+        return sent
+
+    client = PredictClient(live.url, api_key=KEY, timeout=1.0)
+    image = jpeg_224(frame())
+    answered, ticks = [], 30
+    try:
+        with ThreadPoolExecutor(len(attacks)) as pool:
+            sent = [pool.submit(attacker, raw) for raw in attacks]
+            time.sleep(0.3)
+            start_t = time.perf_counter()
+            for tick in range(ticks):
+                t0 = time.perf_counter()
+                try:
+                    client.predict(image, "go around the box on the left", session_id="robot")
+                    answered.append(time.perf_counter() - t0)
+                except (ServerError, OSError):
+                    pass
+                time.sleep(max(0.0, start_t + (tick + 1) / 10 - time.perf_counter()))
+            stop.set()
+            attacks_sent = [f.result() for f in sent]
+    finally:
+        stop.set()
+        live.stop()
+    print(f"robot: {len(answered)}/{ticks} answered; attacks sent {attacks_sent}")
+    assert sum(attacks_sent) >= 10  # the attackers really ran
+    assert len(answered) >= 0.9 * ticks and max(answered) < 1.0
 
 
 def test_batched_sessions_answer_as_one_by_one(served_run: Path) -> None:

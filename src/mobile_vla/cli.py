@@ -297,6 +297,7 @@ def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         max_body_bytes=args.max_body,
         max_image_side=args.max_image_side,
         body_timeout_s=args.body_timeout,
+        header_timeout_s=args.header_timeout,
         max_batch=args.max_batch,
         session_ttl_s=args.session_ttl,
         chunk_mode=args.chunk,
@@ -678,6 +679,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--body-timeout", type=float, default=10.0, help="seconds to receive a request body"
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to receive a request's line and headers (then 408, connection closed)",
     )
     p.add_argument(
         "--max-batch",

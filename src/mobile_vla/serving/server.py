@@ -28,7 +28,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -67,6 +67,7 @@ class ServeSettings:
     history_cache: bool = True
     max_batch: int = 16  # requests of different sessions answered by one forward pass
     body_timeout_s: float = 10.0  # a request body not complete by then gets 408
+    header_timeout_s: float = 10.0  # request headers not complete by then: 408, connection closed
 
 
 class Engine:
@@ -242,6 +243,8 @@ async def _read_body(request: Request, limit: int, timeout: float = 10.0) -> byt
         await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError:
         raise BadRequest(f"the request body was not complete within {timeout:g} s", 408) from None
+    except ClientDisconnect:  # nobody is left to answer; not a server error to log
+        raise BadRequest("the client closed the connection before the body was complete") from None
     return bytes(body)
 
 
@@ -415,11 +418,100 @@ def load_engine(
     return Engine(policy, cfg, settings, name=Path(run).name)
 
 
+def header_deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline on each request's headers.
+
+    uvicorn times out idle keep-alive connections, but once a client has sent part of a
+    request line or headers it waits for the rest forever, so a few hundred half-sent requests
+    hold a few hundred sockets open (the body has its own deadline, ``body_timeout_s``). Here a
+    connection waiting for headers (a new one, or a kept-alive one that has started its next
+    request) gets ``timeout_s`` seconds to complete them; then it is answered 408 and closed.
+    A request that is not HTTP at all gets uvicorn's 400, with a JSON body like every other
+    error of this server (uvicorn's is plain text).
+    """
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps({"error": f"request headers not complete within {timeout_s:g} s"}).encode()
+    reply = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+        + body
+    )
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def send_400_response(self, msg: str) -> None:
+            data = json.dumps({"error": f"not a valid HTTP request: {msg}"}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                (b"connection", b"close"),
+            ]
+            try:
+                self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers)))
+                self.transport.write(self.conn.send(h11.Data(data=data)))
+                self.transport.write(self.conn.send(h11.EndOfMessage()))
+            except h11.LocalProtocolError:  # a response had already started: just close
+                pass
+            self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and self.conn.their_state is h11.IDLE:
+                self._arm()  # a kept-alive connection starts its next request
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()  # headers complete: the body deadline takes over
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # a pipelined next request whose headers are already partly buffered
+            if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(timeout_s, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self.transport.write(reply)
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
+
+
+def uvicorn_config(engine: Engine, host: str, port: int, **kwargs: Any) -> Any:
+    """The uvicorn configuration ``serve`` runs (tests run the same one on a loopback port)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        create_app(engine),
+        host=host,
+        port=port,
+        http=header_deadline_protocol(engine.settings.header_timeout_s),
+        **kwargs,
+    )
+
+
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run until SIGINT/SIGTERM; uvicorn finishes the requests in flight before exiting."""
     import uvicorn
 
-    config = uvicorn.Config(
-        create_app(engine), host=host, port=port, log_level="info", timeout_graceful_shutdown=5
-    )
+    config = uvicorn_config(engine, host, port, log_level="info", timeout_graceful_shutdown=5)
     asyncio.run(uvicorn.Server(config).serve())
