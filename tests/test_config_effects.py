@@ -126,6 +126,8 @@ DATA: dict[str, tuple[str, str]] = {
     "data.split_seed": ("", "data.split_seed=7"),
     "data.train_episodes": ("", "data.train_episodes=4"),
     "data.normalization": ("", "data.normalization=meanstd"),
+    "data.norm_min": ("data.normalization=bounds", "data.normalization=bounds data.norm_min=-0.5"),
+    "data.norm_max": ("data.normalization=bounds", "data.normalization=bounds data.norm_max=0.5"),
     "data.frame_cache": ("", "data.frame_cache=false"),
     "data.augment.color_jitter": ("", "data.augment.color_jitter=0.4"),
     "data.augment.shift_pixels": ("", "data.augment.shift_pixels=4"),
@@ -163,6 +165,8 @@ SPECIAL = {
     # two processes, gloo: test_training.py::test_two_process_ddp_on_cpu
     "trainer.devices",
     "trainer.strategy",
+    # loaded by train(): test_robovlms.py::test_init_checkpoint_loads_tensors_by_name_and_...
+    "train_setup.init_checkpoint",
 }
 
 
@@ -331,6 +335,14 @@ MODEL: dict[str, tuple[list[str], list[str]]] = {
     ),
     "head.gripper": ([], ["head.gripper=linear_y"]),
     "head.snap_to_keys": ([], ["head.snap_to_keys=0.5"]),
+    "head.class_weights": (
+        ["head.action_space=classes", "data.normalization=minmax"],
+        [
+            "head.action_space=classes",
+            "data.normalization=minmax",
+            "head.class_weights=[1,1,1,1,0.1,1,1,1,9]",
+        ],
+    ),
     "head.gripper_loss_ratio": (
         ["head.gripper=linear_y"],
         ["head.gripper=linear_y", "head.gripper_loss_ratio=1.0"],
@@ -394,6 +406,11 @@ TRAINER: dict[str, tuple[list[str], list[str]]] = {
     "trainer.gradient_clip_val": ([], ["trainer.gradient_clip_val=0.001"]),
     "trainer.weight_decay": ([], ["trainer.weight_decay=0.5"]),
     "trainer.warmup_steps": ([], ["trainer.warmup_steps=2"]),
+    "trainer.warmup_epochs": ([], ["trainer.warmup_epochs=1"]),
+    "trainer.lr_schedule": (
+        ["trainer.max_steps=6"],
+        ["trainer.max_steps=6", "trainer.lr_schedule=constant"],
+    ),
     "trainer.min_lr_scale": (
         ["trainer.max_steps=6"],
         ["trainer.max_steps=6", "trainer.min_lr_scale=0.9"],

@@ -106,8 +106,14 @@ class DataConfig:
     train_episodes: int = 0
     """Train on this many episodes of the training split (0 = all): a stratified subset,
     nested (the first 50 are among the first 100) and fixed by the split seed."""
-    normalization: Literal["none", "minmax", "meanstd", "quantile"] = "quantile"
-    """minmax / quantile map [min, max] / [q01, q99] to [-1, 1]; meanstd z-scores; none."""
+    normalization: Literal["none", "minmax", "meanstd", "quantile", "bounds"] = "quantile"
+    """minmax / quantile map [min, max] / [q01, q99] to [-1, 1]; meanstd z-scores; none;
+    bounds clips to the fixed [norm_min, norm_max] and maps it to [-1, 1] (RoboVLMs'
+    ``norm_action``)."""
+    norm_min: float = -1.0
+    """Lower bound of ``normalization: bounds``, the same for every dimension."""
+    norm_max: float = 1.0
+    """Upper bound of ``normalization: bounds``."""
     frame_cache: bool = True
     """Decode and resize each frame once into a memory-mapped cache (else decode per sample)."""
     cache_dir: str = ""
@@ -159,6 +165,8 @@ class DataConfig:
             )
         if self.train_episodes < 0:
             raise _fail(f"{prefix}.train_episodes", ">= 0 (0 = all)", self.train_episodes)
+        if self.normalization == "bounds" and not self.norm_min < self.norm_max:
+            raise _fail(f"{prefix}.norm_max", f"> norm_min ({self.norm_min})", self.norm_max)
         if not self.pattern:
             raise _fail(f"{prefix}.pattern", "a non-empty glob pattern", self.pattern)
         self.augment.validate(f"{prefix}.augment")
@@ -337,6 +345,8 @@ class HeadConfig:
     action_set: list[list[float]] = field(default_factory=list)
     """Physical action vectors for ``classes`` (empty = the 9 teleoperation keys
     {-1.15, 0, 1.15}^2 over linear_x, linear_y, other dims 0)."""
+    class_weights: list[float] = field(default_factory=list)
+    """``classes``: cross-entropy weight per entry of the action set (empty = all 1)."""
     gripper: str = ""
     """Name of an action dimension that is binary (open/close): predicted with BCE."""
     gripper_loss_ratio: float = 0.01
@@ -401,6 +411,10 @@ class TrainSetup:
     """Vision tower learning rate (null = backbone_lr)."""
     layer_lr_decay: float = 1.0
     """Discriminative rates: decoder layer k from the top gets backbone_lr * decay^k."""
+    init_checkpoint: str = ""
+    """Start from these weights (RoboVLMs' ``model_load_path``): a run folder, a
+    ``.safetensors`` file, or a PyTorch ``.pt``/``.ckpt`` read with ``weights_only=True``
+    (never unpickling arbitrary objects); tensors are matched to the policy by name."""
 
     def validate(self, prefix: str) -> None:
         if self.strategy not in STRATEGIES:
@@ -443,6 +457,10 @@ class TrainerConfig:
     """Clip the gradient norm to this value (0 = off)."""
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    warmup_epochs: float = 0.0
+    """Warm-up length in epochs, added to ``warmup_steps`` (RoboVLMs' ``warmup_epochs``)."""
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    """After warm-up: cosine down to ``min_lr_scale`` x the rate, or constant."""
     min_lr_scale: float = 0.1
     """Cosine decay ends at learning rate * min_lr_scale."""
     accelerator: str = "auto"
@@ -465,7 +483,7 @@ class TrainerConfig:
         for key in ("batch_size", "accumulate_grad_batches", "log_every_n_steps"):
             if getattr(self, key) < 1:
                 raise _fail(f"{prefix}.{key}", ">= 1", getattr(self, key))
-        for key in ("num_workers", "warmup_steps"):
+        for key in ("num_workers", "warmup_steps", "warmup_epochs"):
             if getattr(self, key) < 0:
                 raise _fail(f"{prefix}.{key}", ">= 0", getattr(self, key))
         if self.gradient_clip_val < 0:
@@ -718,6 +736,10 @@ def _convert(tp: Any, value: Any, key: str, source: str = "") -> Any:
                 continue
         raise _fail(key, _type_name(tp), value)
     if origin is Literal:
+        # a number written where a name is expected (--trainer.precision=32 reads as 32)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if str(value) in get_args(tp):
+                value = str(value)
         if value not in get_args(tp):
             raise _fail(key, _type_name(tp), value)
         return value
@@ -827,10 +849,15 @@ def read_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, 
         imported = load_robovlms(path)
         if imported.ignored:
             logging.getLogger(__name__).warning(
-                "%s: RoboVLMs key(s) with no meaning here, not used: %s",
+                "%s: %d RoboVLMs key(s) with no meaning here, not used (the reasons: "
+                "mobile-vla import-config %s): %s",
                 path,
-                ", ".join(imported.ignored),
+                len(imported.ignored),
+                path,
+                ", ".join(entry.split(" (", 1)[0] for entry in imported.ignored),
             )
+        for note in imported.notes:
+            logging.getLogger(__name__).info("%s: %s", path, note)
         return imported.tree
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -223,7 +223,7 @@ def build_datasets(cfg: Config, progress: bool = False) -> DataBundle:
     stats = ActionStats.from_arrays(
         names, [ep.actions[:, data.action_indices] for ep in split.train]
     )
-    normalizer = Normalizer(stats, data.normalization)
+    normalizer = Normalizer(stats, data.normalization, (data.norm_min, data.norm_max))
     return DataBundle(
         split=split,
         stats=stats,

@@ -12,7 +12,7 @@ import numpy as np
 from mobile_vla.errors import DataError
 from mobile_vla.io import atomic_write_json
 
-MODES = ("none", "minmax", "meanstd", "quantile")
+MODES = ("none", "minmax", "meanstd", "quantile", "bounds")
 _STAT_KEYS = ("min", "max", "mean", "std", "q01", "q99")
 
 
@@ -87,14 +87,22 @@ class Normalizer:
     """Maps physical actions to the model's space and back.
 
     ``minmax``/``quantile`` map [lo, hi] to [-1, 1] (quantile clips outside [q01, q99]);
-    ``meanstd`` z-scores; ``none`` is the identity. Dimensions whose range is zero map to 0.
+    ``meanstd`` z-scores; ``none`` is the identity; ``bounds`` clips to the fixed
+    ``bounds = (lo, hi)`` of every dimension and maps them to [-1, 1], as RoboVLMs'
+    ``norm_action`` with ``norm_min`` / ``norm_max`` does. Dimensions whose range is zero map
+    to 0.
     """
 
-    def __init__(self, stats: ActionStats, mode: str) -> None:
+    def __init__(
+        self, stats: ActionStats, mode: str, bounds: tuple[float, float] = (-1.0, 1.0)
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"normalization mode must be one of {MODES}, got {mode!r}")
         self.stats, self.mode = stats, mode
-        if mode == "minmax":
+        if mode == "bounds":
+            lo = np.full(len(stats.names), float(bounds[0]))
+            hi = np.full(len(stats.names), float(bounds[1]))
+        elif mode == "minmax":
             lo, hi = stats.min, stats.max
         elif mode == "quantile":
             lo, hi = stats.q01, stats.q99
@@ -110,7 +118,10 @@ class Normalizer:
             self._scale = np.ones_like(self._scale)
 
     def normalize(self, actions: np.ndarray) -> np.ndarray:
-        out = (np.asarray(actions, dtype=np.float32) - self._center) / self._scale
+        actions = np.asarray(actions, dtype=np.float32)
+        if self.mode == "bounds":
+            actions = np.clip(actions, self._center - self._scale, self._center + self._scale)
+        out = (actions - self._center) / self._scale
         if self.mode == "quantile":
             out = np.clip(out, -1.0, 1.0)
         return out.astype(np.float32)

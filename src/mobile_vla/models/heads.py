@@ -207,9 +207,13 @@ class ActionCodec:
             w = self.weights.to(logits.device)
             per_step = (ce * w).sum(-1) / w.sum().clamp(min=1e-8)
         else:
+            classes = self.to_classes(target)
             per_step = F.cross_entropy(
-                logits.flatten(0, 1), self.to_classes(target).flatten(), reduction="none"
+                logits.flatten(0, 1), classes.flatten(), reduction="none"
             ).view(target.shape[:-1])
+            if self.cfg.class_weights:  # a weighted mean, as F.cross_entropy(weight=) takes it
+                w = torch.tensor(self.cfg.class_weights, device=logits.device)[classes]
+                return (per_step * w * valid).sum() / (w * valid).sum().clamp(min=1e-8)
         return (per_step * valid).sum() / denom
 
     def decode(self, logits: torch.Tensor) -> torch.Tensor:

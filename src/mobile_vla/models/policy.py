@@ -38,8 +38,9 @@ class VLAPolicy(nn.Module):
         self.pre = cfg.backbone.history == "pre"
         self.window = cfg.data.window_size
         self.chunk = cfg.data.fwd_pred_next_n
-        self.normalizer = Normalizer(stats, cfg.data.normalization)
-        bounded = cfg.data.normalization in ("minmax", "quantile")
+        data = cfg.data
+        self.normalizer = Normalizer(stats, data.normalization, (data.norm_min, data.norm_max))
+        bounded = data.normalization in ("minmax", "quantile", "bounds")
         # frozen_text: each frame's context vector is followed by the instruction's sentence
         # embedding, so the head reads the instruction even where the backbone's output does not
         self.instruction_to_head = resolve(cfg.train_setup).instruction_to_head
@@ -61,6 +62,12 @@ class VLAPolicy(nn.Module):
             )
             action_set = self.normalizer.normalize(physical)
             _check_distinct_keys(physical, action_set, cfg.data.normalization)
+            weights = cfg.head.class_weights
+            if weights and (len(weights) != len(physical) or min(weights) < 0):
+                raise ConfigError(
+                    f"head.class_weights must give one weight >= 0 per entry of the action set "
+                    f"({len(physical)}), got {weights}"
+                )
         self.codec = ActionCodec(cfg.head, self.action_dims, action_set)
 
     def train(self, mode: bool = True) -> VLAPolicy:

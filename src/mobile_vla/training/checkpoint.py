@@ -198,3 +198,89 @@ class SafeCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: Any) -> None:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def read_weights(path: str | Path, key: str = "train_setup.init_checkpoint") -> dict[str, Any]:
+    """Tensors by name from a run folder (its best, else last, checkpoint), a ``.safetensors``
+    file, or a PyTorch file read with ``weights_only=True``: a pickle that holds more than
+    tensors and plain containers is refused, never unpickled."""
+    import pickle
+
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "checkpoints" / "best"
+        if not is_complete(recover(folder)):
+            folder = path / "checkpoints" / "last"
+        if not is_complete(recover(folder)):
+            raise CheckpointError(f"{key} '{path}' is a folder without checkpoints/best or last")
+        state = load_folder(folder).get("state_dict", {})
+        return {k.removeprefix("policy."): v for k, v in state.items()}
+    if not path.is_file():
+        raise CheckpointError(f"{key} '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return dict(load_file(str(path)))
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"{key} '{path}' is not a readable safetensors file") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{key} '{path}' holds Python objects besides tensors, which are not unpickled "
+            f"here ({str(exc).splitlines()[0][:160]}); save its state_dict alone "
+            "(torch.save(model.state_dict(), F)) or as .safetensors"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        why = str(exc)[:160]
+        raise CheckpointError(f"{key} '{path}' is not a PyTorch checkpoint ({why})") from None
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model_state_dict", "model"):  # Lightning, RoboVLMs
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    items = obj.items() if isinstance(obj, dict) else ()
+    tensors = {k: v for k, v in items if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{key} '{path}' holds no tensors by name (expected a state_dict)")
+    return tensors
+
+
+def load_init_weights(policy: torch.nn.Module, path: str | Path) -> str:
+    """Copy the tensors of ``path`` whose names and shapes match the policy's (after removing
+    the wrappers' prefixes ``module.``, ``model.``, ``policy.``; LoRA's ``base_layer`` is
+    matched to the plain layer it wraps). Returns a one-line account; refuses a file of which
+    no tensor matches, or one with a non-finite tensor."""
+    own = policy.state_dict()
+    canonical = {k.replace(".base_layer.", "."): k for k in own}
+    loaded: dict[str, torch.Tensor] = {}
+    shape_mismatch, unmatched = [], []
+    for name, tensor in read_weights(path).items():
+        short = name
+        for _ in range(3):
+            target = canonical.get(short)
+            if target is not None or "." not in short:
+                break
+            head, rest = short.split(".", 1)
+            if head not in ("module", "model", "policy", "_orig_mod"):
+                break
+            short = rest
+        if target is None:
+            unmatched.append(name)
+        elif tuple(own[target].shape) != tuple(tensor.shape):
+            shape_mismatch.append(f"{name} {tuple(tensor.shape)} vs {tuple(own[target].shape)}")
+        else:
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"init checkpoint '{path}': tensor '{name}' is not finite")
+            loaded[target] = tensor.to(own[target].dtype)
+    if not loaded:
+        example = ", ".join((unmatched + shape_mismatch)[:3])
+        raise CheckpointError(
+            f"init checkpoint '{path}': none of its tensors matches this policy by name and "
+            f"shape (e.g. {example}); it was saved from another architecture"
+        )
+    policy.load_state_dict(loaded, strict=False)
+    return (
+        f"initialised {len(loaded)} of the policy's {len(own)} tensors from '{path}'"
+        + (f"; {len(shape_mismatch)} of its tensors have other shapes" if shape_mismatch else "")
+        + (f"; {len(unmatched)} match no name here" if unmatched else "")
+    )

@@ -170,8 +170,18 @@ class PolicyModule(pl.LightningModule):
         groups = [{k: v for k, v in g.items()} for g in self.plan.param_groups]
         optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
+        warmup = t.warmup_steps
+        if t.warmup_epochs > 0:  # RoboVLMs: warmup_epochs x optimizer steps per epoch, + steps
+            batches = self.trainer.num_training_batches  # known once total is estimated
+            per_epoch = (
+                batches / t.accumulate_grad_batches
+                if math.isfinite(batches)
+                else total / max(1, t.max_epochs)
+            )
+            warmup += round(t.warmup_epochs * per_epoch)
+        floor = 1.0 if t.lr_schedule == "constant" else t.min_lr_scale
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, t.warmup_steps, total, t.min_lr_scale)
+            optimizer, lambda s: warmup_cosine(s, warmup, total, floor)
         )
         return {
             "optimizer": optimizer,

@@ -143,6 +143,10 @@ def train(
     if resume is not None:
         _check_resume_data(run, bundle)
     policy, plan = build_policy(cfg, bundle.stats)
+    if cfg.train_setup.init_checkpoint and resume is None:  # before the feature cache's hash
+        from mobile_vla.training.checkpoint import load_init_weights
+
+        log.info(load_init_weights(policy, cfg.train_setup.init_checkpoint))
     feature_cache = _use_feature_cache(cfg, policy, bundle, progress)
     module = PolicyModule(cfg, policy, plan)
     train_loader, val_loader = make_loaders(cfg, bundle)
@@ -245,7 +249,9 @@ def _check_resume_data(run: Path, bundle: DataBundle) -> None:
     saved_stats = ActionStats.load(run / "stats.json")
     bundle.stats = saved_stats
     bundle.normalizer = bundle.train.normalizer = bundle.val.normalizer = Normalizer(
-        saved_stats, bundle.train.cfg.normalization
+        saved_stats,
+        bundle.train.cfg.normalization,
+        (bundle.train.cfg.norm_min, bundle.train.cfg.norm_max),
     )
 
 
