@@ -737,9 +737,9 @@ def _convert(tp: Any, value: Any, key: str, source: str = "") -> Any:
         raise _fail(key, _type_name(tp), value)
     if origin is Literal:
         # a number written where a name is expected (--trainer.precision=32 reads as 32)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            if str(value) in get_args(tp):
-                value = str(value)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and str(value) in get_args(tp):
+            value = str(value)
         if value not in get_args(tp):
             raise _fail(key, _type_name(tp), value)
         return value
