@@ -108,9 +108,13 @@ def test_study_grid_resumes_and_reports(finished: tuple[Path, Path]) -> None:
         "Data efficiency",
         "With and without vision-language pretraining",
         "Frozen vs LoRA",
+        "How each strategy drives",
     ):
         assert heading in md
     assert (out / "figures" / "data_efficiency.png").stat().st_size > 10_000
+    # 2 closed-loop episodes per cell, both instructed left here
+    for name in ("trajectories_frozen_left", "trajectories_lora_left", "instruction_sensitivity"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 2_000, name
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2 and 'src="figures' not in page
     assert results["report"]["statement"]

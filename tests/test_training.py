@@ -401,6 +401,8 @@ def test_metric_math_against_hand_computed_values() -> None:
     s = instruction_sensitivity(np.array([0.5, -0.2, 0.0, 1.0]), np.array([-0.5, -0.4, 0.3, 1.0]))
     assert s["mean_abs_diff"] == pytest.approx((1.0 + 0.2 + 0.3 + 0.0) / 4)
     assert s["sign_flip_rate"] == pytest.approx(0.25)
+    assert s["quantiles"]["0.5"] == pytest.approx(0.25)  # of |diff| = 1.0, 0.2, 0.3, 0.0
+    assert sum(s["histogram"]["counts"]) == 4 and s["histogram"]["edges"][-1] == 1.0
 
 
 def test_language_blind_policy_scores_zero_sensitivity(train_data, tmp_path) -> None:

@@ -56,14 +56,24 @@ def direction_accuracy(
     return {"value": acc, "count": n, "threshold": threshold}
 
 
+SENSITIVITY_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
 def instruction_sensitivity(y_orig: np.ndarray, y_swap: np.ndarray) -> dict[str, Any]:
-    """First-action linear_y with the original and the left/right-swapped instruction."""
+    """First-action linear_y with the original and the left/right-swapped instruction: the
+    mean |difference|, the share of sign flips, and the distribution of |difference|
+    (quantiles, and a 20-bin histogram over [0, its maximum]) for the report's plot."""
+    if not len(y_orig):
+        return {"mean_abs_diff": None, "sign_flip_rate": None, "count": 0}
+    diff = np.abs(np.asarray(y_orig, np.float64) - np.asarray(y_swap, np.float64))
+    top = float(diff.max()) if diff.max() > 0 else 1.0
+    counts, edges = np.histogram(diff, bins=20, range=(0.0, top))
     return {
-        "mean_abs_diff": float(np.mean(np.abs(y_orig - y_swap))) if len(y_orig) else None,
-        "sign_flip_rate": float(np.mean(np.sign(y_orig) * np.sign(y_swap) < 0))
-        if len(y_orig)
-        else None,
+        "mean_abs_diff": float(diff.mean()),
+        "sign_flip_rate": float(np.mean(np.sign(y_orig) * np.sign(y_swap) < 0)),
         "count": len(y_orig),
+        "quantiles": {str(q): float(np.quantile(diff, q)) for q in SENSITIVITY_QUANTILES},
+        "histogram": {"edges": [float(e) for e in edges], "counts": counts.tolist()},
     }
 
 

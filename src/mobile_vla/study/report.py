@@ -1,12 +1,14 @@
 """The study report: tables (mean +- std over seeds), data-efficiency curves, the
-with/without-pretraining comparison, the representation comparison, and a statement of
-which strategy wins on what — and where the difference is within noise.
+with/without-pretraining comparison, the representation comparison, how each strategy
+drives (top-down trajectories on the same held-out scenes, a rollout strip, the
+instruction-sensitivity distribution), and a statement of which strategy wins on what — and
+where the difference is within noise.
 
-Noise: for a metric measured per seed, the difference of two strategies' means is called a
-win when it exceeds twice its standard error (sqrt(s_a^2/n_a + s_b^2/n_b)); with a single
+Noise: for a metric measured per seed, two strategies are compared with Welch's t-test (the t
+distribution, as 2-5 seeds need), the difference's 95% interval and Hedges' g; with a single
 seed there is no such estimate and the statement says so. Closed-loop success pools the
-episodes of all seeds and uses a two-proportion z-test (|z| > 1.96), and every rate carries
-its 95% Wilson interval.
+episodes of all seeds and uses a two-proportion z-test (|z| > 1.96) with the difference's
+Newcombe interval, and every rate carries its 95% Wilson interval.
 """
 
 from __future__ import annotations
@@ -325,6 +327,105 @@ def _plot_efficiency(results: dict[str, Any], out: Path, dims: list[str]) -> Pat
     return path
 
 
+def _rollout_strip(gif: Path, target: Path, frames: int = 8) -> Path | None:
+    """``frames`` evenly spaced frames of a rollout GIF side by side."""
+    from PIL import Image, ImageSequence
+
+    try:
+        with Image.open(gif) as im:
+            seq = [f.convert("RGB") for f in ImageSequence.Iterator(im)]
+    except OSError:
+        return None
+    if not seq:
+        return None
+    picks = [seq[round(i * (len(seq) - 1) / max(1, frames - 1))] for i in range(frames)]
+    w, h = picks[0].size
+    strip = Image.new("RGB", (w * len(picks) + 2 * (len(picks) - 1), h), "white")
+    for i, frame in enumerate(picks):
+        strip.paste(frame, (i * (w + 2), 0))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    strip.save(target)
+    return target
+
+
+def _plot_sensitivity(cells_by_strategy: dict[str, list[dict[str, Any]]], out: Path) -> Path | None:
+    """The distribution of |linear_y(instruction) - linear_y(swapped)| per strategy, pooled
+    over its seeds' test windows (from each cell's histogram)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    drawn = False
+    for strategy, cells in cells_by_strategy.items():
+        values, weights = [], []
+        for c in cells:
+            hist = _get("offline.instruction_sensitivity.histogram")(c)
+            if not hist:
+                continue
+            edges = np.asarray(hist["edges"])
+            values += list((edges[:-1] + edges[1:]) / 2)
+            weights += list(hist["counts"])
+        if not values or not sum(weights):
+            continue
+        top = max(values) * 1.05 + 1e-9
+        ax.hist(values, bins=20, range=(0, top), weights=weights, histtype="step",
+                density=True, linewidth=1.5, label=strategy)  # fmt: skip
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="|linear_y(instruction) - linear_y(left/right swapped)| (m/s)", ylabel="density")
+    ax.set_title("Instruction sensitivity, test windows, pooled over seeds", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "figures" / "instruction_sensitivity.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def driving_section(
+    cells_by_strategy: dict[str, list[dict[str, Any]]], out: Path
+) -> tuple[list[str], list[str]]:
+    """How each strategy drives: its first seed's top-down trajectories on the held-out scenes
+    (the same scenes for every strategy: one closed-loop seed), left and right; a strip of
+    its first rollout; the instruction-sensitivity distribution. (markdown, html) parts."""
+    md: list[str] = ["## How each strategy drives", ""]
+    h: list[str] = ["<h2>How each strategy drives</h2>"]
+    for strategy, cells in cells_by_strategy.items():
+        run = Path(cells[0]["run"]) / "eval"
+        seed = cells[0]["key"].get("seed")
+        shown = []
+        for side in ("left", "right"):
+            src = run / f"trajectories_{side}.png"
+            if src.exists():
+                target = out / "figures" / f"trajectories_{strategy}_{side}.png"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(src.read_bytes())
+                shown.append((target, f"{strategy}, instructed {side} (seed {seed})"))
+        gifs = sorted(run.glob("rollout_*.gif"))
+        if gifs:
+            strip = _rollout_strip(gifs[0], out / "figures" / f"rollout_{strategy}.png")
+            if strip is not None:
+                shown.append((strip, f"{strategy}: {gifs[0].stem} (seed {seed}), 8 frames"))
+        if not shown:
+            continue
+        md += [f"### {strategy}", ""]
+        h += [f"<h3>{html.escape(strategy)}</h3>"]
+        for path, alt in shown:
+            md += [f"![{alt}]({path.relative_to(out)})", ""]
+            h += [_img(path, alt)]
+    plot = _plot_sensitivity(cells_by_strategy, out)
+    if plot is not None:
+        md += [f"![instruction sensitivity]({plot.relative_to(out)})", ""]
+        h += [_img(plot, "instruction-sensitivity distribution per strategy")]
+    return (md, h) if len(md) > 2 else ([], [])
+
+
 def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
@@ -406,7 +507,12 @@ def build_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
         + "</ul>"
     ]
 
-    # 3. data efficiency
+    # 3. how each strategy drives
+    md, h = driving_section({st: g[(st, pt, size)] for st in strategies}, out)
+    md_parts += md
+    html_parts += h
+
+    # 4. data efficiency
     plot = _plot_efficiency(results, out, dims)
     if plot is not None:
         md_parts += ["## Data efficiency", "", f"![data efficiency]({plot.relative_to(out)})", ""]
@@ -428,7 +534,7 @@ def build_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
         md_parts += [md]
         html_parts += [h]
 
-    # 4. with / without vision-language pretraining
+    # 5. with / without vision-language pretraining
     pairs = sorted((s, n) for (s, p, n) in g if p and (s, False, n) in g)
     if pairs:
         header = ["strategy", "episodes", "metric", "pretrained", "random init"]
@@ -450,7 +556,7 @@ def build_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
         md_parts += ["## With and without vision-language pretraining", "", md]
         html_parts += ["<h2>With and without vision-language pretraining</h2>", h]
 
-    # 5. representations
+    # 6. representations
     if results.get("compare"):
         header = [
             "comparison",
