@@ -280,3 +280,20 @@ def test_cell_commands_and_their_failures(
     assert "$ mobile-vla eval" in text and str(missing) in text
     assert text.count("$ mobile-vla inspect") == 2  # the chained command's line too
     assert "episodes" in text.split("$ mobile-vla inspect")[-1]  # its output reached the log
+
+
+def test_rollout_strip_takes_evenly_spaced_frames(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from mobile_vla.study.report import _rollout_strip
+
+    frames = [Image.new("RGB", (10, 6), (i * 20, 0, 0)) for i in range(12)]
+    gif = tmp_path / "rollout.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    strip = _rollout_strip(gif, tmp_path / "strip.png", frames=4)
+    assert strip is not None
+    with Image.open(strip) as im:
+        assert im.size == (4 * 10 + 3 * 2, 6)
+        reds = [im.getpixel((i * 12 + 5, 3))[0] for i in range(4)]
+    assert reds[0] < reds[1] < reds[2] < reds[3] and reds[0] < 10 and reds[3] > 200
+    assert _rollout_strip(tmp_path / "missing.gif", tmp_path / "x.png") is None
