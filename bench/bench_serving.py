@@ -187,7 +187,7 @@ def control_steps(run: Path, steps: int, threads: int) -> dict[bool, np.ndarray]
     import torch
 
     from mobile_vla.config import SimConfig
-    from mobile_vla.evaluation.closed_loop import PolicyController
+    from mobile_vla.models.runtime import PolicyController
     from mobile_vla.sim.env import NavEnv
     from mobile_vla.sim.scenario import make_scenario
     from mobile_vla.training.run import load_policy

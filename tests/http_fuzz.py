@@ -105,14 +105,21 @@ def build(seed: int = 0) -> list[tuple[str, bytes]]:
     out.append(("nan_literal", _request(good_body[:-1] + b', "reset": NaN}')))
     out.append(("infinity_literal", _request(good_body[:-1] + b', "x": -Infinity}')))
     out.append(("duplicate_keys", _request(good_body[:-1] + b', "image": 5}')))
-    out.append(("lone_surrogate", _request(b'{"image": "' + image.encode() + b'", "instruction": "\\udfff"}')))  # noqa: E501
+    out.append(
+        (
+            "lone_surrogate",
+            _request(b'{"image": "' + image.encode() + b'", "instruction": "\\udfff"}'),
+        )
+    )
     out.append(("latin1_body", _request('{"image": "é", "instruction": "ü"}'.encode("latin-1"))))
     out.append(("utf16_body", _request(json.dumps(good).encode("utf-16"))))
     for depth in (10, 100, 1_000, 10_000, 100_000):
         out.append((f"deep_list_{depth}", _request(b"[" * depth + b"]" * depth)))
         out.append((f"deep_object_{depth}", _request(b'{"a":' * depth + b"1" + b"}" * depth)))
     for digits in (10, 100, 4_300, 4_301, 10_000):
-        out.append((f"big_int_{digits}", _request(good_body[:-1] + b', "n": ' + b"9" * digits + b"}")))  # noqa: E501
+        out.append(
+            (f"big_int_{digits}", _request(good_body[:-1] + b', "n": ' + b"9" * digits + b"}"))
+        )
 
     images = {
         "random_bytes": rng.integers(0, 256, 300, dtype=np.uint8).tobytes(),
@@ -140,7 +147,9 @@ def build(seed: int = 0) -> list[tuple[str, bytes]]:
         body = _json(dict(good, image=base64.b64encode(raw).decode()))
         out.append((f"image_{name}", _request(body)))
     out.append(("image_not_base64", _request(_json(dict(good, image="%%%not base64%%%")))))
-    out.append(("image_data_url", _request(_json(dict(good, image="data:image/jpeg;base64," + image)))))  # noqa: E501
+    out.append(
+        ("image_data_url", _request(_json(dict(good, image="data:image/jpeg;base64," + image))))
+    )
 
     heads: dict[str, bytes] = {
         "no_key": _request(good_body, key=None),
@@ -159,14 +168,18 @@ def build(seed: int = 0) -> list[tuple[str, bytes]]:
         "length_and_chunked": _request(good_body).replace(
             b"Connection", b"Transfer-Encoding: chunked\r\nConnection"
         ),
-        "chunked_bad_size": _request(b"zz\r\nabc\r\n0\r\n\r\n", headers=[("Transfer-Encoding", "chunked")]),  # noqa: E501
+        "chunked_bad_size": _request(
+            b"zz\r\nabc\r\n0\r\n\r\n", headers=[("Transfer-Encoding", "chunked")]
+        ),
         "chunked_good": _request(
             f"{len(good_body):x}\r\n".encode() + good_body + b"\r\n0\r\n\r\n",
             headers=[("Content-Type", "application/json"), ("Transfer-Encoding", "chunked")],
         ),
         "header_100kb": _request(good_body, headers=[("X-Junk", "a" * 100_000)]),
         "header_no_colon": _request(good_body).replace(b"Connection", b"Nonsense\r\nConnection"),
-        "header_space_name": _request(good_body).replace(b"Connection", b"Bad Name: 1\r\nConnection"),  # noqa: E501
+        "header_space_name": _request(good_body).replace(
+            b"Connection", b"Bad Name: 1\r\nConnection"
+        ),
         "body_over_8_mib": _request(b" " * (8 * 2**20 + 10)),
         "length_over_8_mib": _request(b"", content_length=9 * 2**20),
     }

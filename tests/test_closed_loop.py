@@ -7,15 +7,13 @@ import pytest
 
 from mobile_vla.config import SimConfig
 from mobile_vla.evaluation.closed_loop import (
-    ChunkExecutor,
     ConstantController,
     ExpertReplayController,
-    PolicyController,
     closed_loop,
     evaluation_jobs,
-    to_command,
     wilson_interval,
 )
+from mobile_vla.models.runtime import ChunkExecutor, PolicyController, to_command
 
 SIM = SimConfig(image_size=[32, 32], max_steps=40)
 

@@ -293,7 +293,8 @@ def test_msgpack_arrays_round_trip_without_pickle() -> None:
 
 def test_drive_sim_through_the_server_matches_in_process(served_run: Path, capsys) -> None:
     from mobile_vla.cli import main
-    from mobile_vla.evaluation.closed_loop import PolicyController, closed_loop, robot_camera
+    from mobile_vla.evaluation.closed_loop import closed_loop, robot_camera
+    from mobile_vla.models.runtime import PolicyController
     from mobile_vla.training.run import load_policy
 
     live, _ = start(served_run)
@@ -519,9 +520,7 @@ def test_half_sent_headers_get_408_and_the_connection_closes(served_run: Path) -
         assert time.time() - t0 < 5
         # a kept-alive connection: one full request, then half of the next one
         with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
-            sock.sendall(
-                b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHo"
-            )
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHo")
             replies = b""
             while b"408" not in replies:
                 chunk = sock.recv(4096)
@@ -590,8 +589,9 @@ def test_a_robot_is_not_starved_by_hostile_clients(served_run: Path) -> None:
     attacks = [
         corpus["image_jpeg_declares_4096"],
         http_fuzz._request(
-            json.dumps({"image": base64.b64encode(png.getvalue()).decode(), "instruction": "go"})
-            .encode(),
+            json.dumps(
+                {"image": base64.b64encode(png.getvalue()).decode(), "instruction": "go"}
+            ).encode(),
             key=KEY,
         ),
         corpus["half_headers_2"],

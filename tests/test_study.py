@@ -256,20 +256,26 @@ def test_report_renders_in_headless_chromium(finished: tuple[Path, Path], tmp_pa
 def test_cell_commands_and_their_failures(
     tmp_path: Path, train_data: Path, tiny_weights: dict[str, Path], fork_worker: bool
 ) -> None:
-    """A cell's commands run in a child (forked by the study's worker, or a fresh interpreter):
-    output lands in the cell's log, a failure names the commands, the exit code and the log,
-    and the worker survives it for the next cell."""
+    """A cell's jobs run in a child (forked by the study's worker, or a fresh interpreter),
+    calling the library directly: output lands in the cell's log, a failure names the jobs,
+    the exit code and the log, and the worker survives it for the next cell."""
+    from mobile_vla.study.jobs import Collect, Evaluate, from_json, to_json
+
     config = write_study(tmp_path, train_data, tiny_weights["tinyweights"], tmp_path / "out")
     study = Study(config, progress=False, fork_worker=fork_worker)
     log = tmp_path / "cell.log"
     missing = tmp_path / "no_such_run"
+    data = tmp_path / "collected"
     try:
         failed = r"'mobile-vla eval' failed \(exit 2\); see .*cell"
         with pytest.raises(MobileVLAError, match=failed):
-            study._cli("eval", str(missing), "-q", log=log)
+            study._jobs([Evaluate(str(missing))], log)
         worker = study._proc
         assert (worker is not None) == fork_worker
-        study._cli("inspect", str(train_data), log=log, then=[["inspect", str(train_data)]])
+        second = tmp_path / "collected2"
+        study._jobs(
+            [Collect(str(data), 2, 1, 0, (24, 24)), Collect(str(second), 2, 1, 1, (24, 24))], log
+        )
         assert study._proc is worker  # the same worker ran the next cell
     finally:
         study.close()
@@ -278,8 +284,11 @@ def test_cell_commands_and_their_failures(
         assert worker.poll() is not None  # closed with the study
     text = log.read_text()
     assert "$ mobile-vla eval" in text and str(missing) in text
-    assert text.count("$ mobile-vla inspect") == 2  # the chained command's line too
-    assert "episodes" in text.split("$ mobile-vla inspect")[-1]  # its output reached the log
+    assert text.count("$ mobile-vla collect") == 2  # the chained job's line too
+    assert "wrote 2 episodes" in text.split("$ mobile-vla collect")[-1]  # its output, logged
+    assert len(list(data.glob("*.h5"))) == 2
+    job = Evaluate(str(missing), 4, 7, "first_k", 3, 1)
+    assert from_json(json.loads(json.dumps(to_json(job)))) == job
 
 
 def test_rollout_strip_takes_evenly_spaced_frames(tmp_path: Path) -> None:

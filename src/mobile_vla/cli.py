@@ -55,7 +55,7 @@ def cmd_collect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     cells = parse_scenarios(args.scenarios)
     controller = None
     if args.policy is not None:
-        from mobile_vla.evaluation.closed_loop import PolicyController
+        from mobile_vla.models.runtime import PolicyController
         from mobile_vla.training.run import load_policy
 
         policy, run_cfg = load_policy(args.policy, args.checkpoint)
@@ -158,7 +158,7 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    from mobile_vla.evaluation.offline import evaluate_run
+    from mobile_vla.evaluation.offline import evaluate_run, format_offline
     from mobile_vla.training.run import load_policy
 
     refuse_overrides(overrides, "eval")
@@ -172,7 +172,7 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     )
     print(format_offline(m))
     if args.episodes > 0:
-        from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop
+        from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop, format_closed_loop
 
         c = evaluate_run_closed_loop(
             args.run,
@@ -191,44 +191,6 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             print(f"the expert drove the first {args.expert_steps} steps (a diagnostic):")
         print(format_closed_loop(c))
     return 0
-
-
-def format_closed_loop(c: dict) -> str:
-    lo, hi = c["success_ci95"]
-    lines = [
-        f"closed loop ({c['episodes']} held-out episodes, seed {c['seed']}, chunk "
-        f"{c['chunk_mode']}, step limit {c['step_limit']}): success {c['success_rate']:.3f} "
-        f"[95% CI {lo:.3f}-{hi:.3f}], collisions {c['collision_rate']:.3f}"
-    ]
-    for key in ("by_side", "by_layout", "by_distance"):
-        parts = [f"{name} {b['successes']}/{b['episodes']}" for name, b in c[key].items()]
-        lines.append(f"  {key.removeprefix('by_')}: " + ", ".join(parts))
-    return "\n".join(lines)
-
-
-def format_offline(m: dict) -> str:
-    rmse = ", ".join(f"{k}={v:.4f}" for k, v in m["rmse"].items())
-    mae = ", ".join(f"{k}={v:.4f}" for k, v in m["mae"].items())
-    da = m["direction_accuracy"]
-    sens = m["instruction_sensitivity"]
-    lines = [
-        f"offline metrics of {m['run']} ({m['checkpoint']}), split {m['split']}: "
-        f"{m['episodes']} episodes, {m['samples']} samples, seed {m['seed']}",
-        f"  val_loss {m['val_loss']:.5f}",
-        f"  rmse {rmse}",
-        f"  mae  {mae}",
-    ]
-    if da.get("value") is not None:
-        lines.append(
-            f"  direction_accuracy {da['value']:.3f} ({da['count']} steps with "
-            f"|linear_y| > {da['threshold']})"
-        )
-    if sens.get("mean_abs_diff") is not None:
-        lines.append(
-            f"  instruction_sensitivity: mean |dy| {sens['mean_abs_diff']:.4f}, "
-            f"sign flips {sens['sign_flip_rate']:.3f} ({sens['count']} samples)"
-        )
-    return "\n".join(lines)
 
 
 def cmd_import_config(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -316,7 +278,7 @@ def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def cmd_drive_sim(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.config import SimConfig, from_dict
-    from mobile_vla.evaluation.closed_loop import closed_loop
+    from mobile_vla.evaluation.closed_loop import closed_loop, format_closed_loop
     from mobile_vla.serving.client import PredictClient, RemoteController
 
     client = PredictClient(args.server, args.api_key or "", timeout=args.timeout)

@@ -162,3 +162,29 @@ def evaluate_run(
     )
     update_metrics(run, "offline", metrics)
     return metrics
+
+
+def format_offline(m: dict[str, Any]) -> str:
+    """The offline metrics as ``eval`` prints them."""
+    rmse = ", ".join(f"{k}={v:.4f}" for k, v in m["rmse"].items())
+    mae = ", ".join(f"{k}={v:.4f}" for k, v in m["mae"].items())
+    da = m["direction_accuracy"]
+    sens = m["instruction_sensitivity"]
+    lines = [
+        f"offline metrics of {m['run']} ({m['checkpoint']}), split {m['split']}: "
+        f"{m['episodes']} episodes, {m['samples']} samples, seed {m['seed']}",
+        f"  val_loss {m['val_loss']:.5f}",
+        f"  rmse {rmse}",
+        f"  mae  {mae}",
+    ]
+    if da.get("value") is not None:
+        lines.append(
+            f"  direction_accuracy {da['value']:.3f} ({da['count']} steps with "
+            f"|linear_y| > {da['threshold']})"
+        )
+    if sens.get("mean_abs_diff") is not None:
+        lines.append(
+            f"  instruction_sensitivity: mean |dy| {sens['mean_abs_diff']:.4f}, "
+            f"sign flips {sens['sign_flip_rate']:.3f} ({sens['count']} samples)"
+        )
+    return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The built-in backbone's vision-language pretrained weights: export, model card, loading.
+"""The built-in backbone's vision-language pretrained weights: export and model card (the
+reader is :mod:`mobile_vla.models.backbones.builtin_weights`).
 
 A weights file is ``NAME.safetensors`` (every backbone tensor except the sentence encoder's,
 which ships in its own package) with ``NAME.json`` beside it: the model card as data (format,
@@ -9,50 +10,41 @@ the hash and the architecture before a single tensor is used. The package ships 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mobile_vla.config import BuiltinConfig
-from mobile_vla.errors import ConfigError
 from mobile_vla.io import atomic_path, atomic_write_json, file_sha256
-
-FORMAT = "mobile-vla-builtin-weights"
-VERSION = 1
-SHIPPED_NAME = "builtin-vl"
-# The geometry keys that decide the tensors' shapes (the sentence encoder's width enters
-# through text_proj, so the encoder is named too).
-ARCH_KEYS = (
-    "image_size",
-    "patch_size",
-    "vision_width",
-    "vision_layers",
-    "vision_heads",
-    "fusion_width",
-    "fusion_layers",
-    "fusion_heads",
-    "text_encoder",
+from mobile_vla.models.backbones.builtin_weights import (  # the reader, beside the model
+    ARCH_KEYS,
+    FORMAT,
+    SHIPPED_NAME,
+    VERSION,
+    WeightsError,
+    architecture,
+    card_path,
+    load_weights,
+    read_card,
+    shipped_weights,
 )
 
-
-class WeightsError(ConfigError):
-    pass
-
-
-def shipped_weights() -> Path:
-    return Path(__file__).resolve().parent.parent / "weights" / f"{SHIPPED_NAME}.safetensors"
-
-
-def architecture(cfg: BuiltinConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in ARCH_KEYS}
-
-
-def card_path(weights: Path) -> Path:
-    return weights.with_suffix(".json")
+__all__ = [
+    "ARCH_KEYS",
+    "FORMAT",
+    "SHIPPED_NAME",
+    "VERSION",
+    "WeightsError",
+    "architecture",
+    "card_path",
+    "export_weights",
+    "load_weights",
+    "model_card_markdown",
+    "read_card",
+    "shipped_weights",
+]
 
 
 def export_weights(
@@ -77,52 +69,6 @@ def export_weights(
     }
     atomic_write_json(card_path(out), full)
     return out
-
-
-def read_card(weights: Path) -> dict[str, Any]:
-    card = card_path(weights)
-    if not weights.is_file():
-        raise WeightsError(f"weights file '{weights}' does not exist")
-    if not card.is_file():
-        raise WeightsError(
-            f"weights file '{weights}' has no model card '{card.name}' beside it (it holds "
-            "the SHA-256 and the architecture the weights are checked against)"
-        )
-    try:
-        data = json.loads(card.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise WeightsError(f"model card '{card}' is not valid JSON") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise WeightsError(f"model card '{card}' is not a {FORMAT} card")
-    return data
-
-
-def load_weights(weights: str | Path, cfg: BuiltinConfig) -> dict[str, torch.Tensor]:
-    """The tensors of ``weights``, after checking its SHA-256 and architecture against the
-    card and ``cfg``; each problem is one error naming the file."""
-    weights = Path(weights)
-    card = read_card(weights)
-    digest = file_sha256(weights)
-    if digest != card.get("sha256"):
-        raise WeightsError(
-            f"weights file '{weights}' has SHA-256 {digest[:16]}..., its model card says "
-            f"{str(card.get('sha256'))[:16]}...: the file was modified or corrupted"
-        )
-    want = architecture(cfg)
-    have = card.get("architecture", {})
-    diff = [
-        f"{k}: {have.get(k)!r} (config {want[k]!r})" for k in ARCH_KEYS if have.get(k) != want[k]
-    ]
-    if diff:
-        raise WeightsError(
-            f"weights file '{weights}' is for another architecture of backbone.builtin: "
-            + "; ".join(diff)
-            + " (set backbone.pretrained=false to train this geometry from random weights)"
-        )
-    try:
-        return load_file(str(weights))
-    except (SafetensorError, OSError) as exc:  # pragma: no cover - the hash catches this first
-        raise WeightsError(f"weights file '{weights}' is unreadable ({exc})") from None
 
 
 def model_card_markdown(card: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from mobile_vla.config import ACTION_NAMES, Config
-from mobile_vla.evaluation.closed_loop import PolicyController, act_many
+from mobile_vla.models.runtime import PolicyController, act_many
 from mobile_vla.serving.protocol import (
     MAX_BODY_BYTES,
     MAX_IMAGE_SIDE,

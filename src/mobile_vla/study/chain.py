@@ -1,12 +1,13 @@
-"""Several ``mobile-vla`` commands in one process, in order, stopping at the first failure.
+"""A cell's jobs (:mod:`mobile_vla.study.jobs`) in one process, in order, stopping at the
+first failure.
 
 A study cell trains and then evaluates; run as two processes, each pays the interpreter and
 library start-up again (about 7 s on two cores). ``python -m mobile_vla.study.chain JSON`` takes
-a JSON list of argument lists and runs them through the same CLI entry point.
+a JSON list of jobs and runs them.
 
 ``python -m mobile_vla.study.chain --serve`` is the study's worker: it imports the libraries
-once, then for each request line ``{"log": PATH, "commands": [[...], ...]}`` on standard input
-forks a child that runs the commands with its output appended to PATH, and answers one line
+once, then for each request line ``{"log": PATH, "jobs": [{...}, ...]}`` on standard input
+forks a child that runs the jobs with its output appended to PATH, and answers one line
 ``{"exit": CODE}``. Each cell still runs in a process of its own (its own peak memory, a crash
 stays in the cell) without paying the start-up again. Linux only (``fork``).
 """
@@ -19,20 +20,16 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 READY = "ready"
 
 
-def run_commands(commands: Sequence[Sequence[str]]) -> int:
-    from mobile_vla.cli import main as cli_main
+def run_serialized(jobs: Sequence[dict[str, Any]]) -> int:
+    """Run jobs given as JSON objects (the first one's line is written by the caller)."""
+    from mobile_vla.study.jobs import from_json, run_jobs
 
-    for i, args in enumerate(commands):
-        if i:  # the first command's line is written by the caller
-            print(f"$ mobile-vla {' '.join(args)}", flush=True)
-        code = cli_main(list(args))
-        if code:
-            return code
-    return 0
+    return run_jobs([from_json(j) for j in jobs])
 
 
 def preload() -> None:
@@ -44,16 +41,16 @@ def preload() -> None:
     import transformers  # noqa: F401
 
     import mobile_vla.analysis.compare
-    import mobile_vla.cli
     import mobile_vla.evaluation.closed_loop
     import mobile_vla.evaluation.offline
     import mobile_vla.models.policy
     import mobile_vla.sim.env
+    import mobile_vla.study.jobs
     import mobile_vla.training.module
     import mobile_vla.training.run  # noqa: F401
 
 
-def _child(log: str, commands: Sequence[Sequence[str]]) -> None:
+def _child(log: str, jobs: Sequence[dict[str, Any]]) -> None:
     """In the forked child: output to ``log``, run, and leave without the parent's cleanup."""
     code = 1
     try:
@@ -64,9 +61,7 @@ def _child(log: str, commands: Sequence[Sequence[str]]) -> None:
         os.dup2(fd, 2)
         os.close(fd)
         os.close(null)
-        code = run_commands(commands)
-    except SystemExit as exc:  # argparse errors exit
-        code = exc.code if isinstance(exc.code, int) else 1
+        code = run_serialized(jobs)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -89,7 +84,7 @@ def serve(stdin=None, stdout=None) -> int:  # type: ignore[no-untyped-def]
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(request["log"], request["commands"])
+            _child(request["log"], request["jobs"])
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), file=stdout, flush=True)
     return 0
@@ -99,12 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--serve"]:
         return serve()
-    commands = json.loads(argv[0]) if len(argv) == 1 else None
-    if not isinstance(commands, list) or not all(isinstance(c, list) for c in commands):
-        print('usage: python -m mobile_vla.study.chain \'[["train", ...], ["eval", ...]]\'')
+    jobs = json.loads(argv[0]) if len(argv) == 1 else None
+    if not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs):
+        print('usage: python -m mobile_vla.study.chain \'[{"kind": "Train", ...}, ...]\'')
         print("       python -m mobile_vla.study.chain --serve")
         return 2
-    return run_commands(commands)
+    return run_serialized(jobs)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,16 @@ from mobile_vla.config import STRATEGIES, _fail, load_config, save_config, to_di
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import atomic_write_json
 from mobile_vla.study.chain import READY
+from mobile_vla.study.jobs import (
+    Collect,
+    Compare,
+    Evaluate,
+    Job,
+    Resume,
+    Train,
+    describe_all,
+    to_json,
+)
 
 FORMAT = "mobile-vla-study"
 VERSION = 1
@@ -262,36 +272,35 @@ class Study:
                 proc.kill()
                 proc.wait()
 
-    def _cli(self, *args: str, log: Path, then: Sequence[Sequence[str]] = ()) -> None:
-        """``mobile-vla ARGS`` in a process of its own (its own peak memory), and the commands
-        in ``then`` after it in the same process (one start-up instead of several): a child
-        forked by the study's worker, or else a fresh interpreter."""
-        commands = [list(args), *(list(t) for t in then)]
+    def _jobs(self, jobs: Sequence[Job], log: Path) -> None:
+        """Run ``jobs`` (a cell's train, evaluate and compare) in a process of their own (its own
+        peak memory): a child forked by the study's worker, or else a fresh interpreter."""
         with open(log, "a") as fh:
-            fh.write(f"$ mobile-vla {' '.join(args)}\n")
+            fh.write(f"$ mobile-vla {jobs[0].describe()}\n")
+        serialized = [to_json(j) for j in jobs]
         worker = self._worker()
         code: int | None = None
         if worker is not None and worker.stdin is not None and worker.stdout is not None:
-            request = {"log": str(Path(log).resolve()), "commands": commands}
+            request = {"log": str(Path(log).resolve()), "jobs": serialized}
             worker.stdin.write(json.dumps(request) + "\n")
             worker.stdin.flush()
             reply = worker.stdout.readline()
             if not reply:
                 raise MobileVLAError(
-                    f"the study worker exited while running '{' '.join(args[:1])}' "
+                    f"the study worker exited while running '{describe_all(jobs)}' "
                     f"(see {self.out / 'logs' / 'worker.log'} and {log})"
                 )
             code = int(json.loads(reply)["exit"])
         else:
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-            cmd = [sys.executable, "-m", "mobile_vla.study.chain", json.dumps(commands)]
+            cmd = [sys.executable, "-m", "mobile_vla.study.chain", json.dumps(serialized)]
             with open(log, "a") as fh:
                 code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
         if code != 0:
             tail = log.read_text().strip().splitlines()[-3:]
-            names = " then ".join(c[0] for c in commands)
             raise MobileVLAError(
-                f"'mobile-vla {names}' failed (exit {code}); see {log}: " + " | ".join(tail)
+                f"'mobile-vla {describe_all(jobs)}' failed (exit {code}); see {log}: "
+                + " | ".join(tail)
             )
 
     def ensure_data(self) -> Path:
@@ -304,19 +313,9 @@ class Study:
             return folder
         shutil.rmtree(folder, ignore_errors=True)
         self._say(f"collecting {d.episodes} simulated episodes into {folder}")
-        self._cli(
-            "collect",
-            "--out",
-            str(folder),
-            "--episodes",
-            str(d.episodes),
-            "--workers",
-            str(d.workers),
-            "--seed",
-            str(d.seed),
-            f"--sim.image_size=[{d.image_size[0]},{d.image_size[1]}]",
-            "-q",
-            log=self.out / "study.log",
+        size = (int(d.image_size[0]), int(d.image_size[1]))
+        self._jobs(
+            [Collect(str(folder), d.episodes, d.workers, d.seed, size)], self.out / "study.log"
         )
         done.write_text("")
         return folder
@@ -325,51 +324,29 @@ class Study:
         if self.progress:
             print(f"[study] {text}", flush=True)
 
-    def run_cell(
-        self, cell: Cell, data: Path, then: Sequence[Sequence[str]] = ()
-    ) -> dict[str, Any]:
-        """Train and evaluate one cell in one child process; ``then``: more commands for the
-        same process (the comparison with the cell's twin)."""
+    def run_cell(self, cell: Cell, data: Path, then: Sequence[Job] = ()) -> dict[str, Any]:
+        """Train and evaluate one cell in one child process; ``then``: more jobs for the same
+        process (the comparison with the cell's twin)."""
         cells_dir = self.out / "cells"
         run = cells_dir / cell.id
         log = self.out / "logs" / f"{cell.id}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         cl = self.study.closed_loop
-        evaluate = ["eval", str(run), "-q"]
-        if cl.episodes:
-            evaluate += [
-                "--episodes",
-                str(cl.episodes),
-                "--seed",
-                str(cl.seed),
-                "--chunk",
-                cl.chunk,
-                "--chunk-k",
-                str(cl.chunk_k),
-                "--videos",
-                str(cl.videos),
-            ]
+        evaluate = Evaluate(str(run), cl.episodes, cl.seed, cl.chunk, cl.chunk_k, cl.videos)
         if (run / "checkpoints" / "last").exists() and not (run / "train_stats.json").exists():
             self._say(f"{cell.id}: resuming interrupted training")
-            self._cli("train", "--resume", str(run), "-q", log=log, then=[evaluate, *then])
+            self._jobs([Resume(str(run)), evaluate, *then], log)
         elif not (run / "train_stats.json").exists():
             shutil.rmtree(run, ignore_errors=True)
-            self._cli(
-                "train",
-                str(self.base),
-                *(f"--{o}" for o in cell_overrides(self.study, cell, data, cells_dir)),
-                "-q",
-                log=log,
-                then=[evaluate, *then],
-            )
+            overrides = tuple(cell_overrides(self.study, cell, data, cells_dir))
+            self._jobs([Train(str(self.base), overrides), evaluate, *then], log)
         else:  # trained earlier, interrupted while evaluating
-            self._cli(*evaluate, log=log, then=then)
+            self._jobs([evaluate, *then], log)
         return collect_cell(run, cell)
 
-    def compare_args(self, a: Path, b: Path, name: str) -> list[str]:
+    def compare_job(self, a: Path, b: Path, name: str) -> Compare:
         out = self.out / "compare" / name
-        samples = str(self.study.compare_samples)
-        return ["compare", str(a), str(b), "--out", str(out), "--samples", samples]
+        return Compare(str(a), str(b), str(out), self.study.compare_samples)
 
     def compare_result(self, a: Path, b: Path, name: str) -> dict[str, Any]:
         out = self.out / "compare" / name
@@ -384,7 +361,7 @@ class Study:
         }
 
     def run_compare(self, a: Path, b: Path, name: str) -> dict[str, Any]:
-        self._cli(*self.compare_args(a, b, name), log=self.out / "logs" / f"compare-{name}.log")
+        self._jobs([self.compare_job(a, b, name)], self.out / "logs" / f"compare-{name}.log")
         return self.compare_result(a, b, name)
 
     def _pair(self, cell: Cell) -> tuple[str, Path, Path]:
@@ -422,7 +399,7 @@ class Study:
             # the comparison runs in the same process as the second of the pair to finish
             twin = frozen.name if cell.strategy == "lora" else lora.name
             then = (
-                [self.compare_args(frozen, lora, name)]
+                [self.compare_job(frozen, lora, name)]
                 if comparing
                 and cell.strategy in ("frozen", "lora")
                 and twin in results["cells"]

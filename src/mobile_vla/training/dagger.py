@@ -105,7 +105,7 @@ def dagger(
     on_round: Callable[[DaggerRound], None] | None = None,
 ) -> list[DaggerRound]:
     """Run rounds 0..``rounds`` (round 0 = expert data); returns every round's record."""
-    from mobile_vla.evaluation.closed_loop import PolicyController
+    from mobile_vla.models.runtime import PolicyController
     from mobile_vla.sim.collect import collect
     from mobile_vla.training.run import load_policy, train
 

@@ -20,7 +20,7 @@ them the same way: at the end of the text, before EOS.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -108,37 +108,3 @@ def normalize_pixels(
     mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean_t) / std_t
-
-
-_REGISTRY: dict[str, Callable[[BackboneConfig], Backbone]] = {}
-
-
-def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
-    def deco(cls: type[Backbone]) -> type[Backbone]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def available_backbones() -> list[str]:
-    _import_families()
-    return sorted(_REGISTRY)
-
-
-def build_backbone(cfg: BackboneConfig) -> Backbone:
-    _import_families()
-    if cfg.name not in _REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(cfg.name, list(_REGISTRY), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"config key 'backbone.name' must be one of {sorted(_REGISTRY)}, got {cfg.name!r}{hint}"
-        )
-    return _REGISTRY[cfg.name](cfg)
-
-
-def _import_families() -> None:
-    from mobile_vla.models.backbones import builtin, kosmos2, paligemma  # noqa: F401

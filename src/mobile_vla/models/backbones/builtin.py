@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mobile_vla.config import BackboneConfig
 from mobile_vla.errors import ConfigError
-from mobile_vla.models.backbones.base import Backbone, normalize_pixels, register_backbone
+from mobile_vla.models.backbones.base import Backbone, normalize_pixels
 from mobile_vla.models.backbones.hf import quiet_loading, set_hf_checkpointing
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
@@ -157,8 +157,8 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
 
-@register_backbone("builtin")
 class BuiltinBackbone(Backbone):
+    name = "builtin"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
     pretrained_prefixes = ("text_encoder.",)  # ViT and fusion weights are saved with the run
 
@@ -211,7 +211,11 @@ class BuiltinBackbone(Backbone):
     def load_pretrained(self, weights: str = "") -> None:
         """Load the vision-language pretrained ViT, projectors and fusion transformer
         (``weights``, or the file shipped with the package), hash and architecture checked."""
-        from mobile_vla.pretraining.weights import WeightsError, load_weights, shipped_weights
+        from mobile_vla.models.backbones.builtin_weights import (
+            WeightsError,
+            load_weights,
+            shipped_weights,
+        )
 
         path = Path(weights) if weights else shipped_weights()
         state = {

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobile_vla.models.backbones.base import register_backbone
 from mobile_vla.models.backbones.hf import HFBackbone
 from mobile_vla.models.backbones.sequence import fill, gather_actions, pack
 
@@ -28,8 +27,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-@register_backbone("kosmos2")
 class Kosmos2Backbone(HFBackbone):
+    name = "kosmos2"
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
     model_class = "Kosmos2Model"
     default_id = DEFAULT_ID

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobile_vla.models.backbones.base import register_backbone
 from mobile_vla.models.backbones.hf import HFBackbone
 from mobile_vla.models.backbones.sequence import fill, gather_actions, pack
 
@@ -27,8 +26,8 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
-@register_backbone("paligemma")
 class PaliGemmaBackbone(HFBackbone):
+    name = "paligemma"
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     model_class = "PaliGemmaModel"
     default_id = DEFAULT_ID

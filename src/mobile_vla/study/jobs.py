@@ -1,0 +1,181 @@
+"""A study's work as typed jobs, executed by calling the library (``collect``, ``train``,
+the offline and closed-loop evaluations, ``compare_runs``) directly; the CLI is one more caller
+of the same functions, and nothing here goes through it.
+
+A cell is a list of jobs run in one process (its own peak memory, a crash stays in the cell):
+``Train`` (or ``Resume``), then ``Evaluate``, then the ``Compare`` jobs it completes. Jobs
+cross the process boundary as JSON (``to_json`` / ``from_json``); each job's log line is the
+equivalent command line, so a cell's log reads like a shell session that can be replayed.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from mobile_vla.errors import MobileVLAError
+
+
+@dataclass(frozen=True)
+class Collect:
+    out: str
+    episodes: int
+    workers: int
+    seed: int
+    image_size: tuple[int, int]
+
+    def describe(self) -> str:
+        h, w = self.image_size
+        return (
+            f"collect --out {self.out} --episodes {self.episodes} --workers {self.workers} "
+            f"--seed {self.seed} --sim.image_size=[{h},{w}]"
+        )
+
+
+@dataclass(frozen=True)
+class Train:
+    config: str
+    overrides: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"train {self.config} " + " ".join(f"--{o}" for o in self.overrides)
+
+
+@dataclass(frozen=True)
+class Resume:
+    run: str
+
+    def describe(self) -> str:
+        return f"train --resume {self.run}"
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    run: str
+    episodes: int = 0
+    seed: int = 1000
+    chunk: str = "first"
+    chunk_k: int = 1
+    videos: int = 0
+
+    def describe(self) -> str:
+        text = f"eval {self.run}"
+        if self.episodes:
+            text += (
+                f" --episodes {self.episodes} --seed {self.seed} --chunk {self.chunk} "
+                f"--chunk-k {self.chunk_k} --videos {self.videos}"
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class Compare:
+    run_a: str
+    run_b: str
+    out: str
+    samples: int
+
+    def describe(self) -> str:
+        return f"compare {self.run_a} {self.run_b} --out {self.out} --samples {self.samples}"
+
+
+Job = Collect | Train | Resume | Evaluate | Compare
+KINDS: dict[str, type] = {k.__name__: k for k in (Collect, Train, Resume, Evaluate, Compare)}
+
+
+def to_json(job: Job) -> dict[str, Any]:
+    return {"kind": type(job).__name__, **asdict(job)}
+
+
+def from_json(obj: dict[str, Any]) -> Job:
+    kind = KINDS.get(obj.get("kind", ""))
+    if kind is None:
+        raise MobileVLAError(f"unknown study job kind {obj.get('kind')!r}")
+    args = {f.name: obj[f.name] for f in fields(kind) if f.name in obj}
+    for key in ("overrides", "image_size"):
+        if key in args:
+            args[key] = tuple(args[key])
+    return kind(**args)
+
+
+def execute(job: Job) -> None:
+    """Run one job in this process, printing what the matching command prints."""
+    if isinstance(job, Collect):
+        from mobile_vla.config import SimConfig
+        from mobile_vla.sim.collect import collect
+        from mobile_vla.sim.scenario import parse_scenarios
+
+        results = collect(
+            job.out,
+            job.episodes,
+            parse_scenarios(["all"]),
+            seed=job.seed,
+            workers=job.workers,
+            cfg=SimConfig(image_size=list(job.image_size)),
+            progress=False,
+        )
+        print(f"wrote {len(results)} episodes to {job.out}")
+    elif isinstance(job, Train | Resume):
+        from mobile_vla.config import load_config
+        from mobile_vla.training.run import check_run, train
+
+        if isinstance(job, Resume):
+            run = check_run(job.run)
+            out = train(load_config(run / "config.yaml"), resume=run, progress=False)
+        else:
+            out = train(load_config(job.config, list(job.overrides)), progress=False)
+        print(f"run folder: {out}")
+    elif isinstance(job, Evaluate):
+        _evaluate(job)
+    else:
+        from mobile_vla.analysis.compare import compare_runs
+
+        r = compare_runs(job.run_a, job.run_b, job.out, samples=job.samples)
+        cka = r["context"]["cka"]
+        print(f"compared on {r['inputs']['samples']} windows: context CKA {cka:.4f}")
+
+
+def _evaluate(job: Evaluate) -> None:
+    from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop, format_closed_loop
+    from mobile_vla.evaluation.offline import evaluate_run, format_offline
+    from mobile_vla.training.run import load_policy
+
+    loaded = load_policy(job.run, "best")
+    print(format_offline(evaluate_run(job.run, progress=False, loaded=loaded)))
+    if job.episodes:
+        summary = evaluate_run_closed_loop(
+            job.run,
+            job.episodes,
+            job.seed,
+            job.chunk,
+            job.chunk_k,
+            videos=job.videos,
+            progress=False,
+            loaded=loaded,
+        )
+        print(format_closed_loop(summary))
+
+
+def run_jobs(jobs: Iterable[Job], announce_first: bool = False) -> int:
+    """Run ``jobs`` in order, stopping at the first failure: 0, or 2 for a user error (its
+    one-line message printed, as the CLI does), 1 for anything else (with its traceback).
+    Each job's command line is printed before it (the first one's only with
+    ``announce_first``: the caller has written it)."""
+    for i, job in enumerate(jobs):
+        if i or announce_first:
+            print(f"$ mobile-vla {job.describe()}", flush=True)
+        try:
+            execute(job)
+        except MobileVLAError as exc:
+            print(f"error: {exc}", flush=True)
+            return 2
+        except Exception:
+            traceback.print_exc()
+            return 1
+    return 0
+
+
+def describe_all(jobs: Sequence[Job]) -> str:
+    return " then ".join(job.describe().split(" ", 1)[0] for job in jobs)
