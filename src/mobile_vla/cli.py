@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,6 +83,39 @@ def cmd_collect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def args_collect(sub: Any) -> None:
+    """The arguments of ``collect``."""
+    p = sub.add_parser("collect", help="simulated expert episodes in the robot's HDF5 format")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--episodes", required=True, type=int, help="number of episodes")
+    p.add_argument(
+        "--scenarios",
+        nargs="+",
+        default=None,
+        help="grid cells: layout/side/distance joined by _ (1box_left, 2box_far, "
+        "right, ...), or 'all' (default)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="collection seed (default: config seed)")
+    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (sim section)")
+    p.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="run folder: its policy drives and the expert labels each frame (DAgger)",
+    )
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument(
+        "--expert-prob",
+        type=float,
+        default=0.0,
+        help="with --policy: probability that a step executes the expert's command",
+    )
+    p.add_argument("--start-index", type=int, default=0, help="number the files from here")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_collect)
+
+
 def cmd_dagger(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.sim.scenario import parse_scenarios
     from mobile_vla.training.dagger import dagger
@@ -109,6 +143,24 @@ def cmd_dagger(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         on_round=report,
     )
     return 0
+
+
+def args_dagger(sub: Any) -> None:
+    """The arguments of ``dagger``."""
+    p = sub.add_parser(
+        "dagger",
+        help="expert episodes, then rounds where the policy drives and the expert corrects",
+    )
+    p.add_argument("config", type=Path, help="YAML config of the policy to train")
+    p.add_argument("--data", required=True, type=Path, help="episode folder (grows each round)")
+    p.add_argument("--rounds", type=int, default=3, help="correction rounds after round 0")
+    p.add_argument("--episodes", type=int, default=240, help="episodes collected per round")
+    p.add_argument("--scenarios", nargs="+", default=None, help="grid cells (as for collect)")
+    p.add_argument("--seed", type=int, default=None, help="scene seed of round 0 (+r per round)")
+    p.add_argument("--expert-prob", type=float, default=0.0, help="as for collect")
+    p.add_argument("--workers", type=int, default=1, help="worker processes for round 0")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_dagger)
 
 
 def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -139,6 +191,21 @@ def cmd_inspect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 1 if scan.bad else 0
 
 
+def args_inspect(sub: Any) -> None:
+    """The arguments of ``inspect``."""
+    p = sub.add_parser("inspect", help="validate a dataset folder and print its statistics")
+    p.add_argument("data", type=Path, help="folder of episode files")
+    p.add_argument("--pattern", default=None, help="glob pattern (default: data.pattern)")
+    p.add_argument("--deep", action="store_true", help="decode every frame of every file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--sheet", type=Path, default=None, help="write a PNG of frames as the model sees them"
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML config (data section)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_inspect)
+
+
 def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.training.run import check_run, train
 
@@ -155,6 +222,21 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if rank_zero_only.rank == 0:  # under DDP every process returns here
         print(f"run folder: {out}")
     return 0
+
+
+def args_train(sub: Any) -> None:
+    """The arguments of ``train``."""
+    p = sub.add_parser("train", help="train a policy; creates a run folder")
+    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML config")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="continue RUN from checkpoints/last (same step, schedule, RNG)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -193,6 +275,31 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def args_eval(sub: Any) -> None:
+    """The arguments of ``eval``."""
+    p = sub.add_parser("eval", help="offline metrics of a run on its test episodes (validation when it has none), and closed loop")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--episodes",
+        type=int,
+        default=0,
+        help="closed-loop episodes in the simulator (0 = offline metrics only)",
+    )
+    add_chunk_arguments(p)
+    p.add_argument("--videos", type=int, default=2, help="rollout GIFs to save")
+    p.add_argument(
+        "--expert-steps",
+        type=int,
+        default=0,
+        help="diagnostic: the expert drives the first N steps (side chosen), then the policy",
+    )
+    p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+
 def cmd_import_config(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.config import config_to_yaml
     from mobile_vla.io import atomic_write_text
@@ -216,6 +323,15 @@ def cmd_import_config(args: argparse.Namespace, overrides: Sequence[str]) -> int
         print(imported.summary())
         print(f"wrote {args.out}")
     return 0
+
+
+def args_import_config(sub: Any) -> None:
+    """The arguments of ``import-config``."""
+    p = sub.add_parser("import-config", help="convert a RoboVLMs JSON config to YAML")
+    p.add_argument("config", type=Path, help="RoboVLMs JSON config")
+    p.add_argument("--out", type=Path, default=None, help="YAML to write (default: stdout)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_import_config)
 
 
 def serve_api_key(args: argparse.Namespace) -> str:
@@ -276,6 +392,54 @@ def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def args_serve(sub: Any) -> None:
+    """The arguments of ``serve``."""
+    p = sub.add_parser("serve", help="serve a run's policy to the robot (HTTP + WebSocket)")
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require this X-API-Key (visible in ps: prefer --api-key-file or MOBILE_VLA_API_KEY)",
+    )
+    p.add_argument("--api-key-file", type=Path, default=None, help="file holding the key")
+    p.add_argument(
+        "--max-image-side", type=int, default=1024, help="largest image side accepted (pixels)"
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=10.0, help="seconds to receive a request body"
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to receive a request's line and headers (then 408, connection closed)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="most waiting requests (of different sessions) answered by one forward pass",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without an API key",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    add_chunk_arguments(p)
+    p.add_argument("--session-ttl", type=float, default=300.0, help="idle seconds per session")
+    p.add_argument("--max-body", type=int, default=8 * 1024 * 1024, help="request size limit")
+    p.add_argument(
+        "--no-history-cache",
+        action="store_true",
+        help="re-encode the whole window every request (for comparison)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
 def cmd_drive_sim(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.config import SimConfig, from_dict
     from mobile_vla.evaluation.closed_loop import closed_loop, format_closed_loop
@@ -318,6 +482,28 @@ def cmd_drive_sim(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def args_drive_sim(sub: Any) -> None:
+    """The arguments of ``drive-sim``."""
+    p = sub.add_parser("drive-sim", help="drive the simulator through a policy server")
+    p.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
+    p.add_argument("--episodes", type=int, default=12)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--pace",
+        type=float,
+        default=0.0,
+        help="control rate in Hz (0 = as fast as the server answers)",
+    )
+    p.add_argument("--timeout", type=float, default=1.0, help="seconds the robot waits")
+    p.add_argument(
+        "--config", type=Path, default=None, help="sim settings (default: the served run's)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the summary as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_drive_sim)
+
+
 def cmd_compare(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.analysis.compare import compare_runs
 
@@ -336,6 +522,22 @@ def cmd_compare(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     )
     print(f"wrote {out / 'compare.html'}, compare.json, pca.png, tsne.png")
     return 0
+
+
+def args_compare(sub: Any) -> None:
+    """The arguments of ``compare``."""
+    p = sub.add_parser("compare", help="compare two runs' representations on the same inputs")
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="episode folder (default: run A's validation episodes)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="output folder")
+    p.add_argument("--samples", type=int, default=256, help="windows to compare")
+    p.set_defaults(func=cmd_compare)
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -368,6 +570,27 @@ def cmd_pretrain(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     print(format_pretrain_metrics(m))
     print(f"wrote {out / 'export'} (weights, model card)")
     return 0
+
+
+def args_pretrain(sub: Any) -> None:
+    """The arguments of ``pretrain``."""
+    p = sub.add_parser(
+        "pretrain", help="vision-language pretraining of the built-in backbone on a corpus"
+    )
+    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML PretrainConfig")
+    p.add_argument("--data", type=Path, default=None, help="caption corpus folder")
+    p.add_argument("--out", type=Path, required=True, help="pretraining run folder")
+    p.add_argument("--resume", action="store_true", help="continue --out from checkpoints/last")
+    p.add_argument(
+        "--heads-from",
+        type=Path,
+        default=None,
+        metavar="RUN",
+        help="redo only the second phase, from RUN's checkpoints/phase1 (the config may differ "
+        "in second-phase keys only)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_pretrain)
 
 
 def format_pretrain_metrics(m: dict) -> str:
@@ -425,6 +648,21 @@ def cmd_pretrain_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int
     return 0
 
 
+def args_pretrain_eval(sub: Any) -> None:
+    """The arguments of ``pretrain-eval``."""
+    p = sub.add_parser(
+        "pretrain-eval", help="retrieval and probes of a pretraining run or a weights file"
+    )
+    p.add_argument("run", type=Path, nargs="?", default=None, help="pretraining run folder")
+    p.add_argument(
+        "--weights", type=Path, default=None, help="an exported .safetensors (e.g. the shipped)"
+    )
+    p.add_argument("--data", type=Path, default=None, help="corpus (default: the run's)")
+    p.add_argument("--limit", type=int, default=None, help="held-out images (default: all)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain_eval)
+
+
 def cmd_study(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.study.grid import Study
 
@@ -441,6 +679,19 @@ def cmd_study(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     print((study.out / "report.md").read_text().split("## What the study says")[0].strip())
     print(f"\nreport: {study.out / 'report.html'}")
     return 0
+
+
+def args_study(sub: Any) -> None:
+    """The arguments of ``study``."""
+    p = sub.add_parser(
+        "study", help="strategies x seeds x data sizes x pretraining: train, evaluate, report"
+    )
+    p.add_argument("config", type=Path, help="study YAML (configs/study_quick.yaml, ...)")
+    p.add_argument(
+        "--report-only", action="store_true", help="rewrite the report from results.json"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only the final table")
+    p.set_defaults(func=cmd_study)
 
 
 def cmd_pretrain_data(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -484,6 +735,20 @@ def cmd_pretrain_data(args: argparse.Namespace, overrides: Sequence[str]) -> int
     return 0
 
 
+def args_pretrain_data(sub: Any) -> None:
+    """The arguments of ``pretrain-data``."""
+    p = sub.add_parser("pretrain-data", help="render an image-caption corpus for pretraining")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--images", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--captions", type=int, default=5, help="training captions per image")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out scenes")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_pretrain_data)
+
+
 def add_chunk_arguments(p: argparse.ArgumentParser) -> None:
     """How a predicted action chunk is executed (closed loop and serving)."""
     p.add_argument(
@@ -510,230 +775,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mobile-vla {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("collect", help="simulated expert episodes in the robot's HDF5 format")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--episodes", required=True, type=int, help="number of episodes")
-    p.add_argument(
-        "--scenarios",
-        nargs="+",
-        default=None,
-        help="grid cells: layout/side/distance joined by _ (1box_left, 2box_far, "
-        "right, ...), or 'all' (default)",
-    )
-    p.add_argument("--seed", type=int, default=None, help="collection seed (default: config seed)")
-    p.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    p.add_argument("--config", type=Path, default=None, help="YAML config (sim section)")
-    p.add_argument(
-        "--policy",
-        type=Path,
-        default=None,
-        help="run folder: its policy drives and the expert labels each frame (DAgger)",
-    )
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument(
-        "--expert-prob",
-        type=float,
-        default=0.0,
-        help="with --policy: probability that a step executes the expert's command",
-    )
-    p.add_argument("--start-index", type=int, default=0, help="number the files from here")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_collect)
-
-    p = sub.add_parser(
-        "dagger",
-        help="expert episodes, then rounds where the policy drives and the expert corrects",
-    )
-    p.add_argument("config", type=Path, help="YAML config of the policy to train")
-    p.add_argument("--data", required=True, type=Path, help="episode folder (grows each round)")
-    p.add_argument("--rounds", type=int, default=3, help="correction rounds after round 0")
-    p.add_argument("--episodes", type=int, default=240, help="episodes collected per round")
-    p.add_argument("--scenarios", nargs="+", default=None, help="grid cells (as for collect)")
-    p.add_argument("--seed", type=int, default=None, help="scene seed of round 0 (+r per round)")
-    p.add_argument("--expert-prob", type=float, default=0.0, help="as for collect")
-    p.add_argument("--workers", type=int, default=1, help="worker processes for round 0")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_dagger)
-
-    p = sub.add_parser("inspect", help="validate a dataset folder and print its statistics")
-    p.add_argument("data", type=Path, help="folder of episode files")
-    p.add_argument("--pattern", default=None, help="glob pattern (default: data.pattern)")
-    p.add_argument("--deep", action="store_true", help="decode every frame of every file")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.add_argument(
-        "--sheet", type=Path, default=None, help="write a PNG of frames as the model sees them"
-    )
-    p.add_argument("--config", type=Path, default=None, help="YAML config (data section)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_inspect)
-
-    p = sub.add_parser("train", help="train a policy; creates a run folder")
-    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML config")
-    p.add_argument(
-        "--resume",
-        type=Path,
-        default=None,
-        metavar="RUN",
-        help="continue RUN from checkpoints/last (same step, schedule, RNG)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="offline metrics of a run on its validation episodes")
-    p.add_argument("run", type=Path, help="run folder")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--episodes",
-        type=int,
-        default=0,
-        help="closed-loop episodes in the simulator (0 = offline metrics only)",
-    )
-    add_chunk_arguments(p)
-    p.add_argument("--videos", type=int, default=2, help="rollout GIFs to save")
-    p.add_argument(
-        "--expert-steps",
-        type=int,
-        default=0,
-        help="diagnostic: the expert drives the first N steps (side chosen), then the policy",
-    )
-    p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("pretrain-data", help="render an image-caption corpus for pretraining")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--images", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--captions", type=int, default=5, help="training captions per image")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="held-out scenes")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_pretrain_data)
-
-    p = sub.add_parser("compare", help="compare two runs' representations on the same inputs")
-    p.add_argument("run_a", type=Path)
-    p.add_argument("run_b", type=Path)
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        help="episode folder (default: run A's validation episodes)",
-    )
-    p.add_argument("--out", type=Path, default=None, help="output folder")
-    p.add_argument("--samples", type=int, default=256, help="windows to compare")
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("serve", help="serve a run's policy to the robot (HTTP + WebSocket)")
-    p.add_argument("run", type=Path, help="run folder")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument(
-        "--api-key",
-        default=None,
-        help="require this X-API-Key (visible in ps: prefer --api-key-file or MOBILE_VLA_API_KEY)",
-    )
-    p.add_argument("--api-key-file", type=Path, default=None, help="file holding the key")
-    p.add_argument(
-        "--max-image-side", type=int, default=1024, help="largest image side accepted (pixels)"
-    )
-    p.add_argument(
-        "--body-timeout", type=float, default=10.0, help="seconds to receive a request body"
-    )
-    p.add_argument(
-        "--header-timeout",
-        type=float,
-        default=10.0,
-        help="seconds to receive a request's line and headers (then 408, connection closed)",
-    )
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=16,
-        help="most waiting requests (of different sessions) answered by one forward pass",
-    )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        help="allow a non-loopback --host without an API key",
-    )
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    add_chunk_arguments(p)
-    p.add_argument("--session-ttl", type=float, default=300.0, help="idle seconds per session")
-    p.add_argument("--max-body", type=int, default=8 * 1024 * 1024, help="request size limit")
-    p.add_argument(
-        "--no-history-cache",
-        action="store_true",
-        help="re-encode the whole window every request (for comparison)",
-    )
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("drive-sim", help="drive the simulator through a policy server")
-    p.add_argument("--server", required=True, help="e.g. http://127.0.0.1:8000")
-    p.add_argument("--episodes", type=int, default=12)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--api-key", default=None)
-    p.add_argument(
-        "--pace",
-        type=float,
-        default=0.0,
-        help="control rate in Hz (0 = as fast as the server answers)",
-    )
-    p.add_argument("--timeout", type=float, default=1.0, help="seconds the robot waits")
-    p.add_argument(
-        "--config", type=Path, default=None, help="sim settings (default: the served run's)"
-    )
-    p.add_argument("--out", type=Path, default=None, help="write the summary as JSON")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_drive_sim)
-
-    p = sub.add_parser("import-config", help="convert a RoboVLMs JSON config to YAML")
-    p.add_argument("config", type=Path, help="RoboVLMs JSON config")
-    p.add_argument("--out", type=Path, default=None, help="YAML to write (default: stdout)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.set_defaults(func=cmd_import_config)
-    p = sub.add_parser(
-        "study", help="strategies x seeds x data sizes x pretraining: train, evaluate, report"
-    )
-    p.add_argument("config", type=Path, help="study YAML (configs/study_quick.yaml, ...)")
-    p.add_argument(
-        "--report-only", action="store_true", help="rewrite the report from results.json"
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="only the final table")
-    p.set_defaults(func=cmd_study)
-
-    p = sub.add_parser(
-        "pretrain", help="vision-language pretraining of the built-in backbone on a corpus"
-    )
-    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML PretrainConfig")
-    p.add_argument("--data", type=Path, default=None, help="caption corpus folder")
-    p.add_argument("--out", type=Path, required=True, help="pretraining run folder")
-    p.add_argument("--resume", action="store_true", help="continue --out from checkpoints/last")
-    p.add_argument(
-        "--heads-from",
-        type=Path,
-        default=None,
-        metavar="RUN",
-        help="redo only the second phase, from RUN's checkpoints/phase1 (the config may differ "
-        "in second-phase keys only)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_pretrain)
-
-    p = sub.add_parser(
-        "pretrain-eval", help="retrieval and probes of a pretraining run or a weights file"
-    )
-    p.add_argument("run", type=Path, nargs="?", default=None, help="pretraining run folder")
-    p.add_argument(
-        "--weights", type=Path, default=None, help="an exported .safetensors (e.g. the shipped)"
-    )
-    p.add_argument("--data", type=Path, default=None, help="corpus (default: the run's)")
-    p.add_argument("--limit", type=int, default=None, help="held-out images (default: all)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_pretrain_eval)
+    for add in (
+        args_collect,
+        args_dagger,
+        args_inspect,
+        args_train,
+        args_eval,
+        args_pretrain_data,
+        args_compare,
+        args_serve,
+        args_drive_sim,
+        args_import_config,
+        args_study,
+        args_pretrain,
+        args_pretrain_eval,
+    ):
+        add(sub)
     return parser
 
 
