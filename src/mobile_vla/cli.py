@@ -277,7 +277,9 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
 def args_eval(sub: Any) -> None:
     """The arguments of ``eval``."""
-    p = sub.add_parser("eval", help="offline metrics of a run on its test episodes (validation when it has none), and closed loop")
+    p = sub.add_parser(
+        "eval", help="offline metrics on the run's test episodes; closed loop with --episodes"
+    )
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--batch-size", type=int, default=16)
