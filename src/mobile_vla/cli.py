@@ -302,6 +302,57 @@ def args_eval(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def cmd_export_lerobot(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.data.lerobot import export_lerobot
+
+    refuse_overrides(overrides, "export-lerobot")
+    info = export_lerobot(
+        args.data, args.out, args.pattern, args.fps, args.codec, args.channel_order
+    )
+    print(
+        f"wrote a LeRobot {info['codebase_version']} dataset to {args.out}: "
+        f"{info['total_episodes']} episodes, {info['total_frames']} frames, "
+        f"{info['total_tasks']} tasks"
+    )
+    return 0
+
+
+def args_export_lerobot(sub: Any) -> None:
+    """The arguments of ``export-lerobot``."""
+    p = sub.add_parser("export-lerobot", help="write HDF5 episodes as a LeRobot v3.0 dataset")
+    p.add_argument("data", type=Path, help="folder of HDF5 episodes")
+    p.add_argument("out", type=Path, help="new LeRobot dataset folder")
+    p.add_argument("--pattern", default="episode_*.h5", help="glob of the episode files")
+    p.add_argument("--fps", type=int, default=10, help="control rate of the recordings")
+    p.add_argument("--codec", choices=["libx264", "libsvtav1"], default="libx264")
+    p.add_argument(
+        "--channel-order",
+        choices=["auto", "rgb", "bgr"],
+        default="auto",
+        help="how the files store frames (as data.channel_order); the video is RGB",
+    )
+    p.set_defaults(func=cmd_export_lerobot)
+
+
+def cmd_import_lerobot(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.data.lerobot import import_lerobot
+
+    refuse_overrides(overrides, "import-lerobot")
+    written = import_lerobot(args.dataset, args.out, camera=args.camera, action_key=args.action)
+    print(f"wrote {len(written)} HDF5 episodes to {args.out}")
+    return 0
+
+
+def args_import_lerobot(sub: Any) -> None:
+    """The arguments of ``import-lerobot``."""
+    p = sub.add_parser("import-lerobot", help="write a LeRobot dataset as HDF5 episodes")
+    p.add_argument("dataset", type=Path, help="LeRobot dataset folder (v3.0 or v2.x)")
+    p.add_argument("out", type=Path, help="folder for the HDF5 episodes")
+    p.add_argument("--camera", default=None, help="video/image feature (default: the first)")
+    p.add_argument("--action", default="action", help="the action feature (3 values)")
+    p.set_defaults(func=cmd_import_lerobot)
+
+
 def cmd_import_config(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.config import config_to_yaml
     from mobile_vla.io import atomic_write_text
@@ -788,6 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
         args_serve,
         args_drive_sim,
         args_import_config,
+        args_export_lerobot,
+        args_import_lerobot,
         args_study,
         args_pretrain,
         args_pretrain_eval,
