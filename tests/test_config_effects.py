@@ -389,6 +389,10 @@ MODEL: dict[str, tuple[list[str], list[str]]] = {
         ["train_setup.strategy=full"],
         ["train_setup.strategy=full", "train_setup.vision_lr=0.01"],
     ),
+    "train_setup.lora_layers": (
+        ["train_setup.strategy=lora"],
+        ["train_setup.strategy=lora", "train_setup.lora_layers=1"],
+    ),
     "train_setup.layer_lr_decay": (
         ["train_setup.strategy=full"],
         ["train_setup.strategy=full", "train_setup.layer_lr_decay=0.5"],

@@ -100,30 +100,92 @@ def test_corrupt_cache_entry_is_reported_and_rebuilt(damage, train_data, tmp_pat
 
 
 def test_cache_applies_only_when_exact(train_data, tmp_path) -> None:
-    for extra, reason in [
-        ([], None),
-        (["train_setup.strategy=lora"], "part of the backbone trains"),
-        (["train_setup.strategy=gradual"], "gradual"),
-        (["data.augment.mirror_prob=0.5"], "augmentation"),
-        (["backbone.history=pre"], "pre"),
-        (["data.feature_cache=false"], "off"),
+    from mobile_vla.data.normalization import ActionStats
+    from mobile_vla.training.feature_cache import cache_split
+
+    # the tiny backbone has 3 fusion layers
+    for extra, split, reason in [
+        ([], 3, "backbone frozen"),
+        (["train_setup.strategy=lora"], 0, "fusion layers 0.. train"),
+        (["train_setup.strategy=lora", "train_setup.lora_layers=1"], 2, "layers 2.. train"),
+        (["train_setup.strategy=partial"], 1, "fusion layers 1.. train"),
+        (["train_setup.strategy=full"], None, "below its fusion layers trains"),
+        (["train_setup.strategy=gradual"], None, "gradual"),
+        (["data.augment.mirror_prob=0.5"], None, "augmentation"),
+        (["backbone.history=pre"], None, "pre"),
+        (["data.feature_cache=false"], None, "off"),
     ]:
         cfg = load_config(None, [*tiny_overrides(train_data, tmp_path), *extra])
-        from mobile_vla.data.normalization import ActionStats
-
         stats = ActionStats.from_arrays(["linear_x", "linear_y"], [np.zeros((2, 2))])
         policy, _ = build_policy(cfg, stats)
-        use, why = cache_applies(cfg, policy)
-        assert use == (reason is None) and (reason is None or reason in why), (extra, why)
+        got, why = cache_split(cfg, policy)
+        assert got == split and reason in why, (extra, got, why)
+        assert cache_applies(cfg, policy)[0] == (split is not None)
 
 
-def test_training_on_the_cache_matches_live_training(train_data, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["train_setup.strategy=lora"],
+        ["train_setup.strategy=lora", "train_setup.lora_layers=1"],
+        ["train_setup.strategy=partial"],
+    ],
+    ids=["lora-all", "lora-top1", "partial"],
+)
+def test_cache_below_the_first_trainable_layer_gives_the_live_context(
+    train_data, tmp_path, extra
+) -> None:
+    from mobile_vla.training.feature_cache import cache_split
+
+    cfg, bundle, policy = setup(train_data, tmp_path, *extra)
+    with torch.no_grad():  # adapters away from their zero start, so that they matter
+        for p in policy.backbone.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    split, _ = cache_split(cfg, policy)
+    cache = PrefixCache(cfg, policy, bundle.train.frames, split)
+    ep = bundle.train.episodes[0]
+    kv, mask, hidden = cache.entry(ep)
+    assert kv.shape[1] == split and (hidden is None) == (split == 3)
+    bb = policy.backbone
+    policy.eval()
+    frames = torch.from_numpy(
+        np.ascontiguousarray(bundle.train.frames.frames(ep).transpose(0, 3, 1, 2))
+    )
+    with torch.no_grad():
+        live = bb.encode_post(
+            bb.preprocess(frames), [ep.instruction] * len(frames), policy.action_token
+        )
+        cached = bb.encode_from_prefix(
+            torch.from_numpy(np.asarray(kv)),
+            torch.from_numpy(mask)[None].expand(len(frames), -1),
+            policy.action_token,
+            None if hidden is None else torch.from_numpy(np.asarray(hidden)),
+        )
+    torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-5)
+    # training the adapted layers leaves the entry valid; changing what is below it does not
+    again = PrefixCache(cfg, policy, bundle.train.frames, split)
+    with torch.no_grad():
+        bb.fusion[-1].fc1.weight.add_(1.0)
+    assert PrefixCache(cfg, policy, bundle.train.frames, split).root == again.root
+    with torch.no_grad():
+        bb.vision.pos_embed.add_(1.0)
+    assert PrefixCache(cfg, policy, bundle.train.frames, split).root != again.root
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["train_setup.strategy=lora", "train_setup.lora_layers=2", "train_setup.lora_dropout=0"]],
+    ids=["frozen", "lora-top2"],
+)
+def test_training_on_the_cache_matches_live_training(train_data, tmp_path, extra) -> None:
     losses = {}
     for flag in ("true", "false"):
         cfg = load_config(
             None,
             [
                 *tiny_overrides(train_data, tmp_path),
+                *extra,
                 f"data.feature_cache={flag}",
                 f"trainer.run_name=fc{flag}",
                 "trainer.max_epochs=1",

@@ -399,6 +399,9 @@ class TrainSetup:
     lora_bias: Literal["none", "all", "lora_only"] = "none"
     lora_target_modules: list[str] = field(default_factory=list)
     """Module name suffixes LoRA wraps (empty = the adapter's default targets)."""
+    lora_layers: int = 0
+    """LoRA only in the top N decoder (fusion) layers; 0 = every layer (Case 4). With the
+    built-in backbone, what is below the first adapted layer is then cached."""
     gradient_checkpointing: bool = False
     gradual_every_steps: int = 0
     """gradual: unfreeze the next group every N optimizer steps (0 = once per epoch)."""
@@ -437,6 +440,8 @@ class TrainSetup:
             raise _fail(f"{prefix}.layer_lr_decay", "in (0, 1]", self.layer_lr_decay)
         if self.gradual_every_steps < 0:
             raise _fail(f"{prefix}.gradual_every_steps", ">= 0", self.gradual_every_steps)
+        if self.lora_layers < 0:
+            raise _fail(f"{prefix}.lora_layers", ">= 0 (0 = every layer)", self.lora_layers)
 
 
 @dataclass

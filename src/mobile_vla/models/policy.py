@@ -144,11 +144,15 @@ class VLAPolicy(nn.Module):
         prefix_mask: torch.Tensor,
         index: torch.Tensor,
         texts: Sequence[str],
+        prefix_hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Context vectors (B, W, F) from the cached prefix keys/values (U, L, 2, P, D) and
-        masks (U, P) of a batch's distinct frames; ``index`` (B, W) picks each window's;
-        ``texts`` are the windows' instructions."""
-        ctx = self.backbone.encode_from_prefix(prefix_kv, prefix_mask, self.action_token)
+        """Context vectors (B, W, F) from the cached prefix keys/values (U, k, 2, P, D), masks
+        (U, P) and, when fusion layers from k up train, hidden states (U, P, D) of a batch's
+        distinct frames; ``index`` (B, W) picks each window's; ``texts`` are the windows'
+        instructions."""
+        ctx = self.backbone.encode_from_prefix(
+            prefix_kv, prefix_mask, self.action_token, prefix_hidden
+        )
         return self.with_instruction(ctx.flatten(1)[index], texts)
 
     def forward(self, batch: dict[str, Any]) -> HeadOutput:
@@ -158,6 +162,7 @@ class VLAPolicy(nn.Module):
                 batch["prefix_mask"],
                 batch["prefix_index"],
                 batch["instruction"],
+                batch.get("prefix_hidden"),
             )
             return self.head_forward(feats, batch["obs_mask"])
         feats, mask = self.window_features(

@@ -147,11 +147,25 @@ def _lora_targets(scope: nn.Module, targets: list[str]) -> list[str]:
     return sorted(set(matched))
 
 
-def apply_lora(scope: nn.Module, setup: TrainSetup, default_targets: tuple[str, ...]) -> int:
-    """Inject LoRA adapters (PEFT) into ``scope``; returns how many layers were wrapped."""
+def apply_lora(
+    scope: nn.Module,
+    setup: TrainSetup,
+    default_targets: tuple[str, ...],
+    within: list[nn.Module] | None = None,
+) -> int:
+    """Inject LoRA adapters (PEFT) into ``scope`` (only into linear layers inside the modules
+    ``within``, when given); returns how many layers were wrapped."""
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = _lora_targets(scope, list(setup.lora_target_modules or default_targets))
+    if within is not None:
+        inside = {id(m) for layer in within for m in layer.modules()}
+        targets = [t for t in targets if id(scope.get_submodule(t)) in inside]
+        if not targets:
+            raise ConfigError(
+                "config key 'train_setup.lora_layers': no LoRA target lies in the top "
+                f"{setup.lora_layers} decoder layer(s)"
+            )
     pattern = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
     config = LoraConfig(
         r=setup.lora_r,
@@ -177,7 +191,16 @@ def apply_strategy(policy: nn.Module, setup: TrainSetup) -> StrategyPlan:
     backbone = policy.backbone
     r = resolve(setup)
     if r.lora_enable:
-        apply_lora(backbone.lora_scope(), setup, backbone.lora_targets)
+        within = None
+        if setup.lora_layers:
+            layers = backbone.groups()["decoder_layers"]
+            if setup.lora_layers > len(layers):
+                raise ConfigError(
+                    f"config key 'train_setup.lora_layers' is {setup.lora_layers}, but the "
+                    f"backbone has {len(layers)} decoder layers"
+                )
+            within = layers[-setup.lora_layers :]
+        apply_lora(backbone.lora_scope(), setup, backbone.lora_targets, within)
     lora = [p for n, p in backbone.named_parameters() if "lora_" in n]
     lora_ids = {id(p) for p in lora}
     # biases PEFT marked trainable (lora_bias = all / lora_only)

@@ -218,19 +218,20 @@ def train(
 def _use_feature_cache(cfg: Config, policy: VLAPolicy, bundle: DataBundle, progress: bool) -> str:
     """Swap the datasets for cached-prefix ones when that is exact; say which in the log."""
     from mobile_vla.data.frame_cache import FrameCache
-    from mobile_vla.training.feature_cache import CachedPrefixDataset, PrefixCache, cache_applies
+    from mobile_vla.training.feature_cache import CachedPrefixDataset, PrefixCache, cache_split
 
-    use, reason = cache_applies(cfg, policy)
-    if use and not isinstance(bundle.train.frames, FrameCache):
-        use, reason = False, "data.frame_cache is off"
-    if not use:
+    split, reason = cache_split(cfg, policy)
+    if split is not None and not isinstance(bundle.train.frames, FrameCache):
+        split, reason = None, "data.frame_cache is off"
+    if split is None:
         message = f"feature cache: live ({reason})"
     else:
-        cache = PrefixCache(cfg, policy, bundle.train.frames)
+        cache = PrefixCache(cfg, policy, bundle.train.frames, split)
         cache.ensure(bundle.train.episodes + bundle.val.episodes, progress=progress)
         bundle.train = CachedPrefixDataset(bundle.train, cache)  # type: ignore[assignment]
         bundle.val = CachedPrefixDataset(bundle.val, cache)  # type: ignore[assignment]
-        message = f"feature cache: cached frozen prefix in {cache.root}"
+        what = "frozen prefix" if reason == "backbone frozen" else f"prefix ({reason})"
+        message = f"feature cache: cached {what} in {cache.root}"
     log.info(message)
     if progress:
         print(message)

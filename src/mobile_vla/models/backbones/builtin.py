@@ -371,6 +371,18 @@ class BuiltinBackbone(Backbone):
         """Per frame, what the frozen prefix computes: the keys and values of the image and
         text tokens at every fusion layer (N, L, 2, P, D) and their mask (N, P), text padded to
         ``max_text_tokens``. Independent of the action tokens (they are read-out queries)."""
+        kv, _, mask = self.prefix_split(pixels, texts, len(self.fusion))
+        return kv, mask
+
+    def prefix_split(
+        self, pixels: torch.Tensor, texts: Sequence[str], split: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """What everything below fusion layer ``split`` computes per frame, when only layers
+        from ``split`` up (and what follows them) train: the keys and values of the image and
+        text tokens at layers ``0 .. split-1`` (N, split, 2, P, D), the prefix's hidden states
+        entering layer ``split`` (N, P, D; None when ``split`` is the number of layers) and
+        the mask (N, P), text padded to ``max_text_tokens``. ``split = 0`` caches the vision
+        tower, the sentence encoder and the projections (LoRA in every fusion layer)."""
         n = pixels.shape[0]
         img = self.image_features(pixels)
         txt, txt_mask = self.encode_text(texts)
@@ -384,19 +396,58 @@ class BuiltinBackbone(Backbone):
         p = x.shape[1]
         allowed = mask[:, None, :] | torch.eye(p, dtype=torch.bool, device=x.device)
         kvs = []
-        for block in self.fusion:
+        for block in self.fusion[:split]:
             kvs.append(block.prefix_kv(x))
             x = block(x, allowed)
-        return torch.stack(kvs, dim=1).permute(2, 1, 0, 3, 4).contiguous(), mask
+        if kvs:
+            kv = torch.stack(kvs, dim=1).permute(2, 1, 0, 3, 4).contiguous()
+        else:
+            kv = x.new_zeros(n, 0, 2, p, x.shape[-1])
+        return kv, (x if split < len(self.fusion) else None), mask
 
     def encode_from_prefix(
-        self, kv: torch.Tensor, mask: torch.Tensor, action_embeds: torch.Tensor
+        self,
+        kv: torch.Tensor,
+        mask: torch.Tensor,
+        action_embeds: torch.Tensor,
+        hidden: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Action-token hidden states (N, n_act, D) from cached prefix keys/values."""
+        """Action-token hidden states (N, n_act, D) from a cached prefix: through the layers
+        whose keys/values ``kv`` (N, k, 2, P, D) holds, then, given the prefix's ``hidden``
+        states entering layer k (N, P, D), through layers k.. on prefix + action tokens."""
         a = self._action_tokens(action_embeds, kv.shape[0])
+        split = kv.shape[1]
+        for i in range(split):
+            a = self.fusion[i].query_forward(a, kv[:, i].transpose(0, 1), mask)
+        if hidden is None:
+            return self.fusion_norm(a)
+        n_act = a.shape[1]
+        x = torch.cat([hidden.to(a.dtype), a], dim=1)
+        keys = torch.cat(
+            [mask, torch.ones(mask.shape[0], n_act, dtype=torch.bool, device=x.device)], 1
+        )
+        n = x.shape[1]
+        is_act = torch.arange(n, device=x.device) >= n - n_act
+        allowed = keys[:, None, :] & (is_act[None, :, None] | ~is_act[None, None, :])
+        allowed = allowed | torch.eye(n, dtype=torch.bool, device=x.device)
+        x = run_blocks(
+            self.fusion[split:], x, allowed, self.gradient_checkpointing and self.training
+        )
+        return self.fusion_norm(x[:, -n_act:])
+
+    def trainable_split(self) -> int | None:
+        """The first fusion layer with a trainable parameter (the number of layers when none
+        trains), or None when something below the fusion layers trains (then nothing below
+        the first trainable layer is fixed)."""
+        below = [
+            p for n, p in self.named_parameters() if not n.startswith(("fusion.", "fusion_norm."))
+        ]
+        if any(p.requires_grad for p in below):
+            return None
         for i, block in enumerate(self.fusion):
-            a = block.query_forward(a, kv[:, i].transpose(0, 1), mask)
-        return self.fusion_norm(a)
+            if any(p.requires_grad for p in block.parameters()):
+                return i
+        return len(self.fusion)
 
     def encode_pre(
         self,
