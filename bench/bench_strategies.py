@@ -1,13 +1,15 @@
 """Cost of each transfer strategy, measured side by side in one run.
 
-    python bench/bench_strategies.py [--steps 12] [--skip-train]
+    python bench/bench_strategies.py [--steps 40] [--skip-train]
 
 1. Trainable / total parameters per strategy for the Kosmos-2 geometry
    (microsoft/kosmos-2-patch14-224) and the PaliGemma-3B geometry, computed from their configs
    on the meta device (no weights downloaded), and for the built-in backbone.
 2. Training samples/s (steady state, after 3 warm-up steps) and peak memory (RSS of the
-   training process) per strategy for the built-in backbone on this machine: each strategy
-   trains in its own process, so peak memory is that strategy's alone.
+   training process) per strategy for the built-in backbone on this machine, each arm live
+   (the backbone runs every step) and on the feature cache below its first trainable layer,
+   side by side, with the ratios the performance issue targets: each arm trains in its own
+   process, so peak memory is that arm's alone.
 """
 
 from __future__ import annotations
@@ -92,48 +94,114 @@ def print_param_tables() -> None:
         print(f"  {strategy:<9} {table_row(plan.table)}")
 
 
+# (label, strategy, extra overrides); each arm trains live (data.feature_cache=false, what
+# every strategy but frozen did before the cache below the first trainable layer) and cached
+ARMS = [
+    ("frozen", "frozen", []),
+    ("lora (all layers)", "lora", []),
+    ("lora (top 2 layers)", "lora", ["--train_setup.lora_layers=2"]),
+    ("partial (last 2)", "partial", []),
+    ("full", "full", []),
+]
+TARGETS = {  # the performance issue's targets, cached against the live figure named
+    "frozen": ("whole loop", 20.0, "frozen live"),
+    "lora (all layers)": ("step", 3.0, "lora (all layers) live"),
+    "lora (top 2 layers)": ("step", 5.0, "lora (all layers) live"),
+    "partial (last 2)": ("step", 5.0, "partial (last 2) live"),
+}
+
+
+def _train(data: Path, tmp: Path, name: str, strategy: str, extra: list[str], cached: bool,
+           steps: int) -> dict | None:  # fmt: skip
+    import time
+
+    run = tmp / "runs" / name
+    cmd = [
+        *MOBILE_VLA,
+        "train",
+        str(ROOT / "configs" / "builtin_base.yaml"),
+        "-q",
+        f"--data.path={data}",
+        f"--data.cache_dir={tmp / ('cache' if cached else 'cache-live')}",
+        f"--data.feature_cache={'true' if cached else 'false'}",
+        f"--train_setup.strategy={strategy}",
+        *extra,
+        f"--trainer.max_steps={steps}",
+        f"--trainer.output_dir={tmp / 'runs'}",
+        f"--trainer.run_name={name}",
+        "--trainer.limit_val_batches=4",
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(f"  {name}: failed: {proc.stderr.strip().splitlines()[-1]}")
+        return None
+    stats = json.loads((run / "train_stats.json").read_text())
+    rows = (run / "logs" / "csv" / "metrics.csv").read_text().splitlines()
+    val = [r.split(",")[-1] for r in rows[1:] if r.split(",")[-1]]
+    params = json.loads((run / "params.json").read_text())["params"]["all"]
+    return {
+        "loop": stats["train_samples_per_s"],
+        "step": stats.get("train_step_samples_per_s", stats["train_samples_per_s"]),
+        "rss": stats["peak_memory_bytes"] / 2**30,
+        "wall": wall,
+        "val": float(val[-1]) if val else float("nan"),
+        "trainable": params["trainable"],
+        "cache": "cached" in stats.get("feature_cache", ""),
+    }
+
+
 def train_throughput(steps: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         data = tmp_path / "data"
-        mvla = MOBILE_VLA
         collect_episodes(data, 24)
         print(
             f"\nbuilt-in backbone, training on this machine ({os.cpu_count()} cores, "
             f"{torch.get_num_threads()} torch threads): configs/builtin_base.yaml, window 8, "
-            f"chunk 10, batch 16, 96x96, fp32, {steps} steps, throughput after 3 warm-up steps"
+            f"chunk 10, batch 16, 96x96, fp32, {steps} steps; samples/s after 3 warm-up steps "
+            "(loop: fetch + collate + step; step: the optimizer step alone); wall: the whole "
+            "process, cache build included; val: validation loss after the same steps"
         )
-        print(f"  {'strategy':<9} {'samples/s':>10} {'peak RSS':>10} {'trainable':>12}")
-        for strategy in STRATEGIES:
-            run = tmp_path / "runs" / strategy
-            cmd = [
-                *mvla,
-                "train",
-                str(ROOT / "configs" / "builtin_base.yaml"),
-                "-q",
-                f"--data.path={data}",
-                f"--data.cache_dir={tmp_path / 'cache'}",
-                f"--train_setup.strategy={strategy}",
-                f"--trainer.max_steps={steps}",
-                f"--trainer.output_dir={tmp_path / 'runs'}",
-                f"--trainer.run_name={strategy}",
-                "--trainer.limit_val_batches=2",
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"  {strategy:<9} failed: {proc.stderr.strip().splitlines()[-1]}")
+        head = f"  {'arm':<30} {'loop/s':>8} {'step/s':>8} {'peak RSS':>9} {'wall s':>7} {'val':>8}"
+        print(head)
+        results: dict[str, dict] = {}
+        for label, strategy, extra in ARMS:
+            for cached in (False, True):
+                if strategy == "full" and cached:
+                    continue  # nothing below a trainable layer is fixed
+                name = f"{strategy}{'-'.join(['', *[e.split('=')[-1] for e in extra]])}"
+                name += "-cached" if cached else "-live"
+                r = _train(data, tmp_path, name, strategy, extra, cached, steps)
+                key = f"{label} {'cached' if cached else 'live'}"
+                if r is None:
+                    continue
+                results[key] = r
+                print(
+                    f"  {key:<30} {r['loop']:>8.1f} {r['step']:>8.1f} {r['rss']:>7.2f} G "
+                    f"{r['wall']:>7.0f} {r['val']:>8.4f}"
+                    + ("" if r["cache"] == cached else "  (cache not used!)")
+                )
+        print("\nratios (cached against the live figure named), peak memory, target:")
+        for label, (kind, target, base) in TARGETS.items():
+            a, b = results.get(f"{label} cached"), results.get(base)
+            if a is None or b is None:
                 continue
-            stats = json.loads((run / "train_stats.json").read_text())
-            params = json.loads((run / "params.json").read_text())["params"]["all"]
+            ratio = a[kind] / b[kind]
+            mem = a["rss"] / b["rss"] - 1
+            val = a["val"] / b["val"] - 1 if label == "lora (all layers)" else None
             print(
-                f"  {strategy:<9} {stats['train_samples_per_s']:>10.1f} "
-                f"{stats['peak_memory_bytes'] / 2**30:>8.2f} GiB {params['trainable']:>12,}"
+                f"  {label:<22} {kind:>10}: {ratio:5.1f}x against {base} (target >= "
+                f"{target:g}x: {'met' if ratio >= target else 'NOT met'}); peak memory "
+                f"{mem:+.0%} (limit +20%)"
+                + (f"; val loss {val:+.2%} (limit 1%)" if val is not None else "")
             )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args()
     print(
