@@ -141,6 +141,23 @@ def run_blocks(
     return x
 
 
+def run_readout(
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    allowed: torch.Tensor,
+    prefix_mask: torch.Tensor,
+    n_act: int,
+    use_checkpoint: bool,
+) -> torch.Tensor:
+    """The last ``n_act`` rows of ``x`` (prefix + read-out queries) after ``blocks``: every
+    block but the last on all tokens; in the last one only the queries' rows are needed, so
+    the prefix contributes its keys and values alone (no attention output, no MLP for it)."""
+    x = run_blocks(blocks[:-1], x, allowed, use_checkpoint)
+    last = blocks[-1]
+    kv = last.prefix_kv(x[:, :-n_act])
+    return last.query_forward(x[:, -n_act:], kv, prefix_mask)
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, image_size: int, patch: int, width: int, layers: int, heads: int) -> None:
         super().__init__()
@@ -344,8 +361,10 @@ class BuiltinBackbone(Backbone):
         is_act = torch.arange(n, device=x.device) >= n - n_act
         allowed = keys[:, None, :] & (is_act[None, :, None] | ~is_act[None, None, :])
         allowed = allowed | torch.eye(n, dtype=torch.bool, device=x.device)
-        x = run_blocks(self.fusion, x, allowed, self.gradient_checkpointing and self.training)
-        return self.fusion_norm(x[:, -n_act:])
+        ckpt = self.gradient_checkpointing and self.training
+        return self.fusion_norm(
+            run_readout(self.fusion, x, allowed, keys[:, : n - n_act], n_act, ckpt)
+        )
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image tokens in the fusion width (N, T, D): the vision tower and its projection."""
@@ -430,10 +449,8 @@ class BuiltinBackbone(Backbone):
         is_act = torch.arange(n, device=x.device) >= n - n_act
         allowed = keys[:, None, :] & (is_act[None, :, None] | ~is_act[None, None, :])
         allowed = allowed | torch.eye(n, dtype=torch.bool, device=x.device)
-        x = run_blocks(
-            self.fusion[split:], x, allowed, self.gradient_checkpointing and self.training
-        )
-        return self.fusion_norm(x[:, -n_act:])
+        ckpt = self.gradient_checkpointing and self.training
+        return self.fusion_norm(run_readout(self.fusion[split:], x, allowed, mask, n_act, ckpt))
 
     def trainable_split(self) -> int | None:
         """The first fusion layer with a trainable parameter (the number of layers when none
