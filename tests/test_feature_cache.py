@@ -25,6 +25,20 @@ def setup(data: Path, tmp: Path, *extra: str):
     return cfg, bundle, policy
 
 
+@torch.no_grad()
+def assert_cached_context_is_live(policy, frames, instruction, kv, mask, hidden=None) -> None:
+    """The action tokens' states from a cache entry equal those of the live backbone."""
+    bb = policy.backbone
+    live = bb.encode_post(bb.preprocess(frames), [instruction] * len(frames), policy.action_token)
+    cached = bb.encode_from_prefix(
+        torch.from_numpy(np.array(kv)),
+        torch.from_numpy(mask)[None].expand(len(frames), -1),
+        policy.action_token,
+        None if hidden is None else torch.from_numpy(np.array(hidden)),
+    )
+    torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n_act", [1, 3])
 def test_cached_prefix_is_bit_identical_and_gives_the_live_context(
     train_data, tmp_path, n_act
@@ -41,15 +55,7 @@ def test_cached_prefix_is_bit_identical_and_gives_the_live_context(
     with torch.no_grad():
         live_kv, live_mask = bb.prefix(bb.preprocess(frames), [ep.instruction] * len(frames))
         assert np.array_equal(kv, live_kv.numpy()) and np.array_equal(mask, live_mask[0].numpy())
-        live = bb.encode_post(
-            bb.preprocess(frames), [ep.instruction] * len(frames), policy.action_token
-        )
-        cached = bb.encode_from_prefix(
-            torch.from_numpy(np.asarray(kv)),
-            torch.from_numpy(mask)[None].expand(len(frames), -1),
-            policy.action_token,
-        )
-    torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-5)
+    assert_cached_context_is_live(policy, frames, ep.instruction, kv, mask)
 
 
 def test_cache_is_invalidated_by_weights_preprocessing_and_data(train_data, tmp_path) -> None:
@@ -152,17 +158,7 @@ def test_cache_below_the_first_trainable_layer_gives_the_live_context(
     frames = torch.from_numpy(
         np.ascontiguousarray(bundle.train.frames.frames(ep).transpose(0, 3, 1, 2))
     )
-    with torch.no_grad():
-        live = bb.encode_post(
-            bb.preprocess(frames), [ep.instruction] * len(frames), policy.action_token
-        )
-        cached = bb.encode_from_prefix(
-            torch.from_numpy(np.asarray(kv)),
-            torch.from_numpy(mask)[None].expand(len(frames), -1),
-            policy.action_token,
-            None if hidden is None else torch.from_numpy(np.asarray(hidden)),
-        )
-    torch.testing.assert_close(cached, live, rtol=1e-5, atol=1e-5)
+    assert_cached_context_is_live(policy, frames, ep.instruction, kv, mask, hidden)
     # training the adapted layers leaves the entry valid; changing what is below it does not
     again = PrefixCache(cfg, policy, bundle.train.frames, split)
     with torch.no_grad():

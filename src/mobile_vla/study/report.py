@@ -319,8 +319,13 @@ def _plot_efficiency(results: dict[str, Any], out: Path, dims: list[str]) -> Pat
         ax.set_xscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle("Data efficiency (mean ± std over seeds)")
+    return _save(fig, out / "figures" / "data_efficiency.png")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = out / "figures" / "data_efficiency.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -380,12 +385,7 @@ def _plot_sensitivity(cells_by_strategy: dict[str, list[dict[str, Any]]], out: P
     ax.set_title("Instruction sensitivity, test windows, pooled over seeds", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / "figures" / "instruction_sensitivity.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "figures" / "instruction_sensitivity.png")
 
 
 def driving_section(
