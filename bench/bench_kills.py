@@ -8,7 +8,10 @@ from scratch, as the CLI's message says, when it died before its first checkpoin
 the kills delivered, how many left a checkpoint to resume from, the step the run ended at
 against the reference, and the largest weight difference.
 
-    python bench/bench_kills.py [--kills 20] [--steps 300] [--seed 0]
+    python bench/bench_kills.py [--kills 20] [--steps 40000] [--min-delay 12] [--max-delay 30]
+
+The tiny model trains ~100 steps/s here after a ~10 s start-up, so each attempt advances about
+(delay - 10 s) x 100 steps: the steps must outlast the kills (20 kills ~ 20,000 steps).
 """
 
 from __future__ import annotations
@@ -71,9 +74,9 @@ def weights(run: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--min-delay", type=float, default=2.0)
-    ap.add_argument("--max-delay", type=float, default=12.0)
+    ap.add_argument("--steps", type=int, default=40000)
+    ap.add_argument("--min-delay", type=float, default=12.0)
+    ap.add_argument("--max-delay", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     rng = random.Random(args.seed)
