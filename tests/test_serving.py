@@ -472,6 +472,9 @@ def test_serve_refuses_weak_key_settings(served_run: Path, tmp_path, monkeypatch
     monkeypatch.setenv("MOBILE_VLA_API_KEY", " ")
     assert main(["serve", str(served_run)]) == 2
     assert "MOBILE_VLA_API_KEY gives an empty API key" in capsys.readouterr().err
+    monkeypatch.setenv("MOBILE_VLA_API_KEY", "k")
+    assert main(["serve", str(served_run), "--header-timeout", "0"]) == 2
+    assert "--header-timeout must be a number of seconds > 0" in capsys.readouterr().err
 
 
 def test_health_without_the_key_says_only_that_the_model_is_loaded(server: LiveServer) -> None:

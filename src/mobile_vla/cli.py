@@ -423,6 +423,12 @@ def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         )
     if not key and not loopback:
         print(f"warning: serving on {args.host} without an API key (--insecure)", file=sys.stderr)
+    for flag, value in (
+        ("--body-timeout", args.body_timeout),
+        ("--header-timeout", args.header_timeout),
+    ):
+        if not value > 0:
+            raise MobileVLAError(f"{flag} must be a number of seconds > 0, got {value}")
     settings = ServeSettings(
         api_key=key,
         max_body_bytes=args.max_body,
