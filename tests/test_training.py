@@ -200,6 +200,27 @@ def test_a_run_killed_mid_epoch_ends_at_max_steps_like_the_whole_run(train_data,
         torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_resumed_run_counts_epochs_like_the_whole_run(train_data, tmp_path) -> None:
+    """With max_epochs binding (and max_steps set, out of reach): Lightning restored at an
+    epoch's end counted each later epoch once more, so every resume ended the run an epoch
+    early (bench/bench_kills.py: 20 kills, 720 of 36,000 steps missing; here 56 of 70 steps)."""
+    extra = ["trainer.max_epochs=5", "trainer.max_steps=100000"]
+    whole = train(cfg_for(train_data, tmp_path, *extra, "trainer.run_name=we"), progress=False)
+    a = load_folder(whole / "checkpoints" / "last")
+    per_epoch = a["global_step"] // 5
+    cut_cfg = cfg_for(train_data, tmp_path, *extra, "trainer.run_name=ce")
+    cut = tmp_path / "runs" / "ce"
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cut_cfg, progress=False, callbacks=[KillAtStep(per_epoch + 2)])
+    train(cut_cfg, resume=cut, progress=False)
+    b = load_folder(cut / "checkpoints" / "last")
+    assert b["global_step"] == a["global_step"] == 5 * per_epoch
+    counts = b["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert counts["processed"] == counts["completed"] + 1 == 5
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backbone", ["builtin", "kosmos2"])
 def test_save_then_load_gives_identical_predictions(
     backbone, train_data, tiny_vlms, tmp_path

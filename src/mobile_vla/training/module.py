@@ -148,6 +148,13 @@ class PolicyModule(pl.LightningModule):
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, EpochSampler):
             sampler.set_epoch(self.current_epoch)
+        # Lightning (2.6) restarted from a checkpoint written at an epoch's end enters the next
+        # epoch with ``processed`` already counting it, so each resume put the counter that
+        # ``max_epochs`` is checked against one epoch ahead (bench/bench_kills.py: killed 20
+        # times, a run ended 20 epochs early). At an epoch's start it equals ``completed``.
+        progress = self.trainer.fit_loop.epoch_progress
+        for counts in (progress.current, progress.total):
+            counts.processed = counts.completed
         ts = self.cfg.train_setup
         if ts.strategy == "gradual" and ts.gradual_every_steps == 0:
             self.unfreeze_to(self.current_epoch)
