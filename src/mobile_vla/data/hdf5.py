@@ -394,6 +394,15 @@ class FrameReader:
             self.close()
 
 
+def event_type(t: int, action: np.ndarray) -> str:
+    """The ``action_event_types`` entry of frame ``t`` with command ``action``, as the robot's
+    collector records it: ``episode_start``, then ``start_action`` (a key held) or
+    ``stop_action`` (none)."""
+    if t == 0:
+        return "episode_start"
+    return "start_action" if np.any(action != 0) else "stop_action"
+
+
 def write_episode(
     path: str | Path,
     images: np.ndarray,

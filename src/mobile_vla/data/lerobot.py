@@ -67,11 +67,14 @@ class _Roller:
     def advance_if_full(self) -> bool:
         if self.bytes < self.limit_mb * 1e6:
             return False
+        self.next_file()
+        return True
+
+    def next_file(self) -> None:
         self.bytes = 0
         self.file += 1
         if self.file >= CHUNKS_SIZE:
             self.chunk, self.file = self.chunk + 1, 0
-        return True
 
 
 class _VideoWriter:
@@ -158,7 +161,7 @@ def export_lerobot(
             frames = to_rgb(
                 reader.frames(range(ep.num_frames)), stored_channel_order(ep, channel_order)
             )
-        actions = _mobile_actions(ep.actions, ep.path)
+        actions = np.asarray(ep.actions, np.float32)  # (T, 3): the scan checked it
         if video is None or video_roll.advance_if_full():
             if video is not None:
                 video.close()
@@ -202,8 +205,7 @@ def export_lerobot(
         index += ep.num_frames
         if len(rows) * 40 > DATA_MB * 1e6:  # ~40 bytes a row: roll the data file
             flush_rows()
-            data_roll.bytes = int(DATA_MB * 1e6)
-            data_roll.advance_if_full()
+            data_roll.next_file()
     flush_rows()
     if video is not None:
         video.close()
@@ -222,13 +224,6 @@ def _frame_schema(pa: Any) -> Any:
             ("task_index", pa.int64()),
         ]
     )
-
-
-def _mobile_actions(actions: np.ndarray, path: Path) -> np.ndarray:
-    actions = np.asarray(actions, np.float32)
-    if actions.ndim != 2 or actions.shape[1] != len(ACTION_NAMES):
-        raise DataError(f"'{path}': actions must be (T, 3) {ACTION_NAMES}, got {actions.shape}")
-    return actions
 
 
 def _write_meta(
@@ -362,7 +357,7 @@ def import_lerobot(
     """Write each episode of the LeRobot dataset ``root`` as an HDF5 episode in ``out``;
     returns the files written. The action must be ``[linear_x, linear_y, angular_z]`` (3
     values per frame); the task becomes the instruction."""
-    from mobile_vla.data.hdf5 import write_episode
+    from mobile_vla.data.hdf5 import event_type, write_episode
 
     av, _, pq = _require()
     root, out = Path(root), Path(out)
@@ -398,18 +393,11 @@ def import_lerobot(
                 frames,
                 actions,
                 instruction,
-                event_types=_events(actions),
+                event_types=[event_type(t, a) for t, a in enumerate(actions)],
                 attrs={"channel_order": "rgb", "lerobot_episode_index": int(e)},
             )
         )
     return written
-
-
-def _events(actions: np.ndarray) -> list[str]:
-    return [
-        "episode_start" if t == 0 else ("start_action" if np.any(a != 0) else "stop_action")
-        for t, a in enumerate(actions)
-    ]
 
 
 def _read_frames_table(root: Path, info: dict[str, Any], pq: Any) -> dict[str, list[Any]]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mobile_vla.config import SimConfig
+from mobile_vla.data.hdf5 import event_type
 from mobile_vla.sim.env import NavEnv, Outcome
 from mobile_vla.sim.scenario import ROBOT_HALF, WALL_Y, Scenario
 
@@ -114,12 +115,6 @@ class Expert:
         )
 
 
-def _event(t: int, action: np.ndarray) -> str:
-    if t == 0:
-        return "episode_start"
-    return "start_action" if np.any(action != 0) else "stop_action"
-
-
 def run_expert(
     env: NavEnv,
     scenario: Scenario,
@@ -147,7 +142,7 @@ def run_expert(
         if record_frames:
             frames.append(obs["image"])
         actions.append(label)
-        events.append(_event(t, label))
+        events.append(event_type(t, label))
         if to_completion and not label.any():
             perturbed.append(False)
             break
@@ -214,7 +209,7 @@ def run_corrected(
         label = np.zeros(3, np.float32) if expert.done(pose) else expert.act(pose)
         frames.append(obs["image"])
         actions.append(label)
-        events.append(_event(t, label))
+        events.append(event_type(t, label))
         command = np.asarray(controller.act(obs["image"], obs["instruction"]), np.float32)  # type: ignore[attr-defined]
         use_expert = expert_prob > 0 and rng.random() < expert_prob
         perturbed.append(not use_expert)

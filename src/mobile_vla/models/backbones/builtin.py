@@ -350,8 +350,14 @@ class BuiltinBackbone(Backbone):
         return self.text_proj(states) + self.type_embed[1]
 
     def _fuse(
-        self, parts: list[torch.Tensor], masks: list[torch.Tensor], n_act: int
+        self,
+        parts: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        n_act: int,
+        blocks: nn.ModuleList | None = None,
     ) -> torch.Tensor:
+        """The last ``n_act`` tokens (the action read-out queries) after the fusion ``blocks``
+        (all layers by default) and the final norm."""
         x = torch.cat(parts, dim=1)
         keys = torch.cat(masks, dim=1)  # (B, N) real tokens
         n = x.shape[1]
@@ -362,9 +368,8 @@ class BuiltinBackbone(Backbone):
         allowed = keys[:, None, :] & (is_act[None, :, None] | ~is_act[None, None, :])
         allowed = allowed | torch.eye(n, dtype=torch.bool, device=x.device)
         ckpt = self.gradient_checkpointing and self.training
-        return self.fusion_norm(
-            run_readout(self.fusion, x, allowed, keys[:, : n - n_act], n_act, ckpt)
-        )
+        blocks = self.fusion if blocks is None else blocks
+        return self.fusion_norm(run_readout(blocks, x, allowed, keys[:, : n - n_act], n_act, ckpt))
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image tokens in the fusion width (N, T, D): the vision tower and its projection."""
@@ -440,17 +445,10 @@ class BuiltinBackbone(Backbone):
             a = self.fusion[i].query_forward(a, kv[:, i].transpose(0, 1), mask)
         if hidden is None:
             return self.fusion_norm(a)
-        n_act = a.shape[1]
-        x = torch.cat([hidden.to(a.dtype), a], dim=1)
-        keys = torch.cat(
-            [mask, torch.ones(mask.shape[0], n_act, dtype=torch.bool, device=x.device)], 1
+        act_mask = torch.ones(a.shape[:2], dtype=torch.bool, device=a.device)
+        return self._fuse(
+            [hidden.to(a.dtype), a], [mask, act_mask], a.shape[1], self.fusion[split:]
         )
-        n = x.shape[1]
-        is_act = torch.arange(n, device=x.device) >= n - n_act
-        allowed = keys[:, None, :] & (is_act[None, :, None] | ~is_act[None, None, :])
-        allowed = allowed | torch.eye(n, dtype=torch.bool, device=x.device)
-        ckpt = self.gradient_checkpointing and self.training
-        return self.fusion_norm(run_readout(self.fusion[split:], x, allowed, mask, n_act, ckpt))
 
     def trainable_split(self) -> int | None:
         """The first fusion layer with a trainable parameter (the number of layers when none
