@@ -9,7 +9,9 @@
    training process) per strategy for the built-in backbone on this machine, each arm live
    (the backbone runs every step) and on the feature cache below its first trainable layer,
    side by side, with the ratios the performance issue targets: each arm trains in its own
-   process, so peak memory is that arm's alone.
+   process, so peak memory is that arm's alone. "k8" arms take batches of runs of 8
+   consecutive windows of one episode (``trainer.consecutive_windows=8``), so windows share
+   their frames' backbone work; their validation loss is a different sample order's.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ def print_param_tables() -> None:
 # (label, strategy, extra overrides); each arm trains live (data.feature_cache=false, what
 # every strategy but frozen did before the cache below the first trainable layer) and cached
 BF16 = ["--trainer.precision=bf16-mixed"]
+K8 = ["--trainer.consecutive_windows=8"]
+TOP2 = ["--train_setup.lora_layers=2"]  # batches of runs of 8 consecutive windows
 ARMS = [  # (label, strategy, extra overrides, modes)
     ("frozen", "frozen", [], ("live", "cached")),
     ("lora (all layers)", "lora", [], ("live", "cached")),
@@ -106,6 +110,10 @@ ARMS = [  # (label, strategy, extra overrides, modes)
     ("partial (last 2)", "partial", [], ("live", "cached")),
     ("partial (last 2) bf16", "partial", BF16, ("cached",)),
     ("full", "full", [], ("live",)),
+    ("frozen k8", "frozen", K8, ("cached",)),
+    ("lora (all layers) bf16 k8", "lora", [*BF16, *K8], ("cached",)),
+    ("lora (top 2 layers) bf16 k8", "lora", [*TOP2, *BF16, *K8], ("cached",)),
+    ("partial (last 2) bf16 k8", "partial", [*BF16, *K8], ("cached",)),
 ]
 TARGETS = {  # the performance issue's targets: a path against the live fp32 figure named
     "frozen cached": ("loop", 20.0, "frozen live"),
@@ -115,6 +123,10 @@ TARGETS = {  # the performance issue's targets: a path against the live fp32 fig
     "lora (top 2 layers) bf16 cached": ("step", 5.0, "lora (all layers) live"),
     "partial (last 2) cached": ("step", 5.0, "partial (last 2) live"),
     "partial (last 2) bf16 cached": ("step", 5.0, "partial (last 2) live"),
+    "frozen k8 cached": ("loop", 20.0, "frozen live"),
+    "lora (all layers) bf16 k8 cached": ("step", 3.0, "lora (all layers) live"),
+    "lora (top 2 layers) bf16 k8 cached": ("step", 5.0, "lora (all layers) live"),
+    "partial (last 2) bf16 k8 cached": ("step", 5.0, "partial (last 2) live"),
 }
 
 

@@ -405,6 +405,7 @@ TRAINER: dict[str, tuple[list[str], list[str]]] = {
     ),
     "trainer.max_steps": ([], ["trainer.max_steps=2"]),
     "trainer.batch_size": ([], ["trainer.batch_size=4"]),
+    "trainer.consecutive_windows": ([], ["trainer.consecutive_windows=4"]),
     "trainer.precision": ([], ["trainer.precision=bf16-mixed"]),
     "trainer.accumulate_grad_batches": ([], ["trainer.accumulate_grad_batches=2"]),
     "trainer.gradient_clip_val": ([], ["trainer.gradient_clip_val=0.001"]),

@@ -590,3 +590,46 @@ def test_train_stats_time_the_loop_including_data_loading(monkeypatch) -> None:
     assert result["steady_state_batches"] == 4
     assert result["train_samples_per_s"] == pytest.approx(16 / 6)
     assert result["train_step_samples_per_s"] == pytest.approx(16 / 2.5)
+
+
+def test_consecutive_window_batches_share_frames_and_cover_every_window_once(
+    train_data, tmp_path
+) -> None:
+    """``trainer.consecutive_windows: k`` shuffles runs of k consecutive windows of one
+    episode: every window once per epoch, each run whole and in order inside the epoch's
+    order, another order next epoch, the same order for the same (seed, epoch); a batch then
+    holds far fewer distinct frames than independent windows do."""
+    from mobile_vla.data.dataset import build_datasets
+    from mobile_vla.training.module import EpochSampler, window_runs
+    from mobile_vla.training.run import make_loaders
+
+    cfg = cfg_for(train_data, tmp_path, "trainer.batch_size=8", "trainer.consecutive_windows=4")
+    bundle = build_datasets(cfg)
+    index = bundle.train.index
+    runs = window_runs(index, 4)
+    sampler = EpochSampler(len(index), cfg.seed, True, runs)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(index)))
+    starts = [0] + [i for i in range(1, len(order)) if runs[order[i]] != runs[order[i - 1]]]
+    assert len(starts) == len(set(runs.tolist()))  # each run appears once, unbroken
+    for a, b in zip(starts, [*starts[1:], len(order)], strict=True):
+        assert order[a:b] == list(range(order[a], order[a] + b - a))  # consecutive windows
+        assert b - a <= 4
+    assert order == list(EpochSampler(len(index), cfg.seed, True, runs))
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    assert window_runs(index, 1) is None
+
+    def distinct_frames(loader) -> list[int]:
+        return [len(set(b["frame_id"].flatten().tolist())) for b in loader]
+
+    grouped, _ = make_loaders(cfg, bundle)
+    window = cfg.data.window_size
+    shared = distinct_frames(grouped)
+    for b, frames in zip(grouped, shared, strict=True):
+        pieces = len(set(zip(b["episode"].tolist(), (b["frame"] // 4).tolist(), strict=True)))
+        assert frames <= len(b["frame"]) + pieces * (window - 1)  # a run's windows share frames
+    single, _ = make_loaders(cfg_for(train_data, tmp_path, "trainer.batch_size=8"), bundle)
+    assert sum(shared) < 0.8 * sum(distinct_frames(single))
+    with pytest.raises(ConfigError, match=r"trainer\.consecutive_windows"):
+        cfg_for(train_data, tmp_path, "trainer.consecutive_windows=0")

@@ -452,6 +452,12 @@ class TrainerConfig:
     max_steps: int = -1
     """Stop after this many optimizer steps (-1 = run max_epochs)."""
     batch_size: int = 8
+    consecutive_windows: int = 1
+    """Training batches take runs of this many consecutive windows of one episode (shuffled
+    runs, every window once per epoch): consecutive windows share all but one frame, and each
+    distinct frame of a batch is encoded once, so a batch of ``batch_size`` windows costs the
+    backbone about ``batch_size / k + window_size - 1`` frames per run instead of
+    ``window_size`` per window. 1 = independent windows."""
     num_workers: int = 0
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "32"
     """``auto``: bfloat16 autocast where the hardware multiplies it natively (a CPU with
@@ -485,7 +491,12 @@ class TrainerConfig:
     def validate(self, prefix: str) -> None:
         if self.max_epochs < 1 and self.max_steps < 1:
             raise _fail(f"{prefix}.max_epochs", ">= 1 (or set max_steps)", self.max_epochs)
-        for key in ("batch_size", "accumulate_grad_batches", "log_every_n_steps"):
+        for key in (
+            "batch_size",
+            "consecutive_windows",
+            "accumulate_grad_batches",
+            "log_every_n_steps",
+        ):
             if getattr(self, key) < 1:
                 raise _fail(f"{prefix}.{key}", ">= 1", getattr(self, key))
         for key in ("num_workers", "warmup_steps", "warmup_epochs"):

@@ -34,11 +34,21 @@ def warmup_cosine(step: int, warmup: int, total: int, min_scale: float) -> float
 class EpochSampler(Sampler[int]):
     """Shuffled indices from a generator seeded by (seed, epoch), split across DDP ranks.
 
-    Lightning calls ``set_epoch``; no global RNG is touched, so an epoch's order is the same
-    in a resumed run."""
+    With ``runs`` (a run id per index, indices of one run contiguous and in order) the
+    shuffle moves whole runs, so the indices of a run stay together and in order (the
+    ``trainer.consecutive_windows`` batches). Lightning calls ``set_epoch``; no global RNG
+    is touched, so an epoch's order is the same in a resumed run."""
 
-    def __init__(self, length: int, seed: int, shuffle: bool) -> None:
+    def __init__(
+        self, length: int, seed: int, shuffle: bool, runs: np.ndarray | None = None
+    ) -> None:
         self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+        self.runs = None
+        if runs is not None:
+            if len(runs) != length:
+                raise ValueError(f"runs has {len(runs)} entries for {length} indices")
+            starts = np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]])
+            self.runs = np.split(np.arange(length), starts[1:])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -49,20 +59,33 @@ class EpochSampler(Sampler[int]):
         return 0, 1
 
     def __iter__(self) -> Iterator[int]:
-        order = (
-            np.random.default_rng([self.seed, self.epoch]).permutation(self.length)
-            if self.shuffle
-            else np.arange(self.length)
-        )
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if not self.shuffle:
+            order = np.arange(self.length)
+        elif self.runs is not None:
+            order = np.concatenate([self.runs[r] for r in rng.permutation(len(self.runs))])
+        else:
+            order = rng.permutation(self.length)
         rank, world = self._rank()
-        if world > 1:  # pad to a multiple of the world size, then stride
+        if world > 1:  # pad to a multiple of the world size, then stride (runs: blocks)
             pad = (-len(order)) % world
-            order = np.concatenate([order, order[:pad]])[rank::world]
+            order = np.concatenate([order, order[:pad]])
+            blocks = self.runs is not None
+            order = order.reshape(world, -1)[rank] if blocks else order[rank::world]
         return iter(order.tolist())
 
     def __len__(self) -> int:
         _, world = self._rank()
         return math.ceil(self.length / world)
+
+
+def window_runs(index: np.ndarray, k: int) -> np.ndarray | None:
+    """Run ids for an (episode, frame) sample index grouped into runs of ``k`` consecutive
+    windows of one episode (None for k = 1)."""
+    if k <= 1:
+        return None
+    episode, frame = index[:, 0], index[:, 1]
+    return episode * (int(frame.max()) // k + 1) + frame // k
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

@@ -78,13 +78,14 @@ def _devices(text: str) -> Any:
 
 
 def make_loaders(cfg: Config, bundle: DataBundle) -> tuple[DataLoader, DataLoader]:
-    from mobile_vla.training.module import EpochSampler, collate
+    from mobile_vla.training.module import EpochSampler, collate, window_runs
 
     t = cfg.trainer
     kw: dict[str, Any] = {"batch_size": t.batch_size, "num_workers": t.num_workers}
+    runs = window_runs(getattr(bundle.train, "base", bundle.train).index, t.consecutive_windows)
     train = DataLoader(
         bundle.train,
-        sampler=EpochSampler(len(bundle.train), cfg.seed, True),
+        sampler=EpochSampler(len(bundle.train), cfg.seed, True, runs),
         collate_fn=getattr(bundle.train, "collate", collate),
         **kw,
     )
