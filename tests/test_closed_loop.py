@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mobile_vla.config import SimConfig
+from mobile_vla.errors import MobileVLAError
 from mobile_vla.evaluation.closed_loop import (
     ConstantController,
     ExpertReplayController,
@@ -128,3 +129,44 @@ def test_expert_start_drives_the_first_steps_then_hands_over() -> None:
         assert r.end == "stopped" and r.steps == 3 + 3
         assert r.trajectory[3][0] > r.trajectory[0][0] + 0.2  # the expert moved it
         assert abs(r.trajectory[-1][0] - r.trajectory[3][0]) < 0.05  # then it stood
+
+
+def test_checkpoint_steps_give_a_learning_curve(train_data, tmp_path, capsys) -> None:
+    """``trainer.checkpoint_steps`` keeps ``checkpoints/step_N``; ``curve`` drives each one
+    and ``last`` through the same held-out scenes; ``eval --checkpoint step_N`` loads one,
+    and a step that was not kept is named in the error."""
+    import json
+
+    from mobile_vla.cli import main
+    from mobile_vla.config import load_config
+    from mobile_vla.training.run import train
+
+    from .conftest import tiny_overrides
+
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(train_data, tmp_path),
+            "trainer.run_name=curve",
+            "trainer.max_steps=3",
+            "trainer.checkpoint_steps=[1,2]",
+            "sim.image_size=[32,32]",
+            "sim.max_steps=6",
+        ],
+    )
+    run = train(cfg, progress=False)
+    assert (run / "checkpoints" / "step_1").is_dir() and (run / "checkpoints" / "step_2").is_dir()
+    assert main(["curve", str(run), "--episodes", "2", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "step_1" in out and "step_2" in out and "last" in out
+    curve = json.loads((run / "metrics.json").read_text())["curve"]
+    assert [p["step"] for p in curve["points"]] == [1, 2, 3]
+    assert all(p["episodes"] == 2 and 0 <= p["successes"] <= 2 for p in curve["points"])
+    assert (run / "eval" / "curve.png").stat().st_size > 0
+    assert main(["eval", str(run), "--checkpoint", "step_2", "-q"]) == 0
+    assert main(["eval", str(run), "--checkpoint", "step_7", "-q"]) == 2
+    assert "step_1, step_2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(run), "--checkpoint", "latest"])
+    with pytest.raises(MobileVLAError, match="checkpoint_steps"):
+        load_config(None, ["trainer.checkpoint_steps=[2,1]"])

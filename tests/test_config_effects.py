@@ -279,7 +279,10 @@ def trainer_observable(overrides: list[str], data: Path, tmp: Path) -> str:
     state = load_folder(run / "checkpoints" / "last")
     csv = (run / "logs" / "csv" / "metrics.csv").read_text()
     tensors = [state["state_dict"][k].float().numpy() for k in sorted(state["state_dict"])]
-    return digest(*tensors, str(state["global_step"]), str(state["epoch"]), str(run), csv)
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    return digest(
+        *tensors, str(state["global_step"]), str(state["epoch"]), str(run), csv, str(kept)
+    )
 
 
 def fmt(values: list[str], paths: dict[str, Path]) -> list[str]:
@@ -429,6 +432,7 @@ TRAINER: dict[str, tuple[list[str], list[str]]] = {
     "trainer.wandb": ([], ["trainer.wandb=true"]),
     "trainer.output_dir": ([], ["trainer.output_dir={tmp}/elsewhere"]),
     "trainer.run_name": ([], ["trainer.run_name=other"]),
+    "trainer.checkpoint_steps": ([], ["trainer.checkpoint_steps=[2]"]),
 }
 
 

@@ -306,3 +306,38 @@ def test_rollout_strip_takes_evenly_spaced_frames(tmp_path: Path) -> None:
         reds = [im.getpixel((i * 12 + 5, 3))[0] for i in range(4)]
     assert reds[0] < reds[1] < reds[2] < reds[3] and reds[0] < 10 and reds[3] > 200
     assert _rollout_strip(tmp_path / "missing.gif", tmp_path / "x.png") is None
+
+
+def test_the_statement_answers_frozen_against_lora_with_its_tests() -> None:
+    """Case 3 vs Case 4 gets its own sentences (success: pooled episodes, z; instruction
+    sensitivity: Welch's t) even when a third strategy leads the grid."""
+    from mobile_vla.study.report import statement
+
+    def cell(strategy: str, seed: int, k: int, sens: float) -> dict:
+        return {
+            "key": {"strategy": strategy, "pretrained": True, "train_episodes": 0, "seed": seed},
+            "offline": {"instruction_sensitivity": {"mean_abs_diff": sens}},
+            "closed_loop": {"successes": k, "episodes": 24, "success_rate": k / 24},
+        }
+
+    results = {
+        "study": {"strategies": ["frozen", "lora", "frozen_text"], "seeds": [0, 1]},
+        "cells": {
+            f"{s}-{seed}": cell(s, seed, k, v)
+            for s, ks, vs in (
+                ("frozen", (0, 1), (0.010, 0.012)),
+                ("lora", (9, 11), (0.40, 0.44)),
+                ("frozen_text", (20, 21), (0.70, 0.72)),
+            )
+            for seed, k, v in zip((0, 1), ks, vs, strict=True)
+        },
+    }
+    lines = statement(results, [])
+    case = [line for line in lines if line.startswith("Case 3 (frozen) vs Case 4")]
+    assert len(case) == 2
+    assert "LoRA is better" in case[0] and "1/48 vs 20/48" in case[0] and "z = " in case[0]
+    assert "LoRA follows it more" in case[1] and "Welch t" in case[1]
+    results["cells"]["lora-1"]["closed_loop"]["successes"] = 0
+    results["cells"]["lora-0"]["closed_loop"]["successes"] = 2
+    lines = statement(results, [])
+    assert any("neither is better beyond noise (1/48 vs 2/48" in line for line in lines)

@@ -281,7 +281,12 @@ def args_eval(sub: Any) -> None:
         "eval", help="offline metrics on the run's test episodes; closed loop with --episodes"
     )
     p.add_argument("run", type=Path, help="run folder")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument(
+        "--checkpoint",
+        type=checkpoint_name,
+        default="best",
+        help="best, last or step_N (trainer.checkpoint_steps)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(
         "--episodes",
@@ -300,6 +305,38 @@ def args_eval(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+
+def cmd_curve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from mobile_vla.evaluation.curve import evaluate_curve, format_curve
+
+    refuse_overrides(overrides, "curve")
+    c = evaluate_curve(
+        args.run,
+        args.episodes,
+        args.seed,
+        args.chunk,
+        args.chunk_k,
+        args.ensemble_decay,
+        progress=not args.quiet,
+    )
+    print(format_curve(c))
+    return 0
+
+
+def args_curve(sub: Any) -> None:
+    """The arguments of ``curve``."""
+    p = sub.add_parser(
+        "curve",
+        help="closed-loop success of every checkpoint of a run (trainer.checkpoint_steps) "
+        "against training steps",
+    )
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--episodes", type=int, default=48, help="held-out episodes per checkpoint")
+    add_chunk_arguments(p)
+    p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_curve)
 
 
 def cmd_export_lerobot(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -808,6 +845,13 @@ def args_pretrain_data(sub: Any) -> None:
     p.set_defaults(func=cmd_pretrain_data)
 
 
+def checkpoint_name(text: str) -> str:
+    """best, last or step_N."""
+    if text in ("best", "last") or (text.startswith("step_") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected best, last or step_N, got '{text}'")
+
+
 def add_chunk_arguments(p: argparse.ArgumentParser) -> None:
     """How a predicted action chunk is executed (closed loop and serving)."""
     p.add_argument(
@@ -840,6 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
         args_inspect,
         args_train,
         args_eval,
+        args_curve,
         args_pretrain_data,
         args_compare,
         args_serve,
@@ -869,7 +914,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose and args.command in ("train", "eval", "compare", "serve", "dagger"):
+    if not args.verbose and args.command in (
+        "train",
+        "eval",
+        "curve",
+        "compare",
+        "serve",
+        "dagger",
+    ):
         quiet_lightning()
     try:
         return int(args.func(args, overrides) or 0)

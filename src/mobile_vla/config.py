@@ -487,8 +487,14 @@ class TrainerConfig:
     output_dir: str = "runs"
     run_name: str = ""
     """Run folder name (empty = <strategy>-<backbone>-<timestamp>)."""
+    checkpoint_steps: list[int] = field(default_factory=list)
+    """Also keep ``checkpoints/step_N`` after these optimizer steps, for learning curves
+    (``mobile-vla curve RUN``, ``eval RUN --checkpoint step_N``)."""
 
     def validate(self, prefix: str) -> None:
+        steps = self.checkpoint_steps
+        if any(s < 1 for s in steps) or sorted(set(steps)) != list(steps):
+            raise _fail(f"{prefix}.checkpoint_steps", "increasing steps >= 1", steps)
         if self.max_epochs < 1 and self.max_steps < 1:
             raise _fail(f"{prefix}.max_epochs", ">= 1 (or set max_steps)", self.max_epochs)
         for key in (

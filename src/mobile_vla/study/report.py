@@ -199,6 +199,53 @@ def success_test(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, 
     return {"a": pa, "b": pb, "z": z, "diff": diff, "ci95": ci, "verdict": verdict}
 
 
+def case3_vs_case4(
+    g: dict[tuple[str, bool, int], list[dict[str, Any]]], pt: bool, size: int
+) -> list[str]:
+    """The question the study exists for, asked directly whatever else the grid holds:
+    frozen (Case 3) against LoRA (Case 4) at the headline setting, on closed-loop success
+    (episodes pooled, two-proportion z) and on instruction following (per-seed instruction
+    sensitivity, Welch's t), each difference with its 95% interval."""
+    a, b = g.get(("frozen", pt, size)), g.get(("lora", pt, size))
+    if not a or not b:
+        return []
+    out = []
+    test = success_test(a, b)
+    if "z" in test:
+        pa, pb = test["a"], test["b"]
+        verdict = {"a": "frozen is better", "b": "LoRA is better"}.get(
+            test["verdict"], "neither is better beyond noise"
+        )
+        out.append(
+            f"Case 3 (frozen) vs Case 4 (LoRA), closed-loop success: {verdict} "
+            f"({pa['successes']}/{pa['episodes']} vs {pb['successes']}/{pb['episodes']}, "
+            f"difference {100 * test['diff']:+.1f} points [95% CI {100 * test['ci95'][0]:+.1f}, "
+            f"{100 * test['ci95'][1]:+.1f}], z = {test['z']:.2f})."
+        )
+    getter = _get("offline.instruction_sensitivity.mean_abs_diff")
+    test = compare_two(a, b, getter, True)
+    if "diff" in test:
+        ma = _stats([getter(c) for c in a])["mean"]
+        mb = _stats([getter(c) for c in b])["mean"]
+        verdict = {"a": "frozen follows it more", "b": "LoRA follows it more"}.get(
+            test["verdict"], "neither follows it more beyond noise"
+        )
+        detail = f"{ma:.4f} vs {mb:.4f} m/s"
+        if test.get("se"):
+            lo, hi = test["ci95"]
+            detail += (
+                f", difference {test['diff']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], Welch t df "
+                f"{test['df']:.1f}, p = {test['p']:.3f}"
+            )
+        elif test["verdict"].startswith("no noise"):
+            detail += ", one seed: no noise estimate"
+        out.append(
+            f"Case 3 (frozen) vs Case 4 (LoRA), instruction following (sensitivity of the "
+            f"command to swapping left and right): {verdict} ({detail})."
+        )
+    return out
+
+
 def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
     """Plain sentences: per metric, which strategy is best at the headline setting and whether
     it beats the runner-up beyond noise; then what pretraining changed."""
@@ -254,6 +301,7 @@ def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
                     f"{best} leads on {name} ({detail}); one seed gives no noise estimate — "
                     "add seeds before relying on it."
                 )
+    lines += case3_vs_case4(g, pt, size)
     n = size
     for s in sorted(s for (s, p, k) in g if p and k == n and (s, False, n) in g):
         for name, getter, higher, fmt in metric_table(dims):

@@ -323,18 +323,27 @@ class TrainStats(pl.Callback):
 
 
 class RunCheckpoints(pl.Callback):
-    """``checkpoints/last`` after every epoch and ``checkpoints/best`` on a new lowest
-    validation loss, both written atomically through the trainer's checkpoint I/O."""
+    """``checkpoints/last`` after every epoch, ``checkpoints/best`` on a new lowest
+    validation loss and ``checkpoints/step_N`` after each of ``steps`` (learning curves), all
+    written atomically through the trainer's checkpoint I/O."""
 
-    def __init__(self, folder: Any) -> None:
+    def __init__(self, folder: Any, steps: list[int] | None = None) -> None:
         self.folder = folder
         self.best: float | None = None
+        self.steps = set(steps or [])
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        step = trainer.global_step
+        if step in self.steps and not (self.folder / f"step_{step}").exists():
+            trainer.save_checkpoint(self.folder / f"step_{step}")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         val = trainer.callback_metrics.get("val_loss")

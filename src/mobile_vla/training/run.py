@@ -180,7 +180,7 @@ def train(
             t,
             run,
             loggers,
-            [RunCheckpoints(run / "checkpoints"), stats_cb, *(callbacks or [])],
+            [RunCheckpoints(run / "checkpoints", t.checkpoint_steps), stats_cb, *(callbacks or [])],
             SafeCheckpointIO(),
             progress,
             precision,
@@ -351,6 +351,13 @@ def merge_lora(policy: torch.nn.Module) -> int:
     return merged
 
 
+def step_checkpoints(run: str | Path) -> list[Path]:
+    """The ``checkpoints/step_N`` folders of a run, in step order."""
+    folder = Path(run) / "checkpoints"
+    found = [p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def load_policy(
     run: str | Path,
     which: str = "best",
@@ -366,6 +373,12 @@ def load_policy(
     cfg = load_config(run / "config.yaml", overrides or [])
     stats = ActionStats.load(run / "stats.json")
     folder = run / "checkpoints" / which
+    if which not in ("best", "last") and not folder.exists():
+        kept = ", ".join(p.name for p in step_checkpoints(run)) or "none"
+        raise MobileVLAError(
+            f"run folder '{run}' has no checkpoint '{which}' (step checkpoints kept: {kept}; "
+            "trainer.checkpoint_steps chooses them)"
+        )
     if not folder.exists():
         folder = run / "checkpoints" / "last"
     if not folder.exists():

@@ -1,0 +1,123 @@
+"""Learning curves: closed-loop success of a run's checkpoints against training steps.
+
+A run trained with ``trainer.checkpoint_steps`` keeps ``checkpoints/step_N`` beside ``last``;
+:func:`evaluate_curve` drives every one of them through the same held-out scenarios (one
+seed, so the points differ only by the weights) and records success with its Wilson interval,
+per side, and the collision rate, in ``metrics.json["curve"]`` and ``RUN/eval/curve.png``.
+Offline loss falls long after driving stops improving (and the other way round), so the
+curve is what says whether a budget was enough.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mobile_vla.errors import MobileVLAError
+from mobile_vla.evaluation.closed_loop import closed_loop
+from mobile_vla.models.runtime import PolicyController
+
+
+def curve_points(run: Path) -> list[tuple[str, int]]:
+    """(checkpoint name, optimizer step) of every step checkpoint and ``last``."""
+    from mobile_vla.training.checkpoint import load_folder
+    from mobile_vla.training.run import step_checkpoints
+
+    points = [(p.name, int(p.name[5:])) for p in step_checkpoints(run)]
+    last = run / "checkpoints" / "last"
+    if last.exists():
+        step = int(load_folder(last).get("global_step", 0))
+        if not points or step > points[-1][1]:
+            points.append(("last", step))
+    if not points:
+        raise MobileVLAError(f"run folder '{run}' has no checkpoints to draw a curve from")
+    return points
+
+
+def evaluate_curve(
+    run: str | Path,
+    episodes: int,
+    seed: int | None = None,
+    chunk_mode: str = "first",
+    k: int = 1,
+    decay: float = 0.1,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Closed-loop success of each checkpoint on the same ``episodes`` held-out scenarios."""
+    from mobile_vla.training.run import load_policy, update_metrics
+
+    run = Path(run)
+    rows = []
+    used_seed = seed
+    for name, step in curve_points(run):
+        policy, cfg = load_policy(run, name)
+        used_seed = cfg.seed if seed is None else seed
+        controller = PolicyController(policy, cfg, chunk_mode, k, decay)
+        summary, _ = closed_loop(controller, cfg.sim, episodes, used_seed, progress=progress)
+        rows.append(
+            {
+                "checkpoint": name,
+                "step": step,
+                "successes": summary["successes"],
+                "episodes": summary["episodes"],
+                "success_rate": summary["success_rate"],
+                "success_ci95": summary["success_ci95"],
+                "collision_rate": summary["collision_rate"],
+                "by_side": summary["by_side"],
+            }
+        )
+    out = {"seed": used_seed, "episodes": episodes, "chunk_mode": chunk_mode, "points": rows}
+    plot_curve(rows, run / "eval" / "curve.png", run.name)
+    update_metrics(run, "curve", out)
+    return out
+
+
+def plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    rate = [r["success_rate"] for r in rows]
+    lo = [r["success_rate"] - r["success_ci95"][0] for r in rows]
+    hi = [r["success_ci95"][1] - r["success_rate"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    ax.errorbar(steps, rate, yerr=[lo, hi], marker="o", capsize=3, label="success (95% Wilson)")
+    for side, style in (("left", "--"), ("right", ":")):
+        ys = [r["by_side"].get(side, {}).get("success_rate") for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(steps, ys, style, marker=".", label=side)
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("closed-loop success")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{title}: {rows[0]['episodes']} held-out scenes per point")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_curve(c: dict[str, Any]) -> str:
+    lines = [
+        f"closed-loop success against training steps ({c['episodes']} held-out episodes per "
+        f"checkpoint, seed {c['seed']}, chunk {c['chunk_mode']}):",
+        f"  {'checkpoint':<12} {'step':>7} {'success':>9} {'95% CI':>14} {'left':>7} "
+        f"{'right':>7} {'collisions':>10}",
+    ]
+    for r in c["points"]:
+        side = {s: r["by_side"].get(s, {}) for s in ("left", "right")}
+        lo, hi = r["success_ci95"]
+        lines.append(
+            f"  {r['checkpoint']:<12} {r['step']:>7} {r['successes']:>4}/{r['episodes']:<4} "
+            f"[{lo:.2f}, {hi:.2f}]  "
+            + " ".join(
+                f"{side[s].get('successes', 0):>3}/{side[s].get('episodes', 0):<3}"
+                for s in ("left", "right")
+            )
+            + f" {r['collision_rate']:>10.2f}"
+        )
+    return "\n".join(lines)
