@@ -44,7 +44,7 @@ def write_study(tmp: Path, data: Path, weights: Path, out: Path, **extra: object
             "sim.max_steps=12",
         ],
         "strategy_overrides": {"lora": ["train_setup.lora_lr=0.001"]},
-        "closed_loop": {"episodes": 2, "seed": 1000},
+        "closed_loop": {"episodes": 2, "seed": 1000, "curve_steps": [1]},
         "compare_samples": 16,
         **extra,
     }
@@ -113,8 +113,16 @@ def test_study_grid_resumes_and_reports(finished: tuple[Path, Path]) -> None:
         assert heading in md
     assert (out / "figures" / "data_efficiency.png").stat().st_size > 10_000
     # 2 closed-loop episodes per cell, both instructed left here
-    for name in ("trajectories_frozen_left", "trajectories_lora_left", "instruction_sensitivity"):
+    for name in (
+        "trajectories_frozen_left",
+        "trajectories_lora_left",
+        "instruction_sensitivity",
+        "success_vs_steps",
+    ):
         assert (out / "figures" / f"{name}.png").stat().st_size > 2_000, name
+    # success against steps: step 1 (kept by closed_loop.curve_steps) and the last step, 2
+    assert [p["step"] for p in lora["curve"]["points"]] == [1, 2]
+    assert "Case 3 (frozen) vs Case 4 (LoRA), closed-loop success" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2 and 'src="figures' not in page
     assert results["report"]["statement"]

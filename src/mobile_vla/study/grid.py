@@ -73,6 +73,9 @@ class StudyClosedLoop:
     chunk: Literal["first", "first_k", "ensemble"] = "first"
     chunk_k: int = 1
     videos: int = 0
+    curve_steps: list[int] = field(default_factory=list)
+    """Keep checkpoints after these steps in every cell (``trainer.checkpoint_steps``) and
+    drive each through the same scenes: success-vs-steps curves in the report."""
 
 
 @dataclass
@@ -182,6 +185,11 @@ def cell_overrides(study: StudyConfig, cell: Cell, data: Path, cells_dir: Path) 
         f"data.path={data}",
         f"trainer.output_dir={cells_dir}",
         f"trainer.run_name={cell.id}",
+        *(
+            [f"trainer.checkpoint_steps=[{','.join(map(str, study.closed_loop.curve_steps))}]"]
+            if study.closed_loop.curve_steps
+            else []
+        ),
     ]
 
 
@@ -332,7 +340,9 @@ class Study:
         log = self.out / "logs" / f"{cell.id}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         cl = self.study.closed_loop
-        evaluate = Evaluate(str(run), cl.episodes, cl.seed, cl.chunk, cl.chunk_k, cl.videos)
+        evaluate = Evaluate(
+            str(run), cl.episodes, cl.seed, cl.chunk, cl.chunk_k, cl.videos, bool(cl.curve_steps)
+        )
         if (run / "checkpoints" / "last").exists() and not (run / "train_stats.json").exists():
             self._say(f"{cell.id}: resuming interrupted training")
             self._jobs([Resume(str(run)), evaluate, *then], log)
@@ -451,6 +461,7 @@ def collect_cell(run: Path, cell: Cell) -> dict[str, Any]:
         "episodes": {"train": len(split["train"]), "val": len(split["val"])},
         "offline": metrics.get("offline", {}),
         "closed_loop": metrics.get("closed_loop"),
+        "curve": metrics.get("curve"),
         "trainable_params": table.get("trainable"),
         "total_params": table.get("total"),
         "peak_memory_bytes": stats.get("peak_memory_bytes"),

@@ -59,6 +59,7 @@ class Evaluate:
     chunk: str = "first"
     chunk_k: int = 1
     videos: int = 0
+    curve: bool = False
 
     def describe(self) -> str:
         text = f"eval {self.run}"
@@ -66,6 +67,11 @@ class Evaluate:
             text += (
                 f" --episodes {self.episodes} --seed {self.seed} --chunk {self.chunk} "
                 f"--chunk-k {self.chunk_k} --videos {self.videos}"
+            )
+        if self.episodes and self.curve:
+            text += (
+                f" then curve {self.run} --episodes {self.episodes} --seed {self.seed} "
+                f"--chunk {self.chunk} --chunk-k {self.chunk_k}"
             )
         return text
 
@@ -156,6 +162,10 @@ def _evaluate(job: Evaluate) -> None:
             loaded=loaded,
         )
         print(format_closed_loop(summary))
+    if job.episodes and job.curve:
+        from mobile_vla.evaluation.curve import evaluate_curve, format_curve
+
+        print(format_curve(evaluate_curve(job.run, job.episodes, job.seed, job.chunk, job.chunk_k)))
 
 
 def run_jobs(jobs: Iterable[Job], announce_first: bool = False) -> int:

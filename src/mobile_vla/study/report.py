@@ -441,7 +441,8 @@ def driving_section(
 ) -> tuple[list[str], list[str]]:
     """How each strategy drives: its first seed's top-down trajectories on the held-out scenes
     (the same scenes for every strategy: one closed-loop seed), left and right; a strip of
-    its first rollout; the instruction-sensitivity distribution. (markdown, html) parts."""
+    its first rollout; closed-loop success against training steps (when the study keeps
+    step checkpoints); the instruction-sensitivity distribution. (markdown, html) parts."""
     md: list[str] = ["## How each strategy drives", ""]
     h: list[str] = ["<h2>How each strategy drives</h2>"]
     for strategy, cells in cells_by_strategy.items():
@@ -467,11 +468,62 @@ def driving_section(
         for path, alt in shown:
             md += [f"![{alt}]({path.relative_to(out)})", ""]
             h += [_img(path, alt)]
-    plot = _plot_sensitivity(cells_by_strategy, out)
-    if plot is not None:
-        md += [f"![instruction sensitivity]({plot.relative_to(out)})", ""]
-        h += [_img(plot, "instruction-sensitivity distribution per strategy")]
+    for plot, alt in (
+        (_plot_success_curves(cells_by_strategy, out), "closed-loop success against steps"),
+        (_plot_sensitivity(cells_by_strategy, out), "instruction-sensitivity distribution"),
+    ):
+        if plot is not None:
+            md += [f"![{alt}]({plot.relative_to(out)})", ""]
+            h += [_img(plot, alt)]
     return (md, h) if len(md) > 2 else ([], [])
+
+
+def success_curves(cells: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """(step, successes, episodes) pooled over a strategy's seeds, at the steps every seed's
+    curve has (``closed_loop.curve`` of the study)."""
+    per_step: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    curves = [c["curve"]["points"] for c in cells if c.get("curve")]
+    for points in curves:
+        for p in points:
+            per_step[p["step"]].append((p["successes"], p["episodes"]))
+    return [
+        (step, sum(k for k, _ in v), sum(n for _, n in v))
+        for step, v in sorted(per_step.items())
+        if len(v) == len(curves)
+    ]
+
+
+def _plot_success_curves(
+    cells_by_strategy: dict[str, list[dict[str, Any]]], out: Path
+) -> Path | None:
+    """Closed-loop success against training steps per strategy, pooled over seeds, with
+    95% Wilson intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    drawn = False
+    for strategy, cells in cells_by_strategy.items():
+        points = success_curves(cells)
+        if not points:
+            continue
+        steps = [s for s, _, _ in points]
+        rate = [k / n for _, k, n in points]
+        ci = [wilson_interval(k, n) for _, k, n in points]
+        err = [[r - lo for r, (lo, _) in zip(rate, ci, strict=True)],
+               [hi - r for r, (_, hi) in zip(rate, ci, strict=True)]]  # fmt: skip
+        ax.errorbar(steps, rate, yerr=err, marker="o", capsize=3, label=strategy)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="optimizer steps", ylabel="closed-loop success", ylim=(-0.02, 1.02))
+    ax.set_title("Closed-loop success against training steps, pooled over seeds", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "figures" / "success_vs_steps.png")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
