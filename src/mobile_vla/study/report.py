@@ -199,6 +199,32 @@ def success_test(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, 
     return {"a": pa, "b": pb, "z": z, "diff": diff, "ci95": ci, "verdict": verdict}
 
 
+def _success_text(test: dict[str, Any]) -> str:
+    """'k/n vs k/n, difference [95% CI], z' of a :func:`success_test`."""
+    pa, pb = test["a"], test["b"]
+    lo, hi = test["ci95"]
+    return (
+        f"{pa['successes']}/{pa['episodes']} vs {pb['successes']}/{pb['episodes']}, difference "
+        f"{100 * test['diff']:+.1f} points [95% CI {100 * lo:+.1f}, {100 * hi:+.1f}], "
+        f"z = {test['z']:.2f}"
+    )
+
+
+def _welch_text(test: dict[str, Any], fmt: str = "{:+.4g}") -> str:
+    """', difference [95% CI], Welch t df, p, Hedges' g' of a :func:`compare_two` with a
+    noise estimate ('' without one)."""
+    if not test.get("se"):
+        return ""
+    lo, hi = test["ci95"]
+    text = (
+        f", difference {fmt.format(test['diff'])} [95% CI {fmt.format(lo)}, {fmt.format(hi)}], "
+        f"Welch t df {test['df']:.1f}, p = {test['p']:.3f}"
+    )
+    if test.get("g") is not None:
+        text += f", Hedges' g {test['g']:+.2f}"
+    return text
+
+
 def case3_vs_case4(
     g: dict[tuple[str, bool, int], list[dict[str, Any]]], pt: bool, size: int
 ) -> list[str]:
@@ -212,15 +238,12 @@ def case3_vs_case4(
     out = []
     test = success_test(a, b)
     if "z" in test:
-        pa, pb = test["a"], test["b"]
         verdict = {"a": "frozen is better", "b": "LoRA is better"}.get(
             test["verdict"], "neither is better beyond noise"
         )
         out.append(
             f"Case 3 (frozen) vs Case 4 (LoRA), closed-loop success: {verdict} "
-            f"({pa['successes']}/{pa['episodes']} vs {pb['successes']}/{pb['episodes']}, "
-            f"difference {100 * test['diff']:+.1f} points [95% CI {100 * test['ci95'][0]:+.1f}, "
-            f"{100 * test['ci95'][1]:+.1f}], z = {test['z']:.2f})."
+            f"({_success_text(test)})."
         )
     getter = _get("offline.instruction_sensitivity.mean_abs_diff")
     test = compare_two(a, b, getter, True)
@@ -230,14 +253,8 @@ def case3_vs_case4(
         verdict = {"a": "frozen follows it more", "b": "LoRA follows it more"}.get(
             test["verdict"], "neither follows it more beyond noise"
         )
-        detail = f"{ma:.4f} vs {mb:.4f} m/s"
-        if test.get("se"):
-            lo, hi = test["ci95"]
-            detail += (
-                f", difference {test['diff']:+.4f} [95% CI {lo:+.4f}, {hi:+.4f}], Welch t df "
-                f"{test['df']:.1f}, p = {test['p']:.3f}"
-            )
-        elif test["verdict"].startswith("no noise"):
+        detail = f"{ma:.4f} vs {mb:.4f} m/s" + _welch_text(test, "{:+.4f}")
+        if test["verdict"].startswith("no noise"):
             detail += ", one seed: no noise estimate"
         out.append(
             f"Case 3 (frozen) vs Case 4 (LoRA), instruction following (sensitivity of the "
@@ -271,25 +288,11 @@ def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
             best, second = ranked[0], ranked[1]
             if name == "closed-loop success":
                 test = success_test(g[(best, pt, size)], g[(second, pt, size)])
-                detail = (
-                    f"{test['a']['successes']}/{test['a']['episodes']} vs "
-                    f"{test['b']['successes']}/{test['b']['episodes']}, difference "
-                    f"{100 * test['diff']:+.1f} points [95% CI {100 * test['ci95'][0]:+.1f}, "
-                    f"{100 * test['ci95'][1]:+.1f}], z = {test['z']:.2f}"
-                    if "z" in test
-                    else ""
-                )
+                detail = _success_text(test) if "z" in test else ""
             else:
                 test = compare_two(g[(best, pt, size)], g[(second, pt, size)], getter, higher)
                 detail = f"{fmt.format(means[best])} vs {fmt.format(means[second])}"
-                if test.get("se"):
-                    lo, hi = test["ci95"]
-                    detail += (
-                        f", difference {test['diff']:+.4g} [95% CI {lo:+.4g}, {hi:+.4g}], "
-                        f"Welch t df {test['df']:.1f}, p = {test['p']:.3f}"
-                    )
-                    if test.get("g") is not None:
-                        detail += f", Hedges' g {test['g']:+.2f}"
+                detail += _welch_text(test)
             if test["verdict"] == "a":
                 lines.append(f"**{best}** is best on {name} ({detail}) — significant at 5%.")
             elif test["verdict"] == "within noise":
