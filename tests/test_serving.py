@@ -485,6 +485,29 @@ def test_health_without_the_key_says_only_that_the_model_is_loaded(server: LiveS
         StreamClient(f"ws://127.0.0.1:{server.port}/stream?api_key={KEY}")
 
 
+def read_reply(sock: socket.socket) -> str:
+    """One whole HTTP reply: the headers, then Content-Length bytes of body (TCP may deliver
+    them in separate segments)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+         if line.lower().startswith(b"content-length:")),
+        0,
+    )  # fmt: skip
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def test_a_half_sent_body_gets_408_and_the_server_keeps_serving(served_run: Path) -> None:
     live, _ = start(served_run, body_timeout_s=0.5)
     try:
@@ -494,7 +517,7 @@ def test_a_half_sent_body_gets_408_and_the_server_keeps_serving(served_run: Path
                 b'Content-Length: 1000\r\n\r\n{"image": '
             )
             t0 = time.time()
-            reply = sock.recv(4096).decode()
+            reply = read_reply(sock)
             assert time.time() - t0 < 5
         assert reply.startswith("HTTP/1.1 408") and "not complete within 0.5 s" in reply
         good = json.dumps({"image": b64_jpeg(frame()), "instruction": "go left"}).encode()
@@ -516,7 +539,7 @@ def test_half_sent_headers_get_408_and_the_connection_closes(served_run: Path) -
         assert raw_post(live.url, "/predict", good, key=None)[0] == 200
         t0 = time.time()
         for sock in socks:
-            reply = sock.recv(4096).decode()
+            reply = read_reply(sock)
             assert reply.startswith("HTTP/1.1 408") and "headers not complete within 0.5 s" in reply
             assert sock.recv(4096) == b""  # closed by the server
             sock.close()
