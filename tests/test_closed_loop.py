@@ -163,6 +163,8 @@ def test_checkpoint_steps_give_a_learning_curve(train_data, tmp_path, capsys) ->
     assert [p["step"] for p in curve["points"]] == [1, 2, 3]
     assert all(p["episodes"] == 2 and 0 <= p["successes"] <= 2 for p in curve["points"])
     assert (run / "eval" / "curve.png").stat().st_size > 0
+    assert main(["curve", str(run), "--episodes", "0", "-q"]) == 2
+    assert "--episodes must be >= 1" in capsys.readouterr().err
     assert main(["eval", str(run), "--checkpoint", "step_2", "-q"]) == 0
     assert main(["eval", str(run), "--checkpoint", "step_7", "-q"]) == 2
     assert "step_1, step_2" in capsys.readouterr().err

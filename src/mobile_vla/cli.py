@@ -311,6 +311,8 @@ def cmd_curve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.evaluation.curve import evaluate_curve, format_curve
 
     refuse_overrides(overrides, "curve")
+    if args.episodes < 1:
+        raise MobileVLAError(f"--episodes must be >= 1 for a curve, got {args.episodes}")
     c = evaluate_curve(
         args.run,
         args.episodes,
