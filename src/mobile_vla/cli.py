@@ -257,12 +257,7 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop, format_closed_loop
 
         c = evaluate_run_closed_loop(
-            args.run,
-            args.episodes,
-            args.seed,
-            args.chunk,
-            args.chunk_k,
-            args.ensemble_decay,
+            *closed_loop_args(args),
             args.videos,
             args.checkpoint,
             progress=not args.quiet,
@@ -313,15 +308,7 @@ def cmd_curve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     refuse_overrides(overrides, "curve")
     if args.episodes < 1:
         raise MobileVLAError(f"--episodes must be >= 1 for a curve, got {args.episodes}")
-    c = evaluate_curve(
-        args.run,
-        args.episodes,
-        args.seed,
-        args.chunk,
-        args.chunk_k,
-        args.ensemble_decay,
-        progress=not args.quiet,
-    )
+    c = evaluate_curve(*closed_loop_args(args), progress=not args.quiet)
     print(format_curve(c))
     return 0
 
@@ -852,6 +839,12 @@ def checkpoint_name(text: str) -> str:
     if text in ("best", "last") or (text.startswith("step_") and text[5:].isdigit()):
         return text
     raise argparse.ArgumentTypeError(f"expected best, last or step_N, got '{text}'")
+
+
+def closed_loop_args(args: argparse.Namespace) -> tuple[Any, ...]:
+    """(run, episodes, seed, chunk mode, k, decay): what every closed-loop evaluation of a
+    run folder takes first."""
+    return (args.run, args.episodes, args.seed, args.chunk, args.chunk_k, args.ensemble_decay)
 
 
 def add_chunk_arguments(p: argparse.ArgumentParser) -> None:
