@@ -15,6 +15,7 @@ from typing import Any
 
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.evaluation.closed_loop import closed_loop
+from mobile_vla.evaluation.plots import save_figure, success_errorbar
 from mobile_vla.models.runtime import PolicyController
 
 
@@ -79,11 +80,14 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    rate = [r["success_rate"] for r in rows]
-    lo = [r["success_rate"] - r["success_ci95"][0] for r in rows]
-    hi = [r["success_ci95"][1] - r["success_rate"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    ax.errorbar(steps, rate, yerr=[lo, hi], marker="o", capsize=3, label="success (95% Wilson)")
+    success_errorbar(
+        ax,
+        steps,
+        [r["success_rate"] for r in rows],
+        [r["success_ci95"] for r in rows],
+        "success (95% Wilson)",
+    )
     for side, style in (("left", "--"), ("right", ":")):
         ys = [r["by_side"].get(side, {}).get("success_rate") for r in rows]
         if any(y is not None for y in ys):
@@ -94,11 +98,7 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_title(f"{title}: {rows[0]['episodes']} held-out scenes per point")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_curve(c: dict[str, Any]) -> str:

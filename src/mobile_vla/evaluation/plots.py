@@ -1,4 +1,6 @@
-"""Pictures of closed-loop runs: top-down trajectory plots and rollout GIFs (PIL only)."""
+"""Pictures of closed-loop runs: top-down trajectory plots and rollout GIFs (PIL), and the
+pieces the matplotlib figures of curves and reports share (success with its interval against
+steps, saving a figure)."""
 
 from __future__ import annotations
 
@@ -63,3 +65,30 @@ def rollout_gif(frames: Sequence[np.ndarray], path: str | Path, fps: float = 10.
             loop=0,
         )
     return Path(path)
+
+
+def success_errorbar(
+    ax: Any,
+    steps: Sequence[int],
+    rates: Sequence[float],
+    intervals: Sequence[Sequence[float]],
+    label: str,
+) -> None:
+    """Success rates against training steps on ``ax``, each with its 95% interval (lo, hi)
+    as an asymmetric error bar."""
+    err = [
+        [r - lo for r, (lo, _) in zip(rates, intervals, strict=True)],
+        [hi - r for r, (_, hi) in zip(rates, intervals, strict=True)],
+    ]
+    ax.errorbar(steps, rates, yerr=err, marker="o", capsize=3, label=label)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write (parent folders made) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mobile_vla.evaluation.closed_loop import wilson_interval
+from mobile_vla.evaluation.plots import save_figure, success_errorbar
 from mobile_vla.io import atomic_write_json, atomic_write_text
 
 # metric name -> (getter on a cell result, higher is better, format)
@@ -370,17 +371,7 @@ def _plot_efficiency(results: dict[str, Any], out: Path, dims: list[str]) -> Pat
         ax.set_xscale("log")
     axes[0].legend(fontsize=8)
     fig.suptitle("Data efficiency (mean ± std over seeds)")
-    return _save(fig, out / "figures" / "data_efficiency.png")
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "figures" / "data_efficiency.png")
 
 
 def _rollout_strip(gif: Path, target: Path, frames: int = 8) -> Path | None:
@@ -436,7 +427,7 @@ def _plot_sensitivity(cells_by_strategy: dict[str, list[dict[str, Any]]], out: P
     ax.set_title("Instruction sensitivity, test windows, pooled over seeds", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, out / "figures" / "instruction_sensitivity.png")
+    return save_figure(fig, out / "figures" / "instruction_sensitivity.png")
 
 
 def driving_section(
@@ -512,12 +503,13 @@ def _plot_success_curves(
         points = success_curves(cells)
         if not points:
             continue
-        steps = [s for s, _, _ in points]
-        rate = [k / n for _, k, n in points]
-        ci = [wilson_interval(k, n) for _, k, n in points]
-        err = [[r - lo for r, (lo, _) in zip(rate, ci, strict=True)],
-               [hi - r for r, (_, hi) in zip(rate, ci, strict=True)]]  # fmt: skip
-        ax.errorbar(steps, rate, yerr=err, marker="o", capsize=3, label=strategy)
+        success_errorbar(
+            ax,
+            [s for s, _, _ in points],
+            [k / n for _, k, n in points],
+            [wilson_interval(k, n) for _, k, n in points],
+            strategy,
+        )
         drawn = True
     if not drawn:
         plt.close(fig)
@@ -526,7 +518,7 @@ def _plot_success_curves(
     ax.set_title("Closed-loop success against training steps, pooled over seeds", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, out / "figures" / "success_vs_steps.png")
+    return save_figure(fig, out / "figures" / "success_vs_steps.png")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
