@@ -3,7 +3,9 @@ the report in headless Chromium."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -126,6 +128,11 @@ def test_study_grid_resumes_and_reports(finished: tuple[Path, Path]) -> None:
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2 and 'src="figures' not in page
     assert results["report"]["statement"]
+    # one list of sections rendered twice: the same headings, tables and figures in both
+    headings = [line.lstrip("#").strip() for line in md.splitlines() if line.startswith("##")]
+    assert headings == re.findall(r"<h[23]>([^<]*)</h[23]>", html.unescape(page))
+    assert md.count("![") == page.count("<figure>")
+    assert md.count("|---|") >= page.count("<table>") >= 4
 
 
 def test_finished_study_is_not_redone_and_settings_are_guarded(

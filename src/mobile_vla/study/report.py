@@ -19,6 +19,7 @@ import json
 import math
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,84 @@ from mobile_vla.io import atomic_write_json, atomic_write_text
 
 # metric name -> (getter on a cell result, higher is better, format)
 Getter = Callable[[dict[str, Any]], Any]
+
+
+# -- the document: one list of blocks, rendered as markdown and as HTML ----------------------
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Para:
+    text: str
+
+
+@dataclass(frozen=True)
+class Bullets:
+    lines: list[str]
+
+
+@dataclass(frozen=True)
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass(frozen=True)
+class Figure:
+    path: Path
+    alt: str
+
+
+Block = Heading | Para | Bullets | Table | Figure
+
+
+def to_markdown(blocks: list[Block], out: Path) -> str:
+    """The report as markdown; figures are linked relative to ``out``."""
+    lines = ["# mobile-vla study report", ""]
+    for b in blocks:
+        if isinstance(b, Heading):
+            lines += ["#" * b.level + " " + b.text, ""]
+        elif isinstance(b, Para):
+            lines += [b.text, ""]
+        elif isinstance(b, Bullets):
+            lines += [f"- {line}" for line in b.lines] + [""]
+        elif isinstance(b, Table):
+            lines += ["| " + " | ".join(b.header) + " |", "|" + "---|" * len(b.header)]
+            lines += ["| " + " | ".join(r) + " |" for r in b.rows] + [""]
+        else:
+            lines += [f"![{b.alt}]({b.path.relative_to(out)})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(blocks: list[Block]) -> str:
+    """The report's body as HTML, figures embedded (the page stands alone)."""
+    esc = html.escape
+    parts = []
+    for b in blocks:
+        if isinstance(b, Heading):
+            parts.append(f"<h{b.level}>{esc(b.text)}</h{b.level}>")
+        elif isinstance(b, Para):
+            parts.append(f"<p>{esc(b.text)}</p>")
+        elif isinstance(b, Bullets):
+            items = "".join(f"<li>{esc(line).replace('**', '')}</li>" for line in b.lines)
+            parts.append(f"<ul>{items}</ul>")
+        elif isinstance(b, Table):
+            head = "".join(f"<th>{esc(c)}</th>" for c in b.header)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in b.rows
+            )
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        else:
+            data = base64.b64encode(b.path.read_bytes()).decode()
+            parts.append(
+                f'<figure><img alt="{esc(b.alt)}" src="data:image/png;base64,{data}"></figure>'
+            )
+    return "\n".join(parts)
 
 
 def _get(path: str) -> Getter:
@@ -430,15 +509,12 @@ def _plot_sensitivity(cells_by_strategy: dict[str, list[dict[str, Any]]], out: P
     return save_figure(fig, out / "figures" / "instruction_sensitivity.png")
 
 
-def driving_section(
-    cells_by_strategy: dict[str, list[dict[str, Any]]], out: Path
-) -> tuple[list[str], list[str]]:
+def driving_section(cells_by_strategy: dict[str, list[dict[str, Any]]], out: Path) -> list[Block]:
     """How each strategy drives: its first seed's top-down trajectories on the held-out scenes
     (the same scenes for every strategy: one closed-loop seed), left and right; a strip of
     its first rollout; closed-loop success against training steps (when the study keeps
-    step checkpoints); the instruction-sensitivity distribution. (markdown, html) parts."""
-    md: list[str] = ["## How each strategy drives", ""]
-    h: list[str] = ["<h2>How each strategy drives</h2>"]
+    step checkpoints); the instruction-sensitivity distribution."""
+    blocks: list[Block] = []
     for strategy, cells in cells_by_strategy.items():
         run = Path(cells[0]["run"]) / "eval"
         seed = cells[0]["key"].get("seed")
@@ -449,27 +525,21 @@ def driving_section(
                 target = out / "figures" / f"trajectories_{strategy}_{side}.png"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(src.read_bytes())
-                shown.append((target, f"{strategy}, instructed {side} (seed {seed})"))
+                shown.append(Figure(target, f"{strategy}, instructed {side} (seed {seed})"))
         gifs = sorted(run.glob("rollout_*.gif"))
         if gifs:
             strip = _rollout_strip(gifs[0], out / "figures" / f"rollout_{strategy}.png")
             if strip is not None:
-                shown.append((strip, f"{strategy}: {gifs[0].stem} (seed {seed}), 8 frames"))
-        if not shown:
-            continue
-        md += [f"### {strategy}", ""]
-        h += [f"<h3>{html.escape(strategy)}</h3>"]
-        for path, alt in shown:
-            md += [f"![{alt}]({path.relative_to(out)})", ""]
-            h += [_img(path, alt)]
+                shown.append(Figure(strip, f"{strategy}: {gifs[0].stem} (seed {seed}), 8 frames"))
+        if shown:
+            blocks += [Heading(strategy, 3), *shown]
     for plot, alt in (
         (_plot_success_curves(cells_by_strategy, out), "closed-loop success against steps"),
         (_plot_sensitivity(cells_by_strategy, out), "instruction-sensitivity distribution"),
     ):
         if plot is not None:
-            md += [f"![{alt}]({plot.relative_to(out)})", ""]
-            h += [_img(plot, alt)]
-    return (md, h) if len(md) > 2 else ([], [])
+            blocks.append(Figure(plot, alt))
+    return [Heading("How each strategy drives"), *blocks] if blocks else []
 
 
 def success_curves(cells: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
@@ -521,52 +591,51 @@ def _plot_success_curves(
     return save_figure(fig, out / "figures" / "success_vs_steps.png")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> tuple[str, str]:
-    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    md += "".join("| " + " | ".join(r) + " |\n" for r in rows)
-    h = "<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    h += "</tr></thead><tbody>"
-    h += "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return md, h + "</tbody></table>"
+# -- the sections, top to bottom ----------------------------------------------------------------
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+@dataclass
+class _Study:
+    """What every section reads: the results, their cells grouped by (strategy, pretrained,
+    episodes), the action dimensions, the headline group, and the report folder."""
+
+    results: dict[str, Any]
+    out: Path
+    g: dict[tuple[str, bool, int], list[dict[str, Any]]]
+    dims: list[str]
+    pretrained: bool
+    size: int
+    strategies: list[str]
+    summary: dict[str, Any]
 
 
-def build_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
-    g = groups(results)
-    first = next(iter(results["cells"].values()))
-    dims = [d for d in first["offline"].get("rmse", {}) if d != "all"] + ["all"]
-    pt, size = headline(results)
-    strategies = [s for s in results["study"]["strategies"] if (s, pt, size) in g]
-    md_parts = [
-        "# mobile-vla study report",
-        "",
-        f"{len(results['cells'])} cells: strategies {results['study']['strategies']}, seeds "
-        f"{results['study']['seeds']}, training episodes "
-        f"{[n or 'all' for n in results['study']['train_episodes']]}, pretrained "
-        f"{results['study']['pretrained']}; base config `{results.get('base_config', '')}`; "
-        f"closed loop: {results['study']['closed_loop']['episodes']} held-out episodes per cell "
-        f"(seed {results['study']['closed_loop']['seed']}, chunk "
-        f"{results['study']['closed_loop']['chunk']}).",
-        "",
+def _intro(st: _Study) -> list[Block]:
+    study = st.results["study"]
+    cl = study["closed_loop"]
+    return [
+        Para(
+            f"{len(st.results['cells'])} cells: strategies {study['strategies']}, seeds "
+            f"{study['seeds']}, training episodes "
+            f"{[n or 'all' for n in study['train_episodes']]}, pretrained "
+            f"{study['pretrained']}; base config `{st.results.get('base_config', '')}`; "
+            f"closed loop: {cl['episodes']} held-out episodes per cell "
+            f"(seed {cl['seed']}, chunk {cl['chunk']})."
+        )
     ]
-    html_parts = [f"<p>{html.escape(md_parts[2])}</p>"]
-    summary: dict[str, Any] = {"headline": {"pretrained": pt, "train_episodes": size}}
 
-    # 1. the Case 3 vs Case 4 table
-    metrics = metric_table(dims)
-    header = ["metric (mean ± std over seeds)", *strategies]
+
+def _strategies_table(st: _Study) -> list[Block]:
+    """Case 3 vs Case 4 (and any other strategy) on the headline group: every metric as mean
+    +- std over seeds, then closed-loop success pooled over seeds with its interval."""
+    cells = {s: st.g[(s, st.pretrained, st.size)] for s in st.strategies}
     rows = []
     table_json: dict[str, Any] = {}
-    for name, getter, _, fmt in metrics:
+    for name, getter, _, fmt in metric_table(st.dims):
         row = [name]
-        for s in strategies:
-            st = _stats([getter(c) for c in g[(s, pt, size)]])
-            table_json.setdefault(s, {})[name] = st
-            row.append(_fmt(st, fmt))
+        for s in st.strategies:
+            stats = _stats([getter(c) for c in cells[s]])
+            table_json.setdefault(s, {})[name] = stats
+            row.append(_fmt(stats, fmt))
         rows.append(row)
     for label, side in (
         ("success, pooled [95% CI]", None),
@@ -574,8 +643,8 @@ def build_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
         ("success right, pooled", "right"),
     ):
         row = [label]
-        for s in strategies:
-            p = pooled_success(g[(s, pt, size)], side)
+        for s in st.strategies:
+            p = pooled_success(cells[s], side)
             table_json.setdefault(s, {})[label] = p
             row.append(
                 f"{p['successes']}/{p['episodes']} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]"
@@ -583,118 +652,132 @@ def build_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
                 else "n/a"
             )
         rows.append(row)
-    summary["main_table"] = table_json
+    st.summary["main_table"] = table_json
     title = (
-        f"Strategies ({'pretrained' if pt else 'random-init'} backbone, "
-        f"{'all' if size == 0 else size} training episodes)"
+        f"Strategies ({'pretrained' if st.pretrained else 'random-init'} backbone, "
+        f"{'all' if st.size == 0 else st.size} training episodes)"
     )
-    md, h = _table(header, rows)
-    md_parts += [f"## {title}", "", md]
-    html_parts += [f"<h2>{html.escape(title)}</h2>", h]
+    return [Heading(title), Table(["metric (mean ± std over seeds)", *st.strategies], rows)]
 
-    # 2. statement
-    lines = statement(results, dims)
-    summary["statement"] = lines
-    md_parts += ["## What the study says", "", *[f"- {line}" for line in lines], ""]
-    html_parts += [
-        "<h2>What the study says</h2><ul>"
-        + "".join("<li>" + html.escape(line).replace("**", "") + "</li>" for line in lines)
-        + "</ul>"
+
+def _statement(st: _Study) -> list[Block]:
+    lines = statement(st.results, st.dims)
+    st.summary["statement"] = lines
+    return [Heading("What the study says"), Bullets(lines)]
+
+
+def _driving(st: _Study) -> list[Block]:
+    return driving_section({s: st.g[(s, st.pretrained, st.size)] for s in st.strategies}, st.out)
+
+
+def _efficiency(st: _Study) -> list[Block]:
+    plot = _plot_efficiency(st.results, st.out, st.dims)
+    if plot is None:
+        return []
+    rows = []
+    for (s, p, n), cells in sorted(st.g.items(), key=lambda x: (x[0][0], not x[0][1], x[0][2])):
+        rows.append(
+            [
+                s,
+                "yes" if p else "no",
+                str(n or "all"),
+                _fmt(_stats([_success(c) for c in cells]), "{:.3f}"),
+                _fmt(_stats([_get("offline.rmse.all")(c) for c in cells]), "{:.4f}"),
+                _fmt(_stats([_get("offline.val_loss")(c) for c in cells]), "{:.4f}"),
+            ]
+        )
+    header = ["strategy", "pretrained", "episodes", "success", "rmse all", "val_loss"]
+    return [
+        Heading("Data efficiency"),
+        Figure(plot, "data efficiency curves"),
+        Table(header, rows),
     ]
 
-    # 3. how each strategy drives
-    md, h = driving_section({st: g[(st, pt, size)] for st in strategies}, out)
-    md_parts += md
-    html_parts += h
 
-    # 4. data efficiency
-    plot = _plot_efficiency(results, out, dims)
-    if plot is not None:
-        md_parts += ["## Data efficiency", "", f"![data efficiency]({plot.relative_to(out)})", ""]
-        html_parts += ["<h2>Data efficiency</h2>", _img(plot, "data efficiency curves")]
-        header = ["strategy", "pretrained", "episodes", "success", "rmse all", "val_loss"]
-        rows = []
-        for (s, p, n), cells in sorted(g.items(), key=lambda x: (x[0][0], not x[0][1], x[0][2])):
+def _pretraining(st: _Study) -> list[Block]:
+    pairs = sorted((s, n) for (s, p, n) in st.g if p and (s, False, n) in st.g)
+    if not pairs:
+        return []
+    skip = ("trainable params", "peak memory GiB", "training time s")
+    rows = [
+        [
+            s,
+            str(n or "all"),
+            name,
+            _fmt(_stats([getter(c) for c in st.g[(s, True, n)]]), fmt),
+            _fmt(_stats([getter(c) for c in st.g[(s, False, n)]]), fmt),
+        ]
+        for s, n in pairs
+        for name, getter, _, fmt in metric_table(st.dims)
+        if name not in skip
+    ]
+    return [
+        Heading("With and without vision-language pretraining"),
+        Table(["strategy", "episodes", "metric", "pretrained", "random init"], rows),
+    ]
+
+
+def _representations(st: _Study) -> list[Block]:
+    compared = sorted(st.results.get("compare", {}).items())
+    if not compared:
+        return []
+    rows = []
+    for name, c in compared:
+        for space in ("context", "latent"):
+            b = c[space]
+            kl = b.get("kl")
             rows.append(
                 [
-                    s,
-                    "yes" if p else "no",
-                    str(n or "all"),
-                    _fmt(_stats([_success(c) for c in cells]), "{:.3f}"),
-                    _fmt(_stats([_get("offline.rmse.all")(c) for c in cells]), "{:.4f}"),
-                    _fmt(_stats([_get("offline.val_loss")(c) for c in cells]), "{:.4f}"),
+                    name,
+                    space,
+                    f"{b['cka']:.4f} ({b['cka_kind']})",
+                    _mean(b.get("cosine")),
+                    _mean(b.get("euclidean")),
+                    f"{kl['symmetric']:.4f}"
+                    if isinstance(kl, dict) and kl.get("symmetric") is not None
+                    else "n/a",
+                    _mean(b.get("correlation")),
                 ]
             )
-        md, h = _table(header, rows)
-        md_parts += [md]
-        html_parts += [h]
+    header = ["comparison", "space", "linear CKA", "cosine (paired)", "euclidean", "KL"]
+    blocks: list[Block] = [
+        Heading("Frozen vs LoRA: what the representations share"),
+        Table([*header, "correlation"], rows),
+    ]
+    name, first = compared[0]
+    pca = Path(first["folder"]) / "pca.png"
+    if pca.exists():
+        target = st.out / "figures" / "representations_pca.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(pca.read_bytes())
+        blocks.append(Figure(target, f"PCA of context vectors ({name})"))
+    return blocks
 
-    # 5. with / without vision-language pretraining
-    pairs = sorted((s, n) for (s, p, n) in g if p and (s, False, n) in g)
-    if pairs:
-        header = ["strategy", "episodes", "metric", "pretrained", "random init"]
-        rows = []
-        for s, n in pairs:
-            for name, getter, _, fmt in metrics:
-                if name in ("trainable params", "peak memory GiB", "training time s"):
-                    continue
-                rows.append(
-                    [
-                        s,
-                        str(n or "all"),
-                        name,
-                        _fmt(_stats([getter(c) for c in g[(s, True, n)]]), fmt),
-                        _fmt(_stats([getter(c) for c in g[(s, False, n)]]), fmt),
-                    ]
-                )
-        md, h = _table(header, rows)
-        md_parts += ["## With and without vision-language pretraining", "", md]
-        html_parts += ["<h2>With and without vision-language pretraining</h2>", h]
 
-    # 6. representations
-    if results.get("compare"):
-        header = [
-            "comparison",
-            "space",
-            "linear CKA",
-            "cosine (paired)",
-            "euclidean",
-            "KL",
-            "correlation",
-        ]
-        rows = []
-        for name, c in sorted(results["compare"].items()):
-            for space in ("context", "latent"):
-                b = c[space]
-                rows.append(
-                    [
-                        name,
-                        space,
-                        f"{b['cka']:.4f} ({b['cka_kind']})",
-                        _mean(b.get("cosine")),
-                        _mean(b.get("euclidean")),
-                        f"{b['kl']['symmetric']:.4f}"
-                        if isinstance(b.get("kl"), dict) and b["kl"].get("symmetric") is not None
-                        else "n/a",
-                        _mean(b.get("correlation")),
-                    ]
-                )
-        md, h = _table(header, rows)
-        md_parts += ["## Frozen vs LoRA: what the representations share", "", md]
-        html_parts += ["<h2>Frozen vs LoRA: what the representations share</h2>", h]
-        first_cmp = sorted(results["compare"].items())[0]
-        pca = Path(first_cmp[1]["folder"]) / "pca.png"
-        if pca.exists():
-            target = out / "figures" / "representations_pca.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(pca.read_bytes())
-            md_parts += [
-                f"![PCA of context vectors ({first_cmp[0]})]({target.relative_to(out)})",
-                "",
-            ]
-            html_parts += [_img(target, f"PCA of context vectors, {first_cmp[0]}")]
+SECTIONS = (
+    _intro,
+    _strategies_table,
+    _statement,
+    _driving,
+    _efficiency,
+    _pretraining,
+    _representations,
+)
+
+
+def build_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
+    """The report's sections, in order, rendered as markdown and as HTML, and what the
+    results file keeps of them (headline group, main table, statement)."""
+    g = groups(results)
+    first = next(iter(results["cells"].values()))
+    dims = [d for d in first["offline"].get("rmse", {}) if d != "all"] + ["all"]
+    pt, size = headline(results)
+    strategies = [s for s in results["study"]["strategies"] if (s, pt, size) in g]
+    summary: dict[str, Any] = {"headline": {"pretrained": pt, "train_episodes": size}}
+    st = _Study(results, out, g, dims, pt, size, strategies, summary)
+    blocks = [block for section in SECTIONS for block in section(st)]
     summary["cells"] = len(results["cells"])
-    return {"markdown": "\n".join(md_parts) + "\n", "html": "\n".join(html_parts), **summary}
+    return {"markdown": to_markdown(blocks, out), "html": to_html(blocks), **summary}
 
 
 def _mean(v: Any) -> str:
