@@ -248,21 +248,29 @@ async def _read_body(request: Request, limit: int, timeout: float = 10.0) -> byt
     return bytes(body)
 
 
-def create_app(engine: Engine) -> Starlette:
-    s = engine.settings
-    ids = itertools.count()
-    # Requests wait in ``pending`` while the model is busy; the drain task answers everything
-    # that waited (up to max_batch) with one Engine.step_many call, so N robots cost about one
-    # forward pass of N frames per cycle instead of N forward passes.
-    pending: list[tuple[Observation, asyncio.Future]] = []
-    drainer: list[asyncio.Task] = []
+class FrameBatcher:
+    """Requests wait in ``pending`` while the model is busy; one drain task answers everything
+    that waited (up to ``max_batch``) with one :meth:`Engine.step_many` call, so N robots cost
+    about one forward pass of N frames per cycle instead of N forward passes."""
 
-    async def drain() -> None:
-        while pending:
-            batch = pending[: max(1, s.max_batch)]
-            del pending[: len(batch)]
+    def __init__(self, engine: Engine, max_batch: int) -> None:
+        self.engine, self.max_batch = engine, max(1, max_batch)
+        self.pending: list[tuple[Observation, asyncio.Future]] = []
+        self.task: asyncio.Task | None = None
+
+    async def infer(self, obs: Observation) -> dict[str, Any]:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((obs, fut))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self.pending:
+            batch = self.pending[: self.max_batch]
+            del self.pending[: len(batch)]
             try:
-                outs = await run_in_threadpool(engine.step_many, [o for o, _ in batch])
+                outs = await run_in_threadpool(self.engine.step_many, [o for o, _ in batch])
             except Exception as exc:
                 for _, fut in batch:
                     if not fut.done():
@@ -272,32 +280,53 @@ def create_app(engine: Engine) -> Starlette:
                 if not fut.done():
                     fut.set_result(out)
 
-    async def infer(obs: Observation) -> dict[str, Any]:
-        fut = asyncio.get_running_loop().create_future()
-        pending.append((obs, fut))
-        if not drainer or drainer[0].done():
-            drainer[:] = [asyncio.create_task(drain())]
-        return await fut
 
-    async def read_json(request: Request) -> Any:
-        if not _authorised(s, request.headers.get("x-api-key")):
+def _ws_observation(data: bytes, s: ServeSettings, default_session: str) -> Observation:
+    """One WebSocket message (msgpack map) -> an observation, or BadRequest."""
+    if len(data) > s.max_body_bytes:
+        raise BadRequest(f"message is {len(data)} bytes; at most {s.max_body_bytes}", 413)
+    msg = unpackb(data)
+    if not isinstance(msg, dict):
+        raise BadRequest("message must be a map with 'image' and 'instruction'")
+    return Observation(
+        image=check_image_array(msg.get("image"), s.max_image_side),
+        instruction=check_instruction(msg.get("instruction"), s.max_instruction_chars),
+        session_id=check_session(msg.get("session_id", default_session)),
+        reset=check_reset(msg.get("reset")),
+    )
+
+
+def _fallback(out: dict[str, Any]) -> dict[str, Any]:
+    return {"fallback": out["fallback"]} if "fallback" in out else {}
+
+
+class _Endpoints:
+    """The server's endpoints over one engine: every one that changes state checks the key
+    before it reads the body."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.s = engine, engine.settings
+        self.batcher = FrameBatcher(engine, self.s.max_batch)
+        self.ws_ids = itertools.count()
+
+    async def _read_json(self, request: Request) -> Any:
+        if not _authorised(self.s, request.headers.get("x-api-key")):
             raise BadRequest("missing or wrong X-API-Key header", 401)
-        body = await _read_body(request, s.max_body_bytes, s.body_timeout_s)
-        if not body:
-            return {}
-        return parse_json(body)
+        body = await _read_body(request, self.s.max_body_bytes, self.s.body_timeout_s)
+        return parse_json(body) if body else {}
 
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(self, request: Request) -> JSONResponse:
         t0 = time.perf_counter()
+        s = self.s
         try:
-            payload = await read_json(request)
+            payload = await self._read_json(request)
             # decoding runs in a worker thread: a slow image never stalls the event loop
             obs = await run_in_threadpool(
                 parse_predict, payload, s.max_instruction_chars, s.max_image_side
             )
         except BadRequest as exc:
             return _error(str(exc), exc.status)
-        out = await infer(obs)
+        out = await self.batcher.infer(obs)
         return JSONResponse(
             {
                 "action": [float(v) for v in out["action"]],
@@ -307,42 +336,42 @@ def create_app(engine: Engine) -> Starlette:
                 "infer_ms": out["infer_ms"],
                 "batch": out["batch"],
                 "latency_ms": (time.perf_counter() - t0) * 1000,
-                **({"fallback": out["fallback"]} if "fallback" in out else {}),
+                **_fallback(out),
             }
         )
 
-    async def reset(request: Request) -> JSONResponse:
+    async def reset(self, request: Request) -> JSONResponse:
         try:
-            payload = await read_json(request)  # the key is checked first, whatever the body
+            payload = await self._read_json(request)  # the key first, whatever the body
             if not isinstance(payload, dict):
                 raise BadRequest("the body must be a JSON object")
             sid = check_session(payload.get("session_id"))
         except BadRequest as exc:
             return _error(str(exc), exc.status)
-        if not await run_in_threadpool(engine.reset, sid):
+        if not await run_in_threadpool(self.engine.reset, sid):
             return _error(f"unknown session_id {sid!r}", 404)
         return JSONResponse({"session_id": sid, "reset": True})
 
-    async def health(request: Request) -> JSONResponse:
-        if s.api_key and not _authorised(s, request.headers.get("x-api-key")):
+    async def health(self, request: Request) -> JSONResponse:
+        if self.s.api_key and not _authorised(self.s, request.headers.get("x-api-key")):
             return JSONResponse({"model_loaded": True})  # the rest is behind the key
         return JSONResponse(
             {
                 "model_loaded": True,
-                "sessions": len(engine.sessions),
-                **engine.metadata(),
-                "sim": asdict(engine.cfg.sim),
+                "sessions": len(self.engine.sessions),
+                **self.engine.metadata(),
+                "sim": asdict(self.engine.cfg.sim),
             }
         )
 
-    async def stream(ws: WebSocket) -> None:
+    async def stream(self, ws: WebSocket) -> None:
         given = ws.headers.get("x-api-key")  # never from the URL: URLs land in access logs
-        if not _authorised(s, given):
+        if not _authorised(self.s, given):
             await ws.close(code=1008, reason="missing or wrong X-API-Key")
             return
         await ws.accept()
-        default_session = f"ws-{next(ids)}"
-        await ws.send_bytes(packb({"type": "metadata", **engine.metadata()}))
+        default_session = f"ws-{next(self.ws_ids)}"
+        await ws.send_bytes(packb({"type": "metadata", **self.engine.metadata()}))
         try:
             while True:
                 message = await ws.receive()
@@ -355,55 +384,45 @@ def create_app(engine: Engine) -> Starlette:
                     )
                     continue
                 try:
-                    if len(data) > s.max_body_bytes:
-                        raise BadRequest(
-                            f"message is {len(data)} bytes; at most {s.max_body_bytes}", 413
-                        )
-                    msg = unpackb(data)
-                    if not isinstance(msg, dict):
-                        raise BadRequest("message must be a map with 'image' and 'instruction'")
-                    obs = Observation(
-                        image=check_image_array(msg.get("image"), s.max_image_side),
-                        instruction=check_instruction(
-                            msg.get("instruction"), s.max_instruction_chars
-                        ),
-                        session_id=check_session(msg.get("session_id", default_session)),
-                        reset=check_reset(msg.get("reset")),
-                    )
+                    obs = _ws_observation(data, self.s, default_session)
                 except BadRequest as exc:
                     await ws.send_bytes(packb({"error": str(exc), "status": exc.status}))
                     continue
-                out = await infer(obs)
-                await ws.send_bytes(
-                    packb(
-                        {
-                            "actions": np.asarray(out["chunk"], np.float32),
-                            "action": np.asarray(out["action"], np.float32),
-                            "session_id": obs.session_id,
-                            "server_timing": {"infer_ms": out["infer_ms"]},
-                            **({"fallback": out["fallback"]} if "fallback" in out else {}),
-                        }
-                    )
-                )
+                out = await self.batcher.infer(obs)
+                reply = {
+                    "actions": np.asarray(out["chunk"], np.float32),
+                    "action": np.asarray(out["action"], np.float32),
+                    "session_id": obs.session_id,
+                    "server_timing": {"infer_ms": out["infer_ms"]},
+                    **_fallback(out),
+                }
+                await ws.send_bytes(packb(reply))
         except WebSocketDisconnect:
             return
 
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:
-        status = getattr(exc, "status_code", 500)
-        detail = getattr(exc, "detail", None) or "internal error"
-        return _error(str(detail), status)
 
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return _error(f"internal error ({type(exc).__name__})", 500)
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", None) or "internal error"
+    return _error(str(detail), status)
 
+
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return _error(f"internal error ({type(exc).__name__})", 500)
+
+
+def create_app(engine: Engine) -> Starlette:
+    """The Starlette app: ``/predict``, ``/reset``, ``/health`` and the ``/stream`` WebSocket;
+    every error a JSON ``{"error": ...}``."""
+    api = _Endpoints(engine)
     return Starlette(
-        exception_handlers={HTTPException: http_error, Exception: server_error},
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
         routes=[
-            Route("/predict", predict, methods=["POST"]),
-            Route("/reset", reset, methods=["POST"]),
-            Route("/health", health, methods=["GET"]),
-            WebSocketRoute("/stream", stream),
+            Route("/predict", api.predict, methods=["POST"]),
+            Route("/reset", api.reset, methods=["POST"]),
+            Route("/health", api.health, methods=["GET"]),
+            WebSocketRoute("/stream", api.stream),
         ],
     )
 
@@ -411,7 +430,7 @@ def create_app(engine: Engine) -> Starlette:
 def load_engine(
     run: str | Path, settings: ServeSettings, device: str = "cpu", which: str = "best"
 ) -> Engine:
-    from mobile_vla.training.run import load_policy
+    from mobile_vla.training.runs import load_policy
 
     policy, cfg = load_policy(run, which)
     policy.to(device)
