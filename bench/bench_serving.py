@@ -190,7 +190,7 @@ def control_steps(run: Path, steps: int, threads: int) -> dict[bool, np.ndarray]
     from mobile_vla.models.runtime import PolicyController
     from mobile_vla.sim.env import NavEnv
     from mobile_vla.sim.scenario import make_scenario
-    from mobile_vla.training.run import load_policy
+    from mobile_vla.training.runs import load_policy
 
     torch.set_num_threads(threads)
     policy, cfg = load_policy(run, "last")

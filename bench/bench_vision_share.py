@@ -61,7 +61,7 @@ def build(family: str, data: Path, batch: int, device: str) -> tuple[Any, Any, A
 
     from mobile_vla.config import load_config
     from mobile_vla.data.dataset import build_datasets
-    from mobile_vla.training.run import build_policy
+    from mobile_vla.training.runs import build_policy
 
     common = [f"data.path={data}", "data.feature_cache=false", f"trainer.batch_size={batch}"]
     backbone = None

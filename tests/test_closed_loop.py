@@ -76,7 +76,8 @@ def test_to_command() -> None:
 def test_policy_controller_history_and_cli(train_data, tmp_path, capsys) -> None:
     from mobile_vla.cli import main
     from mobile_vla.config import load_config
-    from mobile_vla.training.run import load_policy, train
+    from mobile_vla.training.run import train
+    from mobile_vla.training.runs import load_policy
 
     from .conftest import tiny_overrides
 
@@ -92,18 +93,31 @@ def test_policy_controller_history_and_cli(train_data, tmp_path, capsys) -> None
     )
     run = train(cfg, progress=False)
     policy, cfg = load_policy(run)
-    ctrl = PolicyController(policy, cfg)
-    frame = np.zeros((32, 32, 3), np.uint8)
-    ctrl.reset(None)
-    for t in range(5):
-        cmd = ctrl.act(frame, "go left")
-        assert cmd.shape == (3,) and len(ctrl.buffer) == min(t + 1, cfg.data.window_size)
-    # the cached history gives the same chunk as encoding the whole window at once
     import torch
 
-    window = torch.zeros(1, cfg.data.window_size, 3, 32, 32, dtype=torch.uint8)
-    direct = policy.predict(window, ["go left"])[0]
-    np.testing.assert_allclose(ctrl.last_chunk, direct, rtol=1e-5, atol=1e-6)
+    # the history cache (one frame encoded per step) against re-encoding the whole window
+    # every step (cache_features=False) and against one forward pass over the padded window,
+    # on distinct frames, before and after the window fills
+    ctrl = PolicyController(policy, cfg)
+    plain = PolicyController(policy, cfg, cache_features=False)
+    frames = np.random.default_rng(0).integers(0, 256, (cfg.data.window_size + 3, 32, 32, 3))
+    frames = frames.astype(np.uint8)
+    w = cfg.data.window_size
+    for t, frame in enumerate(frames):
+        cmd = ctrl.act(frame, "go left")
+        np.testing.assert_allclose(plain.act(frame, "go left"), cmd, rtol=1e-5, atol=1e-6)
+        assert cmd.shape == (3,) and len(ctrl.buffer) == min(t + 1, w)
+        assert plain.buffer[-1].shape == (3, 32, 32)  # raw frames, re-encoded each step
+        np.testing.assert_allclose(ctrl.last_chunk, plain.last_chunk, rtol=1e-5, atol=1e-6)
+        seen = frames[max(0, t + 1 - w) : t + 1]
+        window = np.concatenate([np.repeat(seen[:1], w - len(seen), 0), seen])
+        mask = torch.tensor([[False] * (w - len(seen)) + [True] * len(seen)])
+        images = torch.from_numpy(window.transpose(0, 3, 1, 2).copy())[None]
+        direct = policy.predict(images, ["go left"], mask)[0]
+        np.testing.assert_allclose(ctrl.last_chunk, direct, rtol=1e-5, atol=1e-6)
+    # the chunks differ from frame to frame: the comparison is not between constants
+    zeros = policy.predict(images * 0, ["go left"], mask)[0]
+    assert np.abs(plain.chunk("go left") - zeros).max() > 1e-5
     assert main(["eval", str(run), "--episodes", "4", "--chunk", "ensemble", "-q"]) == 0
     out = capsys.readouterr().out
     assert "closed loop" in out and "success" in out

@@ -217,7 +217,7 @@ def model_observable(overrides: list[str], data: Path, tmp: Path) -> str:
     import torch
 
     from mobile_vla.data.normalization import ActionStats
-    from mobile_vla.training.run import build_policy
+    from mobile_vla.training.runs import build_policy
 
     from .conftest import tiny_overrides
 
@@ -324,7 +324,7 @@ MODEL: dict[str, tuple[list[str], list[str]]] = {
     "head.type": ([], ["head.type=gpt"]),
     "head.hidden_size": ([], ["head.hidden_size=16"]),
     "head.num_layers": ([], ["head.num_layers=2"]),
-    "head.dropout": ([], ["head.dropout=0.5", "head.type=mlp"]),
+    "head.dropout": (["head.type=mlp"], ["head.type=mlp", "head.dropout=0.5"]),
     "head.action_space": ([], ["head.action_space=discrete"]),
     "head.loss": ([], ["head.loss=mse"]),
     "head.loss_weights": ([], ["head.loss_weights=[1.0,0.1]"]),

@@ -13,7 +13,8 @@ import torch
 from mobile_vla.config import load_config
 from mobile_vla.data.dataset import build_datasets
 from mobile_vla.training.feature_cache import PrefixCache, cache_applies
-from mobile_vla.training.run import build_policy, train
+from mobile_vla.training.run import train
+from mobile_vla.training.runs import build_policy
 
 from .conftest import tiny_overrides
 

@@ -16,7 +16,7 @@ from mobile_vla.errors import ConfigError, DataError
 from mobile_vla.models.policy import VLAPolicy
 from mobile_vla.models.strategies import apply_strategy, resolve
 from mobile_vla.training.module import collate
-from mobile_vla.training.run import build_policy
+from mobile_vla.training.runs import build_policy
 
 from .conftest import tiny_overrides
 
@@ -483,7 +483,7 @@ def test_each_distinct_frame_of_a_batch_is_encoded_once(train_data, tmp_path) ->
 def test_merged_lora_is_the_same_function(tmp_path) -> None:
     """For inference ``load_policy`` folds each LoRA update into its base weight: the same
     outputs without the extra matmuls."""
-    from mobile_vla.training.run import merge_lora
+    from mobile_vla.training.runs import merge_lora
 
     _, policy, _ = make("builtin", {}, tmp_path, "train_setup.strategy=lora")
     with torch.no_grad():

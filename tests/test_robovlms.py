@@ -140,7 +140,7 @@ class _Boom:
 
 
 def _tiny_policy(seed: int):
-    from mobile_vla.training.run import build_policy
+    from mobile_vla.training.runs import build_policy
 
     over = [*TINY_BUILTIN, "head.hidden_size=16", "head.num_layers=1", f"seed={seed}"]
     cfg = load_config(None, over)

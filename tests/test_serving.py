@@ -295,7 +295,7 @@ def test_drive_sim_through_the_server_matches_in_process(served_run: Path, capsy
     from mobile_vla.cli import main
     from mobile_vla.evaluation.closed_loop import closed_loop, robot_camera
     from mobile_vla.models.runtime import PolicyController
-    from mobile_vla.training.run import load_policy
+    from mobile_vla.training.runs import load_policy
 
     live, _ = start(served_run)
     try:

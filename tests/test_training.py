@@ -25,7 +25,8 @@ from mobile_vla.evaluation.offline import (
 )
 from mobile_vla.training.checkpoint import CheckpointError, load_folder, save_folder
 from mobile_vla.training.module import warmup_cosine
-from mobile_vla.training.run import load_policy, train
+from mobile_vla.training.run import train
+from mobile_vla.training.runs import load_policy
 
 from .conftest import tiny_overrides
 
@@ -428,7 +429,7 @@ def test_metric_math_against_hand_computed_values() -> None:
 
 def test_language_blind_policy_scores_zero_sensitivity(train_data, tmp_path) -> None:
     from mobile_vla.data.dataset import build_datasets
-    from mobile_vla.training.run import build_policy
+    from mobile_vla.training.runs import build_policy
 
     cfg = cfg_for(train_data, tmp_path)
     bundle = build_datasets(cfg)

@@ -57,7 +57,7 @@ def cmd_collect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     controller = None
     if args.policy is not None:
         from mobile_vla.models.runtime import PolicyController
-        from mobile_vla.training.run import load_policy
+        from mobile_vla.training.runs import load_policy
 
         policy, run_cfg = load_policy(args.policy, args.checkpoint)
         controller = PolicyController(policy, run_cfg)
@@ -207,7 +207,8 @@ def args_inspect(sub: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    from mobile_vla.training.run import check_run, train
+    from mobile_vla.training.run import train
+    from mobile_vla.training.runs import check_run
 
     if args.resume is not None:
         run = check_run(args.resume)
@@ -241,7 +242,7 @@ def args_train(sub: Any) -> None:
 
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.evaluation.offline import evaluate_run, format_offline
-    from mobile_vla.training.run import load_policy
+    from mobile_vla.training.runs import load_policy
 
     refuse_overrides(overrides, "eval")
     loaded = load_policy(args.run, args.checkpoint)  # once, for both evaluations

@@ -143,7 +143,7 @@ def compare_runs(
 ) -> dict[str, Any]:
     from mobile_vla.data.dataset import EpisodeDataset, make_frame_source
     from mobile_vla.data.episodes import load_episodes
-    from mobile_vla.training.run import load_policy, validation_episodes
+    from mobile_vla.training.runs import load_policy, validation_episodes
 
     policy_a, cfg_a = load_policy(run_a)
     policy_b, cfg_b = load_policy(run_b)

@@ -262,7 +262,7 @@ def evaluate_run_closed_loop(
 
     from mobile_vla.evaluation.plots import rollout_gif, trajectory_plot
     from mobile_vla.sim.scenario import make_scenario
-    from mobile_vla.training.run import load_policy, update_metrics
+    from mobile_vla.training.runs import load_policy, update_metrics
 
     policy, cfg = loaded if loaded is not None else load_policy(run, which)
     run = Path(run)

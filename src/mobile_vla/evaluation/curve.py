@@ -22,7 +22,7 @@ from mobile_vla.models.runtime import PolicyController
 def curve_points(run: Path) -> list[tuple[str, int]]:
     """(checkpoint name, optimizer step) of every step checkpoint and ``last``."""
     from mobile_vla.training.checkpoint import load_folder
-    from mobile_vla.training.run import step_checkpoints
+    from mobile_vla.training.runs import step_checkpoints
 
     points = [(p.name, int(p.name[5:])) for p in step_checkpoints(run)]
     last = run / "checkpoints" / "last"
@@ -45,7 +45,7 @@ def evaluate_curve(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Closed-loop success of each checkpoint on the same ``episodes`` held-out scenarios."""
-    from mobile_vla.training.run import load_policy, update_metrics
+    from mobile_vla.training.runs import load_policy, update_metrics
 
     run = Path(run)
     rows = []

@@ -137,7 +137,7 @@ def evaluate_run(
     split); writes ``metrics.json``.
     ``loaded`` is the run's (policy, config) when the caller has already loaded them."""
     from mobile_vla.data.dataset import EpisodeDataset, make_frame_source
-    from mobile_vla.training.run import (
+    from mobile_vla.training.runs import (
         load_policy,
         scoring_split,
         update_metrics,

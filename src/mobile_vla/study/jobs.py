@@ -125,7 +125,8 @@ def execute(job: Job) -> None:
         print(f"wrote {len(results)} episodes to {job.out}")
     elif isinstance(job, Train | Resume):
         from mobile_vla.config import load_config
-        from mobile_vla.training.run import check_run, train
+        from mobile_vla.training.run import train
+        from mobile_vla.training.runs import check_run
 
         if isinstance(job, Resume):
             run = check_run(job.run)
@@ -146,7 +147,7 @@ def execute(job: Job) -> None:
 def _evaluate(job: Evaluate) -> None:
     from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop, format_closed_loop
     from mobile_vla.evaluation.offline import evaluate_run, format_offline
-    from mobile_vla.training.run import load_policy
+    from mobile_vla.training.runs import load_policy
 
     loaded = load_policy(job.run, "best")
     print(format_offline(evaluate_run(job.run, progress=False, loaded=loaded)))

@@ -92,6 +92,64 @@ def _save(
     atomic_write_json(path, obj)
 
 
+def _collect_round(
+    cfg: Config,
+    data: Path,
+    r: int,
+    driver: str,
+    episodes: int,
+    cells: Sequence[tuple[str, str, str]],
+    seed: int,
+    expert_prob: float,
+    workers: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Round ``r``'s episodes, driven by the expert (round 0) or by ``driver``'s policy with
+    the expert's labels; round 0 uses the episodes already in ``data`` when there are any."""
+    from mobile_vla.models.runtime import PolicyController
+    from mobile_vla.sim.collect import collect
+    from mobile_vla.training.runs import load_policy
+
+    if r == 0 and (existing := sorted(data.glob(cfg.data.pattern))):
+        return {
+            "round": 0,
+            "driven_by": "data",
+            "episodes": len(existing),
+            "frames": 0,
+            "goal_reached": 0,
+        }
+    controller = PolicyController(*load_policy(driver)) if r > 0 else None
+    results = collect(
+        data,
+        episodes,
+        cells,
+        seed=seed + r,
+        workers=workers if controller is None else 1,
+        cfg=cfg.sim,
+        progress=progress,
+        controller=controller,
+        expert_prob=expert_prob,
+        start_index=r * ROUND_STRIDE,
+    )
+    return {
+        "round": r,
+        "driven_by": driver,
+        "episodes": len(results),
+        "frames": sum(x.frames for x in results),
+        "goal_reached": sum(x.success for x in results),
+    }
+
+
+def _train_round(run_cfg: Config, folder: Path, progress: bool) -> Path:
+    """The round's run: trained, resumed from its last checkpoint, or found finished."""
+    from mobile_vla.training.run import train
+
+    if (folder / "train_stats.json").exists():
+        return folder  # trained before the summary was written
+    last = (folder / "checkpoints" / "last").exists()
+    return train(run_cfg, resume=folder if last else None, progress=progress)
+
+
 def dagger(
     cfg: Config,
     data: str | Path,
@@ -105,10 +163,6 @@ def dagger(
     on_round: Callable[[DaggerRound], None] | None = None,
 ) -> list[DaggerRound]:
     """Run rounds 0..``rounds`` (round 0 = expert data); returns every round's record."""
-    from mobile_vla.models.runtime import PolicyController
-    from mobile_vla.sim.collect import collect
-    from mobile_vla.training.run import load_policy, train
-
     if rounds < 0:
         raise MobileVLAError(f"--rounds must be >= 0, got {rounds}")
     if episodes < 1:
@@ -122,47 +176,15 @@ def dagger(
         run_cfg = _round_cfg(cfg, data, run_name)
         if pending is not None and pending["round"] == r:
             collected = pending  # collected before an interruption: not collected twice
-        elif r == 0 and (existing := sorted(data.glob(cfg.data.pattern))):
-            collected = {
-                "round": 0,
-                "driven_by": "data",
-                "episodes": len(existing),
-                "frames": 0,
-                "goal_reached": 0,
-            }
         else:
-            driver, controller = "expert", None
-            if r > 0:
-                driver = done[-1].run
-                controller = PolicyController(*load_policy(driver))
-            results = collect(
-                data,
-                episodes,
-                cells,
-                seed=seed + r,
-                workers=workers if controller is None else 1,
-                cfg=cfg.sim,
-                progress=progress,
-                controller=controller,
-                expert_prob=expert_prob,
-                start_index=r * ROUND_STRIDE,
+            driver = done[-1].run if r > 0 else "expert"
+            collected = _collect_round(
+                cfg, data, r, driver, episodes, cells, seed, expert_prob, workers, progress
             )
-            collected = {
-                "round": r,
-                "driven_by": driver,
-                "episodes": len(results),
-                "frames": sum(x.frames for x in results),
-                "goal_reached": sum(x.success for x in results),
-            }
-            _save(path, data, seed, done, collected)
-            del controller  # the driving policy is not needed while the next one trains
+            if collected["driven_by"] != "data":
+                _save(path, data, seed, done, collected)
         log.info("DAgger round %d: %s", r, collected)
-        folder = Path(cfg.trainer.output_dir) / run_name
-        if (folder / "train_stats.json").exists():
-            run = folder  # trained before the summary was written
-        else:
-            last = (folder / "checkpoints" / "last").exists()
-            run = train(run_cfg, resume=folder if last else None, progress=progress)
+        run = _train_round(run_cfg, Path(cfg.trainer.output_dir) / run_name, progress)
         stats = json.loads((run / "train_stats.json").read_text(encoding="utf-8"))
         record = DaggerRound(
             round=r,

@@ -1,6 +1,5 @@
-"""``mobile-vla train`` and the run folder, and loading a trained policy back.
-
-A run folder holds everything later commands need::
+"""``mobile-vla train``: a new (or resumed) run folder, trained with Lightning. What it
+writes (``training.runs`` reads it back)::
 
     config.yaml        the resolved config
     stats.json         action normalization statistics (training split)
@@ -21,47 +20,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader
 
-from mobile_vla.config import Config, load_config, save_config
+from mobile_vla.config import Config, save_config
 from mobile_vla.data.dataset import DataBundle, build_datasets
 from mobile_vla.data.normalization import ActionStats, Normalizer
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.hardware import resolve_precision
 from mobile_vla.io import atomic_write_json
-from mobile_vla.models.backbones.base import Backbone
 from mobile_vla.models.policy import VLAPolicy
-from mobile_vla.models.strategies import StrategyPlan, apply_strategy, format_table
-from mobile_vla.training.checkpoint import is_complete, load_folder, recover
+from mobile_vla.models.strategies import format_table
+from mobile_vla.training.checkpoint import is_complete, recover
+from mobile_vla.training.runs import build_policy
 
 log = logging.getLogger(__name__)
-RUN_FILES = ("config.yaml", "stats.json", "split.json")
-
-
-def build_policy(
-    cfg: Config, stats: ActionStats, backbone: Backbone | None = None
-) -> tuple[VLAPolicy, StrategyPlan]:
-    """The policy with the strategy applied (LoRA injected, requires_grad set), seeded;
-    ``backbone``, when given, is used instead of building the configured one."""
-    torch.manual_seed(cfg.seed)
-    policy = VLAPolicy(cfg, stats, backbone=backbone)
-    check_window(cfg, policy)
-    plan = apply_strategy(policy, cfg.train_setup)
-    policy.train()  # after the strategy: frozen parts stay in eval mode
-    return policy, plan
-
-
-def check_window(cfg: Config, policy: VLAPolicy) -> None:
-    """Refuse a window the backbone cannot take, before any training."""
-    if cfg.backbone.history != "pre":
-        return
-    limit = policy.backbone.max_window()
-    if cfg.data.window_size > limit:
-        raise ConfigError(
-            f"config key 'data.window_size' must be <= {limit} for backbone "
-            f"'{cfg.backbone.name}' with history=pre, got {cfg.data.window_size}"
-        )
 
 
 def _devices(text: str) -> Any:
@@ -123,7 +95,6 @@ def train(
     ``callbacks`` are extra Lightning callbacks."""
     import lightning.pytorch as pl
     from lightning.fabric.utilities.exceptions import MisconfigurationException
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from mobile_vla.training.checkpoint import SafeCheckpointIO
     from mobile_vla.training.module import PolicyModule, RunCheckpoints, TrainStats
@@ -152,26 +123,7 @@ def train(
     module = PolicyModule(cfg, policy, plan)
     train_loader, val_loader = make_loaders(cfg, bundle)
     t = cfg.trainer
-    csv_version = "csv"
-    n = 1
-    while (run / "logs" / csv_version).exists():
-        n += 1
-        csv_version = f"csv-{n}"  # a resumed run logs beside, never over, earlier logs
-    loggers: list[Any] = [
-        CSVLogger(run, name="logs", version=csv_version),
-        TensorBoardLogger(run, name="logs", version="tensorboard"),
-    ]
-    if t.wandb:
-        from lightning.pytorch.loggers import WandbLogger
-
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "config key 'trainer.wandb' needs the wandb package (pip install wandb)"
-            ) from None
-
-        loggers.append(WandbLogger(save_dir=str(run), name=run.name))
+    loggers = _loggers(run, t.wandb)
     stats_cb = TrainStats()
     precision = resolve_precision(t.precision, t.accelerator)  # "auto" decided once, recorded
     try:  # settings Lightning refuses are reported before anything is written
@@ -214,6 +166,32 @@ def train(
         result["precision"] = precision
         atomic_write_json(run / "train_stats.json", result)
     return run
+
+
+def _loggers(run: Path, use_wandb: bool) -> list[Any]:
+    """CSV and TensorBoard loggers in ``run/logs`` (a resumed run logs beside, never over,
+    earlier logs), and Weights & Biases when asked for."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    csv_version, n = "csv", 1
+    while (run / "logs" / csv_version).exists():
+        n += 1
+        csv_version = f"csv-{n}"
+    loggers: list[Any] = [
+        CSVLogger(run, name="logs", version=csv_version),
+        TensorBoardLogger(run, name="logs", version="tensorboard"),
+    ]
+    if use_wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "config key 'trainer.wandb' needs the wandb package (pip install wandb)"
+            ) from None
+        loggers.append(WandbLogger(save_dir=str(run), name=run.name))
+    return loggers
 
 
 def _use_feature_cache(cfg: Config, policy: VLAPolicy, bundle: DataBundle, progress: bool) -> str:
@@ -291,112 +269,3 @@ def _make_trainer(
         enable_model_summary=False,
         default_root_dir=str(run),
     )
-
-
-# -- loading a run back ---------------------------------------------------------------------
-
-
-def check_run(run: str | Path) -> Path:
-    run = Path(run)
-    if not run.is_dir():
-        raise MobileVLAError(f"run folder '{run}' does not exist")
-    missing = [f for f in RUN_FILES if not (run / f).is_file()]
-    if missing:
-        raise MobileVLAError(f"run folder '{run}' is incomplete: missing {', '.join(missing)}")
-    return run
-
-
-def validation_episodes(run: str | Path, cfg: Config, part: str = "val") -> list[Any]:
-    """The run's validation (or ``part="test"``: test) episodes (``split.json``), read from
-    ``cfg.data``'s folder."""
-    from mobile_vla.data.episodes import load_episodes
-    from mobile_vla.errors import DataError
-
-    split = json.loads((Path(run) / "split.json").read_text())
-    names = split.get(part, [])
-    by_name = {e.path.name: e for e in load_episodes(cfg.data)}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise DataError(
-            f"{part} episodes of run '{run}' are missing from '{cfg.data.path}': {missing[:5]}"
-        )
-    return [by_name[n] for n in names]
-
-
-def scoring_split(run: str | Path) -> str:
-    """The split offline figures are reported on: ``test`` when the run has one, else ``val``."""
-    split = json.loads((Path(run) / "split.json").read_text())
-    return "test" if split.get("test") else "val"
-
-
-def update_metrics(run: str | Path, key: str, value: dict[str, Any]) -> None:
-    """Set ``metrics.json[key]`` of a run, keeping what other evaluations wrote there."""
-    path = Path(run) / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
-    metrics[key] = value
-    atomic_write_json(path, metrics)
-
-
-def merge_lora(policy: torch.nn.Module) -> int:
-    """Fold every LoRA update into its base weight (W + B A s), for inference: the same
-    function up to float rounding, without the two extra matmuls per wrapped layer. Returns
-    how many layers were merged."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    merged = 0
-    for module in policy.modules():
-        if isinstance(module, BaseTunerLayer) and not module.merged:
-            module.merge()
-            merged += 1
-    return merged
-
-
-def step_checkpoints(run: str | Path) -> list[Path]:
-    """The ``checkpoints/step_N`` folders of a run, in step order."""
-    folder = Path(run) / "checkpoints"
-    found = [p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def load_policy(
-    run: str | Path,
-    which: str = "best",
-    overrides: list[str] | None = None,
-    merge: bool = True,
-) -> tuple[VLAPolicy, Config]:
-    """The trained policy of a run folder (``best``, else ``last``), in eval mode, with LoRA
-    updates merged into the base weights (inference only; ``merge=False`` keeps them apart,
-    for bit-exact comparisons with the training process)."""
-    from mobile_vla.training.module import check_architecture
-
-    run = check_run(run)
-    cfg = load_config(run / "config.yaml", overrides or [])
-    stats = ActionStats.load(run / "stats.json")
-    folder = run / "checkpoints" / which
-    if which not in ("best", "last") and not folder.exists():
-        kept = ", ".join(p.name for p in step_checkpoints(run)) or "none"
-        raise MobileVLAError(
-            f"run folder '{run}' has no checkpoint '{which}' (step checkpoints kept: {kept}; "
-            "trainer.checkpoint_steps chooses them)"
-        )
-    if not folder.exists():
-        folder = run / "checkpoints" / "last"
-    if not folder.exists():
-        raise MobileVLAError(f"run folder '{run}' has no checkpoint (checkpoints/best or last)")
-    checkpoint = load_folder(folder)
-    policy, _ = build_policy(cfg, stats)
-    state = {k.removeprefix("policy."): v for k, v in checkpoint.get("state_dict", {}).items()}
-    check_architecture(
-        {"architecture": checkpoint.get("architecture", {}), "state_dict": state},
-        cfg,
-        policy.state_dict(),
-        f"checkpoint '{folder}'",
-    )
-    missing = policy.load_state_dict(state, strict=False)
-    if missing.unexpected_keys:  # pragma: no cover - check_architecture refuses these first
-        raise ConfigError(f"checkpoint '{folder}' has unexpected tensors")
-    policy.eval()
-    policy.requires_grad_(False)
-    if merge:
-        merge_lora(policy)
-    return policy, cfg

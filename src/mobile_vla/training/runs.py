@@ -1,0 +1,166 @@
+"""The run folder, read back: what evaluation, analysis, serving, DAgger, the study and the
+benches need of a trained run, below all of them (the trainer writes it, ``training.run``).
+
+A run folder::
+
+    config.yaml        the resolved config
+    stats.json         action normalization statistics (training split)
+    split.json         the episodes of each split
+    params.json        trainable / total parameters per group, the resolved strategy
+    checkpoints/last   safetensors + JSON, every epoch
+    checkpoints/best   the lowest validation loss
+    checkpoints/step_N the kept steps (``trainer.checkpoint_steps``)
+    logs/              CSV and TensorBoard logs
+    train_stats.json   samples/s (steady state: the loop's and the step's), peak memory, wall time
+    metrics.json       what evaluations wrote (offline, closed loop, curve, ...)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mobile_vla.config import Config, load_config
+from mobile_vla.data.normalization import ActionStats
+from mobile_vla.errors import ConfigError, MobileVLAError
+from mobile_vla.io import atomic_write_json
+from mobile_vla.models.backbones.base import Backbone
+from mobile_vla.models.policy import VLAPolicy
+from mobile_vla.models.strategies import StrategyPlan, apply_strategy
+from mobile_vla.training.checkpoint import load_folder
+
+RUN_FILES = ("config.yaml", "stats.json", "split.json")
+
+
+def build_policy(
+    cfg: Config, stats: ActionStats, backbone: Backbone | None = None
+) -> tuple[VLAPolicy, StrategyPlan]:
+    """The policy with the strategy applied (LoRA injected, requires_grad set), seeded;
+    ``backbone``, when given, is used instead of building the configured one."""
+    torch.manual_seed(cfg.seed)
+    policy = VLAPolicy(cfg, stats, backbone=backbone)
+    check_window(cfg, policy)
+    plan = apply_strategy(policy, cfg.train_setup)
+    policy.train()  # after the strategy: frozen parts stay in eval mode
+    return policy, plan
+
+
+def check_window(cfg: Config, policy: VLAPolicy) -> None:
+    """Refuse a window the backbone cannot take, before any training."""
+    if cfg.backbone.history != "pre":
+        return
+    limit = policy.backbone.max_window()
+    if cfg.data.window_size > limit:
+        raise ConfigError(
+            f"config key 'data.window_size' must be <= {limit} for backbone "
+            f"'{cfg.backbone.name}' with history=pre, got {cfg.data.window_size}"
+        )
+
+
+def check_run(run: str | Path) -> Path:
+    run = Path(run)
+    if not run.is_dir():
+        raise MobileVLAError(f"run folder '{run}' does not exist")
+    missing = [f for f in RUN_FILES if not (run / f).is_file()]
+    if missing:
+        raise MobileVLAError(f"run folder '{run}' is incomplete: missing {', '.join(missing)}")
+    return run
+
+
+def validation_episodes(run: str | Path, cfg: Config, part: str = "val") -> list[Any]:
+    """The run's validation (or ``part="test"``: test) episodes (``split.json``), read from
+    ``cfg.data``'s folder."""
+    from mobile_vla.data.episodes import load_episodes
+    from mobile_vla.errors import DataError
+
+    split = json.loads((Path(run) / "split.json").read_text())
+    names = split.get(part, [])
+    by_name = {e.path.name: e for e in load_episodes(cfg.data)}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DataError(
+            f"{part} episodes of run '{run}' are missing from '{cfg.data.path}': {missing[:5]}"
+        )
+    return [by_name[n] for n in names]
+
+
+def scoring_split(run: str | Path) -> str:
+    """The split offline figures are reported on: ``test`` when the run has one, else ``val``."""
+    split = json.loads((Path(run) / "split.json").read_text())
+    return "test" if split.get("test") else "val"
+
+
+def update_metrics(run: str | Path, key: str, value: dict[str, Any]) -> None:
+    """Set ``metrics.json[key]`` of a run, keeping what other evaluations wrote there."""
+    path = Path(run) / "metrics.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    metrics[key] = value
+    atomic_write_json(path, metrics)
+
+
+def merge_lora(policy: torch.nn.Module) -> int:
+    """Fold every LoRA update into its base weight (W + B A s), for inference: the same
+    function up to float rounding, without the two extra matmuls per wrapped layer. Returns
+    how many layers were merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = 0
+    for module in policy.modules():
+        if isinstance(module, BaseTunerLayer) and not module.merged:
+            module.merge()
+            merged += 1
+    return merged
+
+
+def step_checkpoints(run: str | Path) -> list[Path]:
+    """The ``checkpoints/step_N`` folders of a run, in step order."""
+    folder = Path(run) / "checkpoints"
+    found = [p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def load_policy(
+    run: str | Path,
+    which: str = "best",
+    overrides: list[str] | None = None,
+    merge: bool = True,
+) -> tuple[VLAPolicy, Config]:
+    """The trained policy of a run folder (``best``, else ``last``), in eval mode, with LoRA
+    updates merged into the base weights (inference only; ``merge=False`` keeps them apart,
+    for bit-exact comparisons with the training process)."""
+    from mobile_vla.training.module import check_architecture
+
+    run = check_run(run)
+    cfg = load_config(run / "config.yaml", overrides or [])
+    stats = ActionStats.load(run / "stats.json")
+    folder = run / "checkpoints" / which
+    if which not in ("best", "last") and not folder.exists():
+        kept = ", ".join(p.name for p in step_checkpoints(run)) or "none"
+        raise MobileVLAError(
+            f"run folder '{run}' has no checkpoint '{which}' (step checkpoints kept: {kept}; "
+            "trainer.checkpoint_steps chooses them)"
+        )
+    if not folder.exists():
+        folder = run / "checkpoints" / "last"
+    if not folder.exists():
+        raise MobileVLAError(f"run folder '{run}' has no checkpoint (checkpoints/best or last)")
+    checkpoint = load_folder(folder)
+    policy, _ = build_policy(cfg, stats)
+    state = {k.removeprefix("policy."): v for k, v in checkpoint.get("state_dict", {}).items()}
+    check_architecture(
+        {"architecture": checkpoint.get("architecture", {}), "state_dict": state},
+        cfg,
+        policy.state_dict(),
+        f"checkpoint '{folder}'",
+    )
+    missing = policy.load_state_dict(state, strict=False)
+    if missing.unexpected_keys:  # pragma: no cover - check_architecture refuses these first
+        raise ConfigError(f"checkpoint '{folder}' has unexpected tensors")
+    policy.eval()
+    policy.requires_grad_(False)
+    if merge:
+        merge_lora(policy)
+    return policy, cfg
