@@ -91,6 +91,14 @@ def test_bad_values_name_the_key(override: str, key: str) -> None:
         load_config(None, [override])
 
 
+def test_dropout_that_would_do_nothing_is_refused() -> None:
+    """PyTorch's LSTM applies dropout between layers: on a 1-layer LSTM head it is a no-op."""
+    with pytest.raises(ConfigError, match=r"'head\.dropout'.*1-layer LSTM"):
+        load_config(None, ["head.num_layers=1", "head.dropout=0.3"])
+    assert load_config(None, ["head.num_layers=2", "head.dropout=0.3"]).head.dropout == 0.3
+    assert load_config(None, ["head.type=mlp", "head.num_layers=1", "head.dropout=0.3"])
+
+
 def test_parent_cycle_and_missing_file(tmp_path: Path) -> None:
     write(tmp_path / "a.yaml", {"parent": "b.yaml"})
     write(tmp_path / "b.yaml", {"parent": "a.yaml"})

@@ -54,6 +54,7 @@ TINY_PRETRAIN = [
     "eval_every=75",
     "eval_images=32",
     "checkpoint_every=50",
+    "policy_probe_scenes=8",
 ]
 
 
@@ -190,7 +191,7 @@ def test_mirror_image_reads_every_caption_with_sides_swapped() -> None:
 def test_mirrored_rows_swap_their_captions() -> None:
     """The second phase's mirrored rows: the side caption becomes its swap, the caption itself
     is the negative and the order loss's false caption; other captions stay."""
-    from mobile_vla.pretraining.train import _mirror
+    from mobile_vla.pretraining.losses import _mirror
 
     pair = {"k": "pair", "l": ["red", "box"], "r": ["blue", "sphere"]}
     count = {"k": "count", "n": 2}
@@ -264,7 +265,17 @@ def test_pretraining_learns_and_reports_every_metric(run: Path) -> None:
     # a tiny ViT from scratch needs more than 150 steps to beat chance at retrieval; the
     # shipped weights do (test_shipped_weights_retrieve_on_freshly_rendered_scenes)
     assert (run / "export" / "builtin-vl.safetensors").is_file()
-    assert "SHA-256" in (run / "export" / "MODEL_CARD.md").read_text()
+    card_md = (run / "export" / "MODEL_CARD.md").read_text()
+    assert "SHA-256" in card_md
+    # the card probes what a policy loading the weights receives, beside the heads' figures,
+    # and says which phrasing each left/right figure uses
+    probe = json.loads((run / "export" / "builtin-vl.json").read_text())["policy_probe"]
+    assert probe["scenes"] == 8 and probe["held_out_scenes"] == 2
+    assert len(probe["layers"]) == 3 and set(probe["readout"]) == {"1", "4"}
+    assert all(0.0 <= r["values"] <= 1.0 for r in probe["layers"])
+    assert "## What a policy receives (`python -m mobile_vla.analysis.instruction_probe" in card_md
+    assert "training phrasing" in card_md and "no training template uses" in card_md
+    assert "held-out phrasings" not in card_md
 
 
 def test_resume_after_interruption_is_exact(

@@ -362,6 +362,13 @@ class HeadConfig:
                 raise _fail(f"{prefix}.{key}", ">= 1", getattr(self, key))
         if not 0.0 <= self.dropout < 1.0:
             raise _fail(f"{prefix}.dropout", "in [0, 1)", self.dropout)
+        if self.type == "lstm" and self.num_layers == 1 and self.dropout > 0:
+            raise _fail(
+                f"{prefix}.dropout",
+                f"0 with a 1-layer LSTM head (PyTorch's LSTM applies dropout between layers "
+                f"only, so it would do nothing; set {prefix}.num_layers >= 2 to use it)",
+                self.dropout,
+            )
         if self.n_bins < 2:
             raise _fail(f"{prefix}.n_bins", ">= 2", self.n_bins)
         if any(w < 0 for w in self.loss_weights):
@@ -655,6 +662,10 @@ class PretrainConfig:
     eval_images: int = 256
     """Held-out images for the periodic check (``pretrain-eval`` uses them all)."""
     checkpoint_every: int = 200
+    policy_probe_scenes: int = 160
+    """Paired navigation scenes (a quarter held out) for the probe, written into the card at
+    export, of what a policy loading the weights receives: does the instruction's side
+    survive each fusion layer, and can a frozen read-out carry it (0 = no probe)."""
     precision: Literal["auto", "32", "bf16-mixed"] = "auto"
     """Training arithmetic: ``bf16-mixed`` runs the forward under bfloat16 autocast (weights,
     optimizer and losses stay float32); ``auto`` picks it where the processor multiplies
@@ -666,6 +677,8 @@ class PretrainConfig:
         for key in ("steps", "batch_size", "checkpoint_every", "eval_images"):
             if getattr(self, key) < 1:
                 raise _fail(key, ">= 1", getattr(self, key))
+        if self.policy_probe_scenes and self.policy_probe_scenes < 4:
+            raise _fail("policy_probe_scenes", "0 (no probe) or >= 4", self.policy_probe_scenes)
         for key in ("warmup_steps", "eval_every", "itm_images", "fusion_images", "head_steps"):
             if getattr(self, key) < 0:
                 raise _fail(key, ">= 0", getattr(self, key))

@@ -1,8 +1,11 @@
 """``mobile-vla pretrain-eval``: what the pretrained backbone knows, on held-out scenes.
 
-Everything is measured on the corpus's held-out images with the held-out caption templates
-(phrasings never trained on), and every distractor is checked against the image's objects, so
-no "wrong" candidate is in fact true of the image. Two scores rank captions:
+Everything is measured on the corpus's held-out images; retrieval uses the held-out caption
+templates (phrasings never trained on), the left/right probe a training phrasing and, beside
+it, one no template uses; every distractor is checked against the image's objects, so no
+"wrong" candidate is in fact true of the image. These figures score the contrastive
+embeddings and heads, which a policy never loads; :func:`policy_probe` probes what it does.
+Two scores rank captions:
 
 * ``itc``: cosine of the pooled image embedding and the caption embedding (fast, a
   CLIP-style zero-shot score);
@@ -28,13 +31,14 @@ Metrics, each for both scores:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mobile_vla.config import PretrainConfig
+from mobile_vla.config import BuiltinConfig, PretrainConfig
 from mobile_vla.pretraining.caption_scenes import (
     COLOURS,
     SHAPES,
@@ -244,3 +248,44 @@ def evaluate(
         chance_r5=5 / CANDIDATES,
     )
     return {"summary": summary}
+
+
+def policy_probe(weights: Path, geometry: BuiltinConfig, scenes: int = 160) -> dict[str, Any]:
+    """What a policy loading ``weights`` receives (the ViT, projections and fusion
+    transformer; none of the heads that score the ITC figures): the instruction probe of
+    :mod:`mobile_vla.analysis.instruction_probe` on paired navigation first frames — does
+    the instruction's side survive each fusion layer, and can a Case-3 read-out (action
+    tokens through the frozen fusion transformer) carry it? 0.5 is chance."""
+    from dataclasses import fields, replace
+
+    from mobile_vla.analysis.instruction_probe import probe_instruction
+    from mobile_vla.config import Config
+
+    size = [geometry.image_size, geometry.image_size]
+    cfg = Config()
+    cfg.backbone = replace(
+        cfg.backbone,
+        name="builtin",
+        pretrained=True,
+        builtin=replace(geometry, weights=str(weights)),
+    )
+    cfg.data = replace(cfg.data, image_size=size)
+    cfg.sim = replace(cfg.sim, image_size=size)
+    result = probe_instruction(cfg, scenes=scenes)
+    # the same probe from the command line (its default config, configs/builtin_frozen.yaml,
+    # has the same simulator and seed as the defaults used here)
+    default = BuiltinConfig()
+    keys = [
+        f"--backbone.builtin.{f.name}={getattr(geometry, f.name)}"
+        for f in fields(BuiltinConfig)
+        if f.name != "weights" and getattr(geometry, f.name) != getattr(default, f.name)
+    ]
+    result["command"] = " ".join(
+        [
+            "python -m mobile_vla.analysis.instruction_probe",
+            *keys,
+            f"--backbone.builtin.weights={weights}",
+            f"--data.image_size=[{size[0]},{size[1]}]",
+        ]
+    )
+    return result

@@ -36,7 +36,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -45,37 +44,25 @@ from mobile_vla.errors import MobileVLAError
 from mobile_vla.hardware import resolve_precision
 from mobile_vla.io import atomic_write_json, atomic_write_text
 from mobile_vla.pretraining.caption_scenes import (
-    COLOURS,
-    SHAPES,
     fact_key,
-    has_side,
-    mirror_fact,
-    mirror_objects,
     perturb,
     swap_sides,
     true_facts,
 )
 from mobile_vla.pretraining.corpus import Corpus, load_corpus
-from mobile_vla.pretraining.model import CELLS, PretrainModel
+from mobile_vla.pretraining.losses import (
+    TextTable,
+    TrainSet,
+    head_step_losses,
+    image_features,
+    image_side_trains,
+    step_losses,
+)
+from mobile_vla.pretraining.model import PretrainModel
 from mobile_vla.training.checkpoint import load_folder, save_folder
 from mobile_vla.training.module import warmup_cosine
 
 PERTURBATIONS = 4  # minimally changed captions prepared per training caption
-
-
-@dataclass
-class TextTable:
-    """Sentence-encoder token states of every distinct text, computed once."""
-
-    index: dict[str, int]
-    states: torch.Tensor  # (T, L, W) float16
-    mask: torch.Tensor  # (T, L) bool
-
-    def rows(self, ids: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.as_tensor(ids, dtype=torch.long)
-        mask = self.mask[ids]
-        length = int(mask.sum(1).max())
-        return self.states[ids, :length].float(), mask[:, :length]
 
 
 @torch.no_grad()
@@ -101,14 +88,6 @@ def encode_texts(
         bar.update(len(chunk))
     bar.close()
     return TextTable({t: i for i, t in enumerate(unique)}, states, mask)
-
-
-@dataclass
-class TrainSet:
-    ids: list[int]  # training image indices
-    captions: list[list[tuple[int, dict]]]  # per training image: (text id, fact)
-    negatives: list[list[list[tuple[int, dict]]]]  # per image, per caption: perturbed versions
-    swaps: list[list[int | None]]  # per image, per caption: left and right swapped (if false)
 
 
 def prepare(corpus: Corpus, seed: int) -> tuple[TrainSet, list[str]]:
@@ -151,260 +130,11 @@ def _index(ts: TrainSet, table: TextTable) -> TrainSet:
     )
 
 
-def jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Brightness and contrast jitter of uint8 (N, 3, H, W) images (kept uint8)."""
-    n = images.shape[0]
-    x = images.float()
-    b = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
-    c = 1 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.4
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * c + mean * b).clamp(0, 255).round().to(torch.uint8)
-
-
-def _captions_of(
-    rows: np.ndarray, ts: TrainSet, rng: np.random.Generator
-) -> tuple[list[tuple[int, dict]], list[tuple[int, dict] | None], list[int | None]]:
-    """One caption per batch row, one of its perturbed negatives and its left/right swap."""
-    chosen, negative, swapped = [], [], []
-    for r in rows:
-        k = int(rng.integers(len(ts.captions[r])))
-        chosen.append(ts.captions[r][k])
-        swapped.append(ts.swaps[r][k])
-        opts = ts.negatives[r][k]
-        negative.append(opts[int(rng.integers(len(opts)))] if opts else None)
-    return chosen, negative, swapped
-
-
-def contrastive_losses(
-    model: PretrainModel,
-    cfg: PretrainConfig,
-    img_emb: torch.Tensor,
-    objects: list[list[dict]],
-    chosen: list[tuple[int, dict]],
-    negative: list[tuple[int, dict] | None],
-    swapped: list[int | None],
-    table: TextTable,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """ITC over the batch's captions and their perturbed versions, and (while the word-order
-    head is active) the left/right and claim losses; also the similarity matrix, the
-    positives and the caption states, for ITM."""
-    # text columns: the batch's captions, then their perturbed versions
-    columns: list[tuple[int, dict]] = list(chosen) + [n for n in negative if n is not None]
-    text_ids = [c[0] for c in columns]
-    b = len(chosen)
-    keys = [fact_key(f) for _, f in columns]
-    truth = [true_facts(objs) for objs in objects]
-    positive = torch.tensor([[k in t for k in keys] for t in truth], dtype=torch.bool)
-    states, mask = table.rows(text_ids)
-    txt_emb = model.text_embedding(states, mask)
-    sim = img_emb @ txt_emb.T * model.scale()  # (B, columns)
-    neg_inf = torch.finfo(sim.dtype).min
-    i2t = torch.logsumexp(sim, 1) - torch.logsumexp(sim.masked_fill(~positive, neg_inf), 1)
-    caps = sim[:, :b]
-    t2i = torch.logsumexp(caps, 0) - torch.logsumexp(caps.masked_fill(~positive[:, :b], neg_inf), 0)
-    out = {"itc": (i2t.mean() + t2i.mean()) / 2}
-    # "X left of Y" captions against themselves with left and right swapped: only word order
-    # and the image tell them apart (a single object's side is a word, which the mean state
-    # already tells apart)
-    sided = [i for i, t in enumerate(swapped) if t is not None and chosen[i][1]["k"] == "pair"]
-    if cfg.order_weight > 0 and model.order_active and sided:
-        s_states, s_mask = table.rows([swapped[i] for i in sided])  # type: ignore[misc]
-        swap_emb = model.text_embedding(s_states, s_mask)
-        rows_t = torch.tensor(sided)
-        true = (img_emb[rows_t] * txt_emb[rows_t]).sum(-1)
-        false = (img_emb[rows_t] * swap_emb).sum(-1)
-        logits = torch.stack([true, false], 1) * model.scale()
-        out["order"] = F.cross_entropy(logits, torch.zeros(len(sided), dtype=torch.long))
-        with torch.no_grad():
-            out["order_acc"] = (true > false).float().mean()
-    pairs = [i for i, (_, f) in enumerate(chosen) if f["k"] == "pair"]
-    if cfg.claim_weight > 0 and model.claim_head is not None and model.order_active and pairs:
-        out["claim"] = model.claim_loss(states[pairs], mask[pairs], [chosen[i][1] for i in pairs])
-    return out, {"sim": sim, "positive": positive, "states": states, "mask": mask}
-
-
-def step_losses(
-    model: PretrainModel,
-    cfg: PretrainConfig,
-    corpus: Corpus,
-    images: torch.Tensor,
-    ts: TrainSet,
-    table: TextTable,
-    step: int,
-) -> dict[str, torch.Tensor]:
-    """The losses of training step ``step``; its batch is a pure function of (seed, step)."""
-    rng = np.random.default_rng([cfg.seed, 5, step])
-    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    rows = rng.choice(len(ts.ids), size=min(cfg.batch_size, len(ts.ids)), replace=False)
-    objects = [corpus.records[ts.ids[r]]["objects"] for r in rows]
-    chosen, negative, swapped = _captions_of(rows, ts, rng)
-    b = len(rows)
-    batch = images[[ts.ids[r] for r in rows]].permute(0, 3, 1, 2)
-    if cfg.augment:
-        batch = jitter(batch, gen)
-    vit = model.vit(model.backbone.preprocess(batch))
-    img_emb = model.image_embedding(vit)
-    out, extra = contrastive_losses(model, cfg, img_emb, objects, chosen, negative, swapped, table)
-    sim, positive, mask = extra["sim"], extra["positive"], extra["mask"]
-    if cfg.attribute_weight > 0:
-        logits = model.cell_probe(vit)
-        # x 10: the per-label BCE is small (most labels are absent) next to the InfoNCE terms
-        out["attr"] = 10 * F.binary_cross_entropy_with_logits(logits, cell_targets(objects))
-    if cfg.fusion_weight > 0 and cfg.fusion_images:
-        f = cfg.fusion_images
-        logits = model.fusion_cells(model.fusion_image_tokens(vit[:f]))
-        target = cell_targets(objects[:f])
-        out["fusion_attr"] = 10 * F.binary_cross_entropy_with_logits(logits, target)
-    k = cfg.itm_images
-    if k and cfg.itm_weight > 0:
-        txt_tok = model.text_tokens(extra["states"], mask)
-        pairs: list[tuple[int, int, float]] = []  # (image row, text column, label)
-        neg_col = b
-        with torch.no_grad():
-            hard = torch.softmax(sim.detach().float(), 1).masked_fill(positive, 0.0)
-        for i in range(b):
-            has_neg = negative[i] is not None
-            if i < k:
-                pairs.append((i, i, 1.0))
-                if has_neg:
-                    pairs.append((i, neg_col, 0.0))
-                weights = hard[i]
-                if float(weights.sum()) > 0:
-                    j = int(torch.multinomial(weights, 1, generator=gen))
-                    pairs.append((i, j, 0.0))
-                # and an easy one: any other image's caption that is false here, so the match
-                # head has something it can learn before it can tell minimal changes apart
-                easy = (~positive[i, :b]).float()
-                if float(easy.sum()) > 0:
-                    pairs.append((i, int(torch.multinomial(easy, 1, generator=gen)), 0.0))
-            neg_col += has_neg
-        img_rows = torch.tensor([p[0] for p in pairs])
-        txt_rows = torch.tensor([p[1] for p in pairs])
-        labels = torch.tensor([p[2] for p in pairs])
-        img_tok = model.fusion_image_tokens(vit[img_rows])
-        logits = model.match_logits(img_tok, txt_tok[txt_rows], mask[txt_rows])
-        out["itm"] = F.binary_cross_entropy_with_logits(logits, labels)
-        with torch.no_grad():
-            out["itm_acc"] = ((logits > 0).float() == labels).float().mean()
-    out["loss"] = _total(out, cfg)
-    return out
-
-
-def _total(out: dict[str, torch.Tensor], cfg: PretrainConfig) -> torch.Tensor:
-    zero = torch.zeros(())
-    return (
-        out["itc"]
-        + cfg.itm_weight * out.get("itm", zero)
-        + cfg.attribute_weight * out.get("attr", zero)
-        + cfg.fusion_weight * out.get("fusion_attr", zero)
-        + cfg.order_weight * out.get("order", zero)
-        + cfg.claim_weight * out.get("claim", zero)
-    )
-
-
 def head_params(model: PretrainModel, cfg: PretrainConfig) -> list[tuple[str, nn.Parameter]]:
     """What the second phase trains: the parameters of ``cfg.head_modules``."""
     modules = [*cfg.head_modules, *(["cell_map"] if model.cell_map is not None else [])]
     names = tuple(m if m == "log_scale" else f"{m}." for m in modules)
     return [(n, p) for n, p in model.trainable() if n.startswith(names)]
-
-
-@torch.no_grad()
-def image_features(
-    model: PretrainModel,
-    images: torch.Tensor,
-    ids: list[int],
-    precision: str,
-    tokens: bool,
-    mirror: bool = False,
-) -> torch.Tensor:
-    """For the second phase, unaugmented: the ViT tokens (N, P, W) in bfloat16 when the image
-    side's heads train, else the contrastive embeddings (N, D); of the mirror images (left
-    and right swapped) with ``mirror``."""
-    was = model.training
-    model.eval()
-    out = []
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-        for _, vit in model.vit_batches(images, ids, 128, mirror):
-            out.append(vit.to(torch.bfloat16) if tokens else model.image_embedding(vit).float())
-    model.train(was)
-    return torch.cat(out)
-
-
-def _mirror(
-    chosen: list[tuple[int, dict]],
-    negative: list[tuple[int, dict] | None],
-    swapped: list[int | None],
-    objects: list[list[dict]],
-    flip: np.ndarray,
-) -> tuple[
-    list[tuple[int, dict]], list[tuple[int, dict] | None], list[int | None], list[list[dict]]
-]:
-    """The batch with the ``flip`` rows shown as their mirror image. A side caption becomes
-    its swap (true of the mirror), with the caption itself as the perturbed negative and as
-    the order loss's false caption; a caption without a side (a count, a single object, the
-    centre) and its negative read the same in the mirror."""
-    chosen, negative, swapped = list(chosen), list(negative), list(swapped)
-    objects = list(objects)
-    for i in np.flatnonzero(flip):
-        text_id, fact = chosen[i]
-        objects[i] = mirror_objects(objects[i])
-        if has_side(fact):
-            assert swapped[i] is not None
-            chosen[i] = (swapped[i], mirror_fact(fact))  # type: ignore[assignment]
-            negative[i] = (text_id, fact)
-            swapped[i] = text_id
-    return chosen, negative, swapped, objects
-
-
-def image_side_trains(cfg: PretrainConfig) -> bool:
-    return cfg.head_cells or any(m in ("image_pool", "image_head") for m in cfg.head_modules)
-
-
-def head_step_losses(
-    model: PretrainModel,
-    cfg: PretrainConfig,
-    corpus: Corpus,
-    features: torch.Tensor,
-    ts: TrainSet,
-    table: TextTable,
-    step: int,
-    mirrored: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The losses of a second-phase step (``features``: :func:`image_features` of every
-    training image, in the order of ``ts.ids``; ``mirrored``: those of their mirror images,
-    for ``head_mirror``); its batch is a pure function of (head_seed or seed, step)."""
-    seed = cfg.seed if cfg.head_seed is None else cfg.head_seed
-    rng = np.random.default_rng([seed, 6, step])
-    rows = rng.choice(len(ts.ids), size=min(cfg.head_batch_size, len(ts.ids)), replace=False)
-    objects = [corpus.records[ts.ids[r]]["objects"] for r in rows]
-    chosen, negative, swapped = _captions_of(rows, ts, rng)
-    picked = features[torch.as_tensor(rows)]
-    if mirrored is not None:
-        flip = rng.random(len(rows)) < 0.5
-        # a side caption whose swap is true as well (a red box on each side) has no mirror
-        # text prepared: that row stays as it is
-        flip &= [
-            not has_side(f) or s is not None for (_, f), s in zip(chosen, swapped, strict=True)
-        ]
-        chosen, negative, swapped, objects = _mirror(chosen, negative, swapped, objects, flip)
-        at = torch.as_tensor(np.flatnonzero(flip))
-        picked[at] = mirrored[torch.as_tensor(rows)[at]]
-    img_emb = model.image_embedding(picked.float()) if image_side_trains(cfg) else picked
-    out, _ = contrastive_losses(model, cfg, img_emb, objects, chosen, negative, swapped, table)
-    out["loss"] = _total(out, cfg)
-    return out
-
-
-def cell_targets(objects: list[list[dict]]) -> torch.Tensor:
-    """(B, cells, colours + shapes) presence of each colour and shape in each scene cell."""
-    target = torch.zeros(len(objects), len(CELLS), len(COLOURS) + len(SHAPES))
-    for b, objs in enumerate(objects):
-        for o in objs:
-            c = CELLS.index((o["lateral"], o["depth"]))
-            target[b, c, list(COLOURS).index(o["colour"])] = 1.0
-            target[b, c, len(COLOURS) + SHAPES.index(o["shape"])] = 1.0
-    return target
 
 
 def make_optimizer(
@@ -495,6 +225,7 @@ SECOND_PHASE_KEYS = (
     "head_seed",
     "head_cells",
     "eval_every",
+    "policy_probe_scenes",
     "checkpoint_every",
 )
 
@@ -522,6 +253,159 @@ def _first_phase_of(run: Path, cfg: PretrainConfig) -> Path:
     return first
 
 
+LOG_FIELDS = [
+    "step",
+    "loss",
+    "itc",
+    "itm",
+    "itm_acc",
+    "attr",
+    "fusion_attr",
+    "order",
+    "order_acc",
+    "claim",
+    "lr",
+    "temperature",
+    "val_r1",
+    "seconds",
+]
+
+
+def _check_run_folder(
+    cfg: PretrainConfig, out: Path, resume: bool, heads_from: str | Path | None
+) -> Path | None:
+    """Refuse what cannot start or continue in ``out`` (before anything is written); the
+    first phase to start from with ``heads_from``."""
+    first = None
+    if heads_from is not None:
+        if resume:
+            raise MobileVLAError("--heads-from starts a new run; it does not go with --resume")
+        first = _first_phase_of(Path(heads_from), cfg)
+    if resume:
+        if not (out / "checkpoints" / "last").exists():
+            raise MobileVLAError(f"--resume: pretraining run '{out}' has no checkpoints/last")
+        saved = to_dict(load_config(out / "config.yaml", cls=PretrainConfig))
+        if saved != to_dict(cfg):
+            changed = [k for k, v in to_dict(cfg).items() if saved.get(k) != v]
+            raise MobileVLAError(
+                f"--resume: the config differs from '{out / 'config.yaml'}' in {changed}; "
+                "resume with the run's own config"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise MobileVLAError(
+            f"pretraining run folder '{out}' is not empty; use --resume to continue it"
+        )
+    return first
+
+
+def _open_run(
+    cfg: PretrainConfig, out: Path, resume: bool, first: Path | None, heads_from: Any
+) -> bool:
+    """Write the run folder's start (config; with ``first``, the other run's first phase
+    and its log up to the switch, which the new run resumes from); whether to resume."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, out / "config.yaml")
+    if first is None:
+        return resume
+    shutil.copytree(first, out / "checkpoints" / "phase1")
+    shutil.copytree(first, out / "checkpoints" / "last")
+    log = Path(heads_from) / "log.csv"
+    if log.exists():
+        rows = log.read_text().splitlines()
+        kept = [r for r in rows[1:] if r and int(r.split(",")[0]) <= cfg.steps]
+        atomic_write_text(out / "log.csv", "\n".join([rows[0], *kept]) + "\n")
+    return True
+
+
+class _StepLog:
+    """One ``log.csv`` row per step (appended: a resumed run continues the file) and the
+    progress bar's summary."""
+
+    def __init__(self, path: Path, step: int, total: int, progress: bool) -> None:
+        self.path = path
+        if not path.exists():
+            with open(path, "w", newline="") as fh:
+                csv.writer(fh).writerow(LOG_FIELDS)
+        self.bar = tqdm(
+            total=total, initial=step, desc="pretrain", unit="step", disable=not progress
+        )
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as fh:
+            csv.writer(fh).writerow(
+                [
+                    f"{row[f]:.6g}" if isinstance(row.get(f), float) else row.get(f, "")
+                    for f in LOG_FIELDS
+                ]
+            )
+        shown = {"loss": f"{row['loss']:.3f}", "itc": f"{row['itc']:.3f}"}
+        shown.update({k: f"{row[k]:.2f}" for k in ("itm_acc", "order_acc") if k in row})
+        self.bar.set_postfix(shown)
+        self.bar.update(1)
+
+
+@dataclass
+class _Batches:
+    """What the steps read: the corpus, its images in memory (random batches), the training
+    captions and their encoded texts, and — built at the first second-phase step — the ViT
+    tokens of every training image (and of its mirror image)."""
+
+    corpus: Corpus
+    images: torch.Tensor
+    ts: TrainSet
+    table: TextTable
+    precision: str
+    features: torch.Tensor | None = None
+    mirrored: torch.Tensor | None = None
+
+    def losses(self, model: PretrainModel, cfg: PretrainConfig, phase: Phase, step: int) -> Any:
+        # with a second phase the word-order head trains in that phase only
+        model.order_active = cfg.head_steps == 0 or phase.name == "heads"
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
+            if phase.name == "joint":
+                return step_losses(model, cfg, self.corpus, self.images, self.ts, self.table, step)
+            if self.features is None:
+                tokens = image_side_trains(cfg)
+                self.features = image_features(
+                    model, self.images, self.ts.ids, self.precision, tokens
+                )
+                if cfg.head_mirror:
+                    self.mirrored = image_features(
+                        model, self.images, self.ts.ids, self.precision, tokens, True
+                    )
+            return head_step_losses(
+                model,
+                cfg,
+                self.corpus,
+                self.features,
+                self.ts,
+                self.table,
+                step,
+                mirrored=self.mirrored,
+            )
+
+
+def _restore(
+    model: PretrainModel, cfg: PretrainConfig, last: Path | None
+) -> tuple[int, float, Phase, torch.optim.Optimizer]:
+    """(step, seconds, phase, optimizer) to start from: step 0, or the ``last`` checkpoint's
+    model, step, time and optimizer state."""
+    step, seconds, state = 0, 0.0, None
+    if last is not None:
+        state = load_folder(last)
+        if model.load_state_dict(state["model"], strict=False).unexpected_keys:
+            raise MobileVLAError(f"checkpoint '{last}' does not fit this model")
+        step, seconds = int(state["step"]), float(state["seconds"])
+    # a run resumed at the switch (its last checkpoint is the first phase's end) begins the
+    # second phase here, as the uninterrupted run does in the loop
+    phase = begin_phase(model, cfg, step)
+    optimizer = make_optimizer(phase.params, phase.lr, cfg.weight_decay)
+    if state is not None and state.get("phase", "joint") == phase.name:
+        optimizer.load_state_dict(state["optimizer"])  # not at the switch: a new optimizer
+    return step, seconds, phase, optimizer
+
+
 def pretrain(
     cfg: PretrainConfig,
     out: str | Path,
@@ -536,148 +420,68 @@ def pretrain(
     keys: the result is the run ``cfg`` would give from scratch."""
     from mobile_vla.pretraining.evaluate import evaluate, quick_recall
 
+    # open the run
     out = Path(out)
     last = out / "checkpoints" / "last"
-    first = None
-    if heads_from is not None:
-        if resume:
-            raise MobileVLAError("--heads-from starts a new run; it does not go with --resume")
-        first = _first_phase_of(Path(heads_from), cfg)
-    if resume:
-        if not last.exists():
-            raise MobileVLAError(f"--resume: pretraining run '{out}' has no checkpoints/last")
-        saved = load_config(out / "config.yaml", cls=PretrainConfig)
-        if to_dict(saved) != to_dict(cfg):
-            changed = [k for k, v in to_dict(cfg).items() if to_dict(saved).get(k) != v]
-            raise MobileVLAError(
-                f"--resume: the config differs from '{out / 'config.yaml'}' in {changed}; "
-                "resume with the run's own config"
-            )
-    elif out.exists() and any(out.iterdir()):
-        raise MobileVLAError(
-            f"pretraining run folder '{out}' is not empty; use --resume to continue it"
-        )
+    first = _check_run_folder(cfg, out, resume, heads_from)
     corpus = load_corpus(cfg.data)
     _check_corpus(corpus)
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        save_config(cfg, out / "config.yaml")
-    if first is not None:  # the new run starts at the switch, with the other run's log so far
-        shutil.copytree(first, out / "checkpoints" / "phase1")
-        shutil.copytree(first, last)
-        log = Path(heads_from) / "log.csv"  # type: ignore[arg-type]
-        if log.exists():
-            rows = log.read_text().splitlines()
-            kept = [r for r in rows[1:] if r and int(r.split(",")[0]) <= cfg.steps]
-            atomic_write_text(out / "log.csv", "\n".join([rows[0], *kept]) + "\n")
-        resume = True
+    resume = _open_run(cfg, out, resume, first, heads_from)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = build_model(cfg)
     ts, texts = prepare(corpus, cfg.seed)
     table = encode_texts(model, texts, progress)
-    ts = _index(ts, table)
-    images = torch.from_numpy(np.array(corpus.images))  # in memory: random batches
-    total = cfg.steps + cfg.head_steps
-    step, seconds = 0, 0.0
-    state = None
-    if resume:
-        state = load_folder(last)
-        result = model.load_state_dict(state["model"], strict=False)
-        if result.unexpected_keys:
-            raise MobileVLAError(f"checkpoint '{last}' does not fit this model")
-        step, seconds = int(state["step"]), float(state["seconds"])
-    # a run resumed at the switch (its last checkpoint is the first phase's end) begins the
-    # second phase here, as the uninterrupted run does in the loop
-    phase = begin_phase(model, cfg, step)
-    optimizer = make_optimizer(phase.params, phase.lr, cfg.weight_decay)
-    if state is not None and state.get("phase", "joint") == phase.name:
-        optimizer.load_state_dict(state["optimizer"])  # not at the switch: a new optimizer
     precision = resolve_precision(cfg.precision)
-    features = mirrored = None
-    log_path = out / "log.csv"
-    fields = [
-        "step",
-        "loss",
-        "itc",
-        "itm",
-        "itm_acc",
-        "attr",
-        "fusion_attr",
-        "order",
-        "order_acc",
-        "claim",
-        "lr",
-        "temperature",
-        "val_r1",
-        "seconds",
-    ]
-    if not log_path.exists():
-        with open(log_path, "w", newline="") as fh:
-            csv.writer(fh).writerow(fields)
+    data = _Batches(
+        corpus, torch.from_numpy(np.array(corpus.images)), _index(ts, table), table, precision
+    )
+    total = cfg.steps + cfg.head_steps
+    step, seconds, phase, optimizer = _restore(model, cfg, last if resume else None)
+    steplog = _StepLog(out / "log.csv", step, total, progress)
     model.train()
-    bar = tqdm(total=total, initial=step, desc="pretrain", unit="step", disable=not progress)
     start = time.perf_counter() - seconds
+
     while step < total:
         if phase.name == "joint" and step >= cfg.steps:  # the second phase begins
             phase = begin_phase(model, cfg, step)
             optimizer = make_optimizer(phase.params, phase.lr, cfg.weight_decay)
-        # with a second phase the word-order head trains in that phase only
-        model.order_active = cfg.head_steps == 0 or phase.name == "heads"
         lr = phase.lr_at(step, cfg.min_lr_scale)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            if phase.name == "joint":
-                losses = step_losses(model, cfg, corpus, images, ts, table, step)
-            else:
-                if features is None:
-                    tokens = image_side_trains(cfg)
-                    features = image_features(model, images, ts.ids, precision, tokens)
-                    if cfg.head_mirror:
-                        mirrored = image_features(model, images, ts.ids, precision, tokens, True)
-                losses = head_step_losses(
-                    model, cfg, corpus, features, ts, table, step, mirrored=mirrored
-                )
+        # losses and the step
+        losses = data.losses(model, cfg, phase, step)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in phase.params], 1.0)
         optimizer.step()
         step += 1
+        # log
         row = {k: float(v.detach()) for k, v in losses.items()}
         row.update(step=step, lr=lr, temperature=1 / float(model.scale().detach()))
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
             row["val_r1"] = quick_recall(model, corpus, cfg)
             model.train()
         row["seconds"] = time.perf_counter() - start
-        with open(log_path, "a", newline="") as fh:
-            csv.writer(fh).writerow(
-                [
-                    f"{row[f]:.6g}" if isinstance(row.get(f), float) else row.get(f, "")
-                    for f in fields
-                ]
-            )
-        shown = {"loss": f"{row['loss']:.3f}", "itc": f"{row['itc']:.3f}"}
-        for key in ("itm_acc", "order_acc"):
-            if key in row:
-                shown[key] = f"{row[key]:.2f}"
-        bar.set_postfix(shown)
-        bar.update(1)
+        steplog.write(row)
+        # checkpoints: the last state, and the first phase's end (the second phase can be
+        # redone from it)
         if step % cfg.checkpoint_every == 0 or step in (cfg.steps, total):
-            _save(last, model, optimizer, step, time.perf_counter() - start, cfg, phase.name)
-        if cfg.head_steps and step == cfg.steps:  # kept: the second phase can be redone from it
+            _save(last, model, optimizer, step, row["seconds"], cfg, phase.name)
+        if cfg.head_steps and step == cfg.steps:
             _save(
                 out / "checkpoints" / "phase1",
                 model,
                 optimizer,
                 step,
-                time.perf_counter() - start,
+                row["seconds"],
                 cfg,
                 phase.name,
             )
         if not math.isfinite(row["loss"]):
             raise MobileVLAError(f"pretraining diverged at step {step} (loss {row['loss']})")
+
     model.order_active = True
-    bar.close()
+    steplog.bar.close()
     seconds = time.perf_counter() - start
     model.eval()
     metrics = evaluate(model, corpus, cfg, progress=progress)
@@ -782,8 +586,10 @@ def export(
     command: str,
     precision: str = "32",
 ) -> Path:
+    from mobile_vla.pretraining.evaluate import policy_probe
     from mobile_vla.pretraining.weights import (
         SHIPPED_NAME,
+        card_path,
         export_weights,
         model_card_markdown,
         read_card,
@@ -808,5 +614,10 @@ def export(
         "metrics": metrics.get("summary", {}),
     }
     export_weights(model.export_state(), cfg.backbone, target, card)
-    atomic_write_text(run / "export" / "MODEL_CARD.md", model_card_markdown(read_card(target)))
+    # what the policy will receive from these weights, beside the heads' figures
+    full = read_card(target)
+    if cfg.policy_probe_scenes:
+        full["policy_probe"] = policy_probe(target, cfg.backbone, cfg.policy_probe_scenes)
+    atomic_write_json(card_path(target), full)
+    atomic_write_text(run / "export" / "MODEL_CARD.md", model_card_markdown(full))
     return target

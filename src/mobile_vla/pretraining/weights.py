@@ -71,11 +71,73 @@ def export_weights(
     return out
 
 
-def model_card_markdown(card: dict[str, Any]) -> str:
-    """The human-readable model card."""
-    m = card.get("metrics", {})
-    arch = card.get("architecture", {})
-    pc = card.get("pretrain_config", {})
+# what each pretrain-eval metric scores, and in which phrasing (``_itc`` / ``_itm``: the score)
+METRIC_NOTES = {
+    "r1": "image -> caption among `candidates`, R@1; held-out caption templates",
+    "r5": "the same, R@5",
+    "left_right": 'left/right probe, both directions; training phrasing ("X to the left of Y")',
+    "left_right_held_out": (
+        'the same pairs in a phrasing no training template uses ("left of the Y there is X")'
+    ),
+    "colour": 'colour of an object among all colours ("an image showing a <colour> <shape>")',
+    "shape": "object type among all shapes, the same phrasing",
+}
+SCORES = {"itc": "contrastive embeddings", "itm": "the fusion transformer's match head"}
+
+
+COUNTS = {
+    "retrieval_images": "held-out images ranked",
+    "candidates": "captions ranked per image",
+    "probe_scenes": "scenes in the left/right probe",
+    "colour_objects": "objects in the colour test",
+    "shape_objects": "objects in the object-type test",
+    "chance_r1": "R@1 of a random ranking",
+    "chance_r5": "R@5 of a random ranking",
+}
+
+
+def _metric_note(key: str) -> str:
+    base, _, score = key.rpartition("_")
+    if score in SCORES and base in METRIC_NOTES:
+        return f"{METRIC_NOTES[base]}; score: {SCORES[score]}"
+    return COUNTS.get(key, "")
+
+
+def _policy_probe_lines(probe: dict[str, Any] | None) -> list[str]:
+    """The card's section on what a policy loading the weights receives (the instruction
+    probe of :mod:`mobile_vla.analysis.instruction_probe`)."""
+    if not probe:
+        return [
+            "",
+            "## What a policy receives",
+            "",
+            "Not probed for these weights (`policy_probe_scenes: 0`); run "
+            "`python -m mobile_vla.analysis.instruction_probe --backbone.builtin.weights=FILE`.",
+        ]
+    layers = probe["layers"]
+    tokens = list(probe["readout"])
+    head = [f"layer {r['layer']}" for r in layers] + [f"read-out, {n} token(s)" for n in tokens]
+    lines = [
+        "",
+        f"## What a policy receives (`{probe.get('command', '')}`)",
+        "",
+        f"Paired navigation first frames ({probe['scenes']} scenes, {probe['held_out_scenes']} "
+        "held out; one image, instructed left and right): held-out accuracy of a linear probe",
+        "of the instruction's side from the text tokens at each fusion layer, and of a Case-3",
+        "read-out (action tokens through the frozen fusion transformer + a linear classifier).",
+        "0.5 is chance: the side must come from the instruction, the image is the same.",
+        "",
+        "| held-out accuracy | " + " | ".join(head) + " |",
+        "|---|" + "---|" * len(head),
+    ]
+    for name in ("keys", "values"):
+        cells = [f"{r[name]:.3f}" for r in layers] + [f"{probe['readout'][n]:.3f}" for n in tokens]
+        lines.append(f"| text {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _objectives(pc: dict[str, Any]) -> list[str]:
+    """What the pretraining config trained, in words."""
     objectives = ["image-text contrast (ITC; left/right, colour, shape and count hard negatives)"]
     if pc.get("attribute_weight", 0) > 0:
         objectives.append("grounded attributes (colour and shape per scene cell) from the ViT")
@@ -92,6 +154,15 @@ def model_card_markdown(card: dict[str, Any]) -> str:
             + (", and a claim loss (which object is left)" if pc.get("claim_weight") else "")
             + (" (trained on the locked backbone)" if pc.get("head_steps", 0) > 0 else "")
         )
+    return objectives
+
+
+def model_card_markdown(card: dict[str, Any]) -> str:
+    """The human-readable model card."""
+    m = card.get("metrics", {})
+    arch = card.get("architecture", {})
+    pc = card.get("pretrain_config", {})
+    objectives = _objectives(pc)
     lines = [
         "# builtin-vl: vision-language pretrained weights of the built-in backbone",
         "",
@@ -127,18 +198,31 @@ def model_card_markdown(card: dict[str, Any]) -> str:
         f"| corpus command | `{card.get('corpus', {}).get('command', '')}` |",
         f"| command | `{card.get('command', '')}` |",
         "",
-        "## Metrics (held-out scenes, held-out phrasings; `mobile-vla pretrain-eval`)",
+        "## What a policy loads, and what the figures below score",
         "",
-        "| metric | value |",
-        "|---|---|",
+        "A policy that loads these weights receives the ViT, the projections and the fusion",
+        "transformer"
+        + (
+            " as the first phase left them (the second phase trains heads only)."
+            if card.get("head_steps")
+            else "."
+        ),
+        "Every ITC figure under *Pretraining metrics* is scored through the contrastive image",
+        "and caption embeddings"
+        + (" and the second-phase heads" if card.get("head_steps") else "")
+        + ", which a policy never loads; *What a policy receives* probes the part it loads.",
+        "",
+        "## Pretraining metrics (held-out scenes; `mobile-vla pretrain-eval`)",
+        "",
+        "| metric | value | what it scores |",
+        "|---|---|---|",
     ]
     for key, value in m.items():
-        if value is None:
+        if value is None or not isinstance(value, int | float):
             continue
-        if isinstance(value, float):
-            lines.append(f"| {key} | {value:.3f} |")
-        elif isinstance(value, int):
-            lines.append(f"| {key} | {value} |")
+        shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"| {key} | {shown} | {_metric_note(key)} |")
+    lines += _policy_probe_lines(card.get("policy_probe"))
     lines += [
         "",
         "Regenerate: `make pretrain` (corpus + training + evaluation + export, one command).",
