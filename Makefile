@@ -61,6 +61,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/bench_data_sim.py
+	$(BIN)/python bench/bench_hdf5_chunks.py
 	$(BIN)/python bench/bench_strategies.py
 	$(BIN)/python bench/bench_serving.py
 	$(BIN)/python bench/bench_feature_cache.py

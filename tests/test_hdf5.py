@@ -64,6 +64,24 @@ def test_write_read_round_trip(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp"))  # atomic write left no temporary behind
 
 
+@pytest.mark.parametrize("chunks", [True, (1, 24, 32, 3), None])
+def test_frame_reader_reads_any_chunk_layout_in_any_order(tmp_path: Path, chunks) -> None:
+    """h5py's automatic chunking (chunks spanning frames), one chunk per frame, contiguous:
+    the same pixels for unordered and repeated indices; a frame past the end is an error."""
+    images = np.random.default_rng(0).integers(0, 256, (7, 24, 32, 3), dtype=np.uint8)
+    path = tmp_path / "ep.h5"
+    with h5py.File(path, "w") as fh:
+        gzip = "gzip" if chunks is not None else None
+        fh.create_dataset("images", data=images, chunks=chunks, compression=gzip)
+    with FrameReader(path) as reader:
+        for idx in ([0, 1, 2, 3, 4, 5, 6], [6, 2, 3, 3, 0], [5], []):
+            got = reader.frames(idx)
+            assert got.shape == (len(idx), 24, 32, 3)
+            np.testing.assert_array_equal(got, images[idx])
+        with pytest.raises(IndexError, match="frame 7 of an episode of 7"):
+            reader.frames([2, 7])
+
+
 def test_real_robot_layout_loads(real_file: Path) -> None:
     info = read_episode_info(real_file)
     assert info.num_frames == 18 and info.image_shape == (720, 1280, 3)

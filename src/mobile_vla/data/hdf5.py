@@ -218,43 +218,9 @@ def _validate_open_file(
             raise EpisodeError(path, f"missing dataset '{key}'")
         if not isinstance(fh[key], h5py.Dataset):
             raise EpisodeError(path, f"'{key}' is a group, expected a dataset")
-    images, actions_ds = fh["images"], fh["actions"]
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise EpisodeError(
-            path, f"dataset 'images' must have shape (T, H, W, 3), found {tuple(images.shape)}"
-        )
-    if images.dtype != np.uint8:
-        raise EpisodeError(path, f"dataset 'images' must be uint8, found {images.dtype}")
+    images = _checked_images(fh["images"], path)
     num_frames = int(images.shape[0])
-    if num_frames == 0:
-        raise EpisodeError(path, "episode has zero frames")
-    if min(images.shape[1:3]) == 0:
-        raise EpisodeError(path, f"dataset 'images' has empty frames {tuple(images.shape)}")
-    width = len(action_names)
-    if actions_ds.ndim != 2 or actions_ds.shape[1] != width:
-        found = tuple(actions_ds.shape)
-        raise EpisodeError(
-            path,
-            f"dataset 'actions' must have shape (T, {width}) for {list(action_names)}, "
-            f"found {found}",
-        )
-    if not (
-        np.issubdtype(actions_ds.dtype, np.floating) or np.issubdtype(actions_ds.dtype, np.integer)
-    ):
-        raise EpisodeError(path, f"dataset 'actions' must be float32, found {actions_ds.dtype}")
-    if actions_ds.shape[0] != num_frames:
-        raise EpisodeError(
-            path,
-            f"length mismatch: 'images' has {num_frames} frames but 'actions' has "
-            f"{actions_ds.shape[0]}",
-        )
-    actions = np.asarray(actions_ds[()], dtype=np.float32)
-    bad = ~np.isfinite(actions)
-    if bad.any():
-        t, d = np.argwhere(bad)[0]
-        raise EpisodeError(
-            path, f"dataset 'actions' contains NaN or inf (first at frame {t}, {action_names[d]})"
-        )
+    actions = _checked_actions(fh["actions"], path, action_names, num_frames)
     attrs = {str(k): _py(v) for k, v in fh.attrs.items()}
     declared = attrs.get("num_frames")
     if isinstance(declared, int) and declared != num_frames:
@@ -263,58 +229,19 @@ def _validate_open_file(
             f"attribute num_frames={declared} but 'images' has {num_frames} frames "
             "(incomplete write?)",
         )
-
     event_types = None
     if "action_event_types" in fh:
         event_types = _decode_strings(fh["action_event_types"], "action_event_types", path)
-        if len(event_types) != num_frames:
-            raise EpisodeError(
-                path,
-                f"length mismatch: 'action_event_types' has {len(event_types)} entries "
-                f"but the episode has {num_frames} frames",
-            )
-
+        _check_length(path, "action_event_types", len(event_types), num_frames)
     name = parse_episode_name(path)
-    scenario = (
-        name.scenario if name.scenario != "unknown" else str(attrs.get("scenario", "unknown"))
-    )
-    side = name.side
-    if side is None and isinstance(attrs.get("scenario"), str):
-        side = parse_episode_name(f"episode_00000000_000000_{attrs['scenario']}").side
-    distance = name.distance or (
-        attrs.get("distance_level") if isinstance(attrs.get("distance_level"), str) else None
-    )
-
-    if "language_instruction" in fh:
-        texts = _decode_strings(fh["language_instruction"], "language_instruction", path)
-        if len(texts) not in (1, num_frames):
-            raise EpisodeError(
-                path,
-                f"dataset 'language_instruction' must have 1 or {num_frames} entries, "
-                f"found {len(texts)}",
-            )
-        instruction = texts[0].strip()
-        if not instruction:
-            raise EpisodeError(path, "dataset 'language_instruction' is empty")
-        source = "file"
-    else:
-        if side is None:
-            raise EpisodeError(
-                path,
-                "the file has no 'language_instruction' dataset and its name names no side "
-                "(left/right/center), so there is no instruction: add the dataset "
-                "'language_instruction' (the key that supplies one) or put the side in the name",
-            )
-        instruction = derive_instruction(side, instruction_template, name.target)
-        source = "name"
-
+    scenario, side, distance = _scene(name, attrs)
+    instruction, source = _instruction(fh, path, num_frames, side, instruction_template, name)
     if check_frames:
         for t in sorted({0, num_frames - 1}):
             try:
                 images[t]
             except (OSError, ValueError, RuntimeError) as exc:
                 raise EpisodeError(path, f"frame {t} cannot be decoded ({_short(exc)})") from None
-
     return EpisodeInfo(
         path=path,
         num_frames=num_frames,
@@ -330,6 +257,103 @@ def _validate_open_file(
         attrs=attrs,
         compression=images.compression,
     )
+
+
+def _checked_images(images: h5py.Dataset, path: Path) -> h5py.Dataset:
+    """'images': uint8 (T, H, W, 3), T > 0, non-empty frames."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise EpisodeError(
+            path, f"dataset 'images' must have shape (T, H, W, 3), found {tuple(images.shape)}"
+        )
+    if images.dtype != np.uint8:
+        raise EpisodeError(path, f"dataset 'images' must be uint8, found {images.dtype}")
+    if images.shape[0] == 0:
+        raise EpisodeError(path, "episode has zero frames")
+    if min(images.shape[1:3]) == 0:
+        raise EpisodeError(path, f"dataset 'images' has empty frames {tuple(images.shape)}")
+    return images
+
+
+def _checked_actions(
+    ds: h5py.Dataset, path: Path, action_names: Sequence[str], num_frames: int
+) -> np.ndarray:
+    """'actions' (T, len(action_names)) of numbers, one row per frame, all finite, as float32."""
+    width = len(action_names)
+    if ds.ndim != 2 or ds.shape[1] != width:
+        raise EpisodeError(
+            path,
+            f"dataset 'actions' must have shape (T, {width}) for {list(action_names)}, "
+            f"found {tuple(ds.shape)}",
+        )
+    if not (np.issubdtype(ds.dtype, np.floating) or np.issubdtype(ds.dtype, np.integer)):
+        raise EpisodeError(path, f"dataset 'actions' must be float32, found {ds.dtype}")
+    if ds.shape[0] != num_frames:
+        raise EpisodeError(
+            path,
+            f"length mismatch: 'images' has {num_frames} frames but 'actions' has {ds.shape[0]}",
+        )
+    actions = np.asarray(ds[()], dtype=np.float32)
+    bad = ~np.isfinite(actions)
+    if bad.any():
+        t, d = np.argwhere(bad)[0]
+        raise EpisodeError(
+            path, f"dataset 'actions' contains NaN or inf (first at frame {t}, {action_names[d]})"
+        )
+    return actions
+
+
+def _check_length(path: Path, key: str, found: int, num_frames: int) -> None:
+    if found != num_frames:
+        raise EpisodeError(
+            path,
+            f"length mismatch: '{key}' has {found} entries but the episode has {num_frames} frames",
+        )
+
+
+def _scene(name: EpisodeName, attrs: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """(scenario, side, distance): from the file name, else from the file's attributes."""
+    scenario = (
+        name.scenario if name.scenario != "unknown" else str(attrs.get("scenario", "unknown"))
+    )
+    side = name.side
+    if side is None and isinstance(attrs.get("scenario"), str):
+        side = parse_episode_name(f"episode_00000000_000000_{attrs['scenario']}").side
+    distance = name.distance or (
+        attrs.get("distance_level") if isinstance(attrs.get("distance_level"), str) else None
+    )
+    return scenario, side, distance
+
+
+def _instruction(
+    fh: h5py.File,
+    path: Path,
+    num_frames: int,
+    side: str | None,
+    template: str,
+    name: EpisodeName,
+) -> tuple[str, str]:
+    """(instruction, where it came from): the file's 'language_instruction', else derived
+    from the side the name gives."""
+    if "language_instruction" not in fh:
+        if side is None:
+            raise EpisodeError(
+                path,
+                "the file has no 'language_instruction' dataset and its name names no side "
+                "(left/right/center), so there is no instruction: add the dataset "
+                "'language_instruction' (the key that supplies one) or put the side in the name",
+            )
+        return derive_instruction(side, template, name.target), "name"
+    texts = _decode_strings(fh["language_instruction"], "language_instruction", path)
+    if len(texts) not in (1, num_frames):
+        raise EpisodeError(
+            path,
+            f"dataset 'language_instruction' must have 1 or {num_frames} entries, "
+            f"found {len(texts)}",
+        )
+    instruction = texts[0].strip()
+    if not instruction:
+        raise EpisodeError(path, "dataset 'language_instruction' is empty")
+    return instruction, "file"
 
 
 def verify_frames(path: str | Path) -> None:
@@ -351,10 +375,18 @@ def verify_frames(path: str | Path) -> None:
         raise EpisodeError(path, f"file is truncated or corrupt ({_short(exc)})") from None
 
 
+# HDF5's chunk cache per open file: h5py's default (1 MiB) holds less than one 720p frame, so
+# a compressed chunk that spans several frames (h5py's automatic chunking, e.g. (3, 90, 160, 1))
+# would be decompressed again for each frame read from it.
+CHUNK_CACHE_BYTES = 64 * 1024 * 1024
+
+
 class FrameReader:
     """Reads frames of one episode, keeping the file open between calls.
 
-    ``frames(indices)`` returns uint8 (len(indices), H, W, 3) as stored (no resizing).
+    ``frames(indices)`` returns uint8 (len(indices), H, W, 3) as stored (no resizing). Each
+    run of consecutive frames is read in one slice, so a chunk that holds several frames is
+    decompressed once per call whatever the file's chunk shape (``bench/bench_hdf5_chunks.py``).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -364,7 +396,9 @@ class FrameReader:
     def _file(self) -> h5py.File:
         if self._fh is None:
             try:
-                self._fh = h5py.File(self.path, "r")
+                self._fh = h5py.File(
+                    self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003
+                )
             except OSError as exc:
                 raise EpisodeError(
                     self.path, f"file is truncated or corrupt ({_short(exc)})"
@@ -373,10 +407,22 @@ class FrameReader:
 
     def frames(self, indices: Sequence[int]) -> np.ndarray:
         images = self._file()["images"]
+        wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
+        unique, inverse = np.unique(wanted, return_inverse=True)
+        if len(unique) and (unique[0] < 0 or unique[-1] >= images.shape[0]):
+            bad = unique[0] if unique[0] < 0 else unique[-1]
+            raise IndexError(f"{self.path}: frame {bad} of an episode of {images.shape[0]}")
+        out = np.empty((len(unique), *images.shape[1:]), dtype=images.dtype)
+        if not len(unique):
+            return out
+        starts = np.flatnonzero(np.diff(unique, prepend=-2) != 1)  # runs of consecutive frames
+        ends = np.append(starts[1:], len(unique))
         try:
-            return np.stack([images[int(t)] for t in indices])
+            for a, b in zip(starts, ends, strict=True):
+                out[a:b] = images[int(unique[a]) : int(unique[b - 1]) + 1]
         except (OSError, ValueError, RuntimeError) as exc:
             raise EpisodeError(self.path, f"frames cannot be decoded ({_short(exc)})") from None
+        return out[inverse]
 
     def close(self) -> None:
         if self._fh is not None:

@@ -117,7 +117,6 @@ def export_lerobot(
     """Write the HDF5 episodes of ``data`` as a LeRobot v3.0 dataset in ``out`` (which must
     not exist or be empty); returns ``info.json``. Frames are stored RGB (BGR files are
     converted per ``channel_order``, as training reads them)."""
-    from mobile_vla.data.episodes import scan_episodes
     from mobile_vla.data.frame_cache import stored_channel_order, to_rgb
     from mobile_vla.data.hdf5 import FrameReader
 
@@ -125,6 +124,104 @@ def export_lerobot(
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"LeRobot output folder '{out}' is not empty; choose a new folder")
+    source, (h, w) = _exportable(data, pattern)
+    tasks: dict[str, int] = {}
+    episodes: list[dict[str, Any]] = []
+    data_roll, video_roll = _Roller(DATA_MB), _Roller(VIDEO_MB)
+    rows: list[dict[str, Any]] = []
+    video: _VideoWriter | None = None
+    index = 0
+
+    def flush_rows() -> None:
+        if not rows:
+            return
+        path = out / DATA_PATH.format(chunk_index=data_roll.chunk, file_index=data_roll.file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows, schema=_frame_schema(pa)), path)
+        data_roll.bytes += path.stat().st_size
+        rows.clear()
+
+    for ep_index, ep in enumerate(source):
+        task = tasks.setdefault(ep.instruction, len(tasks))
+        with FrameReader(ep.path) as reader:
+            frames = to_rgb(
+                reader.frames(range(ep.num_frames)), stored_channel_order(ep, channel_order)
+            )
+        if video is None or video_roll.advance_if_full():
+            if video is not None:
+                video.close()
+            path = out / VIDEO_PATH.format(
+                video_key=CAMERA, chunk_index=video_roll.chunk, file_index=video_roll.file
+            )
+            video = _VideoWriter(av, path, fps, (h, w), codec)
+        start_frame = video.frames
+        video.write(frames)
+        video_roll.bytes += frames.nbytes // 50  # an estimate until the file is closed
+        rows += _frame_rows(ep, ep_index, index, task, fps)
+        episodes.append(
+            _episode_record(ep, ep_index, index, data_roll, video_roll, start_frame, fps)
+        )
+        index += ep.num_frames
+        if len(rows) * 40 > DATA_MB * 1e6:  # ~40 bytes a row: roll the data file
+            flush_rows()
+            data_roll.next_file()
+    flush_rows()
+    if video is not None:
+        video.close()
+    _write_meta(out, pa, pq, episodes, tasks, source, fps, (h, w), codec, robot_type)
+    return json.loads((out / "meta" / "info.json").read_text())
+
+
+def _frame_rows(ep: Any, ep_index: int, index: int, task: int, fps: int) -> list[dict[str, Any]]:
+    """The data table's rows of one episode (global ``index`` of its first frame)."""
+    actions = np.asarray(ep.actions, np.float32)  # (T, 3): the scan checked it
+    return [
+        {
+            "action": actions[t].tolist(),
+            "timestamp": t / fps,
+            "frame_index": t,
+            "episode_index": ep_index,
+            "index": index + t,
+            "task_index": task,
+        }
+        for t in range(ep.num_frames)
+    ]
+
+
+def _episode_record(
+    ep: Any,
+    ep_index: int,
+    index: int,
+    data_roll: _Roller,
+    video_roll: _Roller,
+    start_frame: int,
+    fps: int,
+) -> dict[str, Any]:
+    """The episodes table's row: where its frames are, and its video segment (from the
+    video file's frame ``start_frame``)."""
+    return {
+        "episode_index": ep_index,
+        "tasks": [ep.instruction],
+        "length": ep.num_frames,
+        "data/chunk_index": data_roll.chunk,
+        "data/file_index": data_roll.file,
+        "dataset_from_index": index,
+        "dataset_to_index": index + ep.num_frames,
+        f"videos/{CAMERA}/chunk_index": video_roll.chunk,
+        f"videos/{CAMERA}/file_index": video_roll.file,
+        f"videos/{CAMERA}/from_timestamp": start_frame / fps,
+        f"videos/{CAMERA}/to_timestamp": (start_frame + ep.num_frames) / fps,
+        "meta/episodes/chunk_index": 0,
+        "meta/episodes/file_index": 0,
+        "source_file": ep.path.name,
+    }
+
+
+def _exportable(data: str | Path, pattern: str) -> tuple[list[Any], tuple[int, int]]:
+    """The episodes of ``data`` (every file valid) and their one frame size (even sides, as
+    a yuv420p video needs)."""
+    from mobile_vla.data.episodes import scan_episodes
+
     scan = scan_episodes(data, pattern)
     if scan.bad:
         raise DataError(
@@ -138,79 +235,7 @@ def export_lerobot(
     h, w, _ = next(iter(shapes))
     if h % 2 or w % 2:
         raise DataError(f"frames of {h}x{w}: yuv420p video needs even sides")
-    tasks: dict[str, int] = {}
-    episodes: list[dict[str, Any]] = []
-    data_roll, video_roll = _Roller(DATA_MB), _Roller(VIDEO_MB)
-    rows: list[dict[str, Any]] = []
-    video: _VideoWriter | None = None
-    index = 0
-
-    def flush_rows() -> None:
-        if not rows:
-            return
-        path = out / DATA_PATH.format(chunk_index=data_roll.chunk, file_index=data_roll.file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pylist(rows, schema=_frame_schema(pa))
-        pq.write_table(table, path)
-        data_roll.bytes += path.stat().st_size
-        rows.clear()
-
-    for ep_index, ep in enumerate(scan.episodes):
-        task = tasks.setdefault(ep.instruction, len(tasks))
-        with FrameReader(ep.path) as reader:
-            frames = to_rgb(
-                reader.frames(range(ep.num_frames)), stored_channel_order(ep, channel_order)
-            )
-        actions = np.asarray(ep.actions, np.float32)  # (T, 3): the scan checked it
-        if video is None or video_roll.advance_if_full():
-            if video is not None:
-                video.close()
-            path = out / VIDEO_PATH.format(
-                video_key=CAMERA, chunk_index=video_roll.chunk, file_index=video_roll.file
-            )
-            video = _VideoWriter(av, path, fps, (h, w), codec)
-        start_frame = video.frames
-        video.write(frames)
-        video_roll.bytes += frames.nbytes // 50  # an estimate until the file is closed
-        data_file = (data_roll.chunk, data_roll.file)
-        for t in range(ep.num_frames):
-            rows.append(
-                {
-                    "action": actions[t].tolist(),
-                    "timestamp": t / fps,
-                    "frame_index": t,
-                    "episode_index": ep_index,
-                    "index": index + t,
-                    "task_index": task,
-                }
-            )
-        episodes.append(
-            {
-                "episode_index": ep_index,
-                "tasks": [ep.instruction],
-                "length": ep.num_frames,
-                "data/chunk_index": data_file[0],
-                "data/file_index": data_file[1],
-                "dataset_from_index": index,
-                "dataset_to_index": index + ep.num_frames,
-                f"videos/{CAMERA}/chunk_index": video_roll.chunk,
-                f"videos/{CAMERA}/file_index": video_roll.file,
-                f"videos/{CAMERA}/from_timestamp": start_frame / fps,
-                f"videos/{CAMERA}/to_timestamp": (start_frame + ep.num_frames) / fps,
-                "meta/episodes/chunk_index": 0,
-                "meta/episodes/file_index": 0,
-                "source_file": ep.path.name,
-            }
-        )
-        index += ep.num_frames
-        if len(rows) * 40 > DATA_MB * 1e6:  # ~40 bytes a row: roll the data file
-            flush_rows()
-            data_roll.next_file()
-    flush_rows()
-    if video is not None:
-        video.close()
-    _write_meta(out, pa, pq, episodes, tasks, scan.episodes, fps, (h, w), codec, robot_type)
-    return json.loads((out / "meta" / "info.json").read_text())
+    return scan.episodes, (h, w)
 
 
 def _frame_schema(pa: Any) -> Any:

@@ -190,35 +190,50 @@ def apply_strategy(policy: nn.Module, setup: TrainSetup) -> StrategyPlan:
     """Set ``requires_grad`` per the strategy, inject LoRA, and build the optimizer's groups."""
     backbone = policy.backbone
     r = resolve(setup)
-    if r.lora_enable:
-        within = None
-        if setup.lora_layers:
-            layers = backbone.groups()["decoder_layers"]
-            if setup.lora_layers > len(layers):
-                raise ConfigError(
-                    f"config key 'train_setup.lora_layers' is {setup.lora_layers}, but the "
-                    f"backbone has {len(layers)} decoder layers"
-                )
-            within = layers[-setup.lora_layers :]
-        apply_lora(backbone.lora_scope(), setup, backbone.lora_targets, within)
+    lora = _inject_lora(backbone, setup) if r.lora_enable else []
+    groups = backbone.groups()
+    _set_trainable(policy, groups, r, lora)
+    backbone.set_gradient_checkpointing(setup.gradient_checkpointing)
+    stages = _gradual_stages(groups) if setup.strategy == "gradual" else []
+    param_groups = _optimizer_groups(policy, setup, groups, lora, stages)
+    return StrategyPlan(param_groups, param_table(policy), r, stages)
+
+
+def _inject_lora(backbone: nn.Module, setup: TrainSetup) -> list[nn.Parameter]:
+    """LoRA in the backbone's scope (every decoder layer, or the top ``lora_layers``): the
+    adapter matrices and the biases PEFT marked trainable (``lora_bias`` all / lora_only)."""
+    within = None
+    if setup.lora_layers:
+        layers = backbone.groups()["decoder_layers"]
+        if setup.lora_layers > len(layers):
+            raise ConfigError(
+                f"config key 'train_setup.lora_layers' is {setup.lora_layers}, but the "
+                f"backbone has {len(layers)} decoder layers"
+            )
+        within = layers[-setup.lora_layers :]
+    apply_lora(backbone.lora_scope(), setup, backbone.lora_targets, within)
     lora = [p for n, p in backbone.named_parameters() if "lora_" in n]
     lora_ids = {id(p) for p in lora}
-    # biases PEFT marked trainable (lora_bias = all / lora_only)
-    lora_bias = [
+    bias = [
         p
         for n, p in backbone.lora_scope().named_parameters()
-        if r.lora_enable
-        and p.requires_grad
+        if p.requires_grad
         and id(p) not in lora_ids
         and n.endswith("bias")
         and setup.lora_bias != "none"
     ]
-    groups = backbone.groups()
-    layers: list[nn.Module] = groups["decoder_layers"]
+    return lora + bias
+
+
+def _set_trainable(
+    policy: nn.Module, groups: dict[str, list[nn.Module]], r: Resolved, lora: list[nn.Parameter]
+) -> None:
+    """Freeze the backbone, then unfreeze what the strategy trains; the head, the action
+    token and the LoRA parameters always train."""
+    layers = groups["decoder_layers"]
     n_layers = len(layers)
     n_train = n_layers if r.train_decoder_layers == -1 else min(r.train_decoder_layers, n_layers)
-
-    backbone.requires_grad_(False)
+    policy.backbone.requires_grad_(False)
     on: list[nn.Module] = []
     if r.train_vision:
         on += groups["vision"]
@@ -232,28 +247,41 @@ def apply_strategy(policy: nn.Module, setup: TrainSetup) -> StrategyPlan:
         on += layers[n_layers - n_train :] + groups["decoder_other"]
     for m in on:
         m.requires_grad_(True)
-    for p in lora + lora_bias:
+    for p in lora:
         p.requires_grad_(True)
     policy.head.requires_grad_(True)
     policy.action_token.requires_grad_(True)
-    backbone.set_gradient_checkpointing(setup.gradient_checkpointing)
 
-    stages: list[list[nn.Module]] = []
-    if setup.strategy == "gradual":
-        top = [layers[-1], *groups["decoder_other"]] if layers else groups["decoder_other"]
-        stages = [top] + [[m] for m in reversed(layers[:-1])]
-        stages += [groups["resampler"], groups["vision"], groups["text_embedding"] + groups["text"]]
-        stages = [s for s in stages if _params(s)]
 
-    # Optimizer groups: everything trainable now, and what gradual will unfreeze later.
+def _gradual_stages(groups: dict[str, list[nn.Module]]) -> list[list[nn.Module]]:
+    """What gradual unfreezing adds at each stage: the top decoder layer (with the decoder's
+    other parts), each lower layer in turn, the resampler, the vision tower, the text side."""
+    layers = groups["decoder_layers"]
+    top = [layers[-1], *groups["decoder_other"]] if layers else groups["decoder_other"]
+    stages = [top] + [[m] for m in reversed(layers[:-1])]
+    stages += [groups["resampler"], groups["vision"], groups["text_embedding"] + groups["text"]]
+    return [s for s in stages if _params(s)]
+
+
+def _optimizer_groups(
+    policy: nn.Module,
+    setup: TrainSetup,
+    groups: dict[str, list[nn.Module]],
+    lora: list[nn.Parameter],
+    stages: list[list[nn.Module]],
+) -> list[dict[str, Any]]:
+    """Optimizer groups, each at its learning rate (per-layer decay below the top decoder
+    layer), for everything trainable now and what gradual will unfreeze later; no weight
+    decay on biases, norms, embeddings and the action token."""
     optimizable = {id(p) for p in policy.parameters() if p.requires_grad}
     for s in stages:
         optimizable |= {id(p) for p in _params(s)}
+    layers = groups["decoder_layers"]
     base = setup.backbone_lr
     spec: list[tuple[str, list[nn.Parameter], float]] = [
         ("head", list(policy.head.parameters()), setup.learning_rate),
         ("action_token", [policy.action_token], setup.action_token_lr or setup.learning_rate),
-        ("lora", lora + lora_bias, setup.lora_lr),
+        ("lora", lora, setup.lora_lr),
         (
             "vision",
             _params(groups["vision"]),
@@ -266,14 +294,17 @@ def apply_strategy(policy: nn.Module, setup: TrainSetup) -> StrategyPlan:
     ]
     for k, layer in enumerate(reversed(layers)):
         spec.append(
-            (f"decoder_layer_{n_layers - 1 - k}", _params([layer]), base * setup.layer_lr_decay**k)
+            (
+                f"decoder_layer_{len(layers) - 1 - k}",
+                _params([layer]),
+                base * setup.layer_lr_decay**k,
+            )
         )
     param_groups: list[dict[str, Any]] = []
     taken: set[int] = set()
     for name, params, lr in spec:
         chosen = [p for p in params if id(p) in optimizable and id(p) not in taken]
         taken |= {id(p) for p in chosen}
-        # no weight decay on biases, norms, embeddings and the action token
         embedding = name in ("action_token", "text_embedding")
         decay = [p for p in chosen if p.ndim >= 2 and not embedding]
         no_decay = [p for p in chosen if p.ndim < 2 or embedding]
@@ -283,7 +314,7 @@ def apply_strategy(policy: nn.Module, setup: TrainSetup) -> StrategyPlan:
                 if wd is not None:
                     group["weight_decay"] = wd
                 param_groups.append(group)
-    return StrategyPlan(param_groups, param_table(policy), r, stages)
+    return param_groups
 
 
 def param_table(policy: nn.Module) -> dict[str, dict[str, int]]:
