@@ -115,24 +115,26 @@ def _policy_probe_lines(probe: dict[str, Any] | None) -> list[str]:
             "`python -m mobile_vla.analysis.instruction_probe --backbone.builtin.weights=FILE`.",
         ]
     layers = probe["layers"]
-    tokens = list(probe["readout"])
-    head = [f"layer {r['layer']}" for r in layers] + [f"read-out, {n} token(s)" for n in tokens]
+    readout = ", ".join(f"{a:.3f} with {n} action token(s)" for n, a in probe["readout"].items())
     lines = [
         "",
         f"## What a policy receives (`{probe.get('command', '')}`)",
         "",
         f"Paired navigation first frames ({probe['scenes']} scenes, {probe['held_out_scenes']} "
-        "held out; one image, instructed left and right): held-out accuracy of a linear probe",
-        "of the instruction's side from the text tokens at each fusion layer, and of a Case-3",
-        "read-out (action tokens through the frozen fusion transformer + a linear classifier).",
-        "0.5 is chance: the side must come from the instruction, the image is the same.",
+        "held out; one image, instructed left and right, so 0.5 is chance and the side can",
+        "only come from the instruction): held-out accuracy of a linear probe of the side from",
+        "the text tokens' keys and values at each fusion layer,",
         "",
-        "| held-out accuracy | " + " | ".join(head) + " |",
-        "|---|" + "---|" * len(head),
+        "| held-out accuracy | " + " | ".join(f"layer {r['layer']}" for r in layers) + " |",
+        "|---|" + "---|" * len(layers),
     ]
     for name in ("keys", "values"):
-        cells = [f"{r[name]:.3f}" for r in layers] + [f"{probe['readout'][n]:.3f}" for n in tokens]
-        lines.append(f"| text {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| text {name} | " + " | ".join(f"{r[name]:.3f}" for r in layers) + " |")
+    lines += [
+        "",
+        "and of a Case-3 read-out (action tokens through the frozen fusion transformer + a",
+        f"linear classifier): {readout}.",
+    ]
     return lines
 
 
