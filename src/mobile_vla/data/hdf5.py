@@ -375,56 +375,58 @@ def verify_frames(path: str | Path) -> None:
         raise EpisodeError(path, f"file is truncated or corrupt ({_short(exc)})") from None
 
 
-# HDF5's chunk cache per open file: h5py's default (1 MiB) holds less than one 720p frame, so
-# a compressed chunk that spans several frames (h5py's automatic chunking, e.g. (3, 90, 160, 1))
-# would be decompressed again for each frame read from it.
-CHUNK_CACHE_BYTES = 64 * 1024 * 1024
+# HDF5 keeps a chunk cache per *open dataset*: h5py's default (1 MiB) holds less than one
+# 720p frame, and a dataset object opened anew per read starts with an empty one. With h5py's
+# automatic chunking (e.g. (3, 90, 160, 1): a chunk spans 3 frames and one colour channel),
+# reading frame by frame then decompressed every chunk once per frame it holds. Chunks of one
+# frame keep the default: a chunk larger than the cache is read straight into the output.
 
 
 class FrameReader:
-    """Reads frames of one episode, keeping the file open between calls.
+    """Reads frames of one episode, keeping the file and its ``images`` dataset open between
+    calls; when a chunk spans several frames, with a chunk cache that holds two rows of them.
 
-    ``frames(indices)`` returns uint8 (len(indices), H, W, 3) as stored (no resizing). Each
-    run of consecutive frames is read in one slice, so a chunk that holds several frames is
-    decompressed once per call whatever the file's chunk shape (``bench/bench_hdf5_chunks.py``).
+    ``frames(indices)`` returns uint8 (len(indices), H, W, 3) as stored (no resizing).
+    ``bench/bench_hdf5_chunks.py`` measures automatic chunking against one chunk per frame.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._fh: h5py.File | None = None
+        self._images: h5py.Dataset | None = None
 
     def _file(self) -> h5py.File:
         if self._fh is None:
             try:
-                self._fh = h5py.File(
-                    self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES, rdcc_nslots=100_003
-                )
+                self._fh = h5py.File(self.path, "r")
             except OSError as exc:
                 raise EpisodeError(
                     self.path, f"file is truncated or corrupt ({_short(exc)})"
                 ) from None
         return self._fh
 
+    def _dataset(self) -> h5py.Dataset:
+        if self._images is None:
+            fh = self._file()
+            images = fh["images"]
+            rows = images.chunks[0] if images.chunks else 1
+            if rows > 1:  # keep the frames of two chunk rows decompressed
+                frame = int(np.prod(images.shape[1:])) * images.dtype.itemsize
+                dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+                dapl.set_chunk_cache(100_003, 2 * rows * frame, 0.75)
+                images = h5py.Dataset(h5py.h5d.open(fh.id, b"images", dapl=dapl))
+            self._images = images
+        return self._images
+
     def frames(self, indices: Sequence[int]) -> np.ndarray:
-        images = self._file()["images"]
-        wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
-        unique, inverse = np.unique(wanted, return_inverse=True)
-        if len(unique) and (unique[0] < 0 or unique[-1] >= images.shape[0]):
-            bad = unique[0] if unique[0] < 0 else unique[-1]
-            raise IndexError(f"{self.path}: frame {bad} of an episode of {images.shape[0]}")
-        out = np.empty((len(unique), *images.shape[1:]), dtype=images.dtype)
-        if not len(unique):
-            return out
-        starts = np.flatnonzero(np.diff(unique, prepend=-2) != 1)  # runs of consecutive frames
-        ends = np.append(starts[1:], len(unique))
+        images = self._dataset()
         try:
-            for a, b in zip(starts, ends, strict=True):
-                out[a:b] = images[int(unique[a]) : int(unique[b - 1]) + 1]
+            return np.stack([images[int(t)] for t in indices])
         except (OSError, ValueError, RuntimeError) as exc:
             raise EpisodeError(self.path, f"frames cannot be decoded ({_short(exc)})") from None
-        return out[inverse]
 
     def close(self) -> None:
+        self._images = None
         if self._fh is not None:
             self._fh.close()
             self._fh = None
