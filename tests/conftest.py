@@ -149,7 +149,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for i, name in enumerate(("tinyweights", "tinyweights2")):
         torch.manual_seed(100 + i)
-        model = PretrainModel(tiny_builtin_config(), 0.07)
+        model = PretrainModel(tiny_builtin_config())
         out[name] = export_weights(
             model.backbone_state(), tiny_builtin_config(), root / f"w{i}.safetensors", {}
         )

@@ -11,7 +11,12 @@ import pytest
 
 from mobile_vla.cli import main
 from mobile_vla.errors import DataError
-from mobile_vla.pretraining.caption_scenes import EVAL_TEMPLATES, fact_holds, sample_scene
+from mobile_vla.pretraining.caption_scenes import (
+    EVAL_TEMPLATES,
+    Fact,
+    fact_holds,
+    sample_scene,
+)
 from mobile_vla.pretraining.corpus import build_corpus, load_corpus
 
 
@@ -34,6 +39,12 @@ def test_corpus_layout_and_captions(corpus: Path) -> None:
     eval_starts = {t.split("{")[0] for ts in EVAL_TEMPLATES.values() for t in ts if t.split("{")[0]}
     for r in c.records:  # held-out phrasings never appear in the training captions
         assert not any(cap.startswith(s) for cap in r["captions"] for s in eval_starts)
+    # facts are typed in memory and compact JSON on disk, and each holds for its scene
+    disk = [json.loads(line) for line in (corpus / "captions.jsonl").read_text().splitlines()]
+    for r, d in zip(c.records, disk, strict=True):
+        assert all(isinstance(f, Fact) and fact_holds(f, r["objects"]) for f in r["facts"])
+        assert [f.to_json() for f in r["facts"] + r["eval_facts"]] == d["facts"] + d["eval_facts"]
+        assert all(set(f) <= {"k", "c", "s", "z", "lat", "dep", "l", "r", "n"} for f in d["facts"])
 
 
 def test_corpus_is_deterministic(corpus: Path, tmp_path: Path) -> None:
@@ -68,7 +79,7 @@ def test_probe_pairs_name_the_true_order() -> None:
         # the false caption is false: each object is the only one of its kind in the scene
         for o in (a, b):
             assert sum((p.colour, p.shape) == (o.colour, o.shape) for p in scene.objects) == 1
-        reverse = {"k": "pair", "l": [b.colour, b.shape], "r": [a.colour, a.shape]}
+        reverse = Fact("pair", left=(b.colour, b.shape), right=(a.colour, a.shape))
         assert not fact_holds(reverse, scene.objects)
 
 

@@ -7,7 +7,7 @@ import copy
 import csv
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,9 @@ from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import file_sha256
 from mobile_vla.pretraining import train as pretrain_module
 from mobile_vla.pretraining.caption_scenes import (
+    Fact,
     captions,
     fact_holds,
-    fact_key,
     left_right_probe,
     left_right_probe_held_out,
     mirror_fact,
@@ -34,6 +34,7 @@ from mobile_vla.pretraining.caption_scenes import (
 )
 from mobile_vla.pretraining.corpus import build_corpus, load_corpus
 from mobile_vla.pretraining.evaluate import retrieval_sets
+from mobile_vla.pretraining.model import HeadsConfig
 from mobile_vla.pretraining.train import load_run, load_weights_file, pretrain
 from mobile_vla.pretraining.weights import (
     WeightsError,
@@ -114,6 +115,8 @@ def test_facts_hold_by_their_rules() -> None:
         {"k": "place", "c": "red", "s": "box", "lat": "left", "dep": "far"},
         {"k": "pair", "l": blue_sphere, "r": red_box},  # beside the centre red box, not left
     ]
+    holds, fails = [Fact.from_json(f) for f in holds], [Fact.from_json(f) for f in fails]
+    assert all(f.to_json() == Fact.from_json(f.to_json()).to_json() for f in holds + fails)
     assert all(fact_holds(f, objs) for f in holds)
     assert not any(fact_holds(f, objs) for f in fails)
     # one count, three facts an object ("a red box" once for both) and the two pairs
@@ -135,7 +138,7 @@ def test_pair_templates_do_not_give_away_the_left_object_by_order() -> None:
 
 
 def test_side_perturbation_swaps_the_relation() -> None:
-    fact = {"k": "pair", "l": ["red", "box"], "r": ["blue", "sphere"]}
+    fact = Fact("pair", left=("red", "box"), right=("blue", "sphere"))
     rng = np.random.default_rng(0)
     seen = set()
     for _ in range(50):
@@ -143,23 +146,23 @@ def test_side_perturbation_swaps_the_relation() -> None:
         assert p is not None
         seen.add(p[0])
         if "right" in p[0]:
-            assert p[1] == {"k": "pair", "l": ["blue", "sphere"], "r": ["red", "box"]}
+            assert p[1] == Fact("pair", left=("blue", "sphere"), right=("red", "box"))
     assert "a red box to the right of a blue sphere" in seen
     assert any(s.startswith("an orange box") for s in seen) or any("a " in s for s in seen)
 
 
 def test_swap_sides_mirrors_the_claim() -> None:
-    pair = {"k": "pair", "l": ["red", "box"], "r": ["blue", "sphere"]}
+    pair = Fact("pair", left=("red", "box"), right=("blue", "sphere"))
     text, fact = swap_sides("a blue sphere to the right of a red box", pair)
     assert text == "a blue sphere to the left of a red box"
-    assert fact == {"k": "pair", "l": ["blue", "sphere"], "r": ["red", "box"]}
-    place = {"k": "place", "c": "red", "s": "box", "lat": "left", "dep": "far"}
+    assert fact.to_json() == {"k": "pair", "l": ["blue", "sphere"], "r": ["red", "box"]}
+    place = Fact.from_json({"k": "place", "c": "red", "s": "box", "lat": "left", "dep": "far"})
     assert swap_sides("a red box on the left", place) == (
         "a red box on the right",
-        {**place, "lat": "right"},
+        Fact("place", "red", "box", lateral="right", depth="far"),
     )
-    assert swap_sides("a red box in the centre", {**place, "lat": "centre"}) is None
-    assert swap_sides("two objects", {"k": "count", "n": 2}) is None
+    assert swap_sides("a red box in the centre", replace(place, lateral="centre")) is None
+    assert swap_sides("two objects", Fact("count", count=2)) is None
     # a red box on each side: the swapped caption is true as well, and training drops it
     objs = [
         {"colour": "red", "shape": "box", "size": "small", "lateral": x, "depth": "far"}
@@ -178,9 +181,7 @@ def test_mirror_image_reads_every_caption_with_sides_swapped() -> None:
             (o["lateral"] for o in mirrored), key=["left", "centre", "right"].index
         )
         assert mirror_objects(mirrored) == [asdict(o) for o in scene.objects]
-        true = true_facts(scene.objects)
-        facts = ({k: list(v) if isinstance(v, tuple) else v for k, v in key} for key in true)
-        assert true_facts(mirrored) == {fact_key(mirror_fact(f)) for f in facts}
+        assert true_facts(mirrored) == {mirror_fact(f) for f in true_facts(scene.objects)}
         rng = np.random.default_rng(seed)
         for text, fact in zip(*captions(scene, rng, 8), strict=True):
             swapped = swap_sides(text, fact)
@@ -193,16 +194,16 @@ def test_mirrored_rows_swap_their_captions() -> None:
     is the negative and the order loss's false caption; other captions stay."""
     from mobile_vla.pretraining.losses import _mirror
 
-    pair = {"k": "pair", "l": ["red", "box"], "r": ["blue", "sphere"]}
-    count = {"k": "count", "n": 2}
+    pair = Fact("pair", left=("red", "box"), right=("blue", "sphere"))
+    count = Fact("count", count=2)
     objs = [
         {"colour": c, "shape": s, "size": "small", "lateral": lat, "depth": "far", "x": 2, "y": y}
         for c, s, lat, y in (("red", "box", "left", 0.5), ("blue", "sphere", "right", -0.5))
     ]
     chosen = [(0, pair), (1, count), (0, pair)]
-    negative = [(2, {**pair, "l": ["green", "box"]}), (3, {"k": "count", "n": 3}), None]
+    negative = [(2, replace(pair, left=("green", "box"))), (3, Fact("count", count=3)), None]
     c, n, s, o = _mirror(chosen, negative, [5, None, 5], [objs] * 3, np.array([True, True, False]))
-    assert c[0] == (5, {"k": "pair", "l": ["blue", "sphere"], "r": ["red", "box"]})
+    assert c[0] == (5, Fact("pair", left=("blue", "sphere"), right=("red", "box")))
     assert n[0] == (0, pair) and s[0] == 0
     assert fact_holds(c[0][1], o[0]) and not fact_holds(n[0][1], o[0])
     assert (c[1], n[1], s[1]) == ((1, count), negative[1], None)
@@ -217,9 +218,9 @@ def test_text_order_head_reads_word_order() -> None:
 
     cfg = tiny_builtin_config()
     torch.manual_seed(0)
-    plain = PretrainModel(cfg, 0.07)
+    plain = PretrainModel(cfg)
     torch.manual_seed(0)
-    ordered = PretrainModel(cfg, 0.07, text_order_layers=1)
+    ordered = PretrainModel(cfg, HeadsConfig(text_order_layers=1))
     ordered.text_head.load_state_dict(plain.text_head.state_dict())
     torch.nn.init.zeros_(ordered.text_order.out.weight)
     states, mask = torch.randn(2, 6, 384), torch.ones(2, 6, dtype=torch.bool)
@@ -620,6 +621,9 @@ def test_bf16_run_says_so_and_reloads(
     trained, _, _ = load_run(run)
     loaded = load_weights_file(weights)  # the word-order and claim heads come back too
     assert loaded.text_order is not None and loaded.image_cells
+    # rebuilt from the heads' config the card stores, which is the run's
+    assert HeadsConfig.from_json(card["heads"]) == trained.heads_config == loaded.heads_config
+    assert card["heads"]["text_order_layers"] == card["pretrain_config"]["text_order_layers"]
     states, mask = torch.randn(3, 5, 384), torch.ones(3, 5, dtype=torch.bool)
     with torch.no_grad():
         torch.testing.assert_close(

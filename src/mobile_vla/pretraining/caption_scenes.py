@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -319,6 +320,56 @@ def _name(o: SceneObject) -> dict[str, str]:
 LATERAL_RANK = {"left": 0, "centre": 1, "right": 2}
 
 
+@dataclass(frozen=True)
+class Fact:
+    """What a caption claims, checkable against any scene's objects (:func:`true_facts`).
+
+    ``kind``: ``single`` (an object's colour and shape, with ``size`` when the caption names
+    it), ``place`` (an object at its ``lateral`` / ``depth`` cell), ``pair`` (the object
+    ``left`` (colour, shape) is left of the object ``right``), ``count`` (``count`` objects).
+    Frozen, so it is hashable and compares by value. ``captions.jsonl`` stores it compactly
+    (:meth:`to_json`: ``{"k": "pair", "l": [...], "r": [...]}``)."""
+
+    kind: str
+    colour: str = ""
+    shape: str = ""
+    size: str = ""
+    lateral: str = ""
+    depth: str = ""
+    left: tuple[str, str] | None = None
+    right: tuple[str, str] | None = None
+    count: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"k": self.kind}
+        if self.kind == "pair":
+            assert self.left is not None and self.right is not None
+            out.update(l=list(self.left), r=list(self.right))
+        elif self.kind == "count":
+            out["n"] = self.count
+        else:
+            out.update(c=self.colour, s=self.shape)
+            if self.size:
+                out["z"] = self.size
+            if self.kind == "place":
+                out.update(lat=self.lateral, dep=self.depth)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Fact:
+        return cls(
+            kind=obj["k"],
+            colour=obj.get("c", ""),
+            shape=obj.get("s", ""),
+            size=obj.get("z", ""),
+            lateral=obj.get("lat", ""),
+            depth=obj.get("dep", ""),
+            left=tuple(obj["l"]) if "l" in obj else None,  # type: ignore[arg-type]
+            right=tuple(obj["r"]) if "r" in obj else None,  # type: ignore[arg-type]
+            count=int(obj.get("n", 0)),
+        )
+
+
 def captions(
     scene: CaptionScene, rng: np.random.Generator, per_image: int, held_out: bool = False
 ) -> tuple[list[str], list[dict]]:
@@ -327,7 +378,7 @@ def captions(
     families = EVAL_TEMPLATES if held_out else TRAIN_TEMPLATES
     objs = scene.objects
     out: list[str] = []
-    facts: list[dict] = []
+    facts: list[Fact] = []
     tries = 0
     while len(out) < per_image and tries < 50:
         tries += 1
@@ -349,72 +400,63 @@ def captions(
                 ac2=article(b.colour),
                 s2=b.shape,
             )
-            fact: dict = {"k": "pair", "l": [a.colour, a.shape], "r": [b.colour, b.shape]}
+            fact = Fact("pair", left=(a.colour, a.shape), right=(b.colour, b.shape))
         elif kind == "count":
             text = template.format(
                 n=NUMBERS[len(objs)], objects="object" if len(objs) == 1 else "objects"
             )
-            fact = {"k": "count", "n": len(objs)}
+            fact = Fact("count", count=len(objs))
         else:
             o = objs[int(rng.integers(len(objs)))]
             text = template.format(**_name(o))
-            fact = {"k": kind, "c": o.colour, "s": o.shape}
-            if kind == "single" and "{size}" in template:
-                fact["z"] = o.size
+            sized = kind == "single" and "{size}" in template
+            fact = Fact(kind, o.colour, o.shape, size=o.size if sized else "")
             if kind == "place":
-                fact.update(lat=o.lateral, dep=o.depth)
+                fact = replace(fact, lateral=o.lateral, depth=o.depth)
         if text not in out:
             out.append(text)
             facts.append(fact)
     return out, facts
 
 
-def fact_holds(fact: dict, objects: Sequence[SceneObject | dict]) -> bool:
+def fact_holds(fact: Fact, objects: Sequence[SceneObject | dict]) -> bool:
     """Whether a caption's fact is true of a scene (its objects, as dataclasses or dicts)."""
-    return fact_key(fact) in true_facts(objects)
+    return fact in true_facts(objects)
 
 
-def fact_key(fact: dict) -> tuple:
-    """A hashable form of a caption's fact, for :func:`true_facts`."""
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in fact.items()))
-
-
-def true_facts(objects: Sequence[SceneObject | dict]) -> frozenset[tuple]:
-    """The keys (:func:`fact_key`) of every fact a caption can claim that holds for a scene:
-    its object count; each object's colour and shape, with and without its size, and with
-    its side and depth; "X left of Y" for each two objects whose sides are in that order.
-    A training step checks every caption of the batch against every image with it."""
+def true_facts(objects: Sequence[SceneObject | dict]) -> frozenset[Fact]:
+    """Every fact a caption can claim that holds for a scene: its object count; each object's
+    colour and shape, with and without its size, and with its side and depth; "X left of Y"
+    for each two objects whose sides are in that order. A training step checks every caption
+    of the batch against every image with it."""
     objs = [o if isinstance(o, dict) else asdict(o) for o in objects]
-    facts: list[dict] = [{"k": "count", "n": len(objs)}]
+    facts = [Fact("count", count=len(objs))]
     for o in objs:
         c, s = o["colour"], o["shape"]
         facts += [
-            {"k": "single", "c": c, "s": s},
-            {"k": "single", "c": c, "s": s, "z": o["size"]},
-            {"k": "place", "c": c, "s": s, "lat": o["lateral"], "dep": o["depth"]},
+            Fact("single", c, s),
+            Fact("single", c, s, size=o["size"]),
+            Fact("place", c, s, lateral=o["lateral"], depth=o["depth"]),
         ]
         for b in objs:
             if LATERAL_RANK[o["lateral"]] < LATERAL_RANK[b["lateral"]]:
-                facts.append({"k": "pair", "l": [c, s], "r": [b["colour"], b["shape"]]})
-    return frozenset(fact_key(f) for f in facts)
+                facts.append(Fact("pair", left=(c, s), right=(b["colour"], b["shape"])))
+    return frozenset(facts)
 
 
 _SWAP = {"left": "right", "right": "left"}
 
 
-def has_side(fact: dict) -> bool:
+def has_side(fact: Fact) -> bool:
     """Whether a caption's fact names a side (a pair, or a place on the left or right)."""
-    return fact["k"] == "pair" or (fact["k"] == "place" and fact["lat"] != "centre")
+    return fact.kind == "pair" or (fact.kind == "place" and fact.lateral != "centre")
 
 
-def mirror_fact(fact: dict) -> dict:
-    """The fact as it reads in the scene's mirror image: left and right swapped (a copy)."""
-    new = dict(fact)
-    if fact["k"] == "pair":
-        new["l"], new["r"] = fact["r"], fact["l"]
-    elif "lat" in fact:
-        new["lat"] = _SWAP.get(fact["lat"], fact["lat"])
-    return new
+def mirror_fact(fact: Fact) -> Fact:
+    """The fact as it reads in the scene's mirror image: left and right swapped."""
+    if fact.kind == "pair":
+        return replace(fact, left=fact.right, right=fact.left)
+    return replace(fact, lateral=_SWAP.get(fact.lateral, fact.lateral))
 
 
 def mirror_objects(objects: Sequence[SceneObject | dict]) -> list[dict]:
@@ -424,7 +466,7 @@ def mirror_objects(objects: Sequence[SceneObject | dict]) -> list[dict]:
     return sorted(out, key=lambda o: (-o["y"], o["x"]))
 
 
-def swap_sides(text: str, fact: dict) -> tuple[str, dict] | None:
+def swap_sides(text: str, fact: Fact) -> tuple[str, Fact] | None:
     """The caption with left and right swapped and its fact ("a red box to the left of a blue
     sphere" -> "... to the right of ..."; "on the left" -> "on the right"); None for a caption
     without a side (single objects, counts, the centre)."""
@@ -433,13 +475,13 @@ def swap_sides(text: str, fact: dict) -> tuple[str, dict] | None:
     return re.sub(r"\b(left|right)\b", lambda m: _SWAP[m.group(1)], text), mirror_fact(fact)
 
 
-def perturb(text: str, fact: dict, rng: np.random.Generator) -> tuple[str, dict] | None:
+def perturb(text: str, fact: Fact, rng: np.random.Generator) -> tuple[str, Fact] | None:
     """A minimally different caption and its fact: left and right swapped, or one colour,
     shape or count replaced (articles kept grammatical, so only the meaning changes). None
     when the caption has nothing to perturb."""
-    kind = fact["k"]
+    kind = fact.kind
     options = []
-    if kind == "pair" or (kind == "place" and fact["lat"] != "centre"):
+    if has_side(fact):
         options += ["side", "side"]  # the relation the navigation task needs: weighted up
     if kind == "count":
         options.append("count")
@@ -448,37 +490,34 @@ def perturb(text: str, fact: dict, rng: np.random.Generator) -> tuple[str, dict]
     if not options:
         return None
     choice = str(rng.choice(options))
-    new = dict(fact)
     if choice == "side":
         return swap_sides(text, fact)
     if choice == "count":
-        n = int(rng.choice([k for k in NUMBERS if k != fact["n"]]))
+        n = int(rng.choice([k for k in NUMBERS if k != fact.count]))
         out = re.sub(r"\b(one|two|three|four)\b", NUMBERS[n], text)
         out = re.sub(r"\bobjects?\b", "object" if n == 1 else "objects", out)
-        new["n"] = n
-        return out, new
-    slots = (
-        [("l", fact["l"]), ("r", fact["r"])] if kind == "pair" else [("", [fact["c"], fact["s"]])]
-    )
-    colour, shape = slots[int(rng.integers(len(slots)))][1]
+        return out, replace(fact, count=n)
+    slots = [fact.left, fact.right] if kind == "pair" else [(fact.colour, fact.shape)]
+    colour, shape = slots[int(rng.integers(len(slots)))]  # type: ignore[misc]
     if choice == "colour":
         other = str(rng.choice([c for c in COLOURS if c != colour]))
         out = re.sub(rf"\b(a|an) {colour}\b", f"{article(other)}", text)
         out = re.sub(rf"\b{colour}\b", other, out)
-        replaced = [other, shape]
-        for key in ("l", "r") if kind == "pair" else ():
-            if fact[key][0] == colour:
-                new[key] = [other, fact[key][1]]
+
+        def changed(obj: tuple[str, str]) -> tuple[str, str]:
+            return (other, obj[1]) if obj[0] == colour else obj
     else:
         other = str(rng.choice([s for s in SHAPES if s != shape]))
         out = re.sub(rf"\b{shape}\b", other, text)
-        replaced = [colour, other]
-        for key in ("l", "r") if kind == "pair" else ():
-            if fact[key][1] == shape:
-                new[key] = [fact[key][0], other]
-    if kind != "pair":
-        new["c"], new["s"] = replaced
-    return out, new
+
+        def changed(obj: tuple[str, str]) -> tuple[str, str]:
+            return (obj[0], other) if obj[1] == shape else obj
+
+    if kind == "pair":
+        assert fact.left is not None and fact.right is not None
+        return out, replace(fact, left=changed(fact.left), right=changed(fact.right))
+    colour, shape = (other, shape) if choice == "colour" else (colour, other)
+    return out, replace(fact, colour=colour, shape=shape)
 
 
 def _probe_objects(objects: Sequence[SceneObject | dict]) -> tuple[dict, dict] | None:

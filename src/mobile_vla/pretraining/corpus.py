@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from mobile_vla.errors import DataError, MobileVLAError
 from mobile_vla.io import atomic_path, atomic_write_json, atomic_write_text
+from mobile_vla.pretraining.caption_scenes import Fact
 
 FORMAT = "mobile-vla-caption-corpus"
 VERSION = 4  # 4: pair templates that name the left object second too; the probe on objects
@@ -95,9 +96,9 @@ def _render_chunk(args: tuple[list[int], int, int, int, float]) -> list[tuple[in
             "scene_seed": s,
             "split": split,
             "captions": texts,
-            "facts": facts,
+            "facts": [f.to_json() for f in facts],
             "eval_captions": eval_texts,
-            "eval_facts": eval_facts,
+            "eval_facts": [f.to_json() for f in eval_facts],
             "objects": [asdict(o) for o in scene.objects],
             "probe": left_right_probe(scene.objects),
         }
@@ -231,4 +232,7 @@ def load_corpus(folder: str | Path) -> Corpus:
         raise DataError(
             f"corpus folder '{folder}': captions.jsonl has {len(records)} lines for {n} images"
         )
+    for r in records:  # captions.jsonl stores facts compactly; in memory they are typed
+        r["facts"] = [Fact.from_json(f) for f in r["facts"]]
+        r["eval_facts"] = [Fact.from_json(f) for f in r["eval_facts"]]
     return Corpus(folder, manifest, images, records)

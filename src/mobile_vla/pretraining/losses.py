@@ -20,7 +20,7 @@ from mobile_vla.config import PretrainConfig
 from mobile_vla.pretraining.caption_scenes import (
     COLOURS,
     SHAPES,
-    fact_key,
+    Fact,
     has_side,
     mirror_fact,
     mirror_objects,
@@ -48,8 +48,8 @@ class TextTable:
 @dataclass
 class TrainSet:
     ids: list[int]  # training image indices
-    captions: list[list[tuple[int, dict]]]  # per training image: (text id, fact)
-    negatives: list[list[list[tuple[int, dict]]]]  # per image, per caption: perturbed versions
+    captions: list[list[tuple[int, Fact]]]  # per training image: (text id, fact)
+    negatives: list[list[list[tuple[int, Fact]]]]  # per image, per caption: perturbed versions
     swaps: list[list[int | None]]  # per image, per caption: left and right swapped (if false)
 
 
@@ -65,7 +65,7 @@ def jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def _captions_of(
     rows: np.ndarray, ts: TrainSet, rng: np.random.Generator
-) -> tuple[list[tuple[int, dict]], list[tuple[int, dict] | None], list[int | None]]:
+) -> tuple[list[tuple[int, Fact]], list[tuple[int, Fact] | None], list[int | None]]:
     """One caption per batch row, one of its perturbed negatives and its left/right swap."""
     chosen, negative, swapped = [], [], []
     for r in rows:
@@ -82,8 +82,8 @@ def contrastive_losses(
     cfg: PretrainConfig,
     img_emb: torch.Tensor,
     objects: list[list[dict]],
-    chosen: list[tuple[int, dict]],
-    negative: list[tuple[int, dict] | None],
+    chosen: list[tuple[int, Fact]],
+    negative: list[tuple[int, Fact] | None],
     swapped: list[int | None],
     table: TextTable,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -91,10 +91,10 @@ def contrastive_losses(
     head is active) the left/right and claim losses; also the similarity matrix, the
     positives and the caption states, for ITM."""
     # text columns: the batch's captions, then their perturbed versions
-    columns: list[tuple[int, dict]] = list(chosen) + [n for n in negative if n is not None]
+    columns: list[tuple[int, Fact]] = list(chosen) + [n for n in negative if n is not None]
     text_ids = [c[0] for c in columns]
     b = len(chosen)
-    keys = [fact_key(f) for _, f in columns]
+    keys = [f for _, f in columns]
     truth = [true_facts(objs) for objs in objects]
     positive = torch.tensor([[k in t for k in keys] for t in truth], dtype=torch.bool)
     states, mask = table.rows(text_ids)
@@ -108,7 +108,7 @@ def contrastive_losses(
     # "X left of Y" captions against themselves with left and right swapped: only word order
     # and the image tell them apart (a single object's side is a word, which the mean state
     # already tells apart)
-    sided = [i for i, t in enumerate(swapped) if t is not None and chosen[i][1]["k"] == "pair"]
+    sided = [i for i, t in enumerate(swapped) if t is not None and chosen[i][1].kind == "pair"]
     if cfg.order_weight > 0 and model.order_active and sided:
         s_states, s_mask = table.rows([swapped[i] for i in sided])  # type: ignore[misc]
         swap_emb = model.text_embedding(s_states, s_mask)
@@ -119,7 +119,7 @@ def contrastive_losses(
         out["order"] = F.cross_entropy(logits, torch.zeros(len(sided), dtype=torch.long))
         with torch.no_grad():
             out["order_acc"] = (true > false).float().mean()
-    pairs = [i for i, (_, f) in enumerate(chosen) if f["k"] == "pair"]
+    pairs = [i for i, (_, f) in enumerate(chosen) if f.kind == "pair"]
     if cfg.claim_weight > 0 and model.claim_head is not None and model.order_active and pairs:
         out["claim"] = model.claim_loss(states[pairs], mask[pairs], [chosen[i][1] for i in pairs])
     return out, {"sim": sim, "positive": positive, "states": states, "mask": mask}
@@ -227,13 +227,13 @@ def image_features(
 
 
 def _mirror(
-    chosen: list[tuple[int, dict]],
-    negative: list[tuple[int, dict] | None],
+    chosen: list[tuple[int, Fact]],
+    negative: list[tuple[int, Fact] | None],
     swapped: list[int | None],
     objects: list[list[dict]],
     flip: np.ndarray,
 ) -> tuple[
-    list[tuple[int, dict]], list[tuple[int, dict] | None], list[int | None], list[list[dict]]
+    list[tuple[int, Fact]], list[tuple[int, Fact] | None], list[int | None], list[list[dict]]
 ]:
     """The batch with the ``flip`` rows shown as their mirror image. A side caption becomes
     its swap (true of the mirror), with the caption itself as the perturbed negative and as

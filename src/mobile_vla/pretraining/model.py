@@ -35,7 +35,9 @@ The backbone's weights ship; the pooling and score heads ship beside them under 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +47,7 @@ from torch import nn
 from mobile_vla.config import BackboneConfig, BuiltinConfig
 from mobile_vla.errors import ConfigError
 from mobile_vla.models.backbones.builtin import BuiltinBackbone, init_weights
-from mobile_vla.pretraining.caption_scenes import COLOURS, DEPTH, LATERAL, SHAPES
+from mobile_vla.pretraining.caption_scenes import COLOURS, DEPTH, LATERAL, SHAPES, Fact
 
 CELLS = [(lat, dep) for lat in LATERAL for dep in DEPTH]
 
@@ -147,18 +149,43 @@ class CellProbe(nn.Module):
         return self.proj(tokens).amax(dim=1).view(-1, self.cells, self.colours + self.shapes)
 
 
+@dataclass(frozen=True)
+class HeadsConfig:
+    """What :class:`PretrainModel` builds beside the backbone (the pretraining config's head
+    keys). An exported weights file's card stores it (``heads``), as transformers stores
+    ``config.json``, so the model is rebuilt from the card, not guessed from tensor shapes."""
+
+    temperature: float = 0.07
+    text_order_layers: int = 0
+    image_cells: bool = False
+    text_order_width: int = 0
+    text_order_norm: float = 0.0
+    head_cells: bool = False
+
+    @classmethod
+    def from_pretrain(cls, cfg: Mapping[str, Any] | Any) -> HeadsConfig:
+        """From a PretrainConfig (or its dict, as a card's ``pretrain_config`` holds it)."""
+        get = cfg.get if isinstance(cfg, Mapping) else lambda k, d: getattr(cfg, k, d)
+        return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> HeadsConfig:
+        unknown = set(obj) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown pretraining head keys {sorted(unknown)}")
+        return cls(**obj)
+
+
 class PretrainModel(nn.Module):
-    def __init__(
-        self,
-        cfg: BuiltinConfig,
-        temperature: float,
-        text_order_layers: int = 0,
-        image_cells: bool = False,
-        text_order_width: int = 0,
-        text_order_norm: float = 0.0,
-        head_cells: bool = False,
-    ) -> None:
+    def __init__(self, cfg: BuiltinConfig, heads: HeadsConfig = HeadsConfig()) -> None:
         super().__init__()
+        self.heads_config = heads
+        temperature, text_order_layers = heads.temperature, heads.text_order_layers
+        image_cells, head_cells = heads.image_cells, heads.head_cells
+        text_order_width, text_order_norm = heads.text_order_width, heads.text_order_norm
         bcfg = BackboneConfig(name="builtin", builtin=cfg, pretrained=False)
         self.backbone = BuiltinBackbone(bcfg)
         width = cfg.fusion_width
@@ -274,7 +301,7 @@ class PretrainModel(nn.Module):
         return F.normalize(emb, dim=-1)
 
     def claim_loss(
-        self, states: torch.Tensor, mask: torch.Tensor, facts: list[dict]
+        self, states: torch.Tensor, mask: torch.Tensor, facts: list[Fact]
     ) -> torch.Tensor:
         """The claim head's four cross-entropies (summed) on "X left of Y" captions: the left
         object's colour and shape from the word-order head's left slot, the right object's from
@@ -284,10 +311,11 @@ class PretrainModel(nn.Module):
         nc = len(COLOURS)
         colours, shapes = list(COLOURS), list(SHAPES)
         loss = torch.zeros((), device=states.device)
-        for k, side in enumerate(("l", "r")):
+        for k, side in enumerate(("left", "right")):
             part = logits[:, k]
-            colour = torch.tensor([colours.index(f[side][0]) for f in facts])
-            shape = torch.tensor([shapes.index(f[side][1]) for f in facts])
+            objs = [getattr(f, side) for f in facts]  # (colour, shape) of that side's object
+            colour = torch.tensor([colours.index(o[0]) for o in objs])
+            shape = torch.tensor([shapes.index(o[1]) for o in objs])
             loss = (
                 loss + F.cross_entropy(part[:, :nc], colour) + F.cross_entropy(part[:, nc:], shape)
             )

@@ -44,7 +44,6 @@ from mobile_vla.errors import MobileVLAError
 from mobile_vla.hardware import resolve_precision
 from mobile_vla.io import atomic_write_json, atomic_write_text
 from mobile_vla.pretraining.caption_scenes import (
-    fact_key,
     perturb,
     swap_sides,
     true_facts,
@@ -58,7 +57,7 @@ from mobile_vla.pretraining.losses import (
     image_side_trains,
     step_losses,
 )
-from mobile_vla.pretraining.model import PretrainModel
+from mobile_vla.pretraining.model import HeadsConfig, PretrainModel
 from mobile_vla.training.checkpoint import load_folder, save_folder
 from mobile_vla.training.module import warmup_cosine
 
@@ -104,14 +103,14 @@ def prepare(corpus: Corpus, seed: int) -> tuple[TrainSet, list[str]]:
             texts.append(text)
             per_image.append((text, fact))
             swapped = swap_sides(text, fact)
-            if swapped is not None and fact_key(swapped[1]) in truth:
+            if swapped is not None and swapped[1] in truth:
                 swapped = None  # e.g. a red box on each side: both captions are true
             per_swap.append(swapped[0] if swapped else None)
             texts.extend([swapped[0]] if swapped else [])
             options = []
             for _ in range(PERTURBATIONS):
                 p = perturb(text, fact, rng)
-                if p is not None and fact_key(p[1]) not in truth and p not in options:
+                if p is not None and p[1] not in truth and p not in options:
                     options.append(p)
             texts.extend(t for t, _ in options)
             per_neg.append(options)
@@ -197,15 +196,7 @@ def trainable_state(model: PretrainModel) -> dict[str, torch.Tensor]:
 
 def build_model(cfg: PretrainConfig) -> PretrainModel:
     torch.manual_seed(cfg.seed)
-    return PretrainModel(
-        cfg.backbone,
-        cfg.temperature,
-        cfg.text_order_layers,
-        cfg.image_cells,
-        cfg.text_order_width,
-        cfg.text_order_norm,
-        cfg.head_cells,
-    )
+    return PretrainModel(cfg.backbone, HeadsConfig.from_pretrain(cfg))
 
 
 def _check_corpus(corpus: Corpus) -> None:
@@ -546,31 +537,22 @@ def load_weights_file(weights: str | Path) -> PretrainModel:
     from mobile_vla.config import BuiltinConfig
     from mobile_vla.pretraining.weights import load_weights, read_card
 
-    arch = read_card(Path(weights)).get("architecture", {})
+    card = read_card(Path(weights))
+    arch = card.get("architecture", {})
     cfg = BuiltinConfig(
         **{k: v for k, v in arch.items() if k in BuiltinConfig.__dataclass_fields__}
     )
+    if "heads" in card:
+        heads = HeadsConfig.from_json(card["heads"])
+    elif "pretrain_config" in card:  # cards written before the heads' config was stored
+        heads = HeadsConfig.from_pretrain(card["pretrain_config"])
+    else:
+        raise MobileVLAError(
+            f"model card of '{weights}' has neither 'heads' nor 'pretrain_config': the "
+            "pretraining heads cannot be rebuilt (the backbone still loads as a policy's)"
+        )
     state = load_weights(weights, cfg)
-    prefix = "heads.text_order.layers.layers."
-    layers = len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})
-    cells = (
-        "heads.image_head.weight" in state
-        and state["heads.image_head.weight"].shape[1] > 2 * cfg.vision_width
-    )
-    order_width = (
-        int(state["heads.text_order.inp.weight"].shape[0])
-        if "heads.text_order.inp.weight" in state
-        else 0
-    )
-    model = PretrainModel(
-        cfg,
-        0.07,
-        text_order_layers=layers,
-        image_cells=cells,
-        text_order_width=order_width,
-        text_order_norm=float(state.get("heads.text_order.max_norm", torch.zeros(()))),
-        head_cells="heads.cell_map.weight" in state,
-    )
+    model = PretrainModel(cfg, heads)
     model.load_export(state)
     model.eval()
     return model
@@ -611,6 +593,7 @@ def export(
         "precision": precision,
         "command": command,
         "pretrain_config": to_dict(cfg),
+        "heads": HeadsConfig.from_pretrain(cfg).to_json(),
         "metrics": metrics.get("summary", {}),
     }
     export_weights(model.export_state(), cfg.backbone, target, card)
