@@ -241,33 +241,23 @@ def args_train(sub: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    from mobile_vla.evaluation.offline import evaluate_run, format_offline
-    from mobile_vla.training.runs import load_policy
+    from mobile_vla.evaluation.run_eval import evaluate
 
     refuse_overrides(overrides, "eval")
-    loaded = load_policy(args.run, args.checkpoint)  # once, for both evaluations
-    m = evaluate_run(
-        args.run,
-        which=args.checkpoint,
+    run, episodes, seed, chunk, k, decay = closed_loop_args(args)
+    evaluate(
+        run,
+        args.checkpoint,
+        episodes,
+        seed,
+        chunk,
+        k,
+        decay,
+        videos=args.videos,
         batch_size=args.batch_size,
+        expert_steps=args.expert_steps,
         progress=not args.quiet,
-        loaded=loaded,
     )
-    print(format_offline(m))
-    if args.episodes > 0:
-        from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop, format_closed_loop
-
-        c = evaluate_run_closed_loop(
-            *closed_loop_args(args),
-            args.videos,
-            args.checkpoint,
-            progress=not args.quiet,
-            loaded=loaded,
-            expert_steps=args.expert_steps,
-        )
-        if args.expert_steps:
-            print(f"the expert drove the first {args.expert_steps} steps (a diagnostic):")
-        print(format_closed_loop(c))
     return 0
 
 

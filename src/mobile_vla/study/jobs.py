@@ -145,24 +145,18 @@ def execute(job: Job) -> None:
 
 
 def _evaluate(job: Evaluate) -> None:
-    from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop, format_closed_loop
-    from mobile_vla.evaluation.offline import evaluate_run, format_offline
-    from mobile_vla.training.runs import load_policy
+    from mobile_vla.evaluation.run_eval import evaluate
 
-    loaded = load_policy(job.run, "best")
-    print(format_offline(evaluate_run(job.run, progress=False, loaded=loaded)))
-    if job.episodes:
-        summary = evaluate_run_closed_loop(
-            job.run,
-            job.episodes,
-            job.seed,
-            job.chunk,
-            job.chunk_k,
-            videos=job.videos,
-            progress=False,
-            loaded=loaded,
-        )
-        print(format_closed_loop(summary))
+    evaluate(
+        job.run,
+        "best",
+        job.episodes,
+        job.seed,
+        job.chunk,
+        job.chunk_k,
+        videos=job.videos,
+        progress=False,
+    )
     if job.episodes and job.curve:
         from mobile_vla.evaluation.curve import evaluate_curve, format_curve
 

@@ -1,0 +1,55 @@
+"""Evaluating a run folder: ``mobile-vla eval`` and a study cell's evaluation both call
+:func:`evaluate`, which loads the run's policy once, computes the offline metrics on its test
+episodes and, with ``episodes``, the closed loop, writes them to ``metrics.json`` and prints
+them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def evaluate(
+    run: str | Path,
+    which: str = "best",
+    episodes: int = 0,
+    seed: int | None = None,
+    chunk_mode: str = "first",
+    k: int = 1,
+    decay: float = 0.1,
+    videos: int = 2,
+    batch_size: int = 16,
+    expert_steps: int = 0,
+    progress: bool = True,
+    echo: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Offline metrics (and, with ``episodes`` > 0, the closed loop) of checkpoint ``which``
+    of ``run``; each printed through ``echo`` as it is done. Returns both (``closed_loop``
+    None without episodes)."""
+    from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop, format_closed_loop
+    from mobile_vla.evaluation.offline import evaluate_run, format_offline
+    from mobile_vla.training.runs import load_policy
+
+    loaded = load_policy(run, which)  # once, for both evaluations
+    offline = evaluate_run(run, which, batch_size, progress, loaded)
+    echo(format_offline(offline))
+    closed = None
+    if episodes > 0:
+        closed = evaluate_run_closed_loop(
+            run,
+            episodes,
+            seed,
+            chunk_mode,
+            k,
+            decay,
+            videos,
+            which,
+            progress=progress,
+            loaded=loaded,
+            expert_steps=expert_steps,
+        )
+        if expert_steps:
+            echo(f"the expert drove the first {expert_steps} steps (a diagnostic):")
+        echo(format_closed_loop(closed))
+    return {"offline": offline, "closed_loop": closed}
