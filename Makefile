@@ -64,6 +64,7 @@ bench: install
 	$(BIN)/python bench/bench_hdf5_chunks.py
 	$(BIN)/python bench/bench_strategies.py
 	$(BIN)/python bench/bench_serving.py
+	$(BIN)/python bench/bench_lora_merge.py
 	$(BIN)/python bench/bench_feature_cache.py
 
 clean:

@@ -109,7 +109,7 @@ def main() -> int:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     n = args.frames
-    print(f"machine: {machine()}; {args.episodes} episodes x {n} frames of {H}x{W}, gzip")
+    print(f"{machine()}; {args.episodes} episodes x {n} frames of {H}x{W}, gzip")
     layouts = {"per-frame": (1, H, W, 3), "automatic": True}
     with tempfile.TemporaryDirectory() as tmp:
         files: dict[str, list[Path]] = {k: [] for k in layouts}
