@@ -1,15 +1,7 @@
-"""``mobile-vla train``: a new (or resumed) run folder, trained with Lightning. What it
-writes (``training.runs`` reads it back)::
-
-    config.yaml        the resolved config
-    stats.json         action normalization statistics (training split)
-    split.json         the episodes of each split
-    params.json        trainable / total parameters per group, the resolved strategy
-    checkpoints/last   safetensors + JSON, every epoch
-    checkpoints/best   the lowest validation loss
-    logs/              CSV and TensorBoard logs
-    train_stats.json   samples/s (steady state: the loop's and the step's), peak memory, wall time
-"""
+"""``mobile-vla train``: a new (or resumed) run folder, trained with Lightning: the config,
+the action statistics and the split first, then checkpoints (every epoch, the best on
+validation, the kept steps), logs and ``train_stats.json`` (samples/s, peak memory, wall
+time). The folder's layout, and everything that reads it back, is in ``training.runs``."""
 
 from __future__ import annotations
 
