@@ -23,7 +23,7 @@ from mobile_vla.evaluation.offline import (
     instruction_sensitivity,
     regression_metrics,
 )
-from mobile_vla.training.checkpoint import CheckpointError, load_folder, save_folder
+from mobile_vla.training.checkpoint import CheckpointError, load_folder, save_folder, saved_step
 from mobile_vla.training.module import warmup_cosine
 from mobile_vla.training.run import train
 from mobile_vla.training.runs import load_policy
@@ -316,6 +316,15 @@ def _poison_first_float(path: Path) -> None:
     header = 8 + int.from_bytes(raw[:8], "little")
     raw[header : header + 4] = np.float32("nan").tobytes()
     (path / "tensors.safetensors").write_bytes(bytes(raw))
+
+
+def test_saved_step_reads_the_json_part_only(tmp_path) -> None:
+    ck = save_folder({"global_step": 37, "state_dict": {"w": torch.ones(3)}}, tmp_path / "ck")
+    (ck / "tensors.safetensors").write_bytes(b"not read")  # the tensors are never opened
+    assert saved_step(ck) == 37
+    (ck / "state.json").write_text("{truncated")
+    with pytest.raises(CheckpointError, match=r"state\.json is unreadable"):
+        saved_step(ck)
 
 
 def test_checkpoint_integrity_nan_weights_and_crash_between_renames(tmp_path) -> None:

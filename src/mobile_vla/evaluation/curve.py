@@ -21,13 +21,13 @@ from mobile_vla.models.runtime import PolicyController
 
 def curve_points(run: Path) -> list[tuple[str, int]]:
     """(checkpoint name, optimizer step) of every step checkpoint and ``last``."""
-    from mobile_vla.training.checkpoint import load_folder
+    from mobile_vla.training.checkpoint import saved_step
     from mobile_vla.training.runs import step_checkpoints
 
     points = [(p.name, int(p.name[5:])) for p in step_checkpoints(run)]
     last = run / "checkpoints" / "last"
     if last.exists():
-        step = int(load_folder(last).get("global_step", 0))
+        step = saved_step(last)  # the JSON part only; the weights are loaded once, below
         if not points or step > points[-1][1]:
             points.append(("last", step))
     if not points:

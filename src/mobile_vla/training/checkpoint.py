@@ -153,6 +153,16 @@ def save_folder(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def saved_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint folder was saved at, from its JSON part alone (the
+    tensors are not read: a learning curve asks it of every checkpoint before loading one)."""
+    path = recover(path)
+    try:
+        return int(json.loads((path / STATE).read_text()).get("global_step", 0))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint '{path}': {STATE} is unreadable ({exc})") from None
+
+
 def load_folder(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint folder, verifying its checksum (checkpoints written before checksums
     were stored are read without) and refusing non-finite floating-point tensors."""
