@@ -66,6 +66,7 @@ bench: install
 	$(BIN)/python bench/bench_serving.py
 	$(BIN)/python bench/bench_lora_merge.py
 	$(BIN)/python bench/bench_feature_cache.py
+	$(BIN)/python bench/bench_compile.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
