@@ -10,7 +10,6 @@ plotted, coloured by instruction side and by model. Written to ``OUT/``: ``compa
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from mobile_vla.analysis.representations import compare_features, pca_2d
 from mobile_vla.errors import MobileVLAError
+from mobile_vla.evaluation.plots import embedded_figure
 from mobile_vla.io import atomic_path, atomic_write_json, atomic_write_text
 
 TSNE_PERPLEXITY = 30.0
@@ -224,11 +224,7 @@ def render_html(result: dict[str, Any], out: Path) -> str:
             f"<td>{_fmt(b, 'euclidean_standardized')}</td><td>{_fmt(b, 'kl')}</td>"
             f"<td>{_fmt(b, 'correlation')}</td></tr>"
         )
-    imgs = "".join(
-        f'<figure><img alt="{name}" src="data:image/png;base64,'
-        f'{base64.b64encode((out / name).read_bytes()).decode()}"></figure>'
-        for name in ("pca.png", "tsne.png")
-    )
+    imgs = "".join(embedded_figure(out / name, name) for name in ("pca.png", "tsne.png"))
     inp = result["inputs"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>mobile-vla compare</title>

@@ -92,3 +92,12 @@ def save_figure(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def embedded_figure(path: Path, alt: str) -> str:
+    """A PNG as an HTML ``<figure>`` with the image inline (base64), so a page stands alone."""
+    import base64
+    import html
+
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'

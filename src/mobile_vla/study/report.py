@@ -13,7 +13,6 @@ Newcombe interval, and every rate carries its 95% Wilson interval.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mobile_vla.evaluation.closed_loop import wilson_interval
-from mobile_vla.evaluation.plots import save_figure, success_errorbar
+from mobile_vla.evaluation.plots import embedded_figure, save_figure, success_errorbar
 from mobile_vla.io import atomic_write_json, atomic_write_text
 
 # metric name -> (getter on a cell result, higher is better, format)
@@ -104,10 +103,7 @@ def to_html(blocks: list[Block]) -> str:
             )
             parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
         else:
-            data = base64.b64encode(b.path.read_bytes()).decode()
-            parts.append(
-                f'<figure><img alt="{esc(b.alt)}" src="data:image/png;base64,{data}"></figure>'
-            )
+            parts.append(embedded_figure(b.path, b.alt))
     return "\n".join(parts)
 
 
