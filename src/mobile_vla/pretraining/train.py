@@ -599,8 +599,8 @@ def export(
     export_weights(model.export_state(), cfg.backbone, target, card)
     # what the policy will receive from these weights, beside the heads' figures
     full = read_card(target)
-    if cfg.policy_probe_scenes:
+    if cfg.policy_probe_scenes:  # it loads the written weights, so the card is completed after
         full["policy_probe"] = policy_probe(target, cfg.backbone, cfg.policy_probe_scenes)
-    atomic_write_json(card_path(target), full)
+        atomic_write_json(card_path(target), full)
     atomic_write_text(run / "export" / "MODEL_CARD.md", model_card_markdown(full))
     return target
