@@ -14,6 +14,7 @@ from mobile_vla.evaluation.closed_loop import (
     evaluation_jobs,
     wilson_interval,
 )
+from mobile_vla.evaluation.results import ClosedLoopSummary
 from mobile_vla.models.runtime import ChunkExecutor, PolicyController, to_command
 
 SIM = SimConfig(image_size=[32, 32], max_steps=40)
@@ -21,17 +22,22 @@ SIM = SimConfig(image_size=[32, 32], max_steps=40)
 
 def test_expert_replay_succeeds_and_zero_policy_fails() -> None:
     summary, results = closed_loop(ExpertReplayController(SIM), SIM, 12, seed=0)
-    assert summary["episodes"] == 12 and summary["success_rate"] == 1.0
-    assert summary["by_side"]["left"]["episodes"] == summary["by_side"]["right"]["episodes"] == 6
-    assert set(summary["by_layout"]) == {"1box", "2box"}
-    assert set(summary["by_distance"]) == {"close", "medium", "far"}
+    assert summary.episodes == 12 and summary.success_rate == 1.0
+    assert summary.by_side["left"].episodes == summary.by_side["right"].episodes == 6
+    assert set(summary.by_layout) == {"1box", "2box"}
+    assert set(summary.by_distance) == {"close", "medium", "far"}
     assert all(r.end == "stopped" and r.passed_side == r.side for r in results)
-    assert summary["mean_steps_to_success"] > 5
+    assert summary.overall.mean_steps_to_success > 5
+    stored = summary.to_json()  # metrics.json's keys, read back as the same record
+    assert stored["by_side"]["left"]["successes"] == 6 and stored["success_ci95"][1] == 1.0
+    assert ClosedLoopSummary.from_json(stored) == summary
+    with pytest.raises(MobileVLAError, match="'successes' is missing"):
+        ClosedLoopSummary.from_json({"episodes": 12})
     zero, results = closed_loop(ConstantController(), SIM, 6, seed=0)
-    assert zero["success_rate"] == 0.0 and zero["collision_rate"] == 0.0
+    assert zero.success_rate == 0.0 and zero.collision_rate == 0.0
     assert all(r.end == "stopped" for r in results)
     crash, _ = closed_loop(ConstantController([1.15, 0, 0]), SIM, 4, seed=0)
-    assert crash["success_rate"] == 0.0 and crash["collision_rate"] == 1.0
+    assert crash.success_rate == 0.0 and crash.collision_rate == 1.0
 
 
 def test_evaluation_seeds_are_held_out_from_collection() -> None:
@@ -134,11 +140,11 @@ def test_expert_start_drives_the_first_steps_then_hands_over() -> None:
     from mobile_vla.evaluation.closed_loop import ExpertStartController
 
     full, _ = closed_loop(ExpertStartController(ConstantController(), SIM, 60), SIM, 4, seed=0)
-    assert full["success_rate"] == 1.0  # the expert all the way: the upper bound
+    assert full.success_rate == 1.0  # the expert all the way: the upper bound
     handed, results = closed_loop(
         ExpertStartController(ConstantController(), SIM, 3), SIM, 4, seed=0
     )
-    assert handed["success_rate"] == 0.0
+    assert handed.success_rate == 0.0
     for r in results:  # three expert steps, then the zero command stops the robot
         assert r.end == "stopped" and r.steps == 3 + 3
         assert r.trajectory[3][0] > r.trajectory[0][0] + 0.2  # the expert moved it

@@ -325,10 +325,10 @@ def test_drive_sim_through_the_server_matches_in_process(served_run: Path, capsy
         live.stop()
     policy, cfg = load_policy(served_run)
     local, results = closed_loop(PolicyController(policy, cfg, camera=robot_camera), cfg.sim, 4, 5)
-    assert remote["success_rate"] == local["success_rate"]
-    assert remote["collision_rate"] == local["collision_rate"]
+    assert remote["success_rate"] == local.success_rate
+    assert remote["collision_rate"] == local.collision_rate
     assert [b["successes"] for b in remote["by_side"].values()] == [
-        b["successes"] for b in local["by_side"].values()
+        b.successes for b in local.by_side.values()
     ]
     assert remote["episodes"] == 4 and remote["latency_ms_p99"] < 1000
     # episode by episode: same ending, same number of steps, same path

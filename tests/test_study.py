@@ -15,6 +15,7 @@ import yaml
 from mobile_vla.cli import main
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.study import grid as grid_module
+from mobile_vla.study.cells import CellResult
 from mobile_vla.study.grid import Study, StudyConfig, cells
 from mobile_vla.study.report import compare_two, success_test
 
@@ -205,13 +206,15 @@ def test_grid_order_and_noise_rules() -> None:
     ids = [c.id for c in cells(study)]
     assert len(ids) == 16 and ids[0] == "frozen-pt-nall-s0" and ids[-1] == "lora-rand-n10-s1"
 
-    def cell(v: float, k: int = 0, n: int = 0) -> dict:
-        return {
-            "offline": {"val_loss": v},
-            "closed_loop": {"successes": k, "episodes": n, "success_rate": k / n if n else 0},
-        }
+    def cell(v: float, k: int = 0, n: int = 0) -> CellResult:
+        return CellResult.from_json(
+            {
+                "offline": {"val_loss": v},
+                "closed_loop": {"successes": k, "episodes": n, "success_rate": k / n if n else 0},
+            }
+        )
 
-    get = lambda c: c["offline"]["val_loss"]  # noqa: E731
+    get = lambda c: c.offline.val_loss  # noqa: E731
     assert (
         compare_two([cell(1.0), cell(1.1)], [cell(1.05), cell(1.12)], get, False)["verdict"]
         == "within noise"

@@ -23,6 +23,7 @@ from mobile_vla.evaluation.offline import (
     instruction_sensitivity,
     regression_metrics,
 )
+from mobile_vla.evaluation.results import OfflineMetrics
 from mobile_vla.training.checkpoint import CheckpointError, load_folder, save_folder, saved_step
 from mobile_vla.training.module import warmup_cosine
 from mobile_vla.training.run import train
@@ -133,6 +134,8 @@ def test_train_writes_a_complete_run_and_eval_writes_metrics(train_data, tmp_pat
     assert metrics["direction_accuracy"]["threshold"] == 0.1
     assert 0.0 <= metrics["instruction_sensitivity"]["sign_flip_rate"] <= 1.0
     assert metrics["samples"] == metrics["instruction_sensitivity"]["count"] > 0
+    typed = OfflineMetrics.from_json(metrics)  # the file reads back as the typed record
+    assert typed.to_json() == metrics and typed.split == "test"
 
 
 @pytest.mark.parametrize("strategy", ["frozen", "lora"])
@@ -428,12 +431,12 @@ def test_metric_math_against_hand_computed_values() -> None:
     assert m["valid_steps"] == 3
     d = direction_accuracy(pred[..., 1], target[..., 1], mask, threshold=0.1)
     # targets above threshold: 0.5 (pred 0.5, same), 1.0 (pred -1, wrong), -0.5 (pred 0, wrong)
-    assert d["count"] == 3 and d["value"] == pytest.approx(1 / 3)
+    assert d.count == 3 and d.value == pytest.approx(1 / 3)
     s = instruction_sensitivity(np.array([0.5, -0.2, 0.0, 1.0]), np.array([-0.5, -0.4, 0.3, 1.0]))
-    assert s["mean_abs_diff"] == pytest.approx((1.0 + 0.2 + 0.3 + 0.0) / 4)
-    assert s["sign_flip_rate"] == pytest.approx(0.25)
-    assert s["quantiles"]["0.5"] == pytest.approx(0.25)  # of |diff| = 1.0, 0.2, 0.3, 0.0
-    assert sum(s["histogram"]["counts"]) == 4 and s["histogram"]["edges"][-1] == 1.0
+    assert s.mean_abs_diff == pytest.approx((1.0 + 0.2 + 0.3 + 0.0) / 4)
+    assert s.sign_flip_rate == pytest.approx(0.25)
+    assert s.quantiles["0.5"] == pytest.approx(0.25)  # of |diff| = 1.0, 0.2, 0.3, 0.0
+    assert sum(s.histogram.counts) == 4 and s.histogram.edges[-1] == 1.0
 
 
 def test_language_blind_policy_scores_zero_sensitivity(train_data, tmp_path) -> None:
@@ -444,15 +447,15 @@ def test_language_blind_policy_scores_zero_sensitivity(train_data, tmp_path) -> 
     bundle = build_datasets(cfg)
     policy, _ = build_policy(cfg, bundle.stats)
     policy.eval()
-    seeing = evaluate_offline(policy, bundle.val)["instruction_sensitivity"]
+    seeing = evaluate_offline(policy, bundle.val).instruction_sensitivity
     with torch.no_grad():  # cut the text path: the fusion sees the same text tokens always
         for p in policy.backbone.text_proj.parameters():
             p.zero_()
     blind = evaluate_offline(policy, bundle.val)
-    assert blind["instruction_sensitivity"]["mean_abs_diff"] == pytest.approx(0.0, abs=1e-6)
-    assert blind["instruction_sensitivity"]["sign_flip_rate"] == 0.0
-    assert seeing["mean_abs_diff"] > 1e-4
-    assert blind["val_loss"] > 0 and blind["rmse"]["all"] > 0
+    assert blind.instruction_sensitivity.mean_abs_diff == pytest.approx(0.0, abs=1e-6)
+    assert blind.instruction_sensitivity.sign_flip_rate == 0.0
+    assert seeing.mean_abs_diff > 1e-4
+    assert blind.val_loss > 0 and blind.rmse["all"] > 0
 
 
 # ---- RoboVLMs configs -------------------------------------------------------------------------

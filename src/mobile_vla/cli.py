@@ -530,13 +530,11 @@ def cmd_drive_sim(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     seed = 0 if args.seed is None else args.seed
     controller = RemoteController(client, pace_hz=args.pace)
     summary, results = closed_loop(controller, sim, args.episodes, seed, progress=not args.quiet)
-    summary.update(
-        {
-            "chunk_mode": health.get("chunk_mode", "?"),
-            "seed": seed,
-            "step_limit": sim.max_steps,
-            "episodes_detail": [r.to_json() for r in results],
-        }
+    summary = summary.with_settings(
+        chunk_mode=health.get("chunk_mode", "?"),
+        seed=seed,
+        step_limit=sim.max_steps,
+        episodes_detail=[r.to_json() for r in results],
     )
     lat = np.asarray(controller.latencies_ms)
     print(format_closed_loop(summary).replace("closed loop", "closed loop through the server", 1))
@@ -550,7 +548,7 @@ def cmd_drive_sim(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         atomic_write_json(
             args.out,
             {
-                **summary,
+                **summary.to_json(),
                 "latency_ms_p50": float(np.percentile(lat, 50)),
                 "latency_ms_p99": float(np.percentile(lat, 99)),
             },

@@ -15,7 +15,6 @@ uses, so evaluation layouts are held out from any collected training data.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import numpy as np
 
 from mobile_vla.config import Config, SimConfig
 from mobile_vla.data.frame_cache import resize_frames
+from mobile_vla.evaluation.results import ClosedLoopSummary, SuccessCount, wilson_interval
 from mobile_vla.models.runtime import PolicyController  # the runtime serving shares
 
 STOP_SPEED = 0.05
@@ -36,17 +36,6 @@ class Controller(Protocol):
     def reset(self, scenario: Any) -> None: ...
 
     def act(self, image: np.ndarray, instruction: str) -> np.ndarray: ...
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def robot_camera(image: np.ndarray, size: int = 224, quality: int = 90) -> np.ndarray:
@@ -192,28 +181,24 @@ def run_episode(
     )
 
 
-def summarize(results: Sequence[EpisodeResult]) -> dict[str, Any]:
-    def block(rs: Sequence[EpisodeResult]) -> dict[str, Any]:
+def summarize(results: Sequence[EpisodeResult]) -> ClosedLoopSummary:
+    def block(rs: Sequence[EpisodeResult]) -> SuccessCount:
         n = len(rs)
         k = sum(r.success for r in rs)
-        lo, hi = wilson_interval(k, n)
         steps = [r.steps for r in rs if r.success]
-        return {
-            "episodes": n,
-            "successes": k,
-            "success_rate": k / n if n else None,
-            "success_ci95": [lo, hi],
-            "collision_rate": sum(r.collision for r in rs) / n if n else None,
-            "mean_steps_to_success": float(np.mean(steps)) if steps else None,
-        }
+        return SuccessCount(
+            n,
+            k,
+            wilson_interval(k, n),
+            sum(r.collision for r in rs) / n if n else None,
+            float(np.mean(steps)) if steps else None,
+        )
 
-    out = block(results)
-    for key in ("side", "layout", "distance"):
-        out[f"by_{key}"] = {
-            v: block([r for r in results if getattr(r, key) == v])
-            for v in sorted({getattr(r, key) for r in results})
-        }
-    return out
+    def by(key: str) -> dict[str, SuccessCount]:
+        values = sorted({getattr(r, key) for r in results})
+        return {v: block([r for r in results if getattr(r, key) == v]) for v in values}
+
+    return ClosedLoopSummary(block(results), by("side"), by("layout"), by("distance"))
 
 
 def closed_loop(
@@ -223,7 +208,7 @@ def closed_loop(
     seed: int,
     keep_frames: int = 0,
     progress: bool = False,
-) -> tuple[dict, list[EpisodeResult]]:
+) -> tuple[ClosedLoopSummary, list[EpisodeResult]]:
     """Run ``episodes`` held-out scenarios; returns (summary, per-episode results)."""
     from tqdm.auto import tqdm
 
@@ -252,7 +237,7 @@ def evaluate_run_closed_loop(
     progress: bool = True,
     loaded: tuple[Any, Config] | None = None,
     expert_steps: int = 0,
-) -> dict[str, Any]:
+) -> ClosedLoopSummary:
     """Closed-loop metrics of a run folder; writes ``metrics.json["closed_loop"]``, rollout
     GIFs and one top-down trajectory plot per side under ``RUN/eval/``. ``loaded`` is the
     run's (policy, config) when the caller has already loaded them. With ``expert_steps`` the
@@ -285,31 +270,31 @@ def evaluate_run_closed_loop(
             trajectory_plot(
                 rs, scenarios, out_dir / f"trajectories_{side}.png", f"instructed {side}"
             )
-    summary.update(
-        {
-            "chunk_mode": chunk_mode,
-            "chunk_k": k,
-            "ensemble_decay": decay,
-            "seed": seed,
-            "checkpoint": which,
-            "step_limit": cfg.sim.max_steps,
-            "expert_steps": expert_steps,
-            "episodes_detail": [r.to_json() for r in results],
-        }
+    summary = summary.with_settings(
+        chunk_mode=chunk_mode,
+        chunk_k=k,
+        ensemble_decay=decay,
+        seed=seed,
+        checkpoint=which,
+        step_limit=cfg.sim.max_steps,
+        expert_steps=expert_steps,
+        episodes_detail=[r.to_json() for r in results],
     )
-    update_metrics(run, "closed_loop_expert_start" if expert_steps else "closed_loop", summary)
+    section = "closed_loop_expert_start" if expert_steps else "closed_loop"
+    update_metrics(run, section, summary.to_json())
     return summary
 
 
-def format_closed_loop(c: dict[str, Any]) -> str:
+def format_closed_loop(c: ClosedLoopSummary) -> str:
     """The closed-loop summary as ``eval`` prints it."""
-    lo, hi = c["success_ci95"]
+    lo, hi = c.success_ci95
     lines = [
-        f"closed loop ({c['episodes']} held-out episodes, seed {c['seed']}, chunk "
-        f"{c['chunk_mode']}, step limit {c['step_limit']}): success {c['success_rate']:.3f} "
-        f"[95% CI {lo:.3f}-{hi:.3f}], collisions {c['collision_rate']:.3f}"
+        f"closed loop ({c.episodes} held-out episodes, seed {c.seed}, chunk "
+        f"{c.chunk_mode}, step limit {c.step_limit}): success {c.success_rate:.3f} "
+        f"[95% CI {lo:.3f}-{hi:.3f}], collisions {c.collision_rate:.3f}"
     ]
-    for key in ("by_side", "by_layout", "by_distance"):
-        parts = [f"{name} {b['successes']}/{b['episodes']}" for name, b in c[key].items()]
-        lines.append(f"  {key.removeprefix('by_')}: " + ", ".join(parts))
+    for key in ("side", "layout", "distance"):
+        group = getattr(c, f"by_{key}")
+        parts = [f"{name} {b.successes}/{b.episodes}" for name, b in group.items()]
+        lines.append(f"  {key}: " + ", ".join(parts))
     return "\n".join(lines)

@@ -59,12 +59,8 @@ def evaluate_curve(
             {
                 "checkpoint": name,
                 "step": step,
-                "successes": summary["successes"],
-                "episodes": summary["episodes"],
-                "success_rate": summary["success_rate"],
-                "success_ci95": summary["success_ci95"],
-                "collision_rate": summary["collision_rate"],
-                "by_side": summary["by_side"],
+                **summary.overall.to_json(),
+                "by_side": {k: v.to_json() for k, v in summary.by_side.items()},
             }
         )
     out = {"seed": used_seed, "episodes": episodes, "chunk_mode": chunk_mode, "points": rows}

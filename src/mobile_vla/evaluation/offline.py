@@ -22,6 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mobile_vla.data.hdf5 import swap_left_right
+from mobile_vla.evaluation.results import (
+    DirectionAccuracy,
+    InstructionSensitivity,
+    OfflineMetrics,
+    SensitivityHistogram,
+)
 from mobile_vla.models.policy import VLAPolicy
 
 DIRECTION_THRESHOLD = 0.1  # m/s
@@ -49,38 +55,38 @@ def direction_accuracy(
     target_y: np.ndarray,
     mask: np.ndarray,
     threshold: float = DIRECTION_THRESHOLD,
-) -> dict[str, Any]:
+) -> DirectionAccuracy:
     sel = mask.astype(bool) & (np.abs(target_y) > threshold)
     n = int(sel.sum())
     acc = float(np.mean(np.sign(pred_y[sel]) == np.sign(target_y[sel]))) if n else None
-    return {"value": acc, "count": n, "threshold": threshold}
+    return DirectionAccuracy(acc, n, threshold)
 
 
 SENSITIVITY_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-def instruction_sensitivity(y_orig: np.ndarray, y_swap: np.ndarray) -> dict[str, Any]:
+def instruction_sensitivity(y_orig: np.ndarray, y_swap: np.ndarray) -> InstructionSensitivity:
     """First-action linear_y with the original and the left/right-swapped instruction: the
     mean |difference|, the share of sign flips, and the distribution of |difference|
     (quantiles, and a 20-bin histogram over [0, its maximum]) for the report's plot."""
     if not len(y_orig):
-        return {"mean_abs_diff": None, "sign_flip_rate": None, "count": 0}
+        return InstructionSensitivity(None, None, 0)
     diff = np.abs(np.asarray(y_orig, np.float64) - np.asarray(y_swap, np.float64))
     top = float(diff.max()) if diff.max() > 0 else 1.0
     counts, edges = np.histogram(diff, bins=20, range=(0.0, top))
-    return {
-        "mean_abs_diff": float(diff.mean()),
-        "sign_flip_rate": float(np.mean(np.sign(y_orig) * np.sign(y_swap) < 0)),
-        "count": len(y_orig),
-        "quantiles": {str(q): float(np.quantile(diff, q)) for q in SENSITIVITY_QUANTILES},
-        "histogram": {"edges": [float(e) for e in edges], "counts": counts.tolist()},
-    }
+    return InstructionSensitivity(
+        float(diff.mean()),
+        float(np.mean(np.sign(y_orig) * np.sign(y_swap) < 0)),
+        len(y_orig),
+        {str(q): float(np.quantile(diff, q)) for q in SENSITIVITY_QUANTILES},
+        SensitivityHistogram([float(e) for e in edges], counts.tolist()),
+    )
 
 
 @torch.no_grad()
 def evaluate_offline(
     policy: VLAPolicy, dataset: Dataset, batch_size: int = 16, progress: bool = False
-) -> dict[str, Any]:
+) -> OfflineMetrics:
     from mobile_vla.training.module import collate
 
     policy.eval()
@@ -107,23 +113,23 @@ def evaluate_offline(
             y_orig.append(pred[:, 0, yi])
             y_swap.append(pred_s[:, 0, yi])
     pred_all, tgt_all, mask_all = (np.concatenate(x) for x in (preds, targets, masks))
-    metrics: dict[str, Any] = {
-        "val_loss": float(sum(losses) / max(sum(weights), 1.0)),
-        **regression_metrics(pred_all, tgt_all, mask_all, names),
-        "samples": len(pred_all),
-    }
+    reg = regression_metrics(pred_all, tgt_all, mask_all, names)
     if has_y:
-        metrics["direction_accuracy"] = direction_accuracy(
-            pred_all[..., yi], tgt_all[..., yi], mask_all
-        )
-        metrics["instruction_sensitivity"] = instruction_sensitivity(
-            np.concatenate(y_orig), np.concatenate(y_swap)
-        )
+        direction = direction_accuracy(pred_all[..., yi], tgt_all[..., yi], mask_all)
+        sensitivity = instruction_sensitivity(np.concatenate(y_orig), np.concatenate(y_swap))
     else:
         reason = "linear_y is not among the predicted dimensions"
-        metrics["direction_accuracy"] = {"value": None, "reason": reason}
-        metrics["instruction_sensitivity"] = {"mean_abs_diff": None, "reason": reason}
-    return metrics
+        direction = DirectionAccuracy(None, reason=reason)
+        sensitivity = InstructionSensitivity(None, reason=reason)
+    return OfflineMetrics(
+        val_loss=float(sum(losses) / max(sum(weights), 1.0)),
+        rmse=reg["rmse"],
+        mae=reg["mae"],
+        samples=len(pred_all),
+        valid_steps=reg["valid_steps"],
+        direction_accuracy=direction,
+        instruction_sensitivity=sensitivity,
+    )
 
 
 def evaluate_run(
@@ -132,7 +138,7 @@ def evaluate_run(
     batch_size: int = 16,
     progress: bool = True,
     loaded: tuple[Any, Any] | None = None,
-) -> dict[str, Any]:
+) -> OfflineMetrics:
     """Offline metrics of a run on its test episodes (validation episodes when it has no test
     split); writes ``metrics.json``.
     ``loaded`` is the run's (policy, config) when the caller has already loaded them."""
@@ -150,41 +156,34 @@ def evaluate_run(
     dataset = EpisodeDataset(
         episodes, cfg.data, policy.normalizer, False, cfg.seed, make_frame_source(cfg.data)
     )
-    metrics = evaluate_offline(policy, dataset, batch_size, progress)
-    metrics.update(
-        {
-            "split": part,
-            "episodes": len(episodes),
-            "seed": cfg.seed,
-            "checkpoint": which,
-            "run": str(run),
-        }
+    metrics = evaluate_offline(policy, dataset, batch_size, progress).of_run(
+        split=part, episodes=len(episodes), seed=cfg.seed, checkpoint=which, run=str(run)
     )
-    update_metrics(run, "offline", metrics)
+    update_metrics(run, "offline", metrics.to_json())
     return metrics
 
 
-def format_offline(m: dict[str, Any]) -> str:
+def format_offline(m: OfflineMetrics) -> str:
     """The offline metrics as ``eval`` prints them."""
-    rmse = ", ".join(f"{k}={v:.4f}" for k, v in m["rmse"].items())
-    mae = ", ".join(f"{k}={v:.4f}" for k, v in m["mae"].items())
-    da = m["direction_accuracy"]
-    sens = m["instruction_sensitivity"]
+    rmse = ", ".join(f"{k}={v:.4f}" for k, v in m.rmse.items())
+    mae = ", ".join(f"{k}={v:.4f}" for k, v in m.mae.items())
+    da = m.direction_accuracy
+    sens = m.instruction_sensitivity
     lines = [
-        f"offline metrics of {m['run']} ({m['checkpoint']}), split {m['split']}: "
-        f"{m['episodes']} episodes, {m['samples']} samples, seed {m['seed']}",
-        f"  val_loss {m['val_loss']:.5f}",
+        f"offline metrics of {m.run} ({m.checkpoint}), split {m.split}: "
+        f"{m.episodes} episodes, {m.samples} samples, seed {m.seed}",
+        f"  val_loss {m.val_loss:.5f}",
         f"  rmse {rmse}",
         f"  mae  {mae}",
     ]
-    if da.get("value") is not None:
+    if da.value is not None:
         lines.append(
-            f"  direction_accuracy {da['value']:.3f} ({da['count']} steps with "
-            f"|linear_y| > {da['threshold']})"
+            f"  direction_accuracy {da.value:.3f} ({da.count} steps with "
+            f"|linear_y| > {da.threshold})"
         )
-    if sens.get("mean_abs_diff") is not None:
+    if sens.mean_abs_diff is not None:
         lines.append(
-            f"  instruction_sensitivity: mean |dy| {sens['mean_abs_diff']:.4f}, "
-            f"sign flips {sens['sign_flip_rate']:.3f} ({sens['count']} samples)"
+            f"  instruction_sensitivity: mean |dy| {sens.mean_abs_diff:.4f}, "
+            f"sign flips {sens.sign_flip_rate:.3f} ({sens.count} samples)"
         )
     return "\n".join(lines)

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mobile_vla.evaluation.results import ClosedLoopSummary, OfflineMetrics
+
 
 def evaluate(
     run: str | Path,
@@ -23,9 +25,9 @@ def evaluate(
     expert_steps: int = 0,
     progress: bool = True,
     echo: Callable[[str], Any] = print,
-) -> dict[str, Any]:
+) -> tuple[OfflineMetrics, ClosedLoopSummary | None]:
     """Offline metrics (and, with ``episodes`` > 0, the closed loop) of checkpoint ``which``
-    of ``run``; each printed through ``echo`` as it is done. Returns both (``closed_loop``
+    of ``run``; each printed through ``echo`` as it is done. Returns both (the closed loop
     None without episodes)."""
     from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop, format_closed_loop
     from mobile_vla.evaluation.offline import evaluate_run, format_offline
@@ -52,4 +54,4 @@ def evaluate(
         if expert_steps:
             echo(f"the expert drove the first {expert_steps} steps (a diagnostic):")
         echo(format_closed_loop(closed))
-    return {"offline": offline, "closed_loop": closed}
+    return offline, closed

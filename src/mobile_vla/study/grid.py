@@ -34,6 +34,7 @@ from typing import Any, Literal
 from mobile_vla.config import STRATEGIES, _fail, load_config, save_config, to_dict
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import atomic_write_json
+from mobile_vla.study.cells import CellKey, CellResult
 from mobile_vla.study.chain import READY
 from mobile_vla.study.jobs import (
     Collect,
@@ -449,24 +450,5 @@ class Study:
 
 
 def collect_cell(run: Path, cell: Cell) -> dict[str, Any]:
-    """What the report needs from a finished run folder."""
-    metrics = json.loads((run / "metrics.json").read_text())
-    stats = json.loads((run / "train_stats.json").read_text())
-    params = json.loads((run / "params.json").read_text())
-    table = params.get("params", {}).get("all", {})
-    split = json.loads((run / "split.json").read_text())
-    return {
-        "key": cell.key(),
-        "run": str(run),
-        "episodes": {"train": len(split["train"]), "val": len(split["val"])},
-        "offline": metrics.get("offline", {}),
-        "closed_loop": metrics.get("closed_loop"),
-        "curve": metrics.get("curve"),
-        "trainable_params": table.get("trainable"),
-        "total_params": table.get("total"),
-        "peak_memory_bytes": stats.get("peak_memory_bytes"),
-        "peak_memory_kind": stats.get("peak_memory_kind"),
-        "train_time_s": stats.get("wall_time_s"),
-        "train_samples_per_s": stats.get("train_samples_per_s"),
-        "feature_cache": stats.get("feature_cache"),
-    }
+    """What the report needs from a finished run folder, as ``results.json`` stores it."""
+    return CellResult.from_run(run, CellKey(**cell.key())).to_json()

@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from mobile_vla.evaluation.closed_loop import wilson_interval
 from mobile_vla.evaluation.plots import embedded_figure, save_figure, success_errorbar
+from mobile_vla.evaluation.results import OfflineMetrics, wilson_interval
 from mobile_vla.io import atomic_write_json, atomic_write_text
+from mobile_vla.study.cells import CellResult
 
 # metric name -> (getter on a cell result, higher is better, format)
-Getter = Callable[[dict[str, Any]], Any]
+Getter = Callable[[CellResult], Any]
+Groups = dict[tuple[str, bool, int], list[CellResult]]
 
 
 # -- the document: one list of blocks, rendered as markdown and as HTML ----------------------
@@ -107,56 +109,53 @@ def to_html(blocks: list[Block]) -> str:
     return "\n".join(parts)
 
 
-def _get(path: str) -> Getter:
-    def fn(cell: dict[str, Any]) -> Any:
-        v: Any = cell
-        for part in path.split("."):
-            if not isinstance(v, dict) or part not in v:
-                return None
-            v = v[part]
-        return v
-
-    return fn
+def _offline(fn: Callable[[OfflineMetrics], Any]) -> Getter:
+    """A getter of an offline metric: None for a cell without offline metrics."""
+    return lambda cell: fn(cell.offline) if cell.offline else None
 
 
-def _gib(cell: dict[str, Any]) -> Any:
-    b = cell.get("peak_memory_bytes")
+def _rmse(dim: str) -> Getter:
+    return _offline(lambda m: m.rmse.get(dim))
+
+
+_val_loss = _offline(lambda m: m.val_loss)
+_sensitivity = _offline(lambda m: m.instruction_sensitivity.mean_abs_diff)
+
+
+def _gib(cell: CellResult) -> Any:
+    b = cell.peak_memory_bytes
     return b / 2**30 if b else None
 
 
-def _success(cell: dict[str, Any]) -> Any:
-    c = cell.get("closed_loop")
-    return c.get("success_rate") if c else None
+def _success(cell: CellResult) -> Any:
+    return cell.closed_loop.success_rate if cell.closed_loop else None
 
 
 def _side(side: str) -> Getter:
-    def fn(cell: dict[str, Any]) -> Any:
-        c = cell.get("closed_loop")
-        b = c.get("by_side", {}).get(side) if c else None
-        return b.get("success_rate") if b else None
+    def fn(cell: CellResult) -> Any:
+        b = cell.closed_loop.side(side) if cell.closed_loop else None
+        return b.success_rate if b else None
 
     return fn
 
 
 def metric_table(dims: list[str]) -> list[tuple[str, Getter, bool, str]]:
-    rows: list[tuple[str, Getter, bool, str]] = [
-        ("val_loss", _get("offline.val_loss"), False, "{:.4f}"),
-    ]
-    rows += [(f"rmse {d}", _get(f"offline.rmse.{d}"), False, "{:.4f}") for d in dims]
+    rows: list[tuple[str, Getter, bool, str]] = [("val_loss", _val_loss, False, "{:.4f}")]
+    rows += [(f"rmse {d}", _rmse(d), False, "{:.4f}") for d in dims]
     rows += [
-        ("direction accuracy", _get("offline.direction_accuracy.value"), True, "{:.3f}"),
         (
-            "instruction sensitivity",
-            _get("offline.instruction_sensitivity.mean_abs_diff"),
+            "direction accuracy",
+            _offline(lambda m: m.direction_accuracy.value),
             True,
-            "{:.4f}",
+            "{:.3f}",
         ),
+        ("instruction sensitivity", _sensitivity, True, "{:.4f}"),
         ("closed-loop success", _success, True, "{:.3f}"),
         ("success (left)", _side("left"), True, "{:.3f}"),
         ("success (right)", _side("right"), True, "{:.3f}"),
-        ("trainable params", _get("trainable_params"), False, "{:,.0f}"),
+        ("trainable params", lambda c: c.trainable_params, False, "{:,.0f}"),
         ("peak memory GiB", _gib, False, "{:.2f}"),
-        ("training time s", _get("train_time_s"), False, "{:.0f}"),
+        ("training time s", lambda c: c.train_time_s, False, "{:.0f}"),
     ]
     return rows
 
@@ -181,24 +180,27 @@ def _fmt(s: dict[str, Any], fmt: str) -> str:
     return text
 
 
-def groups(results: dict[str, Any]) -> dict[tuple[str, bool, int], list[dict[str, Any]]]:
-    out: dict[tuple[str, bool, int], list[dict[str, Any]]] = defaultdict(list)
-    for cell in results["cells"].values():
-        k = cell["key"]
-        out[(k["strategy"], k["pretrained"], k["train_episodes"])].append(cell)
+def cell_results(results: dict[str, Any]) -> list[CellResult]:
+    return [CellResult.from_json(c) for c in results["cells"].values()]
+
+
+def groups(results: dict[str, Any]) -> Groups:
+    out: Groups = defaultdict(list)
+    for cell in cell_results(results):
+        out[cell.key.group].append(cell)
     return out
 
 
-def pooled_success(cells: list[dict[str, Any]], side: str | None = None) -> dict[str, Any]:
+def pooled_success(cells: list[CellResult], side: str | None = None) -> dict[str, Any]:
     k = n = 0
     for c in cells:
-        cl = c.get("closed_loop")
+        cl = c.closed_loop
         if not cl:
             continue
-        b = cl if side is None else cl.get("by_side", {}).get(side)
+        b = cl.overall if side is None else cl.side(side)
         if b:
-            k += b["successes"]
-            n += b["episodes"]
+            k += b.successes
+            n += b.episodes
     lo, hi = wilson_interval(k, n)
     return {"successes": k, "episodes": n, "rate": k / n if n else None, "ci95": [lo, hi]}
 
@@ -208,13 +210,13 @@ def _largest(sizes: list[int]) -> int:
 
 
 def headline(results: dict[str, Any]) -> tuple[bool, int]:
-    keys = [c["key"] for c in results["cells"].values()]
-    pretrained = any(k["pretrained"] for k in keys)
-    return pretrained, _largest([k["train_episodes"] for k in keys])
+    keys = [c.key for c in cell_results(results)]
+    pretrained = any(k.pretrained for k in keys)
+    return pretrained, _largest([k.train_episodes for k in keys])
 
 
 def compare_two(
-    a: list[dict[str, Any]], b: list[dict[str, Any]], getter: Getter, higher: bool
+    a: list[CellResult], b: list[CellResult], getter: Getter, higher: bool
 ) -> dict[str, Any]:
     """Welch's t-test on the per-seed values (the t distribution: with 2-5 seeds a normal
     approximation overstates certainty), with the difference's 95% confidence interval and
@@ -256,7 +258,7 @@ def compare_two(
     return out
 
 
-def success_test(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+def success_test(a: list[CellResult], b: list[CellResult]) -> dict[str, Any]:
     """Pooled closed-loop success of two arms: the two-proportion z-test (episodes are the
     units), the difference in success rate with its 95% Newcombe (Wilson-score) interval."""
     pa, pb = pooled_success(a), pooled_success(b)
@@ -301,9 +303,7 @@ def _welch_text(test: dict[str, Any], fmt: str = "{:+.4g}") -> str:
     return text
 
 
-def case3_vs_case4(
-    g: dict[tuple[str, bool, int], list[dict[str, Any]]], pt: bool, size: int
-) -> list[str]:
+def case3_vs_case4(g: Groups, pt: bool, size: int) -> list[str]:
     """The question the study exists for, asked directly whatever else the grid holds:
     frozen (Case 3) against LoRA (Case 4) at the headline setting, on closed-loop success
     (episodes pooled, two-proportion z) and on instruction following (per-seed instruction
@@ -321,7 +321,7 @@ def case3_vs_case4(
             f"Case 3 (frozen) vs Case 4 (LoRA), closed-loop success: {verdict} "
             f"({_success_text(test)})."
         )
-    getter = _get("offline.instruction_sensitivity.mean_abs_diff")
+    getter = _sensitivity
     test = compare_two(a, b, getter, True)
     if "diff" in test:
         ma = _stats([getter(c) for c in a])["mean"]
@@ -421,7 +421,7 @@ def _plot_efficiency(results: dict[str, Any], out: Path, dims: list[str]) -> Pat
     if len(sizes) < 2:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    used = {c["key"]["train_episodes"]: c["episodes"]["train"] for c in results["cells"].values()}
+    used = {c.key.train_episodes: c.train_used for c in cell_results(results)}
     for strategy, pt in sorted({(k[0], k[1]) for k in g}):
         xs, ys, es, rs, res = [], [], [], [], []
         for n in sizes:
@@ -430,7 +430,7 @@ def _plot_efficiency(results: dict[str, Any], out: Path, dims: list[str]) -> Pat
                 continue
             xs.append(used[n])
             s = _stats([_success(c) for c in cells])
-            r = _stats([_get("offline.rmse.all")(c) for c in cells])
+            r = _stats([_rmse("all")(c) for c in cells])
             ys.append(s["mean"] if s["mean"] is not None else np.nan)
             es.append(s["std"] or 0.0)
             rs.append(r["mean"] if r["mean"] is not None else np.nan)
@@ -470,7 +470,7 @@ def _rollout_strip(gif: Path, target: Path, frames: int = 8) -> Path | None:
     return target
 
 
-def _plot_sensitivity(cells_by_strategy: dict[str, list[dict[str, Any]]], out: Path) -> Path | None:
+def _plot_sensitivity(cells_by_strategy: dict[str, list[CellResult]], out: Path) -> Path | None:
     """The distribution of |linear_y(instruction) - linear_y(swapped)| per strategy, pooled
     over its seeds' test windows (from each cell's histogram)."""
     import matplotlib
@@ -483,12 +483,12 @@ def _plot_sensitivity(cells_by_strategy: dict[str, list[dict[str, Any]]], out: P
     for strategy, cells in cells_by_strategy.items():
         values, weights = [], []
         for c in cells:
-            hist = _get("offline.instruction_sensitivity.histogram")(c)
+            hist = c.offline.instruction_sensitivity.histogram if c.offline else None
             if not hist:
                 continue
-            edges = np.asarray(hist["edges"])
+            edges = np.asarray(hist.edges)
             values += list((edges[:-1] + edges[1:]) / 2)
-            weights += list(hist["counts"])
+            weights += list(hist.counts)
         if not values or not sum(weights):
             continue
         top = max(values) * 1.05 + 1e-9
@@ -505,15 +505,15 @@ def _plot_sensitivity(cells_by_strategy: dict[str, list[dict[str, Any]]], out: P
     return save_figure(fig, out / "figures" / "instruction_sensitivity.png")
 
 
-def driving_section(cells_by_strategy: dict[str, list[dict[str, Any]]], out: Path) -> list[Block]:
+def driving_section(cells_by_strategy: dict[str, list[CellResult]], out: Path) -> list[Block]:
     """How each strategy drives: its first seed's top-down trajectories on the held-out scenes
     (the same scenes for every strategy: one closed-loop seed), left and right; a strip of
     its first rollout; closed-loop success against training steps (when the study keeps
     step checkpoints); the instruction-sensitivity distribution."""
     blocks: list[Block] = []
     for strategy, cells in cells_by_strategy.items():
-        run = Path(cells[0]["run"]) / "eval"
-        seed = cells[0]["key"].get("seed")
+        run = Path(cells[0].run) / "eval"
+        seed = cells[0].key.seed
         shown = []
         for side in ("left", "right"):
             src = run / f"trajectories_{side}.png"
@@ -538,14 +538,14 @@ def driving_section(cells_by_strategy: dict[str, list[dict[str, Any]]], out: Pat
     return [Heading("How each strategy drives"), *blocks] if blocks else []
 
 
-def success_curves(cells: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
+def success_curves(cells: list[CellResult]) -> list[tuple[int, int, int]]:
     """(step, successes, episodes) pooled over a strategy's seeds, at the steps every seed's
     curve has (``closed_loop.curve`` of the study)."""
     per_step: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    curves = [c["curve"]["points"] for c in cells if c.get("curve")]
+    curves = [c.curve for c in cells if c.curve]
     for points in curves:
         for p in points:
-            per_step[p["step"]].append((p["successes"], p["episodes"]))
+            per_step[p.step].append((p.successes, p.episodes))
     return [
         (step, sum(k for k, _ in v), sum(n for _, n in v))
         for step, v in sorted(per_step.items())
@@ -553,9 +553,7 @@ def success_curves(cells: list[dict[str, Any]]) -> list[tuple[int, int, int]]:
     ]
 
 
-def _plot_success_curves(
-    cells_by_strategy: dict[str, list[dict[str, Any]]], out: Path
-) -> Path | None:
+def _plot_success_curves(cells_by_strategy: dict[str, list[CellResult]], out: Path) -> Path | None:
     """Closed-loop success against training steps per strategy, pooled over seeds, with
     95% Wilson intervals."""
     import matplotlib
@@ -597,7 +595,7 @@ class _Study:
 
     results: dict[str, Any]
     out: Path
-    g: dict[tuple[str, bool, int], list[dict[str, Any]]]
+    g: Groups
     dims: list[str]
     pretrained: bool
     size: int
@@ -678,8 +676,8 @@ def _efficiency(st: _Study) -> list[Block]:
                 "yes" if p else "no",
                 str(n or "all"),
                 _fmt(_stats([_success(c) for c in cells]), "{:.3f}"),
-                _fmt(_stats([_get("offline.rmse.all")(c) for c in cells]), "{:.4f}"),
-                _fmt(_stats([_get("offline.val_loss")(c) for c in cells]), "{:.4f}"),
+                _fmt(_stats([_rmse("all")(c) for c in cells]), "{:.4f}"),
+                _fmt(_stats([_val_loss(c) for c in cells]), "{:.4f}"),
             ]
         )
     header = ["strategy", "pretrained", "episodes", "success", "rmse all", "val_loss"]
@@ -765,8 +763,8 @@ def build_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
     """The report's sections, in order, rendered as markdown and as HTML, and what the
     results file keeps of them (headline group, main table, statement)."""
     g = groups(results)
-    first = next(iter(results["cells"].values()))
-    dims = [d for d in first["offline"].get("rmse", {}) if d != "all"] + ["all"]
+    first = cell_results(results)[0]
+    dims = [d for d in (first.offline.rmse if first.offline else {}) if d != "all"] + ["all"]
     pt, size = headline(results)
     strategies = [s for s in results["study"]["strategies"] if (s, pt, size) in g]
     summary: dict[str, Any] = {"headline": {"pretrained": pt, "train_episodes": size}}
