@@ -30,40 +30,18 @@ from typing import Any
 
 from torch import nn
 
-from mobile_vla.config import TrainSetup
+from mobile_vla.config import (
+    ALL_PARTS_OFF,
+    ALL_PARTS_ON,
+    STRATEGY_FLAGS,
+    STRATEGY_PRESETS,
+    TrainSetup,
+)
 from mobile_vla.errors import ConfigError
 
-FLAGS = (
-    "train_vision",
-    "freeze_resampler",
-    "train_text_embedding",
-    "train_text_tower",
-    "train_decoder_layers",
-    "lora_enable",
-)
-_ALL_ON = {
-    "train_vision": True,
-    "freeze_resampler": False,
-    "train_text_embedding": True,
-    "train_text_tower": True,
-    "train_decoder_layers": -1,
-}
-_ALL_OFF = {
-    "train_vision": False,
-    "freeze_resampler": True,
-    "train_text_embedding": False,
-    "train_text_tower": False,
-    "train_decoder_layers": 0,
-}
-PRESETS: dict[str, dict[str, Any]] = {
-    "frozen": {**_ALL_OFF, "lora_enable": False},
-    "lora": {**_ALL_OFF, "lora_enable": True},
-    "partial": {**_ALL_OFF, "train_decoder_layers": 2, "lora_enable": False},
-    "full": {**_ALL_ON, "lora_enable": False},
-    "sandwich": {**_ALL_OFF, "train_vision": True, "train_decoder_layers": 1, "lora_enable": False},
-    "gradual": {**_ALL_OFF, "lora_enable": False},
-    "frozen_text": {**_ALL_OFF, "lora_enable": False},
-}
+# The presets live beside TrainSetup in config (the one place the strategy names are written).
+FLAGS = STRATEGY_FLAGS
+PRESETS = STRATEGY_PRESETS
 #: Strategies whose head reads the instruction's sentence embedding beside the context vectors.
 INSTRUCTION_TO_HEAD = ("frozen_text",)
 TABLE_GROUPS = (
@@ -94,7 +72,7 @@ def resolve(setup: TrainSetup) -> Resolved:
     flags = dict(PRESETS[setup.strategy])
     flags["instruction_to_head"] = setup.strategy in INSTRUCTION_TO_HEAD
     if setup.freeze_backbone is not None:
-        flags.update(_ALL_OFF if setup.freeze_backbone else _ALL_ON)
+        flags.update(ALL_PARTS_OFF if setup.freeze_backbone else ALL_PARTS_ON)
     for name in FLAGS:
         value = getattr(setup, name)
         if value is not None:
