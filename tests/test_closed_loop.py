@@ -154,12 +154,18 @@ def test_expert_start_drives_the_first_steps_then_hands_over() -> None:
 def test_checkpoint_steps_give_a_learning_curve(train_data, tmp_path, capsys) -> None:
     """``trainer.checkpoint_steps`` keeps ``checkpoints/step_N``; ``curve`` drives each one
     and ``last`` through the same held-out scenes; ``eval --checkpoint step_N`` loads one,
-    and a step that was not kept is named in the error."""
+    and a step that was not kept is named in the error. ``curve --select`` keeps the best
+    driver as ``checkpoints/selected``, which eval refuses to score on the seed that chose it."""
     import json
+
+    import torch
 
     from mobile_vla.cli import main
     from mobile_vla.config import load_config
+    from mobile_vla.evaluation.curve import select_checkpoint
+    from mobile_vla.training.checkpoint import selection_of
     from mobile_vla.training.run import train
+    from mobile_vla.training.runs import load_policy
 
     from .conftest import tiny_overrides
 
@@ -190,5 +196,32 @@ def test_checkpoint_steps_give_a_learning_curve(train_data, tmp_path, capsys) ->
     assert "step_1, step_2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", str(run), "--checkpoint", "latest"])
+    # selection on validation scenes: checkpoints/selected, refused on the seed that chose it
+    assert main(["eval", str(run), "--checkpoint", "selected", "-q"]) == 2
+    assert "--select" in capsys.readouterr().err
+    assert main(["curve", str(run), "--episodes", "2", "--seed", "7", "--select", "-q"]) == 0
+    chosen = selection_of(run / "checkpoints" / "selected")
+    assert chosen["seed"] == 7 and chosen["episodes"] == 2
+    picked, _ = load_policy(run, "selected")
+    source, _ = load_policy(run, chosen["checkpoint"])
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(picked.state_dict().values(), source.state_dict().values(), strict=True)
+    )
+    args = ["eval", str(run), "--checkpoint", "selected", "--episodes", "2", "-q"]
+    assert main([*args, "--seed", "7"]) == 2
+    assert "chosen on closed-loop seed 7" in capsys.readouterr().err
+    assert main([*args, "--seed", "8"]) == 0
+    # most successes; ties: fewer collisions, then the earlier step
+    points = [
+        {"checkpoint": "step_1", "step": 1, "successes": 1, "collision_rate": 0.0},
+        {"checkpoint": "step_2", "step": 2, "successes": 2, "collision_rate": 0.5},
+        {"checkpoint": "last", "step": 3, "successes": 2, "collision_rate": 0.0},
+    ]
+    curve = {"points": points, "seed": 9, "episodes": 2, "chunk_mode": "first"}
+    assert select_checkpoint(run, curve)["checkpoint"] == "last"
+    points[2]["collision_rate"] = 0.5
+    assert select_checkpoint(run, curve)["checkpoint"] == "step_2"
+    assert selection_of(run / "checkpoints" / "step_2") is None
     with pytest.raises(MobileVLAError, match="checkpoint_steps"):
         load_config(None, ["trainer.checkpoint_steps=[2,1]"])

@@ -19,6 +19,10 @@ from mobile_vla.errors import MobileVLAError
 log = logging.getLogger("mobile_vla")
 
 
+# the named checkpoints of a run folder (besides step_N)
+CHECKPOINTS = ("best", "last", "selected")
+
+
 def quiet_lightning() -> None:
     """Lightning's tips and notices, printed twice (its own handler and the root one), and a
     deprecation warning it triggers under recent torch: not what a user needs to read."""
@@ -104,7 +108,7 @@ def args_collect(sub: Any) -> None:
         default=None,
         help="run folder: its policy drives and the expert labels each frame (DAgger)",
     )
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best")
     p.add_argument(
         "--expert-prob",
         type=float,
@@ -271,7 +275,8 @@ def args_eval(sub: Any) -> None:
         "--checkpoint",
         type=checkpoint_name,
         default="best",
-        help="best, last or step_N (trainer.checkpoint_steps)",
+        help="best (validation loss), last, selected (curve --select: closed-loop success on "
+        "validation scenes) or step_N (trainer.checkpoint_steps)",
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument(
@@ -301,6 +306,16 @@ def cmd_curve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         raise MobileVLAError(f"--episodes must be >= 1 for a curve, got {args.episodes}")
     c = evaluate_curve(*closed_loop_args(args), progress=not args.quiet)
     print(format_curve(c))
+    if args.select:
+        from mobile_vla.evaluation.curve import select_checkpoint
+
+        info = select_checkpoint(args.run, c)
+        print(
+            f"selected {info['checkpoint']} (step {info['step']}: {info['successes']}/"
+            f"{info['episodes']} on seed {info['seed']}) -> {args.run}/checkpoints/selected; "
+            f"report it on other seeds: mobile-vla eval {args.run} --checkpoint selected "
+            f"--episodes {info['episodes']} --seed S"
+        )
     return 0
 
 
@@ -315,6 +330,12 @@ def args_curve(sub: Any) -> None:
     p.add_argument("--episodes", type=int, default=48, help="held-out episodes per checkpoint")
     add_chunk_arguments(p)
     p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
+    p.add_argument(
+        "--select",
+        action="store_true",
+        help="copy the checkpoint that drove best on these scenes to checkpoints/selected "
+        "(these scenes become its validation set: eval refuses this seed for it)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_curve)
 
@@ -504,7 +525,7 @@ def args_serve(sub: Any) -> None:
         help="allow a non-loopback --host without an API key",
     )
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default="best")
     add_chunk_arguments(p)
     p.add_argument("--session-ttl", type=float, default=300.0, help="idle seconds per session")
     p.add_argument("--max-body", type=int, default=8 * 1024 * 1024, help="request size limit")
@@ -824,10 +845,10 @@ def args_pretrain_data(sub: Any) -> None:
 
 
 def checkpoint_name(text: str) -> str:
-    """best, last or step_N."""
-    if text in ("best", "last") or (text.startswith("step_") and text[5:].isdigit()):
+    """best, last, selected or step_N."""
+    if text in CHECKPOINTS or (text.startswith("step_") and text[5:].isdigit()):
         return text
-    raise argparse.ArgumentTypeError(f"expected best, last or step_N, got '{text}'")
+    raise argparse.ArgumentTypeError(f"expected best, last, selected or step_N, got '{text}'")
 
 
 def closed_loop_args(args: argparse.Namespace) -> tuple[Any, ...]:

@@ -24,6 +24,7 @@ import numpy as np
 
 from mobile_vla.config import Config, SimConfig
 from mobile_vla.data.frame_cache import resize_frames
+from mobile_vla.errors import MobileVLAError
 from mobile_vla.evaluation.results import ClosedLoopSummary, SuccessCount, wilson_interval
 from mobile_vla.models.runtime import PolicyController  # the runtime serving shares
 
@@ -252,6 +253,7 @@ def evaluate_run_closed_loop(
     policy, cfg = loaded if loaded is not None else load_policy(run, which)
     run = Path(run)
     seed = cfg.seed if seed is None else seed
+    refuse_selection_seed(run, which, seed)
     controller: Controller = PolicyController(policy, cfg, chunk_mode, k, decay)
     if expert_steps > 0:
         controller = ExpertStartController(controller, cfg.sim, expert_steps)
@@ -283,6 +285,24 @@ def evaluate_run_closed_loop(
     section = "closed_loop_expert_start" if expert_steps else "closed_loop"
     update_metrics(run, section, summary.to_json())
     return summary
+
+
+def refuse_selection_seed(run: Any, which: str, seed: int) -> None:
+    """A ``selected`` checkpoint scored on the scenes it was selected on would report the
+    selection's luck: refuse, naming the seed to avoid."""
+    from pathlib import Path
+
+    from mobile_vla.training.checkpoint import SELECTED, selection_of
+
+    if which != SELECTED:
+        return
+    info = selection_of(Path(run) / "checkpoints" / SELECTED)
+    if info is not None and info.get("seed") == seed:
+        raise MobileVLAError(
+            f"checkpoint 'selected' of '{run}' was chosen on closed-loop seed {seed} "
+            f"({info.get('checkpoint')}, {info.get('successes')}/{info.get('episodes')}); "
+            "evaluate it with another --seed (those scenes are its validation set)"
+        )
 
 
 def format_closed_loop(c: ClosedLoopSummary) -> str:

@@ -163,6 +163,21 @@ def saved_step(path: str | Path) -> int:
         raise CheckpointError(f"checkpoint '{path}': {STATE} is unreadable ({exc})") from None
 
 
+SELECTED = "selected"  # checkpoints/selected: the kept checkpoint that drove best on validation
+
+
+def selection_of(path: str | Path) -> dict[str, Any] | None:
+    """How a ``checkpoints/selected`` folder was chosen (``mobile-vla curve --select``: the
+    checkpoint, its step, the closed-loop seed and episodes it was chosen on), from its JSON
+    part alone; None for any other checkpoint."""
+    path = recover(path)
+    try:
+        info = json.loads((path / STATE).read_text()).get(SELECTED)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"checkpoint '{path}': {STATE} is unreadable ({exc})") from None
+    return info if isinstance(info, dict) else None
+
+
 def load_folder(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint folder, verifying its checksum (checkpoints written before checksums
     were stored are read without) and refusing non-finite floating-point tensors."""

@@ -141,7 +141,8 @@ def load_policy(
         kept = ", ".join(p.name for p in step_checkpoints(run)) or "none"
         raise MobileVLAError(
             f"run folder '{run}' has no checkpoint '{which}' (step checkpoints kept: {kept}; "
-            "trainer.checkpoint_steps chooses them)"
+            "trainer.checkpoint_steps chooses them; 'selected' is made by "
+            f"`mobile-vla curve {run} --select`)"
         )
     if not folder.exists():
         folder = run / "checkpoints" / "last"
