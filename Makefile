@@ -67,6 +67,7 @@ bench: install
 	$(BIN)/python bench/bench_lora_merge.py
 	$(BIN)/python bench/bench_feature_cache.py
 	$(BIN)/python bench/bench_compile.py
+	$(BIN)/python bench/bench_cache_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
