@@ -8,11 +8,12 @@ Offline loss falls long after driving stops improving (and the other way round),
 curve is what says whether a budget was enough.
 
 Closed-loop success also moves between neighbouring checkpoints by more than the validation
-loss says (the recipe's run: 138, 122, 131 and 130 of 144 validation scenes at steps 3,000 to
-6,000, with the validation loss within 3%). :func:`select_checkpoint` (``curve --select``)
-copies the checkpoint that drove best on the curve's scenes to ``checkpoints/selected``,
-recording the seed it was chosen on; ``eval --checkpoint selected`` refuses that seed, so the
-reported figure is always on other held-out scenes (select on validation, report on test).
+loss says (the recipe's run: 133, 139, 127, 134 and 131 of 144 validation scenes at steps
+2,000 to 6,000, the validation loss within 3% from step 3,500). :func:`select_checkpoint`
+(``curve --select``) copies the checkpoint that drove best on the curve's scenes to
+``checkpoints/selected``, recording the seed it was chosen on; ``eval --checkpoint selected``
+refuses that seed, so the reported figure is always on other held-out scenes (select on
+validation, report on test).
 """
 
 from __future__ import annotations
