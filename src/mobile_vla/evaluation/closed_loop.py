@@ -253,7 +253,6 @@ def evaluate_run_closed_loop(
     policy, cfg = loaded if loaded is not None else load_policy(run, which)
     run = Path(run)
     seed = cfg.seed if seed is None else seed
-    refuse_selection_seed(run, which, seed)
     controller: Controller = PolicyController(policy, cfg, chunk_mode, k, decay)
     if expert_steps > 0:
         controller = ExpertStartController(controller, cfg.sim, expert_steps)

@@ -10,7 +10,7 @@ and the CLI read fields (``summary.by_side["left"].successes``), never string pa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mobile_vla.errors import MobileVLAError
@@ -77,6 +77,16 @@ class SuccessCount:
 
 
 GROUPS = ("side", "layout", "distance")
+# how a closed loop was run: optional fields of ClosedLoopSummary, keys of its JSON section
+SETTINGS = (
+    "seed",
+    "checkpoint",
+    "chunk_mode",
+    "chunk_k",
+    "ensemble_decay",
+    "step_limit",
+    "expert_steps",
+)
 
 
 @dataclass(frozen=True)
@@ -129,12 +139,7 @@ class ClosedLoopSummary:
         out = self.overall.to_json()
         for g in GROUPS:
             out[f"by_{g}"] = {k: v.to_json() for k, v in getattr(self, f"by_{g}").items()}
-        settings = {
-            f.name: getattr(self, f.name)
-            for f in fields(self)
-            if f.name not in ("overall", "episodes_detail") and not f.name.startswith("by_")
-        }
-        out.update(_drop_none(settings))
+        out.update(_drop_none({k: getattr(self, k) for k in SETTINGS}))
         if self.episodes_detail:
             out["episodes_detail"] = self.episodes_detail
         return out
@@ -148,13 +153,7 @@ class ClosedLoopSummary:
         return cls(
             SuccessCount.from_json(d),
             **groups,
-            seed=d.get("seed"),
-            checkpoint=d.get("checkpoint"),
-            chunk_mode=d.get("chunk_mode"),
-            chunk_k=d.get("chunk_k"),
-            ensemble_decay=d.get("ensemble_decay"),
-            step_limit=d.get("step_limit"),
-            expert_steps=d.get("expert_steps"),
+            **{k: d.get(k) for k in SETTINGS},
             episodes_detail=list(d.get("episodes_detail", [])),
         )
 

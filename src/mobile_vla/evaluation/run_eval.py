@@ -29,11 +29,17 @@ def evaluate(
     """Offline metrics (and, with ``episodes`` > 0, the closed loop) of checkpoint ``which``
     of ``run``; each printed through ``echo`` as it is done. Returns both (the closed loop
     None without episodes)."""
-    from mobile_vla.evaluation.closed_loop import evaluate_run_closed_loop, format_closed_loop
+    from mobile_vla.evaluation.closed_loop import (
+        evaluate_run_closed_loop,
+        format_closed_loop,
+        refuse_selection_seed,
+    )
     from mobile_vla.evaluation.offline import evaluate_run, format_offline
     from mobile_vla.training.runs import load_policy
 
     loaded = load_policy(run, which)  # once, for both evaluations
+    if episodes > 0:  # before anything is computed or written
+        refuse_selection_seed(run, which, loaded[1].seed if seed is None else seed)
     offline = evaluate_run(run, which, batch_size, progress, loaded)
     echo(format_offline(offline))
     closed = None

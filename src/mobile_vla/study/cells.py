@@ -43,8 +43,7 @@ class CellResult:
     val_used: int | None = None
     offline: OfflineMetrics | None = None
     closed_loop: ClosedLoopSummary | None = None
-    curve: list[CurvePoint] | None = None
-    curve_json: dict[str, Any] | None = field(default=None, repr=False)
+    curve_json: dict[str, Any] | None = field(default=None, repr=False)  # metrics.json's
     trainable_params: int | None = None
     total_params: int | None = None
     peak_memory_bytes: int | None = None
@@ -52,6 +51,16 @@ class CellResult:
     train_time_s: float | None = None
     train_samples_per_s: float | None = None
     feature_cache: Any = None
+
+    @property
+    def curve(self) -> list[CurvePoint] | None:
+        """Closed-loop success at the kept steps (``closed_loop.curve_steps``), if measured."""
+        if not self.curve_json:
+            return None
+        return [
+            CurvePoint(int(p["step"]), int(p["successes"]), int(p["episodes"]))
+            for p in self.curve_json["points"]
+        ]
 
     @classmethod
     def from_run(cls, run: Path, key: CellKey) -> CellResult:
@@ -106,7 +115,6 @@ class CellResult:
             k.get("seed"),
         )
         episodes = d.get("episodes") or {}
-        curve = d.get("curve")
         return cls(
             key,
             str(d.get("run", "")),
@@ -114,13 +122,7 @@ class CellResult:
             episodes.get("val"),
             OfflineMetrics.from_json(d["offline"]) if d.get("offline") else None,
             ClosedLoopSummary.from_json(d["closed_loop"]) if d.get("closed_loop") else None,
-            [
-                CurvePoint(int(p["step"]), int(p["successes"]), int(p["episodes"]))
-                for p in curve["points"]
-            ]
-            if curve
-            else None,
-            curve,
+            d.get("curve"),
             d.get("trainable_params"),
             d.get("total_params"),
             d.get("peak_memory_bytes"),
