@@ -211,6 +211,8 @@ def test_checkpoint_steps_give_a_learning_curve(train_data, tmp_path, capsys) ->
     args = ["eval", str(run), "--checkpoint", "selected", "--episodes", "2", "-q"]
     assert main([*args, "--seed", "7"]) == 2
     assert "chosen on closed-loop seed 7" in capsys.readouterr().err
+    # refused before anything was computed: metrics.json still holds step_2's evaluation
+    assert json.loads((run / "metrics.json").read_text())["offline"]["checkpoint"] == "step_2"
     assert main([*args, "--seed", "8"]) == 0
     # most successes; ties: fewer collisions, then the earlier step
     points = [
