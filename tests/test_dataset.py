@@ -322,3 +322,31 @@ def test_build_datasets_end_to_end(sim_dataset: Path, tmp_path: Path) -> None:
     assert s["images"].shape == (8, 3, 48, 64) and s["actions"].shape == (10, 2)
     assert float(s["actions"].abs().max()) <= 1.0
     assert len(load_episodes(cfg.data)) == 24
+
+
+def test_per_step_windows_start_at_0_w_2w_and_carry_a_chunk_per_frame(tmp_path: Path) -> None:
+    """head.per_step: windows s .. s+W-1 for s = 0, W, ..., padding after the episode's end,
+    and the chunk after each frame, masked at padding frames and past the episode."""
+    ep = read_episode_info(five_frame_episode(tmp_path))
+    cfg = DataConfig(
+        window_size=3, fwd_pred_next_n=2, chunk_offset=1, image_size=[12, 16], frame_cache=False
+    )
+    ds = EpisodeDataset([ep], cfg, identity_normalizer(), per_step=True)
+    assert len(ds) == 2
+    raw = smooth_frames(5, 12, 16).transpose(0, 3, 1, 2)
+    s0, s1 = ds[0], ds[1]
+    assert (s0["frame"], s1["frame"]) == (0, 3)
+    assert s0["obs_mask"].tolist() == [True] * 3
+    np.testing.assert_array_equal(s0["images"].numpy(), raw[[0, 1, 2]])
+    assert s0["actions"].shape == (3, 2, 2)
+    np.testing.assert_array_equal(
+        s0["actions"].numpy(), [[[3, 4], [5, 6]], [[5, 6], [7, 8]], [[7, 8], [9, 10]]]
+    )
+    assert s0["action_mask"].all()
+    assert s1["obs_mask"].tolist() == [True, True, False]
+    np.testing.assert_array_equal(s1["images"].numpy()[:2], raw[[3, 4]])
+    np.testing.assert_array_equal(s1["actions"].numpy()[0], [[9, 10], [0, 0]])
+    # frame 4 is the last: no action follows it; the third position is padding
+    assert s1["action_mask"].tolist() == [[True, False], [False, False], [False, False]]
+    # the same windows the frame ids name
+    np.testing.assert_array_equal(s1["frame_id"].numpy()[:2], [3, 4])

@@ -172,8 +172,12 @@ def test_cache_below_the_first_trainable_layer_gives_the_live_context(
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["train_setup.strategy=lora", "train_setup.lora_layers=2", "train_setup.lora_dropout=0"]],
-    ids=["frozen", "lora-top2"],
+    [
+        [],
+        ["train_setup.strategy=lora", "train_setup.lora_layers=2", "train_setup.lora_dropout=0"],
+        ["head.per_step=true"],
+    ],
+    ids=["frozen", "lora-top2", "per-step"],
 )
 def test_training_on_the_cache_matches_live_training(train_data, tmp_path, extra) -> None:
     losses = {}

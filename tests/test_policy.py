@@ -569,3 +569,68 @@ def test_snap_to_keys_executes_teleop_keys(tmp_path) -> None:
     assert not np.allclose(raw, snapped)
     with pytest.raises(ConfigError, match=r"head\.snap_to_keys"):
         make("builtin", {}, tmp_path, "head.snap_to_keys=1.5")
+
+
+def test_per_step_head_skips_padding_and_supervises_every_frame(tmp_path) -> None:
+    """head.per_step: the latent after a left-padded window's last frame is the LSTM's state
+    after its real frames alone (padding skipped, not fed as zeros); the per-step outputs of a
+    window starting at frame 0 are, position by position, what the padded windows ending
+    there give; and the loss of a per-step batch is the mean over its valid chunk steps."""
+    _, plain, _ = make("builtin", {}, tmp_path)
+    _, policy, plan = make("builtin", {}, tmp_path, "head.per_step=true")
+    trunk = policy.head.trunk
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, trunk.lstm.input_size, generator=g)
+    padded = torch.cat([torch.zeros_like(x[:, :2]), x[:, :2]], 1)
+    mask = torch.tensor([[False, False, True, True]])
+    with torch.no_grad():
+        _, (h_real, _) = trunk.lstm(x[:, :2])
+        torch.testing.assert_close(trunk(padded, mask), h_real[-1])
+        plain.head.trunk.load_state_dict(trunk.state_dict())
+        assert (plain.head.trunk(padded, mask) - h_real[-1]).abs().max() > 1e-4
+        steps = trunk.every_step(x, torch.ones(1, 4))
+        for t in range(4):
+            left = torch.cat([torch.zeros_like(x[:, : 3 - t]), x[:, : t + 1]], 1)
+            m = torch.arange(4)[None] >= 3 - t
+            torch.testing.assert_close(trunk(left, m), steps[:, t])
+    with pytest.raises(ValueError, match="real frames"):
+        trunk.every_step(padded, mask)
+    b = batch()
+    b["obs_mask"] = torch.tensor([[True, True, False], [True, True, True]])
+    b["actions"] = torch.rand(2, 3, 4, 2, generator=g) * 2 - 1
+    b["action_mask"] = b["obs_mask"][..., None].expand(-1, -1, 4).clone()
+    b["action_mask"][1, 2, 2:] = False
+    loss, out = policy.loss(b)
+    assert out.logits.shape == (6, 4, 2)
+    rows = b["action_mask"].flatten(0, 1)
+    per = torch.nn.functional.huber_loss(out.logits, b["actions"].flatten(0, 1), reduction="none")
+    torch.testing.assert_close(loss, per.mean(-1)[rows].mean())
+    changed = one_step(policy, plan)
+    assert changed["head.trunk.lstm.weight_ih_l0"]
+    with pytest.raises(ConfigError, match=r"head\.per_step"):
+        make("builtin", {}, tmp_path, "head.per_step=true", "head.type=mlp")
+    with pytest.raises(ConfigError, match=r"head\.per_step"):
+        make("builtin", {}, tmp_path, "head.per_step=true", "backbone.history=pre")
+
+
+def test_per_step_validation_loss_equals_one_window_per_frame(train_data, tmp_path) -> None:
+    """With the window at least the episode's length, the per-step validation windows (one
+    per episode) give exactly the loss of one left-padded window per frame: the same
+    (frame, chunk step) pairs, the same predictions, since padding is skipped."""
+    from mobile_vla.data.dataset import EpisodeDataset
+
+    cfg = load_config(
+        None, [*tiny_overrides(train_data, tmp_path), "head.per_step=true", "data.window_size=10"]
+    )
+    bundle = build_datasets(cfg)
+    policy, _ = build_policy(cfg, bundle.stats)
+    policy.eval()
+    per_window = EpisodeDataset(bundle.split.val, cfg.data, bundle.normalizer)
+    assert bundle.val.per_step and len(bundle.val) == len(bundle.split.val) < len(per_window)
+    totals = []
+    with torch.no_grad():
+        for ds in (bundle.val, per_window):
+            b = collate([ds[i] for i in range(len(ds))])
+            loss, _ = policy.loss(b)
+            totals.append(float(loss))
+    assert totals[0] == pytest.approx(totals[1], rel=1e-5)

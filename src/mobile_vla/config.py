@@ -355,8 +355,18 @@ class HeadConfig:
     {-v, 0, +v} (v: the dimension's largest |value| in the training data): |a| > snap_to_keys
     * v gives +-v, anything smaller 0. A regression head's small residual commands then become
     a real stop, as a teleoperated robot's keys are."""
+    per_step: bool = False
+    """LSTM head only: predict a chunk after every frame of the window and train on all of
+    them (RoboVLMs' LSTM decoder), on windows that start at the episode's frames 0, W, 2W, ...;
+    padding frames are skipped, not fed as zeros. One pass over a window then supervises W
+    frames instead of one. The validation loss is computed the same way (with W at least the
+    episode length it equals the one-window-per-frame loss); offline evaluation keeps one
+    window per frame, as the robot runs it. Saved in the run's config, so evaluation and
+    serving skip padding too."""
 
     def validate(self, prefix: str) -> None:
+        if self.per_step and self.type != "lstm":
+            raise _fail(f"{prefix}.per_step", "false unless head.type is 'lstm'", self.per_step)
         for key in ("hidden_size", "num_layers"):
             if getattr(self, key) < 1:
                 raise _fail(f"{prefix}.{key}", ">= 1", getattr(self, key))
@@ -583,6 +593,12 @@ class Config:
         self.head.validate("head")
         self.train_setup.validate("train_setup")
         self.trainer.validate("trainer")
+        if self.head.per_step and self.backbone.history != "post":
+            raise _fail(
+                "head.per_step",
+                "false with backbone.history 'pre' (one context vector per window)",
+                self.head.per_step,
+            )
         if self.head.gripper and self.head.gripper not in self.data.action_dims:
             raise _fail(
                 "head.gripper",

@@ -14,6 +14,11 @@ For every frame ``t`` of an episode (the "current" frame) one sample holds
 So an episode shorter than window + chunk still gives one sample per frame, padded and masked,
 never dropped. Randomness (augmentation) comes from a generator seeded by (seed, epoch, index),
 so a sample depends only on its index and epoch; nothing reseeds a global RNG.
+
+With ``per_step`` (``head.per_step``: the training and validation sets) a sample is instead
+the window of frames s .. s+window_size-1 for s = 0, W, 2W, ... (padding, if any, after the
+episode's end) with the chunk after *each* of its frames: ``actions`` (W, N, D),
+``action_mask`` (W, N) (False at padding frames); ``frame`` is s.
 """
 
 from __future__ import annotations
@@ -71,8 +76,10 @@ class EpisodeDataset(Dataset):
         train: bool = False,
         seed: int = 0,
         frame_source: FrameCache | DirectFrames | None = None,
+        per_step: bool = False,
     ) -> None:
         self.episodes = list(episodes)
+        self.per_step = per_step
         self.cfg = cfg
         self.normalizer = normalizer
         self.train = train
@@ -84,7 +91,8 @@ class EpisodeDataset(Dataset):
         for e, ep in enumerate(self.episodes):
             # A frame yields a sample when its chunk has at least one action inside the episode.
             last = ep.num_frames - cfg.chunk_offset
-            index.extend((e, t) for t in range(max(last, 0)))
+            stride = cfg.window_size if per_step else 1
+            index.extend((e, t) for t in range(0, max(last, 0), stride))
         self.index = np.asarray(index, dtype=np.int64).reshape(-1, 2)
         # first global frame number of each episode: ``frame_id`` names a frame across episodes
         self.frame_offset = np.cumsum([0] + [ep.num_frames for ep in self.episodes])
@@ -108,6 +116,25 @@ class EpisodeDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         return self.sample(i)
 
+    def window(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frame indices of sample ``i``'s window and the mask of its real frames."""
+        e, t = (int(v) for v in self.index[i])
+        if not self.per_step:
+            return window_indices(t, self.cfg.window_size)
+        raw = np.arange(t, t + self.cfg.window_size)
+        real = raw < self.episodes[e].num_frames
+        return np.where(real, raw, t), real
+
+    def _chunks(self, ep: EpisodeInfo, t: int, obs_mask: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Action indices and masks of the chunk after frame t, or (``per_step``) after each
+        frame of the window starting at t: (N,) or (W, N)."""
+        n, offset = self.cfg.fwd_pred_next_n, self.cfg.chunk_offset
+        if not self.per_step:
+            return chunk_indices(t, n, offset, ep.num_frames)
+        pairs = [chunk_indices(t + j, n, offset, ep.num_frames) for j in range(len(obs_mask))]
+        idx = np.stack([p[0] for p in pairs])
+        return idx, np.stack([p[1] for p in pairs]) & obs_mask[:, None]
+
     def sample(self, i: int, images: bool = True) -> dict[str, Any]:
         """Sample ``i``; ``images=False`` leaves the frames out (a cached prefix replaces them;
         only valid without image augmentation)."""
@@ -116,14 +143,14 @@ class EpisodeDataset(Dataset):
         e, t = (int(v) for v in self.index[i])
         ep = self.episodes[e]
         cfg = self.cfg
-        frame_idx, obs_mask = window_indices(t, cfg.window_size)
-        act_idx, act_mask = chunk_indices(t, cfg.fwd_pred_next_n, cfg.chunk_offset, ep.num_frames)
+        frame_idx, obs_mask = self.window(i)
+        act_idx, act_mask = self._chunks(ep, t, obs_mask)
         frames = (
             self._window_frames(ep, frame_idx)
             if images
             else np.zeros((len(frame_idx), 1, 1, 3), np.uint8)
         )
-        actions = ep.actions[act_idx][:, self.action_idx]
+        actions = ep.actions[act_idx][..., self.action_idx]
         instruction = ep.instruction
         mirrored = False
         if self.train:
@@ -228,6 +255,10 @@ def build_datasets(cfg: Config, progress: bool = False) -> DataBundle:
         split=split,
         stats=stats,
         normalizer=normalizer,
-        train=EpisodeDataset(split.train, data, normalizer, True, cfg.seed, source),
-        val=EpisodeDataset(split.val, data, normalizer, False, cfg.seed, source),
+        train=EpisodeDataset(
+            split.train, data, normalizer, True, cfg.seed, source, per_step=cfg.head.per_step
+        ),
+        val=EpisodeDataset(
+            split.val, data, normalizer, False, cfg.seed, source, per_step=cfg.head.per_step
+        ),
     )

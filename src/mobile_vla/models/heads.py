@@ -52,9 +52,34 @@ class LSTMTrunk(nn.Module):
             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
         )
 
+        self.skip_padding = cfg.per_step
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        _, (h_n, _) = self.lstm(x * mask[..., None])
-        return h_n[-1]
+        """The latent after the window's last real frame (B, H). Padding frames are fed as
+        zeros, or, with ``per_step``, skipped: each row's real frames (one contiguous run,
+        padded before or after) are moved to the front, and the state after the last of them
+        is read — the LSTM is causal, so what follows does not change it."""
+        if not self.skip_padding:
+            _, (h_n, _) = self.lstm(x * mask[..., None])
+            return h_n[-1]
+        real = mask.bool()
+        count = real.sum(1).clamp(min=1)
+        first = real.float().argmax(1)
+        steps = torch.arange(x.shape[1], device=x.device)
+        take = (first[:, None] + steps).clamp(max=x.shape[1] - 1)
+        aligned = x.gather(1, take[..., None].expand(-1, -1, x.shape[2]))
+        out, _ = self.lstm(aligned)
+        return out[torch.arange(x.shape[0], device=x.device), count - 1]
+
+    def every_step(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The latent after every frame (B, W, H) of windows whose real frames come first
+        (``per_step`` training windows); outputs at padding positions are left to the loss
+        mask."""
+        real = mask.bool()
+        if bool((real[:, :-1] < real[:, 1:]).any()):
+            raise ValueError("per-step windows must start with their real frames")
+        out, _ = self.lstm(x)
+        return out
 
 
 class MLPTrunk(nn.Module):
@@ -123,11 +148,18 @@ class ActionHead(nn.Module):
         )
         self.gripper_index = action_dims.index(cfg.gripper) if cfg.gripper else -1
 
-    def forward(self, features: torch.Tensor, obs_mask: torch.Tensor) -> HeadOutput:
+    def forward(
+        self, features: torch.Tensor, obs_mask: torch.Tensor, every_step: bool = False
+    ) -> HeadOutput:
+        """The chunk after the window's last frame; with ``every_step`` (``per_step`` training),
+        the chunk after every frame, as B x W rows in window order."""
         # The head is small: it runs in float32 under mixed precision (and oneDNN's CPU LSTM
         # has no bfloat16 kernel).
         with torch.autocast(device_type=features.device.type, enabled=False):
-            latent = self.trunk(features.float(), obs_mask.float())
+            if every_step:
+                latent = self.trunk.every_step(features.float(), obs_mask.float()).flatten(0, 1)
+            else:
+                latent = self.trunk(features.float(), obs_mask.float())
             y = self.out(latent)
         return self._shape(y, latent)
 

@@ -134,8 +134,10 @@ class VLAPolicy(nn.Module):
         index = torch.tensor(inverse, device=feats.device)
         return feats[index].view(b, w, -1), obs_mask
 
-    def head_forward(self, features: torch.Tensor, obs_mask: torch.Tensor) -> HeadOutput:
-        return self.head(features, obs_mask)
+    def head_forward(
+        self, features: torch.Tensor, obs_mask: torch.Tensor, every_step: bool = False
+    ) -> HeadOutput:
+        return self.head(features, obs_mask, every_step)
 
     # -- training ---------------------------------------------------------------------------
     def cached_window_features(
@@ -155,7 +157,9 @@ class VLAPolicy(nn.Module):
         )
         return self.with_instruction(ctx.flatten(1)[index], texts)
 
-    def forward(self, batch: dict[str, Any]) -> HeadOutput:
+    def forward(self, batch: dict[str, Any], every_step: bool = False) -> HeadOutput:
+        """The chunk after each window's last frame, or with ``every_step`` (``per_step``
+        training windows) after every frame of it (B x W rows)."""
         if "prefix_kv" in batch:  # the frozen-prefix feature cache
             feats = self.cached_window_features(
                 batch["prefix_kv"],
@@ -164,15 +168,22 @@ class VLAPolicy(nn.Module):
                 batch["instruction"],
                 batch.get("prefix_hidden"),
             )
-            return self.head_forward(feats, batch["obs_mask"])
+            return self.head_forward(feats, batch["obs_mask"], every_step)
         feats, mask = self.window_features(
             batch["images"], batch["instruction"], batch["obs_mask"], batch.get("frame_id")
         )
-        return self.head_forward(feats, mask)
+        return self.head_forward(feats, mask, every_step)
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, HeadOutput]:
-        out = self(batch)
-        return self.codec.loss(out.logits, batch["actions"], batch["action_mask"]), out
+        """The loss of a batch of windows: against the chunk after the last frame (actions
+        (B, N, D)), or, for ``per_step`` training windows (actions (B, W, N, D)), after
+        every frame."""
+        actions, mask = batch["actions"], batch["action_mask"]
+        every_step = actions.dim() == 4
+        out = self(batch, every_step)
+        if every_step:
+            actions, mask = actions.flatten(0, 1), mask.flatten(0, 1)
+        return self.codec.loss(out.logits, actions, mask), out
 
     # -- inference ------------------------------------------------------------------------------
     def decode(self, out: HeadOutput) -> torch.Tensor:

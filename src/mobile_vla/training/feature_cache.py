@@ -285,10 +285,8 @@ class CachedPrefixDataset(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from mobile_vla.data.dataset import window_indices
-
         sample = self.base.sample(i, images=False)
-        frame_idx, _ = window_indices(sample["frame"], self.base.cfg.window_size)
+        frame_idx, _ = self.base.window(i)
         ref = np.stack([np.full(len(frame_idx), sample["episode"]), frame_idx], axis=1)
         sample["prefix_ref"] = torch.from_numpy(ref.astype(np.int64))
         return sample

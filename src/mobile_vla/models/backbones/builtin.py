@@ -410,9 +410,6 @@ class BuiltinBackbone(Backbone):
         n = pixels.shape[0]
         img = self.image_features(pixels)
         txt, txt_mask = self.encode_text(texts)
-        pad = self.max_text_tokens - txt.shape[1]
-        txt = F.pad(txt, (0, 0, 0, pad))
-        txt_mask = F.pad(txt_mask, (0, pad), value=False)
         x = torch.cat([img, txt], dim=1)
         mask = torch.cat(
             [torch.ones(n, img.shape[1], dtype=torch.bool, device=x.device), txt_mask], dim=1
@@ -424,10 +421,16 @@ class BuiltinBackbone(Backbone):
             kvs.append(block.prefix_kv(x))
             x = block(x, allowed)
         if kvs:
-            kv = torch.stack(kvs, dim=1).permute(2, 1, 0, 3, 4).contiguous()
+            kv = torch.stack(kvs, dim=1).permute(2, 1, 0, 3, 4)
         else:
             kv = x.new_zeros(n, 0, 2, p, x.shape[-1])
-        return kv, (x if split < len(self.fusion) else None), mask
+        # padded to max_text_tokens only now: the fusion layers never compute the padding
+        # (a quarter of the tokens for a short instruction), which no real token attends to
+        pad = self.max_text_tokens - txt.shape[1]
+        kv = F.pad(kv, (0, 0, 0, pad)).contiguous()
+        mask = F.pad(mask, (0, pad), value=False)
+        hidden = F.pad(x, (0, 0, 0, pad)) if split < len(self.fusion) else None
+        return kv, hidden, mask
 
     def encode_from_prefix(
         self,
