@@ -19,6 +19,7 @@ from mobile_vla.config import load_config
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.evaluation.offline import (
     direction_accuracy,
+    episode_batches,
     evaluate_offline,
     instruction_sensitivity,
     regression_metrics,
@@ -437,6 +438,28 @@ def test_metric_math_against_hand_computed_values() -> None:
     assert s.sign_flip_rate == pytest.approx(0.25)
     assert s.quantiles["0.5"] == pytest.approx(0.25)  # of |diff| = 1.0, 0.2, 0.3, 0.0
     assert sum(s.histogram.counts) == 4 and s.histogram.edges[-1] == 1.0
+
+
+def test_offline_batches_hold_whole_episodes_and_do_not_change_the_metrics(
+    train_data, tmp_path
+) -> None:
+    """Offline evaluation batches whole episodes (each frame encoded once per batch); the
+    metrics are those of any other partition of the same windows."""
+    from mobile_vla.data.dataset import build_datasets
+    from mobile_vla.training.runs import build_policy
+
+    index = np.array([[0, 0], [0, 1], [0, 2], [1, 0], [2, 0], [2, 1]])
+    ds = type("D", (), {"index": index, "__len__": lambda self: 6})()
+    assert episode_batches(ds, 2) == [[0, 1, 2], [3, 4, 5]]
+    assert episode_batches(ds, 1) == [[0, 1, 2], [3], [4, 5]]
+    plain = type("P", (), {"__len__": lambda self: 5})()
+    assert episode_batches(plain, 2) == [[0, 1], [2, 3], [4]]
+    cfg = cfg_for(train_data, tmp_path)
+    bundle = build_datasets(cfg)
+    policy, _ = build_policy(cfg, bundle.stats)
+    a, b = evaluate_offline(policy, bundle.val, 3), evaluate_offline(policy, bundle.val, 64)
+    assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
+    assert a.rmse == pytest.approx(b.rmse, rel=1e-5) and a.samples == b.samples
 
 
 def test_language_blind_policy_scores_zero_sensitivity(train_data, tmp_path) -> None:

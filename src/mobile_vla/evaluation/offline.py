@@ -84,6 +84,24 @@ def instruction_sensitivity(y_orig: np.ndarray, y_swap: np.ndarray) -> Instructi
 
 
 @torch.no_grad()
+def episode_batches(dataset: Dataset, batch_size: int) -> list[list[int]]:
+    """The dataset's windows in order, in batches of whole episodes (at least ``batch_size``
+    windows, or one episode): the policy encodes each distinct frame of a batch once, so no
+    frame is encoded twice because a batch boundary cut its episode's windows. A dataset
+    without an episode index is cut every ``batch_size`` windows."""
+    index = getattr(dataset, "index", None)
+    n = len(dataset)  # type: ignore[arg-type]
+    if index is None:
+        return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    batches: list[list[int]] = [[]]
+    for i, episode in enumerate(np.asarray(index)[:, 0]):
+        last = batches[-1]
+        if len(last) >= batch_size and episode != index[last[-1]][0]:
+            batches.append([])
+        batches[-1].append(i)
+    return [b for b in batches if b]
+
+
 def evaluate_offline(
     policy: VLAPolicy, dataset: Dataset, batch_size: int = 16, progress: bool = False
 ) -> OfflineMetrics:
@@ -92,7 +110,9 @@ def evaluate_offline(
     policy.eval()
     device = policy.action_token.device
     names = policy.action_dims
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    loader = DataLoader(
+        dataset, batch_sampler=episode_batches(dataset, batch_size), collate_fn=collate
+    )
     losses, weights = [], []
     preds, targets, masks, y_orig, y_swap = [], [], [], [], []
     has_y = "linear_y" in names
