@@ -162,6 +162,9 @@ SPECIAL = {
     "train_setup.gradient_checkpointing",
     # cached vs live: test_feature_cache.py::test_training_on_the_cache_matches_live_training
     "data.feature_cache",
+    # padding skipped, every frame supervised:
+    # test_policy.py::test_per_step_head_skips_padding_and_supervises_every_frame
+    "head.per_step",
     # two processes, gloo: test_training.py::test_two_process_ddp_on_cpu
     "trainer.devices",
     "trainer.strategy",
@@ -433,6 +436,7 @@ TRAINER: dict[str, tuple[list[str], list[str]]] = {
     "trainer.output_dir": ([], ["trainer.output_dir={tmp}/elsewhere"]),
     "trainer.run_name": ([], ["trainer.run_name=other"]),
     "trainer.checkpoint_steps": ([], ["trainer.checkpoint_steps=[2]"]),
+    "trainer.val_every_n_steps": ([], ["trainer.val_every_n_steps=1"]),
 }
 
 

@@ -538,6 +538,10 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     limit_val_batches: float = 1.0
     """Share of validation batches per epoch when <= 1.0, else their number (2, 3, ...)."""
+    val_every_n_steps: int = 0
+    """0 = validate (and keep ``best``) after every epoch; N = after every N optimizer steps
+    instead, across epochs: on a few episodes an epoch is a handful of steps, and validating
+    after each costs more than the training."""
     wandb: bool = False
     """Log to Weights & Biases as well (needs the wandb package)."""
     output_dir: str = "runs"
@@ -561,7 +565,7 @@ class TrainerConfig:
         ):
             if getattr(self, key) < 1:
                 raise _fail(f"{prefix}.{key}", ">= 1", getattr(self, key))
-        for key in ("num_workers", "warmup_steps", "warmup_epochs"):
+        for key in ("num_workers", "warmup_steps", "warmup_epochs", "val_every_n_steps"):
             if getattr(self, key) < 0:
                 raise _fail(f"{prefix}.{key}", ">= 0", getattr(self, key))
         if self.gradient_clip_val < 0:

@@ -323,9 +323,10 @@ class TrainStats(pl.Callback):
 
 
 class RunCheckpoints(pl.Callback):
-    """``checkpoints/last`` after every epoch, ``checkpoints/best`` on a new lowest
-    validation loss and ``checkpoints/step_N`` after each of ``steps`` (learning curves), all
-    written atomically through the trainer's checkpoint I/O."""
+    """``checkpoints/last`` after every epoch, ``checkpoints/best`` after each validation
+    that reaches a new lowest validation loss and ``checkpoints/step_N`` after each of
+    ``steps`` (learning curves), all written atomically through the trainer's checkpoint
+    I/O."""
 
     def __init__(self, folder: Any, steps: list[int] | None = None) -> None:
         self.folder = folder
@@ -345,10 +346,12 @@ class RunCheckpoints(pl.Callback):
         if step in self.steps and not (self.folder / f"step_{step}").exists():
             trainer.save_checkpoint(self.folder / f"step_{step}")
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         val = trainer.callback_metrics.get("val_loss")
         value = float(val) if val is not None else None
         if value is not None and (self.best is None or value < self.best):
             self.best = value
             trainer.save_checkpoint(self.folder / "best")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         trainer.save_checkpoint(self.folder / "last")

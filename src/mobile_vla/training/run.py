@@ -257,6 +257,9 @@ def _make_trainer(
         limit_val_batches=t.limit_val_batches
         if t.limit_val_batches <= 1
         else int(t.limit_val_batches),
+        # every N optimizer steps across epochs (Lightning counts batches: N x accumulation)
+        val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches or None,
+        check_val_every_n_epoch=None if t.val_every_n_steps else 1,
         enable_progress_bar=progress,
         enable_model_summary=False,
         default_root_dir=str(run),
