@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from mobile_vla.cli import main
+from mobile_vla.config import load_config
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.study import grid as grid_module
 from mobile_vla.study.cells import CellResult
@@ -194,6 +195,34 @@ def test_study_config_errors(tmp_path: Path, train_data: Path) -> None:
     bad.write_text(yaml.safe_dump({"base": str(CONFIGS / "base.yaml"), "output_dir": str(out)}))
     with pytest.raises(MobileVLAError, match="not valid JSON"):
         Study(bad, progress=False).run()
+
+
+def test_exclude_leaves_matching_cells_out_and_refuses_rules_that_match_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "strategies: [frozen_text, frozen, lora]\nseeds: [0, 1]\ntrain_episodes: [48, 0]\n"
+        "exclude:\n  - {strategy: frozen, train_episodes: 48}\n"
+        "  - {strategy: lora, train_episodes: 48}\n  - {strategy: frozen_text, seed: 1, "
+        "train_episodes: 48}\n"
+    )
+    study = load_config(path, cls=StudyConfig)
+    ids = [c.id for c in cells(study)]
+    assert len(cells(study, excluding=False)) == 12 and len(ids) == 7
+    assert "frozen_text-pt-n48-s0" in ids and "frozen_text-pt-n48-s1" not in ids
+    assert not any(i.startswith(("frozen-pt-n48", "lora-pt-n48")) for i in ids)
+    assert "lora-pt-nall-s1" in ids
+    bad = {
+        "exclude: [{strategy: full}]": r"exclude\[0\].*matches no cell",
+        "exclude: [{}]": r"exclude\[0\].*at least one of",
+        "exclude: [{strategy: frozen}, {strategy: lora}]": r"exclude.*at least one cell",
+        "exclude: [{steps: 3}]": r"exclude\[0\]\.steps",
+    }
+    for text, match in bad.items():
+        path.write_text("strategies: [frozen, lora]\n" + text + "\n")
+        with pytest.raises(ConfigError, match=match):
+            load_config(path, cls=StudyConfig)
 
 
 def test_grid_order_and_noise_rules() -> None:

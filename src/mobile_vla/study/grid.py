@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -79,6 +79,26 @@ class StudyClosedLoop:
     drive each through the same scenes: success-vs-steps curves in the report."""
 
 
+_FILTER_KEYS = "strategy, seed, train_episodes, pretrained"
+
+
+@dataclass
+class CellFilter:
+    """Cells of the grid that match every field set here (unset = any)."""
+
+    strategy: str | None = None
+    seed: int | None = None
+    train_episodes: int | None = None
+    pretrained: bool | None = None
+
+    def matches(self, cell: Cell) -> bool:
+        return all(
+            want is None or getattr(cell, f.name) == want
+            for f in fields(self)
+            for want in [getattr(self, f.name)]
+        )
+
+
 @dataclass
 class StudyConfig:
     """A study: which cells to run and how to evaluate them."""
@@ -98,6 +118,9 @@ class StudyConfig:
     """Dotted overrides for every cell, e.g. ``trainer.max_epochs=3``."""
     strategy_overrides: dict[str, list[str]] = field(default_factory=dict)
     """Extra overrides per strategy, e.g. ``lora: [train_setup.lora_lr=1e-4]``."""
+    exclude: list[CellFilter] = field(default_factory=list)
+    """Cells left out of the grid, e.g. ``{strategy: lora, train_episodes: 48}``: not every
+    combination is worth its time."""
     closed_loop: StudyClosedLoop = field(default_factory=StudyClosedLoop)
     compare: bool = True
     """Compare frozen and LoRA representations for every (seed, size, pretrained)."""
@@ -126,6 +149,14 @@ class StudyConfig:
             raise _fail("closed_loop.episodes", ">= 0", self.closed_loop.episodes)
         if self.data.episodes < 1 and not self.data.path:
             raise _fail("data.episodes", ">= 1 (or set data.path)", self.data.episodes)
+        grid = cells(self, excluding=False)
+        for i, rule in enumerate(self.exclude):
+            if all(getattr(rule, f.name) is None for f in fields(rule)):
+                raise _fail(f"exclude[{i}]", "at least one of " + _FILTER_KEYS, rule)
+            if not any(rule.matches(c) for c in grid):
+                raise _fail(f"exclude[{i}]", "values on the grid's axes (it matches no cell)", rule)
+        if not cells(self):
+            raise _fail("exclude", "rules that leave at least one cell", self.exclude)
 
 
 @dataclass(frozen=True)
@@ -149,17 +180,20 @@ class Cell:
         }
 
 
-def cells(study: StudyConfig) -> list[Cell]:
-    """The grid, in the order it runs: largest data first (the headline table is ready
-    soonest), then pretrained before random, then seed, then strategy."""
+def cells(study: StudyConfig, excluding: bool = True) -> list[Cell]:
+    """The grid less the ``exclude`` rules' cells, in the order it runs: largest data first
+    (the headline table is ready soonest), then pretrained before random, then seed, then
+    strategy."""
     sizes = sorted(study.train_episodes, key=lambda n: (n != 0, -n))
-    return [
+    grid = [
         Cell(s, p, n, seed)
         for n in sizes
         for p in sorted(study.pretrained, reverse=True)
         for seed in study.seeds
         for s in study.strategies
     ]
+    rules = study.exclude if excluding else []
+    return [c for c in grid if not any(rule.matches(c) for rule in rules)]
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[StudyConfig, Path]:
@@ -428,11 +462,12 @@ class Study:
             self.save_results(results)
             self._say(f"[{k}/{len(grid)}] {cell.id}: done in {time.perf_counter() - t0:.0f} s")
         if self.study.compare and {"frozen", "lora"} <= set(self.study.strategies):
+            ids = {c.id for c in grid}
             for cell in grid:  # comparisons not made alongside a cell (e.g. resumed studies)
                 if cell.strategy != "frozen":
                     continue
                 name, frozen, lora = self._pair(cell)
-                if name in results["compare"]:
+                if name in results["compare"] or lora.name not in ids:
                     continue
                 self._say(f"comparing representations: {name}")
                 results["compare"][name] = {
