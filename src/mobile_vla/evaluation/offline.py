@@ -83,7 +83,6 @@ def instruction_sensitivity(y_orig: np.ndarray, y_swap: np.ndarray) -> Instructi
     )
 
 
-@torch.no_grad()
 def episode_batches(dataset: Dataset, batch_size: int) -> list[list[int]]:
     """The dataset's windows in order, in batches of whole episodes (at least ``batch_size``
     windows, or one episode): the policy encodes each distinct frame of a batch once, so no
@@ -102,6 +101,7 @@ def episode_batches(dataset: Dataset, batch_size: int) -> list[list[int]]:
     return [b for b in batches if b]
 
 
+@torch.no_grad()
 def evaluate_offline(
     policy: VLAPolicy, dataset: Dataset, batch_size: int = 16, progress: bool = False
 ) -> OfflineMetrics:

@@ -51,7 +51,6 @@ class LSTMTrunk(nn.Module):
             batch_first=True,
             dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
         )
-
         self.skip_padding = cfg.per_step
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,6 @@ class StudyClosedLoop:
     drive each through the same scenes: success-vs-steps curves in the report."""
 
 
-_FILTER_KEYS = "strategy, seed, train_episodes, pretrained"
-
-
 @dataclass
 class CellFilter:
     """Cells of the grid that match every field set here (unset = any)."""
@@ -152,7 +149,8 @@ class StudyConfig:
         grid = cells(self, excluding=False)
         for i, rule in enumerate(self.exclude):
             if all(getattr(rule, f.name) is None for f in fields(rule)):
-                raise _fail(f"exclude[{i}]", "at least one of " + _FILTER_KEYS, rule)
+                keys = ", ".join(f.name for f in fields(rule))
+                raise _fail(f"exclude[{i}]", f"at least one of {keys}", rule)
             if not any(rule.matches(c) for c in grid):
                 raise _fail(f"exclude[{i}]", "values on the grid's axes (it matches no cell)", rule)
         if not cells(self):
