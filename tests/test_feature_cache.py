@@ -226,3 +226,33 @@ def test_batch_of_cached_prefixes_gives_the_live_window_features(train_data, tmp
         )
         feats, _ = policy.window_features(live["images"], live["instruction"], live["obs_mask"])
     torch.testing.assert_close(cached, feats, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_that_would_not_fit_on_the_disk_is_refused_before_writing(
+    train_data, tmp_path, monkeypatch
+) -> None:
+    """A memory-mapped write that runs out of disk kills the process (SIGBUS); the cache
+    checks the space its missing entries need first, and names the folder and the way out.
+    The estimate covers what the entries really take."""
+    from collections import namedtuple
+
+    from mobile_vla.errors import DataError
+    from mobile_vla.training import feature_cache
+
+    cfg, bundle, policy = setup(train_data, tmp_path)
+    cache = PrefixCache(cfg, policy, bundle.train.frames)
+    eps = bundle.train.episodes[:2]
+    need = sum(cache.entry_bytes(ep) for ep in eps)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(
+        feature_cache.shutil, "disk_usage", lambda p: usage(0, 0, need + (1 << 30) - 1)
+    )
+    with pytest.raises(DataError, match=r"needs .* GiB for 2 episodes.*data\.cache_dir"):
+        cache.ensure(eps)
+    assert not list(cache.root.glob("*.npy"))
+    monkeypatch.undo()
+    cache.ensure(eps)
+    written = sum(p.stat().st_size for p in cache.root.glob("*.npy"))
+    assert 0.9 * need < written <= need
+    monkeypatch.setattr(feature_cache.shutil, "disk_usage", lambda p: usage(0, 0, 0))
+    cache.ensure(eps)  # nothing missing: nothing to check

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,12 @@ from mobile_vla.config import Config
 from mobile_vla.data.dataset import EpisodeDataset
 from mobile_vla.data.frame_cache import FrameCache
 from mobile_vla.data.hdf5 import EpisodeInfo
+from mobile_vla.errors import DataError
 from mobile_vla.io import atomic_path
 
 log = logging.getLogger(__name__)
+
+DISK_MARGIN = 1 << 30  # left free beside the cache
 
 
 def cache_split(cfg: Config, policy: Any) -> tuple[int | None, str]:
@@ -260,7 +264,28 @@ class PrefixCache:
         """(keys/values, mask) of an episode."""
         return self.entry(ep)[:2]
 
+    def entry_bytes(self, ep: EpisodeInfo) -> int:
+        """What an episode's entry takes on disk (float32 keys/values, hidden states)."""
+        t, k, two, p, d = self._expected(ep)
+        hidden = 0 if self._hidden_path(ep) is None else t * p * d
+        return 4 * (t * k * two * p * d + hidden) + 4096
+
     def ensure(self, episodes: Sequence[EpisodeInfo], progress: bool = False) -> None:
+        """Build every missing entry, after checking that they fit on the cache's disk: a
+        memory-mapped write that runs out of space kills the process (SIGBUS) instead of
+        raising, so the check comes first."""
+        missing = [ep for ep in episodes if not all(p.exists() for p in self._paths(ep))]
+        need = sum(self.entry_bytes(ep) for ep in missing)
+        if missing:
+            self.root.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.root).free
+            if need > free - DISK_MARGIN:
+                raise DataError(
+                    f"the feature cache in '{self.root}' needs {need / 2**30:.1f} GiB for "
+                    f"{len(missing)} episodes and the disk has {free / 2**30:.1f} GiB free "
+                    f"(keeping {DISK_MARGIN / 2**30:.0f} GiB spare): free space, point "
+                    "data.cache_dir at a larger disk, or set data.feature_cache=false"
+                )
         for ep in tqdm(episodes, desc="feature cache", unit="ep", disable=not progress):
             self.get(ep)
 
