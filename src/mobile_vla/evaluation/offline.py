@@ -92,13 +92,13 @@ def episode_batches(dataset: Dataset, batch_size: int) -> list[list[int]]:
     n = len(dataset)  # type: ignore[arg-type]
     if index is None:
         return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    batches: list[list[int]] = [[]]
-    for i, episode in enumerate(np.asarray(index)[:, 0]):
-        last = batches[-1]
-        if len(last) >= batch_size and episode != index[last[-1]][0]:
+    episodes = np.asarray(index)[:, 0]
+    batches: list[list[int]] = []
+    for i, episode in enumerate(episodes):
+        if not batches or (len(batches[-1]) >= batch_size and episode != episodes[i - 1]):
             batches.append([])
         batches[-1].append(i)
-    return [b for b in batches if b]
+    return batches
 
 
 @torch.no_grad()

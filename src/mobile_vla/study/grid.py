@@ -89,11 +89,11 @@ class CellFilter:
     pretrained: bool | None = None
 
     def matches(self, cell: Cell) -> bool:
-        return all(
-            want is None or getattr(cell, f.name) == want
-            for f in fields(self)
-            for want in [getattr(self, f.name)]
-        )
+        for f in fields(self):
+            want = getattr(self, f.name)
+            if want is not None and getattr(cell, f.name) != want:
+                return False
+        return True
 
 
 @dataclass

@@ -172,10 +172,16 @@ class PrefixCache:
         tokens = bb.vision.num_patches + bb.max_text_tokens
         return (ep.num_frames, self.split, 2, tokens, bb.hidden_size)
 
-    def _open(self, ep: EpisodeInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-        kv_path, mask_path = self._paths(ep)
+    def _files(self, ep: EpisodeInfo) -> list[Path]:
+        """Every file of an episode's entry: keys/values, mask and, when fusion layers train,
+        hidden states."""
         hidden_path = self._hidden_path(ep)
-        paths = [kv_path, mask_path] + ([hidden_path] if hidden_path else [])
+        return [*self._paths(ep), *([hidden_path] if hidden_path else [])]
+
+    def _open(self, ep: EpisodeInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        paths = self._files(ep)
+        kv_path, mask_path, *hidden_file = paths
+        hidden_path = hidden_file[0] if hidden_file else None
         if not all(p.exists() for p in paths):
             return None
         try:
@@ -274,7 +280,7 @@ class PrefixCache:
         """Build every missing entry, after checking that they fit on the cache's disk: a
         memory-mapped write that runs out of space kills the process (SIGBUS) instead of
         raising, so the check comes first."""
-        missing = [ep for ep in episodes if not all(p.exists() for p in self._paths(ep))]
+        missing = [ep for ep in episodes if not all(p.exists() for p in self._files(ep))]
         need = sum(self.entry_bytes(ep) for ep in missing)
         if missing:
             self.root.mkdir(parents=True, exist_ok=True)
