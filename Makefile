@@ -35,8 +35,9 @@ sysdeps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$PKGS >/dev/null; \
 	fi
 
-# The quick study on the built-in backbone: frozen (Case 3) vs LoRA (Case 4) x 2 seeds x 2
-# data sizes x pretrained / random init; trains, evaluates, compares, writes the report.
+# The quick study on the built-in backbone (configs/study_quick.yaml): frozen_text, the arm that
+# drives, on all and on 48 training episodes; frozen (Case 3) vs LoRA (Case 4) x 2 seeds; trains,
+# evaluates, compares, writes the report.
 demo: install
 	$(BIN)/mobile-vla study configs/study_quick.yaml --output_dir=$(DEMO_DIR)
 

@@ -626,6 +626,20 @@ def test_train_stats_time_the_loop_including_data_loading(monkeypatch) -> None:
     assert result["steady_state_batches"] == 4
     assert result["train_samples_per_s"] == pytest.approx(16 / 6)
     assert result["train_step_samples_per_s"] == pytest.approx(16 / 2.5)
+    assert result["train_windows_per_s"] == pytest.approx(16 / 6)  # one window a row
+
+
+def test_supervised_windows_count_each_real_frame_of_per_step_windows() -> None:
+    """One-window-per-frame batches supervise a pair per row; per-step batches one per frame
+    whose chunk has an action (padding frames after the episode's end count nothing)."""
+    from mobile_vla.training.module import supervised_windows
+
+    rows = {"instruction": ["go"] * 3, "action_mask": torch.ones(3, 10, dtype=torch.bool)}
+    assert supervised_windows(rows) == 3
+    mask = torch.ones(2, 8, 10, dtype=torch.bool)
+    mask[1, 5:] = False  # the second window's episode ends after its 5th frame
+    mask[0, 7, 1:] = False  # a last frame whose chunk has one action left still counts
+    assert supervised_windows({"instruction": ["go"] * 2, "action_mask": mask}) == 13
 
 
 def test_consecutive_window_batches_share_frames_and_cover_every_window_once(

@@ -258,6 +258,15 @@ def check_architecture(
         raise ConfigError(f"{source}: the checkpoint was made for another architecture ({detail})")
 
 
+def supervised_windows(batch: dict[str, Any]) -> int:
+    """The (history, chunk) pairs a batch supervises: its rows, or with per-step windows
+    (``action_mask`` (B, W, N)) the frames whose chunk has an action."""
+    mask = batch.get("action_mask")
+    if mask is None or mask.dim() < 3:
+        return len(batch["instruction"])
+    return int(mask.any(-1).sum())
+
+
 class TrainStats(pl.Callback):
     """Samples/s over the steady state (after warm-up steps) and peak memory.
 
@@ -265,11 +274,14 @@ class TrainStats(pl.Callback):
     so fetching and collating the batch is included with its forward, backward and optimizer
     step. Batches that follow an epoch start or a validation pass are not timed. The step alone
     (batch start to batch end: what the data loading costs is the difference) is reported
-    beside it."""
+    beside it. A sample is a batch row; ``windows`` counts the supervised (history, chunk)
+    pairs: one per row, or with ``head.per_step`` one per real frame of the row's window, so
+    per-step and one-window-per-frame training compare on what they learn from."""
 
     def __init__(self, warmup_steps: int = 3) -> None:
         self.warmup = warmup_steps
         self.samples = 0
+        self.windows = 0
         self.batches = 0
         self.timed = 0
         self.elapsed = 0.0
@@ -302,6 +314,7 @@ class TrainStats(pl.Callback):
             self.elapsed += now - self._last_end
             self.step_elapsed += now - self._start
             self.samples += len(batch["instruction"])
+            self.windows += supervised_windows(batch)
             self.timed += 1
         self._last_end = now
 
@@ -311,6 +324,10 @@ class TrainStats(pl.Callback):
             "train_samples_per_s": self.samples / self.elapsed if self.elapsed else None,
             "train_step_samples_per_s": (
                 self.samples / self.step_elapsed if self.step_elapsed else None
+            ),
+            "train_windows_per_s": self.windows / self.elapsed if self.elapsed else None,
+            "train_step_windows_per_s": (
+                self.windows / self.step_elapsed if self.step_elapsed else None
             ),
             "steady_state_batches": self.timed,
             "peak_memory_bytes": peak_rss,
