@@ -1,15 +1,18 @@
 """What LoRA (Case 4) learns in the same wall-clock time, before and after the fast path.
 
-    python bench/bench_time_to_quality.py --data D [--scenes 48] [--seed 101]
+    python bench/bench_time_to_quality.py [--data D] [--scenes 48] [--seed 101]
         [--before-steps 240] [--after-steps 480] [--points 4]
 
 Throughput ratios (``bench_strategies.py``) say how many windows a second each path trains;
 this says what the seconds buy. Two arms train LoRA on every fusion layer of the built-in
-backbone on the same collection ``D`` (96x96; the same split), keeping ``--points`` step
+backbone on the same collection ``D`` (96x96, the same split; default: 480 episodes collected
+first, as ``make demo`` does), keeping ``--points`` step
 checkpoints; every checkpoint then drives the same held-out scenes (``mobile-vla curve``,
-simulator seed ``--seed``, not a training seed), and is placed at the seconds its run had
-taken when it was saved (the checkpoint's files against the process start: start-up, cache
-build and validation included).
+simulator seed ``--seed``, not a training seed) and predicts the chunk after every frame of
+the test split (``mobile-vla eval --episodes 0``: the same targets for both arms, each with
+its own history), and is placed at the seconds its run had taken when it was saved (the
+checkpoint's files against the process start: start-up, cache build and validation
+included).
 
 * before: ``configs/builtin_lora.yaml`` as the issue found it: live backbone, fp32, one
   window of 8 frames per sample, batches of 16 windows.
@@ -31,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MOBILE_VLA, ROOT, machine
+from common import MOBILE_VLA, ROOT, collect_episodes, machine
 
 BEFORE = ["--data.feature_cache=false"]
 AFTER = [
@@ -64,6 +67,7 @@ def run_arm(name: str, extra: list[str], data: Path, out: Path, steps: int, poin
         "--trainer.max_epochs=10000",
         f"--trainer.max_steps={steps}",
         f"--trainer.val_every_n_steps={every}",
+        "--trainer.limit_val_batches=8",
         f"--trainer.checkpoint_steps=[{','.join(map(str, marks))}]",
         f"--trainer.output_dir={out}",
         f"--trainer.run_name={name}",
@@ -84,6 +88,9 @@ def run_arm(name: str, extra: list[str], data: Path, out: Path, steps: int, poin
     for row in rows:
         folder = run / "checkpoints" / row["checkpoint"]
         row["seconds"] = checkpoint_seconds(folder, start)
+        ck = ["--checkpoint", row["checkpoint"], "--episodes", "0", "-q"]
+        subprocess.run([*MOBILE_VLA, "eval", str(run), *ck], check=True, capture_output=True)
+        row["offline"] = json.loads((run / "metrics.json").read_text())["offline"]
     print(
         f"  {name}: {stats['train_windows_per_s']:.1f} supervised windows/s (loop), peak RSS "
         f"{stats['peak_memory_bytes'] / 2**30:.2f} GiB, precision {stats['precision']}, "
@@ -94,7 +101,7 @@ def run_arm(name: str, extra: list[str], data: Path, out: Path, steps: int, poin
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="a 96x96 collection")
+    parser.add_argument("--data", type=Path, help="a 96x96 collection (default: collect 480)")
     parser.add_argument("--scenes", type=int, default=48)
     parser.add_argument("--seed", type=int, default=101)
     parser.add_argument("--before-steps", type=int, default=240)
@@ -106,20 +113,27 @@ def main() -> None:
     steps = {"before": args.before_steps, "after": args.after_steps}
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
+        data = args.data or collect_episodes(Path(tmp) / "data", 480)
         table = {}
         for name, extra in ARMS.items():
             table[name] = run_arm(
-                name, extra, args.data, out, steps[name], args.points, args.scenes, args.seed
+                name, extra, data, out, steps[name], args.points, args.scenes, args.seed
             )
-    print(f"\nclosed-loop success on {args.scenes} scenes of seed {args.seed} against seconds:")
-    print(f"  {'arm':<7} {'step':>6} {'seconds':>8} {'success':>9}  by side")
+    print(
+        f"\nagainst seconds: closed-loop success on {args.scenes} scenes of seed {args.seed}; "
+        "test-split loss and direction accuracy (sign of linear_y where |linear_y| > 0.1)"
+    )
+    head = f"{'step':>6} {'seconds':>8} {'success':>9} {'test loss':>10} {'dir acc':>8}"
+    print(f"  {'arm':<7} {head}  by side")
     for name, rows in table.items():
         for r in rows:
             sides = r["by_side"]
             lr = ", ".join(f"{k} {v['successes']}/{v['episodes']}" for k, v in sides.items())
+            off = r["offline"]
             print(
                 f"  {name:<7} {r['step']:>6} {r['seconds']:>8.0f} "
-                f"{r['successes']:>4}/{r['episodes']:<4}  {lr}"
+                f"{r['successes']:>4}/{r['episodes']:<4} {off['val_loss']:>10.4f} "
+                f"{off['direction_accuracy']['value']:>8.3f}  {lr}"
             )
 
 
