@@ -16,9 +16,10 @@ included).
 
 * before: ``configs/builtin_lora.yaml`` as the issue found it: live backbone, fp32, one
   window of 8 frames per sample, batches of 16 windows.
-* after: the same strategy and learning rates with the chunk after every frame supervised
-  (``head.per_step``, 24-frame windows from the episode's first frame, batches of 4), bfloat16
-  autocast and the vision tower and sentence encoder read from the feature cache.
+* after: ``configs/builtin_lora_per_step.yaml``: the same strategy and learning rates with the
+  chunk after every frame supervised (``head.per_step``, 24-frame windows from the episode's
+  first frame, batches of 4), bfloat16 autocast where the CPU multiplies it natively and the
+  vision tower and sentence encoder read from the feature cache.
 
 Both snap the command to the teleop keys at 0.5 (``head.snap_to_keys``), as the driving
 recipe does. Each arm runs alone (2 cores); the machine should be otherwise idle.
@@ -36,15 +37,10 @@ from pathlib import Path
 
 from common import MOBILE_VLA, ROOT, collect_episodes, machine
 
-BEFORE = ["--data.feature_cache=false"]
-AFTER = [
-    "--head.per_step=true",
-    "--data.window_size=24",
-    "--trainer.batch_size=4",
-    "--trainer.precision=bf16-mixed",
-    "--data.feature_cache=true",
-]
-ARMS = {"before": BEFORE, "after": AFTER}
+ARMS = {  # name: (config, overrides)
+    "before": ("builtin_lora.yaml", ["--data.feature_cache=false"]),
+    "after": ("builtin_lora_per_step.yaml", ["--data.feature_cache=true"]),
+}
 
 
 def checkpoint_seconds(folder: Path, start: float) -> float:
@@ -52,14 +48,23 @@ def checkpoint_seconds(folder: Path, start: float) -> float:
     return max(p.stat().st_mtime for p in folder.rglob("*") if p.is_file()) - start
 
 
-def run_arm(name: str, extra: list[str], data: Path, out: Path, steps: int, points: int,
-            scenes: int, seed: int) -> list[dict]:  # fmt: skip
+def run_arm(
+    name: str,
+    config: str,
+    extra: list[str],
+    data: Path,
+    out: Path,
+    steps: int,
+    points: int,
+    scenes: int,
+    seed: int,
+) -> list[dict]:
     every = max(steps // points, 1)
     marks = [every * i for i in range(1, points) if every * i < steps]
     cmd = [
         *MOBILE_VLA,
         "train",
-        str(ROOT / "configs" / "builtin_lora.yaml"),
+        str(ROOT / "configs" / config),
         "-q",
         f"--data.path={data}",
         "--sim.image_size=[96,96]",
@@ -115,9 +120,9 @@ def main() -> None:
         out = args.out or Path(tmp)
         data = args.data or collect_episodes(Path(tmp) / "data", 480)
         table = {}
-        for name, extra in ARMS.items():
+        for name, (config, extra) in ARMS.items():
             table[name] = run_arm(
-                name, extra, data, out, steps[name], args.points, args.scenes, args.seed
+                name, config, extra, data, out, steps[name], args.points, args.scenes, args.seed
             )
     print(
         f"\nagainst seconds: closed-loop success on {args.scenes} scenes of seed {args.seed}; "
