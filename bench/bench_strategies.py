@@ -104,16 +104,16 @@ def print_param_tables() -> None:
 # (label, strategy, extra overrides); each arm trains live (data.feature_cache=false, what
 # every strategy but frozen did before the cache below the first trainable layer) and cached
 BF16 = ["--trainer.precision=bf16-mixed"]
-K8 = ["--trainer.consecutive_windows=8"]
-TOP2 = ["--train_setup.lora_layers=2"]  # batches of runs of 8 consecutive windows
+K8 = ["--trainer.consecutive_windows=8"]  # batches of runs of 8 consecutive windows
+TOP2 = ["--train_setup.lora_layers=2"]
 # the chunk after every frame; 3 windows an episode, so more epochs fit in the steps
 PER_STEP = ["--head.per_step=true", "--trainer.max_epochs=1000"]
 ARMS = [  # (label, strategy, extra overrides, modes)
     ("frozen", "frozen", [], ("live", "cached")),
     ("lora (all layers)", "lora", [], ("live", "cached")),
     ("lora (all layers) bf16", "lora", BF16, ("cached",)),
-    ("lora (top 2 layers)", "lora", ["--train_setup.lora_layers=2"], ("live", "cached")),
-    ("lora (top 2 layers) bf16", "lora", ["--train_setup.lora_layers=2", *BF16], ("cached",)),
+    ("lora (top 2 layers)", "lora", TOP2, ("live", "cached")),
+    ("lora (top 2 layers) bf16", "lora", [*TOP2, *BF16], ("cached",)),
     ("partial (last 2)", "partial", [], ("live", "cached")),
     ("partial (last 2) bf16", "partial", BF16, ("cached",)),
     ("full", "full", [], ("live",)),
