@@ -96,8 +96,9 @@ def run_arm(
         ck = ["--checkpoint", row["checkpoint"], "--episodes", "0", "-q"]
         subprocess.run([*MOBILE_VLA, "eval", str(run), *ck], check=True, capture_output=True)
         row["offline"] = json.loads((run / "metrics.json").read_text())["offline"]
+    rate = stats["train_windows_per_s"]  # None when no step came after the warm-up ones
     print(
-        f"  {name}: {stats['train_windows_per_s']:.1f} supervised windows/s (loop), peak RSS "
+        f"  {name}: {'-' if rate is None else f'{rate:.1f}'} supervised windows/s (loop), peak RSS "
         f"{stats['peak_memory_bytes'] / 2**30:.2f} GiB, precision {stats['precision']}, "
         f"{stats.get('feature_cache', '')}"
     )
