@@ -6,13 +6,12 @@
 Throughput ratios (``bench_strategies.py``) say how many windows a second each path trains;
 this says what the seconds buy. Two arms train LoRA on every fusion layer of the built-in
 backbone on the same collection ``D`` (96x96, the same split; default: 480 episodes collected
-first, as ``make demo`` does), keeping ``--points`` step
-checkpoints; every checkpoint then drives the same held-out scenes (``mobile-vla curve``,
-simulator seed ``--seed``, not a training seed) and predicts the chunk after every frame of
-the test split (``mobile-vla eval --episodes 0``: the same targets for both arms, each with
-its own history), and is placed at the seconds its run had taken when it was saved (the
-checkpoint's files against the process start: start-up, cache build and validation
-included).
+first, as ``make demo`` does), keeping ``--points`` step checkpoints; every checkpoint then
+drives the same held-out scenes (``mobile-vla curve``, simulator seed ``--seed``, not a
+training seed) and predicts the chunk after every frame of the test split (``mobile-vla eval
+--episodes 0``: the same targets for both arms, each with its own history), and is placed at
+the seconds its run had taken when it was saved (the checkpoint's files against the process
+start: start-up, cache build and validation included).
 
 * before: ``configs/builtin_lora.yaml`` as the issue found it: live backbone, fp32, one
   window of 8 frames per sample, batches of 16 windows.
