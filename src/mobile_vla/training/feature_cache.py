@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -172,6 +173,11 @@ class PrefixCache:
         tokens = bb.vision.num_patches + bb.max_text_tokens
         return (ep.num_frames, self.split, 2, tokens, bb.hidden_size)
 
+    def _hidden_shape(self, ep: EpisodeInfo) -> tuple[int, int, int]:
+        """Hidden states after the cached layers: (frames, tokens, hidden size)."""
+        t, _, _, tokens, d = self._expected(ep)
+        return (t, tokens, d)
+
     def _files(self, ep: EpisodeInfo) -> list[Path]:
         """Every file of an episode's entry: keys/values, mask and, when fusion layers train,
         hidden states."""
@@ -189,7 +195,7 @@ class PrefixCache:
             mask = np.load(mask_path, allow_pickle=False)
             hidden = np.load(hidden_path, mmap_mode="r") if hidden_path else None
             expected = self._expected(ep)
-            want_hidden = (expected[0], expected[3], expected[4])
+            want_hidden = self._hidden_shape(ep)
             if kv.shape != expected or kv.dtype != np.float32 or mask.shape != (expected[3],):
                 problem = f"holds {kv.dtype} {kv.shape}, expected float32 {expected}"
             elif hidden is not None and (hidden.shape != want_hidden or hidden.dtype != np.float32):
@@ -228,9 +234,8 @@ class PrefixCache:
                 hidden = None
                 if hidden_path is not None:
                     tmp_h = stack.enter_context(atomic_path(hidden_path, suffix=".npy"))
-                    shape = (expected[0], expected[3], expected[4])
                     hidden = np.lib.format.open_memmap(
-                        tmp_h, mode="w+", dtype=np.float32, shape=shape
+                        tmp_h, mode="w+", dtype=np.float32, shape=self._hidden_shape(ep)
                     )
                 mask = None
                 for s in range(0, ep.num_frames, batch):
@@ -272,9 +277,8 @@ class PrefixCache:
 
     def entry_bytes(self, ep: EpisodeInfo) -> int:
         """What an episode's entry takes on disk (float32 keys/values, hidden states)."""
-        t, k, two, p, d = self._expected(ep)
-        hidden = 0 if self._hidden_path(ep) is None else t * p * d
-        return 4 * (t * k * two * p * d + hidden) + 4096
+        hidden = 0 if self._hidden_path(ep) is None else math.prod(self._hidden_shape(ep))
+        return 4 * (math.prod(self._expected(ep)) + hidden) + 4096
 
     def ensure(self, episodes: Sequence[EpisodeInfo], progress: bool = False) -> None:
         """Build every missing entry, after checking that they fit on the cache's disk: a
