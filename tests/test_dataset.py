@@ -350,3 +350,37 @@ def test_per_step_windows_start_at_0_w_2w_and_carry_a_chunk_per_frame(tmp_path: 
     assert s1["action_mask"].tolist() == [[True, False], [False, False], [False, False]]
     # the same windows the frame ids name
     np.testing.assert_array_equal(s1["frame_id"].numpy()[:2], [3, 4])
+
+
+def test_counterfactual_episodes_follow_their_source(tmp_path: Path) -> None:
+    """A derived episode (counterfactual_of) shares its source's frames: it goes to its
+    source's part, never to test, is left out of the stratification, comes with its source
+    in a training subset, and data.counterfactual=false drops it."""
+    counts = {"1box_left": 10, "1box_right": 10}
+    eps = _fake_episodes(tmp_path, counts)
+    twins = []
+    for src in eps:
+        path = write_episode(
+            tmp_path / (src.path.stem + "_cf.h5"),
+            np.zeros((2, 4, 4, 3), np.uint8),
+            np.zeros((2, 3), np.float32),
+            "x",
+            attrs={"counterfactual_of": src.path.stem},
+        )
+        twins.append(read_episode_info(path))
+    plain = split_episodes(eps, 0.2, seed=3, test_fraction=0.2)
+    split = split_episodes(eps + twins, 0.2, seed=3, test_fraction=0.2)
+    names = {p: {e.path.name for e in getattr(split, p)} for p in ("train", "val", "test")}
+    for part in ("train", "val"):
+        sources = {e.path.name for e in getattr(plain, part)}
+        assert names[part] == sources | {n.replace(".h5", "_cf.h5") for n in sources}
+    assert names["test"] == {e.path.name for e in plain.test}  # recorded episodes only
+    sub = train_subset(split.train, 4, 3)
+    assert len([e for e in sub if e.source is None]) == 4
+    assert {e.source for e in sub if e.source} == {e.path.stem for e in sub if not e.source}
+    base = [f"data.path={tmp_path}", "data.image_size=[8,8]", "data.val_fraction=0.2"]
+    with_twins = build_datasets(load_config(None, base)).split
+    assert len(with_twins.train) + len(with_twins.val) == len(eps + twins)
+    without = build_datasets(load_config(None, [*base, "data.counterfactual=false"])).split
+    assert all(e.source is None for e in without.train + without.val)
+    assert len(without.train) + len(without.val) == len(eps)

@@ -274,3 +274,39 @@ def test_default_demonstrations_end_with_the_stop() -> None:
             assert ep.outcome.success
             stops.append(int((np.abs(ep.actions).sum(1) == 0)[-2:].all()))
     assert sum(stops) == len(stops)
+
+
+def test_counterfactual_twin_retraces_the_start_labelled_for_the_other_side(
+    tmp_path: Path, small_sim_cfg: SimConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """collect --counterfactual writes, beside each expert episode, its first frames with the
+    instruction's side swapped and the other side's expert labels: the frames are the
+    source's, the lateral command points the other way, and the twin ends before the robot
+    is level with the obstacle."""
+    cells = parse_scenarios(["1box_left_medium", "2box_right_close"])
+    results = collect(
+        tmp_path, 2, cells, seed=4, cfg=small_sim_cfg, progress=False, counterfactual=True
+    )
+    assert len(results) == 4
+    sources = [r for r in results if not r.path.endswith("_cf.h5")]
+    twins = [r for r in results if r.path.endswith("_cf.h5")]
+    assert len(sources) == len(twins) == 2
+    for src, twin in zip(sources, twins, strict=True):
+        s, t = read_episode_info(src.path), read_episode_info(twin.path)
+        assert t.source == Path(src.path).stem and s.source is None
+        assert t.side != s.side and t.scenario.split("_")[0] == s.scenario.split("_")[0]
+        # the same sentence, the side word swapped
+        assert t.instruction.replace("right", "left") == s.instruction.replace("right", "left")
+        assert t.instruction != s.instruction
+        assert 3 <= t.num_frames < s.num_frames
+        with h5py.File(src.path) as fs, h5py.File(twin.path) as ft:
+            np.testing.assert_array_equal(ft["images"][()], fs["images"][: t.num_frames])
+            lateral_src, lateral_twin = fs["actions"][0, 1], ft["actions"][0, 1]
+            assert lateral_src * lateral_twin < 0  # the first command goes the other way
+    with pytest.raises(MobileVLAError, match="already holds"):
+        collect(tmp_path, 2, cells, seed=4, cfg=small_sim_cfg, progress=False, counterfactual=True)
+    out = tmp_path / "cli"
+    args = ["collect", "--out", str(out), "--episodes", "2", "--scenarios", "1box_left", "-q"]
+    assert main([*args, "--counterfactual", "--sim.image_size=[32,32]"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 2 episodes" in printed and "and 2 counterfactual twins" in printed

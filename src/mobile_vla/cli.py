@@ -76,14 +76,22 @@ def cmd_collect(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         controller=controller,
         expert_prob=args.expert_prob,
         start_index=args.start_index,
+        counterfactual=args.counterfactual,
     )
-    ok = sum(r.success for r in results)
-    frames = sum(r.frames for r in results)
+    twins = [r for r in results if r.path.endswith("_cf.h5")]
+    recorded = [r for r in results if not r.path.endswith("_cf.h5")]
+    ok = sum(r.success for r in recorded)
+    frames = sum(r.frames for r in recorded)
     who = "the policy" if controller is not None else "the expert"
     print(
-        f"wrote {len(results)} episodes ({frames} frames) to {args.out}; "
-        f"{who} reached the goal in {ok}/{len(results)}"
+        f"wrote {len(recorded)} episodes ({frames} frames) to {args.out}; "
+        f"{who} reached the goal in {ok}/{len(recorded)}"
     )
+    if twins:
+        print(
+            f"and {len(twins)} counterfactual twins ({sum(r.frames for r in twins)} frames: "
+            "each episode's first frames, labelled for the other instruction)"
+        )
     return 0
 
 
@@ -91,6 +99,12 @@ def args_collect(sub: Any) -> None:
     """The arguments of ``collect``."""
     p = sub.add_parser("collect", help="simulated expert episodes in the robot's HDF5 format")
     p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument(
+        "--counterfactual",
+        action="store_true",
+        help="also write each episode's counterfactual twin (its first frames, left and right "
+        "swapped in the instruction, labelled by the other side's expert): *_cf.h5",
+    )
     p.add_argument("--episodes", required=True, type=int, help="number of episodes")
     p.add_argument(
         "--scenarios",
@@ -261,6 +275,7 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         batch_size=args.batch_size,
         expert_steps=args.expert_steps,
         progress=not args.quiet,
+        language=args.language,
     )
     return 0
 
@@ -292,6 +307,14 @@ def args_eval(sub: Any) -> None:
         type=int,
         default=0,
         help="diagnostic: the expert drives the first N steps (side chosen), then the policy",
+    )
+    p.add_argument(
+        "--language",
+        type=int,
+        default=0,
+        metavar="SCENES",
+        help="language reliance on SCENES held-out scenes: each driven with its instruction, "
+        "left/right swapped, blank and in an unseen phrasing (4 runs a scene)",
     )
     p.add_argument("--seed", type=int, default=None, help="closed-loop seed (default: config)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -104,8 +104,13 @@ class DataConfig:
     """Seed of the train/validation split and of the training subset (-1 = the run's seed);
     a study fixes it so that every cell is validated on the same episodes."""
     train_episodes: int = 0
-    """Train on this many episodes of the training split (0 = all): a stratified subset,
-    nested (the first 50 are among the first 100) and fixed by the split seed."""
+    """Train on this many recorded episodes of the training split (0 = all): a stratified
+    subset, nested (the first 50 are among the first 100) and fixed by the split seed; the
+    episodes derived from them (counterfactuals) come with them."""
+    counterfactual: bool = True
+    """Use the counterfactual relabellings found in the folder (``collect --counterfactual``:
+    files with a ``counterfactual_of`` attribute, each in its source's split); false leaves
+    them out, so the same folder trains with and without them."""
     normalization: Literal["none", "minmax", "meanstd", "quantile", "bounds"] = "quantile"
     """minmax / quantile map [min, max] / [q01, q99] to [-1, 1]; meanstd z-scores; none;
     bounds clips to the fixed [norm_min, norm_max] and maps it to [-1, 1] (RoboVLMs'
@@ -470,6 +475,13 @@ class TrainSetup:
     """Vision tower learning rate (null = backbone_lr)."""
     layer_lr_decay: float = 1.0
     """Discriminative rates: decoder layer k from the top gets backbone_lr * decay^k."""
+    instruction_aux_weight: float = 0.0
+    """Weight of an auxiliary loss on the action token: a linear read-out of its output,
+    standardized over the batch's frames, must tell which side (left / right) the frame's
+    instruction names. It makes the side part of what the action token carries, at every
+    frame, instead of only where the action depends on it (the first frames). Training only:
+    the read-out is not part of the policy, whose head still reads only the action token.
+    Frames whose instruction names no side are left out; 0 = off."""
     init_checkpoint: str = ""
     """Start from these weights (RoboVLMs' ``model_load_path``): a run folder, a
     ``.safetensors`` file, or a PyTorch ``.pt``/``.ckpt`` read with ``weights_only=True``
@@ -498,6 +510,10 @@ class TrainSetup:
             raise _fail(f"{prefix}.gradual_every_steps", ">= 0", self.gradual_every_steps)
         if self.lora_layers < 0:
             raise _fail(f"{prefix}.lora_layers", ">= 0 (0 = every layer)", self.lora_layers)
+        if self.instruction_aux_weight < 0:
+            raise _fail(
+                f"{prefix}.instruction_aux_weight", ">= 0 (0 = off)", self.instruction_aux_weight
+            )
 
 
 @dataclass
@@ -514,6 +530,11 @@ class TrainerConfig:
     distinct frame of a batch is encoded once, so a batch of ``batch_size`` windows costs the
     backbone about ``batch_size / k + window_size - 1`` frames per run instead of
     ``window_size`` per window. 1 = independent windows."""
+    counterfactual_pairs: bool = False
+    """Shuffle each counterfactual twin (``collect --counterfactual``) together with its
+    source's first window, so a batch holds the same frames under both instructions: what
+    ``train_setup.instruction_aux_weight``'s read-out must tell apart by the instruction
+    alone. Without twins in the training split it changes nothing."""
     num_workers: int = 0
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "32"
     """``auto``: bfloat16 autocast where the hardware multiplies it natively (a CPU with
@@ -572,6 +593,12 @@ class TrainerConfig:
             raise _fail(f"{prefix}.gradient_clip_val", ">= 0", self.gradient_clip_val)
         if self.weight_decay < 0:
             raise _fail(f"{prefix}.weight_decay", ">= 0", self.weight_decay)
+        if self.counterfactual_pairs and self.consecutive_windows > 1:
+            raise _fail(
+                f"{prefix}.counterfactual_pairs",
+                "false with trainer.consecutive_windows > 1 (a batch groups one or the other)",
+                self.counterfactual_pairs,
+            )
         if not 0.0 <= self.min_lr_scale <= 1.0:
             raise _fail(f"{prefix}.min_lr_scale", "in [0, 1]", self.min_lr_scale)
         if self.limit_val_batches <= 0:

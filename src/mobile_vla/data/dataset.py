@@ -34,7 +34,13 @@ from torch.utils.data import Dataset
 
 from mobile_vla.config import Config, DataConfig
 from mobile_vla.data.augmentation import augment
-from mobile_vla.data.episodes import Split, load_episodes, split_episodes, train_subset
+from mobile_vla.data.episodes import (
+    Split,
+    derived_of,
+    load_episodes,
+    split_episodes,
+    train_subset,
+)
 from mobile_vla.data.frame_cache import DirectFrames, FrameCache
 from mobile_vla.data.hdf5 import EpisodeInfo
 from mobile_vla.data.normalization import ActionStats, Normalizer
@@ -234,14 +240,19 @@ def build_datasets(cfg: Config, progress: bool = False) -> DataBundle:
     build (or reuse) the frame cache, and return the two datasets."""
     data = cfg.data
     source = make_frame_source(data)
-    episodes = drop_undecodable(load_episodes(data, progress=progress), data, source, progress)
+    episodes = load_episodes(data, progress=progress)
+    if not data.counterfactual:
+        episodes = [ep for ep in episodes if ep.source is None]
+    episodes = drop_undecodable(episodes, data, source, progress)
     split_seed = cfg.seed if data.split_seed < 0 else data.split_seed
     split = split_episodes(episodes, data.val_fraction, split_seed, data.test_fraction)
     if data.train_episodes:
-        if data.train_episodes > len(split.train):
+        recorded = len(derived_of(split.train)[0])
+        if data.train_episodes > recorded:
             raise DataError(
                 f"config key 'data.train_episodes' asks for {data.train_episodes} training "
-                f"episodes; '{data.path}' has {len(split.train)} after the validation split"
+                f"episodes; '{data.path}' has {recorded} recorded ones after the validation "
+                "split"
             )
         split = Split(
             train_subset(split.train, data.train_episodes, split_seed), split.val, split.test

@@ -106,6 +106,32 @@ class Split:
         atomic_write_json(path, self.to_json())
 
 
+def derived_of(
+    episodes: Sequence[EpisodeInfo],
+) -> tuple[list[EpisodeInfo], dict[str, list[EpisodeInfo]]]:
+    """The recorded episodes, and the derived ones (counterfactual relabellings) by the name
+    of their source; a derived episode whose source is not in the list counts as recorded."""
+    names = {ep.path.stem for ep in episodes}
+    primary: list[EpisodeInfo] = []
+    derived: dict[str, list[EpisodeInfo]] = defaultdict(list)
+    for ep in episodes:
+        if ep.source is not None and ep.source in names and ep.source != ep.path.stem:
+            derived[ep.source].append(ep)
+        else:
+            primary.append(ep)
+    return primary, derived
+
+
+def with_derived(
+    part: Sequence[EpisodeInfo], derived: dict[str, list[EpisodeInfo]]
+) -> list[EpisodeInfo]:
+    """``part`` and the episodes derived from its members, sorted by file name."""
+    out = list(part)
+    for ep in part:
+        out.extend(derived.get(ep.path.stem, ()))
+    return sorted(out, key=lambda e: e.path.name)
+
+
 def split_episodes(
     episodes: Sequence[EpisodeInfo], val_fraction: float, seed: int, test_fraction: float = 0.0
 ) -> Split:
@@ -114,10 +140,14 @@ def split_episodes(
     Each stratum gives ``round(fraction * n)`` episodes to test and to validation, at least one
     each when the fraction is > 0 and the stratum has enough, and always keeps one for
     training. The result does not depend on the order episodes are listed in; with
-    ``test_fraction`` 0 it is the train/validation split of earlier versions.
+    ``test_fraction`` 0 it is the train/validation split of earlier versions. Derived episodes
+    (counterfactual relabellings, :attr:`EpisodeInfo.source`) are not split on their own: each
+    goes to its source's training or validation part (they share its frames); the test part
+    keeps recorded episodes only, since test metrics describe what the robot did.
     """
+    primary, derived = derived_of(episodes)
     strata: dict[str, list[EpisodeInfo]] = defaultdict(list)
-    for ep in episodes:
+    for ep in primary:
         strata[ep.stratum].append(ep)
     train: list[EpisodeInfo] = []
     val: list[EpisodeInfo] = []
@@ -131,9 +161,8 @@ def split_episodes(
         val.extend(group[i] for i in order[:n_val])
         test.extend(group[i] for i in order[n_val : n_val + n_test])
         train.extend(group[i] for i in order[n_val + n_test :])
-    for part in (train, val, test):
-        part.sort(key=lambda e: e.path.name)
-    return Split(train, val, test)
+    test.sort(key=lambda e: e.path.name)
+    return Split(with_derived(train, derived), with_derived(val, derived), test)
 
 
 def _share(fraction: float, n: int, keep: int) -> int:
@@ -145,13 +174,15 @@ def _share(fraction: float, n: int, keep: int) -> int:
 
 
 def train_subset(train: Sequence[EpisodeInfo], n: int, seed: int) -> list[EpisodeInfo]:
-    """``n`` training episodes spread over the (scenario, side) strata: each stratum is
-    shuffled by ``seed`` and the strata are taken in turn, so smaller subsets are prefixes of
-    larger ones (nested) and every stratum is represented as early as possible."""
-    if n <= 0 or n >= len(train):
+    """``n`` recorded training episodes spread over the (scenario, side) strata, with the
+    episodes derived from them: each stratum is shuffled by ``seed`` and the strata are taken
+    in turn, so smaller subsets are prefixes of larger ones (nested) and every stratum is
+    represented as early as possible."""
+    primary, derived = derived_of(train)
+    if n <= 0 or n >= len(primary):
         return list(train)
     strata: dict[str, list[EpisodeInfo]] = defaultdict(list)
-    for ep in train:
+    for ep in primary:
         strata[ep.stratum].append(ep)
     queues = []
     for key in sorted(strata):
@@ -161,4 +192,4 @@ def train_subset(train: Sequence[EpisodeInfo], n: int, seed: int) -> list[Episod
     order: list[EpisodeInfo] = []
     for depth in range(max(len(q) for q in queues)):
         order.extend(q[depth] for q in queues if depth < len(q))
-    return sorted(order[:n], key=lambda e: e.path.name)
+    return with_derived(order[:n], derived)

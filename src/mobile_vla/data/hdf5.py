@@ -156,6 +156,15 @@ class EpisodeInfo:
     compression: str | None = None
 
     @property
+    def source(self) -> str | None:
+        """The episode this one was derived from (a counterfactual relabelling, attribute
+        ``counterfactual_of``: its file name without ``.h5``), or None for a recorded one.
+        A derived episode shares its source's frames, so it always goes to its source's
+        split."""
+        value = self.attrs.get("counterfactual_of")
+        return str(value) if value else None
+
+    @property
     def stratum(self) -> str:
         """The key episodes are stratified by when splitting (scenario and side)."""
         return (

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import multiprocessing as mp
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,28 +74,56 @@ def episode_filename(job: EpisodeJob) -> str:
 
 _worker_env = None
 MIN_CORRECTED_FRAMES = 3
+OTHER_SIDE = {"left": "right", "right": "left"}
 
 
-def _run_job(args: tuple[EpisodeJob, SimConfig, str]) -> EpisodeResult:
+def counterfactual_filename(job: EpisodeJob) -> str:
+    """The counterfactual twin's file name: the other side's scenario, suffix ``_cf``."""
+    other = replace(job, side=OTHER_SIDE[job.side])
+    return episode_filename(other).removesuffix(".h5") + "_cf.h5"
+
+
+def _run_job(args: tuple[EpisodeJob, SimConfig, str, bool]) -> list[EpisodeResult]:
+    from mobile_vla.data.hdf5 import swap_left_right
     from mobile_vla.sim.env import NavEnv
-    from mobile_vla.sim.expert import run_expert
+    from mobile_vla.sim.expert import run_counterfactual, run_expert
     from mobile_vla.sim.scenario import make_scenario
 
     global _worker_env
-    job, cfg, out = args
+    job, cfg, out, counterfactual = args
     if _worker_env is None or _worker_env.cfg != cfg:
         _worker_env = NavEnv(cfg)
     scenario = make_scenario(job.seed, job.layout, job.side, job.distance, cfg)
     ep = run_expert(_worker_env, scenario, np.random.default_rng([job.seed, 1]))
-    return _write(job, cfg, out, scenario, ep, {})
+    results = [_write(job, cfg, out, scenario, ep, {})]
+    if counterfactual and ep.executed is not None:
+        # the same world instructed the other way, in the same words but for the side
+        other = replace(
+            make_scenario(job.seed, job.layout, OTHER_SIDE[job.side], job.distance, cfg),
+            instruction=swap_left_right(scenario.instruction),
+            paraphrased=scenario.paraphrased,
+        )
+        twin = run_counterfactual(_worker_env, scenario, other, ep.executed)
+        if len(twin.actions) >= MIN_CORRECTED_FRAMES:
+            source = episode_filename(job).removesuffix(".h5")
+            extra = {"counterfactual_of": source, "source": "mobile_vla.sim.counterfactual"}
+            path = Path(out) / counterfactual_filename(job)
+            results.append(_write(job, cfg, out, other, twin, extra, path))
+    return results
 
 
 def _write(
-    job: EpisodeJob, cfg: SimConfig, out: str, scenario: Any, ep: Any, extra: dict[str, Any]
+    job: EpisodeJob,
+    cfg: SimConfig,
+    out: str,
+    scenario: Any,
+    ep: Any,
+    extra: dict[str, Any],
+    path: Path | None = None,
 ) -> EpisodeResult:
     from mobile_vla.data.hdf5 import write_episode
 
-    path = Path(out) / episode_filename(job)
+    path = path or Path(out) / episode_filename(job)
     write_episode(
         path,
         ep.frames,
@@ -176,6 +204,7 @@ def collect(
     controller: Any = None,
     expert_prob: float = 0.0,
     start_index: int = 0,
+    counterfactual: bool = False,
 ) -> list[EpisodeResult]:
     """Write ``episodes`` expert episodes into ``out``; returns one result per episode.
 
@@ -184,7 +213,9 @@ def collect(
     :func:`~mobile_vla.sim.expert.run_corrected`); episodes that end within
     ``MIN_CORRECTED_FRAMES`` frames are not written. ``start_index`` numbers the files from
     there, so a second collection can go into the same folder; an existing file is never
-    overwritten."""
+    overwritten. ``counterfactual`` also writes each expert episode's counterfactual twin
+    (:func:`~mobile_vla.sim.expert.run_counterfactual`; ``..._cf.h5``, attribute
+    ``counterfactual_of``) beside it; the results then hold both files."""
     cfg = cfg or SimConfig()
     if episodes < 1:
         raise MobileVLAError(f"--episodes must be >= 1, got {episodes}")
@@ -194,6 +225,10 @@ def collect(
         raise MobileVLAError(f"--expert-prob must be in [0, 1], got {expert_prob}")
     if start_index < 0:
         raise MobileVLAError(f"--start-index must be >= 0, got {start_index}")
+    if counterfactual and controller is not None:
+        raise MobileVLAError(
+            "--counterfactual relabels expert episodes; it cannot be combined with --policy"
+        )
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MobileVLAError(f"--out '{out}' exists and is not a folder")
@@ -204,13 +239,16 @@ def collect(
         EpisodeJob(j.index + start_index, j.seed, j.layout, j.side, j.distance)
         for j in plan_jobs(episodes, cells, seed)
     ]
-    taken = [episode_filename(j) for j in planned if (out / episode_filename(j)).exists()]
+    names = [episode_filename(j) for j in planned]
+    if counterfactual:
+        names += [counterfactual_filename(j) for j in planned]
+    taken = [n for n in names if (out / n).exists()]
     if taken:
         raise MobileVLAError(
             f"--out '{out}' already holds {taken[0]} (and {len(taken) - 1} more of this "
             "collection's files); choose another folder or --start-index"
         )
-    jobs = [(job, cfg, str(out)) for job in planned]
+    jobs = [(job, cfg, str(out), counterfactual) for job in planned]
     bar = tqdm(total=len(jobs), desc="collect", unit="ep", disable=not progress)
     results: list[EpisodeResult] = []
     try:
@@ -218,15 +256,15 @@ def collect(
             results = _run_corrected_jobs(planned, cfg, str(out), controller, expert_prob, bar)
         elif workers == 1:
             for job in jobs:
-                results.append(_run_job(job))
+                results += _run_job(job)
                 bar.update(1)
         else:
             # spawn: each worker opens its own GL context; forked contexts are not safe.
             with mp.get_context("spawn").Pool(workers) as pool:
-                for result in pool.imap_unordered(_run_job, jobs):
-                    results.append(result)
+                for written in pool.imap_unordered(_run_job, jobs):
+                    results += written
                     bar.update(1)
     finally:
         bar.close()
-    results.sort(key=lambda r: r.index)
+    results.sort(key=lambda r: (r.index, r.path))
     return results

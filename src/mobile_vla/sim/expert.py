@@ -32,6 +32,7 @@ class ExpertEpisode:
     event_types: list[str]
     outcome: Outcome
     perturbed: list[bool] = field(default_factory=list)
+    executed: np.ndarray | None = None  # float32 (T, 3): the command sent (noise included)
 
 
 class Expert:
@@ -133,7 +134,7 @@ def run_expert(
     obs = env.reset(scenario)
     to_completion = cfg.episode_length == 0
     num_frames = cfg.max_steps + 1 if to_completion else cfg.episode_length
-    frames, actions, events, perturbed = [], [], [], []
+    frames, actions, events, perturbed, executed_all = [], [], [], [], []
     noise_left = 0
     noise_action = np.zeros(3, np.float32)
     for t in range(num_frames):
@@ -158,6 +159,7 @@ def run_expert(
             noise_left -= 1
             executed = noise_action
         perturbed.append(executed is not label)
+        executed_all.append(np.asarray(executed, np.float32))
         if t < num_frames - 1:
             obs, _ = env.step(executed)
     h, w = cfg.image_size
@@ -167,6 +169,43 @@ def run_expert(
         event_types=events,
         outcome=env.outcome(),
         perturbed=perturbed,
+        executed=np.stack(executed_all) if executed_all else np.zeros((0, 3), np.float32),
+    )
+
+
+def run_counterfactual(
+    env: NavEnv, scenario: Scenario, other: Scenario, executed: np.ndarray
+) -> ExpertEpisode:
+    """The counterfactual relabelling of an expert episode: the robot retraces the episode's
+    path (``executed``, in ``scenario``'s world) while the expert of ``other`` — the same world
+    instructed the other way — labels every pose it passes. The episode ends where those labels
+    stop being demonstrations: once the robot is level with the obstacle on the side ``other``
+    does not take (:func:`wrong_side`), or at a collision. Its frames are the source's first
+    frames; its labels say what to do there had the instruction been the other one, so every
+    frame of it needs the instruction (the source's frames after the start show the side
+    already taken, and ask little of it)."""
+    cfg = env.cfg
+    expert = Expert(other, cfg)
+    obs = env.reset(scenario)
+    frames, actions, events = [], [], []
+    for t, command in enumerate(executed):
+        pose = env.pose
+        if wrong_side(other, pose):
+            break
+        label = np.zeros(3, np.float32) if expert.done(pose) else expert.act(pose)
+        frames.append(obs["image"])
+        actions.append(label)
+        events.append(event_type(t, label))
+        obs, info = env.step(command)
+        if info["collision"]:
+            break
+    h, w = cfg.image_size
+    return ExpertEpisode(
+        frames=np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8),
+        actions=np.stack(actions).astype(np.float32) if actions else np.zeros((0, 3), np.float32),
+        event_types=events,
+        outcome=env.outcome(),
+        perturbed=[False] * len(actions),
     )
 
 
