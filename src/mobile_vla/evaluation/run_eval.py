@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mobile_vla.evaluation.language import LanguageReliance, format_language, language_reliance
 from mobile_vla.evaluation.results import ClosedLoopSummary, OfflineMetrics
 
 
@@ -25,11 +26,14 @@ def evaluate(
     expert_steps: int = 0,
     progress: bool = True,
     echo: Callable[[str], Any] = print,
+    language: int = 0,
 ) -> tuple[OfflineMetrics, ClosedLoopSummary | None]:
-    """Offline metrics (and, with ``episodes`` > 0, the closed loop) of checkpoint ``which``
-    of ``run``; each printed through ``echo`` as it is done. Returns both (the closed loop
-    None without episodes)."""
+    """Offline metrics (and, with ``episodes`` > 0, the closed loop; with ``language`` > 0,
+    the language reliance on that many held-out scenes of the same seed) of checkpoint
+    ``which`` of ``run``; each printed through ``echo`` as it is done. Returns the offline
+    metrics and the closed loop (None without episodes)."""
     from mobile_vla.evaluation.closed_loop import (
+        development_note,
         evaluate_run_closed_loop,
         format_closed_loop,
         refuse_selection_seed,
@@ -38,8 +42,11 @@ def evaluate(
     from mobile_vla.training.runs import load_policy
 
     loaded = load_policy(run, which)  # once, for both evaluations
-    if episodes > 0:  # before anything is computed or written
+    if episodes > 0 or language > 0:  # before anything is computed or written
         refuse_selection_seed(run, which, loaded[1].seed if seed is None else seed)
+        note = development_note(loaded[1].seed if seed is None else seed)
+        if note:
+            echo(note)
     offline = evaluate_run(run, which, batch_size, progress, loaded)
     echo(format_offline(offline))
     closed = None
@@ -60,4 +67,36 @@ def evaluate(
         if expert_steps:
             echo(f"the expert drove the first {expert_steps} steps (a diagnostic):")
         echo(format_closed_loop(closed))
+    if language > 0:
+        echo(
+            format_language(
+                evaluate_run_language(
+                    run, language, seed, chunk_mode, k, decay, which, progress, loaded
+                )
+            )
+        )
     return offline, closed
+
+
+def evaluate_run_language(
+    run: str | Path,
+    scenes: int,
+    seed: int | None = None,
+    chunk_mode: str = "first",
+    k: int = 1,
+    decay: float = 0.1,
+    which: str = "best",
+    progress: bool = True,
+    loaded: tuple[Any, Any] | None = None,
+) -> LanguageReliance:
+    """The language reliance of checkpoint ``which`` of ``run`` on ``scenes`` held-out
+    scenes (``evaluation.language``); writes ``metrics.json["language_reliance"]``."""
+    from mobile_vla.models.runtime import PolicyController
+    from mobile_vla.training.runs import load_policy, update_metrics
+
+    policy, cfg = loaded if loaded is not None else load_policy(run, which)
+    seed = cfg.seed if seed is None else seed
+    controller = PolicyController(policy, cfg, chunk_mode, k, decay)
+    result = language_reliance(controller, cfg.sim, scenes, seed, progress)
+    update_metrics(Path(run), "language_reliance", {**result.to_json(), "checkpoint": which})
+    return result
