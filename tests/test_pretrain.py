@@ -272,9 +272,13 @@ def test_pretraining_learns_and_reports_every_metric(run: Path) -> None:
     # and says which phrasing each left/right figure uses
     probe = json.loads((run / "export" / "builtin-vl.json").read_text())["policy_probe"]
     assert probe["scenes"] == 8 and probe["held_out_scenes"] == 2
-    assert len(probe["layers"]) == 3 and set(probe["readout"]) == {"1", "4"}
-    assert all(0.0 <= r["values"] <= 1.0 for r in probe["layers"])
+    assert len(probe["layers"]) == 4  # entering each of the 3 fusion layers, and the output
+    assert set(probe["case3_readout"]) == {"train", "held_out"}
+    assert probe["control"]["what"].startswith("the same read-out") and "passed" in probe["control"]
+    # before any fusion layer the side word's own token names the side (a real MiniLM)
+    assert probe["layers"][0]["side_token"] >= 0.75
     assert "## What a policy receives (`python -m mobile_vla.analysis.instruction_probe" in card_md
+    assert "Positive control" in card_md
     assert "training phrasing" in card_md and "no training template uses" in card_md
     assert "held-out phrasings" not in card_md
 

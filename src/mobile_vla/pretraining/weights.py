@@ -105,7 +105,7 @@ def _metric_note(key: str) -> str:
 
 def _policy_probe_lines(probe: dict[str, Any] | None) -> list[str]:
     """The card's section on what a policy loading the weights receives (the instruction
-    probe of :mod:`mobile_vla.analysis.instruction_probe`)."""
+    probe of :mod:`mobile_vla.analysis.instruction_probe`, with its controls)."""
     if not probe:
         return [
             "",
@@ -114,27 +114,57 @@ def _policy_probe_lines(probe: dict[str, Any] | None) -> list[str]:
             "Not probed for these weights (`policy_probe_scenes: 0`); run "
             "`python -m mobile_vla.analysis.instruction_probe --backbone.builtin.weights=FILE`.",
         ]
+    if "case3_readout" not in probe:  # a card written before the probe had controls
+        return [
+            "",
+            "## What a policy receives",
+            "",
+            "Probed without controls; run the probe "
+            "again (`python -m mobile_vla.analysis.instruction_probe`).",
+        ]
     layers = probe["layers"]
-    readout = ", ".join(f"{a:.3f} with {n} action token(s)" for n, a in probe["readout"].items())
     lines = [
         "",
         f"## What a policy receives (`{probe.get('command', '')}`)",
         "",
-        f"Paired navigation first frames ({probe['scenes']} scenes, {probe['held_out_scenes']} "
-        "held out; one image, instructed left and right, so 0.5 is chance and the side can",
-        "only come from the instruction): held-out accuracy of a linear probe of the side from",
-        "the text tokens' keys and values at each fusion layer,",
+        f"Swap pairs of navigation first frames ({probe['scenes']} scenes, "
+        f"{probe['held_out_scenes']} held out): one image with an instruction and the same "
+        "sentence with left and right swapped, so 0.5 is chance and the side can only come from "
+        "the side word. Held-out accuracy of linear probes of the side at each fusion layer:",
         "",
         "| held-out accuracy | " + " | ".join(f"layer {r['layer']}" for r in layers) + " |",
         "|---|" + "---|" * len(layers),
     ]
-    for name in ("keys", "values"):
-        lines.append(f"| text {name} | " + " | ".join(f"{r[name]:.3f}" for r in layers) + " |")
+    for name, label in (
+        ("keys", "text keys (mean)"),
+        ("values", "text values (mean)"),
+        ("side_token", "the side word's token"),
+    ):
+        cells = [f"{r[name]:.3f}" if name in r else "-" for r in layers]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    r3 = probe["case3_readout"]
     lines += [
         "",
-        "and of a Case-3 read-out (action tokens through the frozen fusion transformer + a",
-        f"linear classifier): {readout}.",
+        f"The action token's output moves with the side word by {probe['swap_ratio']:.1%} of "
+        "what a change of scene moves it. A Case-3 read-out (a learned action token through "
+        "the frozen fusion transformer + a linear classifier on its standardized output): "
+        f"train {r3['train']:.3f}, held-out {r3['held_out']:.3f}.",
     ]
+    ctrl = probe.get("control")
+    if ctrl:
+        c = ctrl["readout"]
+        lines.append(
+            f"Positive control, {ctrl['what']}: train {c['train']:.3f}, held-out "
+            f"{c['held_out']:.3f} (target >= {ctrl['target']}: "
+            f"{'passed' if ctrl['passed'] else 'FAILED'}); there the output moves by "
+            f"{ctrl['swap_ratio']:.1%}."
+        )
+    if "case4_readout" in probe:
+        c = probe["case4_readout"]
+        lines.append(
+            f"With LoRA in the fusion layers (Case 4): train {c['train']:.3f}, held-out "
+            f"{c['held_out']:.3f}."
+        )
     return lines
 
 

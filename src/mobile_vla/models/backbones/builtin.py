@@ -432,6 +432,23 @@ class BuiltinBackbone(Backbone):
         hidden = F.pad(x, (0, 0, 0, pad)) if split < len(self.fusion) else None
         return kv, hidden, mask
 
+    def prefix_states(
+        self, pixels: torch.Tensor, texts: Sequence[str]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The image and text tokens' hidden states entering each fusion layer and after the
+        last (``fusion_layers + 1`` tensors (N, P, D)) and their mask (N, P), text padded to
+        the longest instruction: what the analysis probes read."""
+        _, x, mask = self.prefix_split(pixels, texts, 0)
+        assert x is not None
+        used = int(mask.any(0).nonzero().max()) + 1
+        x, mask = x[:, :used], mask[:, :used]
+        allowed = mask[:, None, :] | torch.eye(used, dtype=torch.bool, device=x.device)
+        states = [x]
+        for block in self.fusion:
+            x = block(x, allowed)
+            states.append(x)
+        return states, mask
+
     def encode_from_prefix(
         self,
         kv: torch.Tensor,
