@@ -683,3 +683,80 @@ def test_consecutive_window_batches_share_frames_and_cover_every_window_once(
     assert sum(shared) < 0.8 * sum(distinct_frames(single))
     with pytest.raises(ConfigError, match=r"trainer\.consecutive_windows"):
         cfg_for(train_data, tmp_path, "trainer.consecutive_windows=0")
+
+
+def test_instruction_aux_loss_reads_the_side_and_needs_both_sides() -> None:
+    """The auxiliary read-out's loss: low when the standardized action-token output tells the
+    sides apart along the read-out's direction, ln 2 for a read-out that cannot, None when
+    there is nothing to tell apart."""
+    from mobile_vla.training.module import instruction_aux_loss
+
+    texts = ["go left", "go right"] * 8 + ["go ahead"]
+    sides = torch.tensor([1.0, -1.0] * 8 + [0.0])
+    frames = torch.randn(17, 6, generator=torch.Generator().manual_seed(0)) * 0.1
+    frames[:, 0] += sides  # the side along feature 0
+    readout = torch.nn.Linear(6, 1)
+    with torch.no_grad():
+        readout.weight.zero_()
+        readout.bias.zero_()
+    assert float(instruction_aux_loss(readout, frames, texts)) == pytest.approx(np.log(2))
+    with torch.no_grad():
+        readout.weight[0, 0] = 10.0
+    assert float(instruction_aux_loss(readout, frames, texts)) < 0.01
+    assert instruction_aux_loss(readout, frames[:3], ["go left"] * 3) is None
+    assert instruction_aux_loss(readout, frames[:1], ["go ahead"]) is None
+
+
+def test_instruction_aux_trains_beside_the_policy_and_stays_out_of_it(train_data, tmp_path) -> None:
+    """With train_setup.instruction_aux_weight the run logs the read-out's loss, its tensors
+    are in the checkpoint (resume) but not in the loaded policy, and the budget the report
+    states is in train_stats.json (pairs seen, timeline, cache seconds)."""
+    over = tiny_overrides(train_data, tmp_path)
+    cfg = load_config(
+        None,
+        [
+            *over,
+            "trainer.run_name=aux",
+            "train_setup.instruction_aux_weight=1.0",
+            "trainer.max_epochs=2",
+        ],
+    )
+    run = train(cfg, progress=False)
+    csv = (run / "logs" / "csv" / "metrics.csv").read_text()
+    assert "train_instruction_aux" in csv and "val_instruction_aux" in csv
+    state = load_folder(run / "checkpoints" / "last")["state_dict"]
+    assert {"aux_readout.weight", "aux_readout.bias"} <= set(state)
+    policy, _ = load_policy(run, "last")
+    assert not any("aux" in k for k in policy.state_dict())
+    params = [g["name"] for g in json.loads((run / "params.json").read_text())["groups"]]
+    assert "instruction_aux" not in params  # the read-out is not a policy parameter group
+    stats = json.loads((run / "train_stats.json").read_text())
+    assert stats["windows_seen"] >= stats["global_step"] * 1
+    assert stats["timeline"][-1][0] == stats["global_step"] and stats["timeline"][-1][1] > 0
+    assert stats["feature_cache_s"] >= 0
+
+
+def test_counterfactual_pairs_keep_each_twin_beside_its_source() -> None:
+    """trainer.counterfactual_pairs: the sampler shuffles each twin's windows together with its
+    source's first window, every index once per epoch; a dataset without twins is unchanged."""
+    from mobile_vla.training.module import EpochSampler, counterfactual_groups
+
+    def ep(name: str, source: str | None = None) -> SimpleNamespace:
+        return SimpleNamespace(path=Path(f"{name}.h5"), source=source)
+
+    episodes = [ep("a"), ep("b"), ep("a_cf", "a"), ep("b_cf", "b"), ep("c")]
+    # a has two windows (frames 0 and 24), the others one each
+    index = np.array([[0, 0], [0, 24], [1, 0], [2, 0], [3, 0], [4, 0]])
+    groups = counterfactual_groups(episodes, index)
+    assert [g.tolist() for g in groups] == [[0, 3], [1], [2, 4], [5]]
+    sampler = EpochSampler(len(index), 0, True, groups=groups)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert sorted(order) == list(range(6))
+        assert order.index(3) == order.index(0) + 1 and order.index(4) == order.index(2) + 1
+    assert counterfactual_groups([ep("a"), ep("b")], index[:2]) is None
+    with pytest.raises(ValueError, match="every index exactly once"):
+        EpochSampler(6, 0, True, groups=[np.array([0, 1])])
+    with pytest.raises(ConfigError, match="counterfactual_pairs"):
+        load_config(None, ["trainer.counterfactual_pairs=true", "trainer.consecutive_windows=8"])

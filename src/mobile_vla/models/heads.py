@@ -31,6 +31,10 @@ from mobile_vla.models.backbones.builtin import Block
 class HeadOutput:
     logits: torch.Tensor  # continuous: (B, N, D); discrete: (B, N, D, bins); classes: (B, N, K)
     latent: torch.Tensor  # (B, hidden)
+    # the action-token output of each distinct (frame, instruction) the batch encoded (U, F),
+    # before any instruction embedding is appended, and its instruction: what an auxiliary
+    # loss on the action token reads (set by VLAPolicy.forward)
+    frames: tuple[torch.Tensor, list[str]] | None = None
 
 
 def teleop_action_set(action_dims: list[str], speed: float = 1.15) -> list[list[float]]:

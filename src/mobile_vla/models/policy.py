@@ -12,6 +12,7 @@ dataset), ``predict`` (physical actions).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,16 @@ from mobile_vla.errors import ConfigError
 from mobile_vla.models.backbones import Backbone, build_backbone
 from mobile_vla.models.heads import ActionCodec, ActionHead, HeadOutput, teleop_action_set
 from mobile_vla.models.strategies import resolve
+
+
+@dataclass
+class Contexts:
+    """A batch's encoding (:meth:`VLAPolicy.contexts`)."""
+
+    features: torch.Tensor  # (B, W', F): what the head reads (instruction appended if any)
+    mask: torch.Tensor  # (B, W'): real frames
+    frames: torch.Tensor  # (U, F0): each distinct (frame, instruction)'s action-token output
+    texts: list[str]  # (U,): its instruction
 
 
 class VLAPolicy(nn.Module):
@@ -91,11 +102,65 @@ class VLAPolicy(nn.Module):
         emb = emb.view(emb.shape[0], *[1] * (ctx.dim() - 2), -1).expand(*ctx.shape[:-1], -1)
         return torch.cat([ctx, emb], dim=-1)
 
+    def frame_context(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """uint8 frames (N, 3, H, W) + one instruction each -> the action-token output (N, F0),
+        before any instruction embedding is appended."""
+        pixels = self.backbone.preprocess(images)
+        return self.backbone.encode_post(pixels, texts, self.action_token).flatten(1)
+
     def frame_features(self, images: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """uint8 frames (N, 3, H, W) + one instruction each -> context vectors (N, F)."""
-        pixels = self.backbone.preprocess(images)
-        ctx = self.backbone.encode_post(pixels, texts, self.action_token)
-        return self.with_instruction(ctx.flatten(1), texts)
+        return self.with_instruction(self.frame_context(images, texts), texts)
+
+    def contexts(self, batch: dict[str, Any]) -> Contexts:
+        """What the head reads for a batch (from images, or from the cached prefix), and the
+        action-token output of each distinct (frame, instruction) it encoded.
+
+        Live, with ``post`` history, the dataset's ``frame_id`` (B, W) names each frame
+        (equal ids = equal pixels): a frame's context depends only on the frame and the
+        instruction, so each distinct (frame, instruction) of the batch is encoded once —
+        consecutive windows share W-1 frames, so evaluation does about W times less work."""
+        texts = list(batch["instruction"])
+        if "prefix_kv" in batch:  # the frozen-prefix feature cache
+            ctx = self.backbone.encode_from_prefix(
+                batch["prefix_kv"],
+                batch["prefix_mask"],
+                self.action_token,
+                batch.get("prefix_hidden"),
+            ).flatten(1)
+            index = batch["prefix_index"]
+            owner = [""] * len(ctx)
+            for row, text in zip(index.tolist(), texts, strict=True):
+                for u in row:
+                    owner[u] = text
+            feats = self.with_instruction(ctx[index], texts)
+            return Contexts(feats, batch["obs_mask"], ctx, owner)
+        images, obs_mask = batch["images"], batch["obs_mask"]
+        b, w = images.shape[:2]
+        if self.pre:
+            pixels = self.backbone.preprocess(images.flatten(0, 1))
+            pixels = pixels.view(b, w, *pixels.shape[1:])
+            ctx = self.backbone.encode_pre(pixels, texts, self.action_token, obs_mask).flatten(1)
+            feats = self.with_instruction(ctx, texts)[:, None]
+            return Contexts(feats, torch.ones(b, 1, device=ctx.device), ctx, texts)
+        per_frame = [t for t in texts for _ in range(w)]
+        frame_id = batch.get("frame_id")
+        if frame_id is None:
+            pick, inverse = list(range(b * w)), list(range(b * w))
+        else:
+            first: dict[tuple[int, str], int] = {}
+            pick, inverse = [], []
+            for j, key in enumerate(zip(frame_id.flatten().tolist(), per_frame, strict=True)):
+                u = first.get(key)
+                if u is None:
+                    u = first[key] = len(pick)
+                    pick.append(j)
+                inverse.append(u)
+        picked = [per_frame[j] for j in pick]
+        ctx = self.frame_context(images.flatten(0, 1)[pick], picked)
+        feats = self.with_instruction(ctx, picked)
+        index = torch.tensor(inverse, device=feats.device)
+        return Contexts(feats[index].view(b, w, -1), obs_mask, ctx, picked)
 
     def window_features(
         self,
@@ -104,35 +169,13 @@ class VLAPolicy(nn.Module):
         obs_mask: torch.Tensor,
         frame_id: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 windows (B, W, 3, H, W) -> (features (B, W', F), mask (B, W')).
-
-        ``frame_id`` (B, W), when the dataset gives it, names each frame (equal ids = equal
-        pixels): with ``post`` history a frame's context depends only on the frame and the
-        instruction, so each distinct (frame, instruction) of the batch is encoded once —
-        consecutive windows share W-1 frames, so evaluation does about W times less work."""
-        b, w = images.shape[:2]
-        if self.pre:
-            pixels = self.backbone.preprocess(images.flatten(0, 1))
-            pixels = pixels.view(b, w, *pixels.shape[1:])
-            ctx = self.backbone.encode_pre(pixels, texts, self.action_token, obs_mask)
-            ctx = self.with_instruction(ctx.flatten(1), texts)
-            return ctx[:, None], torch.ones(b, 1, device=ctx.device)
-        per_frame = [t for t in texts for _ in range(w)]
-        flat = images.flatten(0, 1)
-        if frame_id is None:
-            return self.frame_features(flat, per_frame).view(b, w, -1), obs_mask
-        first: dict[tuple[int, str], int] = {}
-        pick: list[int] = []
-        inverse: list[int] = []
-        for j, key in enumerate(zip(frame_id.flatten().tolist(), per_frame, strict=True)):
-            u = first.get(key)
-            if u is None:
-                u = first[key] = len(pick)
-                pick.append(j)
-            inverse.append(u)
-        feats = self.frame_features(flat[pick], [per_frame[j] for j in pick])
-        index = torch.tensor(inverse, device=feats.device)
-        return feats[index].view(b, w, -1), obs_mask
+        """uint8 windows (B, W, 3, H, W) -> (features (B, W', F), mask (B, W')); ``frame_id``
+        (B, W) names each frame (see :meth:`contexts`)."""
+        batch: dict[str, Any] = {"images": images, "instruction": list(texts), "obs_mask": obs_mask}
+        if frame_id is not None:
+            batch["frame_id"] = frame_id
+        c = self.contexts(batch)
+        return c.features, c.mask
 
     def head_forward(
         self, features: torch.Tensor, obs_mask: torch.Tensor, every_step: bool = False
@@ -152,27 +195,25 @@ class VLAPolicy(nn.Module):
         (U, P) and, when fusion layers from k up train, hidden states (U, P, D) of a batch's
         distinct frames; ``index`` (B, W) picks each window's; ``texts`` are the windows'
         instructions."""
-        ctx = self.backbone.encode_from_prefix(
-            prefix_kv, prefix_mask, self.action_token, prefix_hidden
-        )
-        return self.with_instruction(ctx.flatten(1)[index], texts)
+        batch: dict[str, Any] = {
+            "prefix_kv": prefix_kv,
+            "prefix_mask": prefix_mask,
+            "prefix_index": index,
+            "instruction": list(texts),
+            "obs_mask": torch.ones(index.shape, dtype=torch.bool, device=index.device),
+        }
+        if prefix_hidden is not None:
+            batch["prefix_hidden"] = prefix_hidden
+        return self.contexts(batch).features
 
     def forward(self, batch: dict[str, Any], every_step: bool = False) -> HeadOutput:
         """The chunk after each window's last frame, or with ``every_step`` (``per_step``
-        training windows) after every frame of it (B x W rows)."""
-        if "prefix_kv" in batch:  # the frozen-prefix feature cache
-            feats = self.cached_window_features(
-                batch["prefix_kv"],
-                batch["prefix_mask"],
-                batch["prefix_index"],
-                batch["instruction"],
-                batch.get("prefix_hidden"),
-            )
-            return self.head_forward(feats, batch["obs_mask"], every_step)
-        feats, mask = self.window_features(
-            batch["images"], batch["instruction"], batch["obs_mask"], batch.get("frame_id")
-        )
-        return self.head_forward(feats, mask, every_step)
+        training windows) after every frame of it (B x W rows); the output also carries the
+        distinct frames' action-token outputs (``frames``)."""
+        c = self.contexts(batch)
+        out = self.head_forward(c.features, c.mask, every_step)
+        out.frames = (c.frames, c.texts)
+        return out
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, HeadOutput]:
         """The loss of a batch of windows: against the chunk after the last frame (actions

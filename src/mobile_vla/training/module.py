@@ -40,7 +40,12 @@ class EpochSampler(Sampler[int]):
     is touched, so an epoch's order is the same in a resumed run."""
 
     def __init__(
-        self, length: int, seed: int, shuffle: bool, runs: np.ndarray | None = None
+        self,
+        length: int,
+        seed: int,
+        shuffle: bool,
+        runs: np.ndarray | None = None,
+        groups: list[np.ndarray] | None = None,
     ) -> None:
         self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
         self.runs = None
@@ -49,6 +54,11 @@ class EpochSampler(Sampler[int]):
                 raise ValueError(f"runs has {len(runs)} entries for {length} indices")
             starts = np.flatnonzero(np.r_[True, runs[1:] != runs[:-1]])
             self.runs = np.split(np.arange(length), starts[1:])
+        elif groups is not None:  # explicit groups (any indices), kept together and in order
+            flat = np.sort(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
+            if not np.array_equal(flat, np.arange(length)):
+                raise ValueError("groups must hold every index exactly once")
+            self.runs = list(groups)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -79,6 +89,39 @@ class EpochSampler(Sampler[int]):
         return math.ceil(self.length / world)
 
 
+def counterfactual_groups(episodes: list[Any], index: np.ndarray) -> list[np.ndarray] | None:
+    """Sampler groups for ``trainer.counterfactual_pairs``: each counterfactual twin's windows
+    with its source's first window (the frames they share), every other window alone; None
+    when no twin's source is among ``episodes``. ``index`` is the dataset's (episode, frame)
+    per window."""
+    names = {ep.path.stem: e for e, ep in enumerate(episodes)}
+    twins: dict[int, list[int]] = {}
+    for e, ep in enumerate(episodes):
+        src = names.get(ep.source) if getattr(ep, "source", None) else None
+        if src is not None:
+            twins.setdefault(src, []).append(e)
+    if not twins:
+        return None
+    by_episode: dict[int, list[int]] = {}
+    for i, (e, _) in enumerate(index.tolist()):
+        by_episode.setdefault(e, []).append(i)
+    groups, taken = [], set()
+    for e, windows in sorted(by_episode.items()):
+        if e in taken:
+            continue
+        first = [windows[0]]
+        for twin in twins.get(e, ()):
+            first += by_episode.get(twin, [])
+            taken.add(twin)
+        groups.append(np.asarray(first))
+        groups += [np.asarray([w]) for w in windows[1:]]
+    for twin_list in twins.values():  # twins whose source has no window (too short)
+        for twin in twin_list:
+            if twin not in taken and twin in by_episode:
+                groups += [np.asarray([w]) for w in by_episode[twin]]
+    return groups
+
+
 def window_runs(index: np.ndarray, k: int) -> np.ndarray | None:
     """Run ids for an (episode, frame) sample index grouped into runs of ``k`` consecutive
     windows of one episode (None for k = 1)."""
@@ -101,11 +144,46 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: the auxiliary read-out's learning rate, as a multiple of the head's
+AUX_LR_SCALE = 10.0
+
+
+def instruction_sides(texts: list[str]) -> torch.Tensor:
+    """+1 left, -1 right, 0 neither, per instruction."""
+    from mobile_vla.data.dataset import side_of_instruction
+
+    return torch.tensor([side_of_instruction(t) for t in texts])
+
+
+def instruction_aux_loss(
+    readout: torch.nn.Module, frames: torch.Tensor, texts: list[str]
+) -> torch.Tensor | None:
+    """``train_setup.instruction_aux_weight``'s loss: binary cross-entropy of a linear read-out
+    of the action-token outputs ``frames`` (U, F), standardized over the batch, against the
+    side each frame's instruction names; None when fewer than two frames name one or every
+    one names the same side (nothing to tell apart)."""
+    sides = instruction_sides(texts).to(frames.device)
+    keep = sides != 0
+    if int(keep.sum()) < 2 or len(set(sides[keep].tolist())) < 2:
+        return None
+    x = frames[keep].float()
+    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    target = (sides[keep] > 0).to(z.dtype)
+    return torch.nn.functional.binary_cross_entropy_with_logits(readout(z)[:, 0], target)
+
+
 class PolicyModule(pl.LightningModule):
     def __init__(self, cfg: Config, policy: VLAPolicy, plan: StrategyPlan) -> None:
         super().__init__()
         self.cfg, self.policy, self.plan = cfg, policy, plan
         self.strict_loading = False  # frozen pretrained weights are not in checkpoints
+        # train_setup.instruction_aux_weight: a read-out trained beside the policy, never part
+        # of it (load_policy reads only the policy's tensors)
+        self.aux_weight = cfg.train_setup.instruction_aux_weight
+        self.aux_readout: torch.nn.Linear | None = None
+        if self.aux_weight > 0:
+            width = policy.backbone.hidden_size * cfg.backbone.n_action_tokens
+            self.aux_readout = torch.nn.Linear(width, 1)
 
     # -- what a checkpoint holds ---------------------------------------------------------
     def saved_state_keys(self) -> set[str]:
@@ -148,16 +226,31 @@ class PolicyModule(pl.LightningModule):
             random.setstate(rng["python"])
 
     # -- training ---------------------------------------------------------------------------
+    def _aux(self, out: Any) -> torch.Tensor | None:
+        if self.aux_readout is None or out.frames is None:
+            return None
+        frames, texts = out.frames
+        return instruction_aux_loss(self.aux_readout, frames, texts)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, _ = self.policy.loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["instruction"]))
+        loss, out = self.policy.loss(batch)
+        n = len(batch["instruction"])
+        self.log("train_loss", loss, prog_bar=True, batch_size=n)
+        aux = self._aux(out)
+        if aux is not None:
+            self.log("train_instruction_aux", aux, batch_size=n)
+            loss = loss + self.aux_weight * aux
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        loss, _ = self.policy.loss(batch)
-        self.log(
-            "val_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["instruction"])
-        )
+        """``val_loss`` is the action loss (what checkpoints are chosen on); the auxiliary
+        read-out's loss, when it trains, is logged beside it."""
+        loss, out = self.policy.loss(batch)
+        n = len(batch["instruction"])
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=n)
+        aux = self._aux(out)
+        if aux is not None:
+            self.log("val_instruction_aux", aux, sync_dist=True, batch_size=n)
 
     def on_train_epoch_start(self) -> None:
         loader = self.trainer.train_dataloader
@@ -198,6 +291,11 @@ class PolicyModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         t = self.cfg.trainer
         groups = [{k: v for k, v in g.items()} for g in self.plan.param_groups]
+        if self.aux_readout is not None:
+            lr = AUX_LR_SCALE * self.cfg.train_setup.learning_rate
+            groups.append(
+                {"name": "instruction_aux", "params": list(self.aux_readout.parameters()), "lr": lr}
+            )
         optimizer = torch.optim.AdamW(groups, weight_decay=t.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = t.warmup_steps
@@ -276,12 +374,21 @@ class TrainStats(pl.Callback):
     (batch start to batch end: what the data loading costs is the difference) is reported
     beside it. A sample is a batch row; ``windows`` counts the supervised (history, chunk)
     pairs: one per row, or with ``head.per_step`` one per real frame of the row's window, so
-    per-step and one-window-per-frame training compare on what they learn from."""
+    per-step and one-window-per-frame training compare on what they learn from.
 
-    def __init__(self, warmup_steps: int = 3) -> None:
+    For the budget a comparison states it also counts every supervised pair the run saw
+    (``windows_seen``, warm-up included) and keeps a timeline of (optimizer step, seconds
+    since training began) at each validation, each of ``steps`` (the kept checkpoints) and
+    the end, so success at a checkpoint can be placed at the seconds it cost."""
+
+    def __init__(self, warmup_steps: int = 3, steps: list[int] | None = None) -> None:
         self.warmup = warmup_steps
         self.samples = 0
         self.windows = 0
+        self.windows_seen = 0
+        self.timeline: list[tuple[int, float]] = []
+        self.marks = set(steps or [])
+        self._fit_start: float | None = None
         self.batches = 0
         self.timed = 0
         self.elapsed = 0.0
@@ -289,11 +396,25 @@ class TrainStats(pl.Callback):
         self._last_end: float | None = None
         self._start = 0.0
 
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+
     def on_train_epoch_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._last_end = None
 
     def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self._last_end = None
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._mark(trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self._mark(trainer.global_step)
+
+    def _mark(self, step: int) -> None:
+        if self._fit_start is None or (self.timeline and self.timeline[-1][0] == step):
+            return
+        self.timeline.append((int(step), round(time.perf_counter() - self._fit_start, 3)))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, module: pl.LightningModule, batch: Any, batch_idx: int
@@ -310,6 +431,9 @@ class TrainStats(pl.Callback):
     ) -> None:
         now = time.perf_counter()
         self.batches += 1
+        self.windows_seen += supervised_windows(batch)
+        if self.marks and trainer.global_step in self.marks:
+            self._mark(trainer.global_step)
         if self.batches > self.warmup and self._last_end is not None:
             self.elapsed += now - self._last_end
             self.step_elapsed += now - self._start
@@ -330,6 +454,8 @@ class TrainStats(pl.Callback):
                 self.windows / self.step_elapsed if self.step_elapsed else None
             ),
             "steady_state_batches": self.timed,
+            "windows_seen": self.windows_seen,
+            "timeline": [list(p) for p in self.timeline],
             "peak_memory_bytes": peak_rss,
             "peak_memory_kind": "cpu_rss",
         }

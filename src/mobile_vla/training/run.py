@@ -42,14 +42,21 @@ def _devices(text: str) -> Any:
 
 
 def make_loaders(cfg: Config, bundle: DataBundle) -> tuple[DataLoader, DataLoader]:
-    from mobile_vla.training.module import EpochSampler, collate, window_runs
+    from mobile_vla.training.module import (
+        EpochSampler,
+        collate,
+        counterfactual_groups,
+        window_runs,
+    )
 
     t = cfg.trainer
     kw: dict[str, Any] = {"batch_size": t.batch_size, "num_workers": t.num_workers}
-    runs = window_runs(getattr(bundle.train, "base", bundle.train).index, t.consecutive_windows)
+    base = getattr(bundle.train, "base", bundle.train)
+    runs = window_runs(base.index, t.consecutive_windows)
+    groups = counterfactual_groups(base.episodes, base.index) if t.counterfactual_pairs else None
     train = DataLoader(
         bundle.train,
-        sampler=EpochSampler(len(bundle.train), cfg.seed, True, runs),
+        sampler=EpochSampler(len(bundle.train), cfg.seed, True, runs, groups),
         collate_fn=getattr(bundle.train, "collate", collate),
         **kw,
     )
@@ -111,12 +118,14 @@ def train(
         from mobile_vla.training.checkpoint import load_init_weights
 
         log.info(load_init_weights(policy, cfg.train_setup.init_checkpoint))
+    cache_start = time.perf_counter()
     feature_cache = _use_feature_cache(cfg, policy, bundle, progress)
+    cache_seconds = time.perf_counter() - cache_start
     module = PolicyModule(cfg, policy, plan)
     train_loader, val_loader = make_loaders(cfg, bundle)
     t = cfg.trainer
     loggers = _loggers(run, t.wandb)
-    stats_cb = TrainStats()
+    stats_cb = TrainStats(steps=cfg.trainer.checkpoint_steps)
     precision = resolve_precision(t.precision, t.accelerator)  # "auto" decided once, recorded
     try:  # settings Lightning refuses are reported before anything is written
         trainer = _make_trainer(
@@ -155,6 +164,7 @@ def train(
         result["global_step"] = trainer.global_step
         result["epochs"] = trainer.current_epoch
         result["feature_cache"] = feature_cache
+        result["feature_cache_s"] = cache_seconds  # building (or opening) it, before training
         result["precision"] = precision
         atomic_write_json(run / "train_stats.json", result)
     return run

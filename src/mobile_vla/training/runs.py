@@ -150,7 +150,13 @@ def load_policy(
         raise MobileVLAError(f"run folder '{run}' has no checkpoint (checkpoints/best or last)")
     checkpoint = load_folder(folder)
     policy, _ = build_policy(cfg, stats)
-    state = {k.removeprefix("policy."): v for k, v in checkpoint.get("state_dict", {}).items()}
+    # the policy's tensors only (a training-time read-out, e.g. instruction_aux, is not part
+    # of it)
+    state = {
+        k.removeprefix("policy."): v
+        for k, v in checkpoint.get("state_dict", {}).items()
+        if k.startswith("policy.")
+    }
     check_architecture(
         {"architecture": checkpoint.get("architecture", {}), "state_dict": state},
         cfg,
