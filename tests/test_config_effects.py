@@ -170,6 +170,14 @@ SPECIAL = {
     "trainer.strategy",
     # loaded by train(): test_robovlms.py::test_init_checkpoint_loads_tensors_by_name_and_...
     "train_setup.init_checkpoint",
+    # twins kept or left out: test_dataset.py::test_counterfactual_episodes_follow_their_source
+    "data.counterfactual",
+    # the read-out's loss is logged and trained:
+    # test_training.py::test_instruction_aux_trains_beside_the_policy_and_stays_out_of_it
+    "train_setup.instruction_aux_weight",
+    # twin beside source in the epoch's order:
+    # test_training.py::test_counterfactual_pairs_keep_each_twin_beside_its_source
+    "trainer.counterfactual_pairs",
 }
 
 

@@ -440,13 +440,13 @@ def test_each_distinct_frame_of_a_batch_is_encoded_once(train_data, tmp_path) ->
     policy, _ = build_policy(cfg, bundle.stats)
     policy.eval()  # no dropout anywhere (the sentence encoder's too): the same function twice
     encoded: list[int] = []
-    original = policy.frame_features
+    original = policy.frame_context
 
     def counting(images, texts):
         encoded.append(images.shape[0])
         return original(images, texts)
 
-    policy.frame_features = counting  # type: ignore[method-assign]
+    policy.frame_context = counting  # type: ignore[method-assign]
     grads = []
     for use_ids in (True, False):
         batch_ = b if use_ids else {k: v for k, v in b.items() if k != "frame_id"}
