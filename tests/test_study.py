@@ -48,7 +48,7 @@ def write_study(tmp: Path, data: Path, weights: Path, out: Path, **extra: object
             "sim.max_steps=12",
         ],
         "strategy_overrides": {"lora": ["train_setup.lora_lr=0.001"]},
-        "closed_loop": {"episodes": 2, "seed": 1000, "curve_steps": [1]},
+        "closed_loop": {"episodes": 2, "seed": 1000, "curve_steps": [1], "language_scenes": 2},
         "compare_samples": 16,
         **extra,
     }
@@ -107,8 +107,11 @@ def test_study_grid_resumes_and_reports(finished: tuple[Path, Path]) -> None:
     assert lora["trainable_params"] > frozen["trainable_params"]
     md = (out / "report.md").read_text()
     for heading in (
+        "Budgets",
         "Strategies (pretrained backbone, all training episodes)",
+        "Does the policy follow the instruction? (closed loop)",
         "What the study says",
+        "Where the time went",
         "Data efficiency",
         "With and without vision-language pretraining",
         "Frozen vs LoRA",
@@ -126,6 +129,19 @@ def test_study_grid_resumes_and_reports(finished: tuple[Path, Path]) -> None:
         assert (out / "figures" / f"{name}.png").stat().st_size > 2_000, name
     # success against steps: step 1 (kept by closed_loop.curve_steps) and the last step, 2
     assert [p["step"] for p in lora["curve"]["points"]] == [1, 2]
+    # every arm's budget, its language reliance and where the time went are recorded
+    assert lora["budget"]["steps"] == frozen["budget"]["steps"] == 2
+    assert lora["budget"]["lr"]["lora"] == 0.001 and "lora" not in frozen["budget"]["lr"]
+    assert lora["budget"]["windows_seen"] > 0 and lora["budget"]["timeline"][-1][0] == 2
+    assert lora["language"]["scenes"] == 2 and 0 <= lora["language"]["score"] <= 1
+    phases = results["phases"]
+    assert set(phases["cells"]) == set(results["cells"])
+    assert {"train", "evaluate (offline + closed loop)", "language reliance", "curve"} <= set(
+        phases["cells"]["lora-pt-nall-s0"]
+    )
+    assert phases["report"] > 0 and phases["total_this_invocation"] > 0
+    assert "equal budgets" in md or "budgets differ" in md
+    assert (out / "figures" / "success_vs_seconds.png").stat().st_size > 2_000
     assert "Case 3 (frozen) vs Case 4 (LoRA), closed-loop success" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 2 and 'src="figures' not in page
@@ -355,36 +371,132 @@ def test_rollout_strip_takes_evenly_spaced_frames(tmp_path: Path) -> None:
     assert _rollout_strip(tmp_path / "missing.gif", tmp_path / "x.png") is None
 
 
-def test_the_statement_answers_frozen_against_lora_with_its_tests() -> None:
-    """Case 3 vs Case 4 gets its own sentences (success: pooled episodes, z; instruction
-    sensitivity: Welch's t) even when a third strategy leads the grid."""
-    from mobile_vla.study.report import statement
-
-    def cell(strategy: str, seed: int, k: int, sens: float) -> dict:
-        return {
-            "key": {"strategy": strategy, "pretrained": True, "train_episodes": 0, "seed": seed},
-            "offline": {"instruction_sensitivity": {"mean_abs_diff": sens}},
-            "closed_loop": {"successes": k, "episodes": 24, "success_rate": k / 24},
-        }
-
-    results = {
-        "study": {"strategies": ["frozen", "lora", "frozen_text"], "seeds": [0, 1]},
-        "cells": {
-            f"{s}-{seed}": cell(s, seed, k, v)
-            for s, ks, vs in (
-                ("frozen", (0, 1), (0.010, 0.012)),
-                ("lora", (9, 11), (0.40, 0.44)),
-                ("frozen_text", (20, 21), (0.70, 0.72)),
-            )
-            for seed, k, v in zip((0, 1), ks, vs, strict=True)
+def _cell(strategy: str, seed: int, wins: list[bool], sens: float, steps: int = 400) -> dict:
+    """A cell's results.json entry: closed loop on scenes 0..n-1 of seed 1000 (``wins``), its
+    instruction sensitivity and its budget."""
+    n = len(wins)
+    return {
+        "key": {"strategy": strategy, "pretrained": True, "train_episodes": 0, "seed": seed},
+        "offline": {"instruction_sensitivity": {"mean_abs_diff": sens}},
+        "closed_loop": {
+            "successes": sum(wins),
+            "episodes": n,
+            "success_rate": sum(wins) / n,
+            "seed": 1000,
+            "episodes_detail": [{"index": i, "success": w} for i, w in enumerate(wins)],
+        },
+        "budget": {
+            "strategy": strategy,
+            "train_episodes": 336,
+            "steps": steps,
+            "batch": 4,
+            "window": 24,
+            "per_step": True,
+            "windows_seen": 96 * steps,
+            "lr": {
+                "head": 0.001,
+                "action_token": 0.001,
+                **({"lora": 0.001} if strategy == "lora" else {}),
+            },
+            "warmup_steps": 20,
+            "schedule": "cosine to x0.1",
+            "checkpoint": "best",
+            "train_time_s": 10.0 * steps / 400,
+            "timeline": [[steps, 10.0 * steps / 400]],
         },
     }
-    lines = statement(results, [])
+
+
+def test_the_statement_answers_frozen_against_lora_with_its_tests() -> None:
+    """Case 3 vs Case 4 gets its own sentences even when a third strategy leads the grid:
+    closed-loop success paired on the same scenes with seeds as clusters (a difference is
+    named only when its interval excludes 0, else "not shown" with what the design could
+    resolve), instruction sensitivity with Welch's t, and each line says whether the budgets
+    were equal — and names what differs when they were not."""
+    from mobile_vla.study.report import statement
+
+    def results(frozen: list[list[bool]], lora: list[list[bool]], lora_steps: int = 400) -> dict:
+        cells = {}
+        for s, runs, sens, steps in (
+            ("frozen", frozen, (0.010, 0.012), 400),
+            ("lora", lora, (0.40, 0.44), lora_steps),
+            ("frozen_text", [[True] * 24, [True] * 23 + [False]], (0.70, 0.72), 400),
+        ):
+            for seed, (wins, v) in enumerate(zip(runs, sens, strict=True)):
+                cells[f"{s}-{seed}"] = _cell(s, seed, wins, v, steps)
+        return {
+            "study": {"strategies": ["frozen", "lora", "frozen_text"], "seeds": [0, 1]},
+            "cells": cells,
+        }
+
+    blind = [[i == 3 for i in range(24)], [False] * 24]
+    follows = [[i % 6 != 0 for i in range(24)], [i % 5 != 0 for i in range(24)]]
+    lines = statement(results(blind, follows), [])
     case = [line for line in lines if line.startswith("Case 3 (frozen) vs Case 4")]
     assert len(case) == 2
-    assert "LoRA is better" in case[0] and "1/48 vs 20/48" in case[0] and "z = " in case[0]
+    assert "**Case 4 (LoRA) drives better**" in case[0] and "same 24 scenes" in case[0]
+    assert "95% CI" in case[0] and "equal budgets" in case[0]
     assert "LoRA follows it more" in case[1] and "Welch t" in case[1]
-    results["cells"]["lora-1"]["closed_loop"]["successes"] = 0
-    results["cells"]["lora-0"]["closed_loop"]["successes"] = 2
-    lines = statement(results, [])
-    assert any("neither is better beyond noise (1/48 vs 2/48" in line for line in lines)
+    assert "equal budgets" in case[1]
+    headline = next(line for line in lines if line.startswith("Headline setting"))
+    assert "frozen 2, lora 2, frozen_text 2" in headline
+    # close arms: not shown, and how much the design could have shown
+    close = [[i % 2 == 0 for i in range(24)], [i % 3 == 0 for i in range(24)]]
+    nearby = [[i % 2 == 1 for i in range(24)], [i % 3 == 1 for i in range(24)]]
+    line = next(
+        x
+        for x in statement(results(close, nearby), [])
+        if "closed-loop" in x and x.startswith("Case 3")
+    )
+    assert "a difference is **not shown**" in line and "beyond about ±" in line
+    # budgets that differ beyond the strategy are named in the verdict's own line
+    lines = statement(results(blind, follows, lora_steps=2000), [])
+    line = next(x for x in lines if x.startswith("Case 3 (frozen) vs Case 4") and "success" in x)
+    assert "budgets differ beyond the strategy" in line and "steps 400 vs 2,000" in line
+    assert "supervised pairs seen 38,400 vs 192,000" in line
+    assert all("budgets" in x for x in lines if " vs " in x and ("best" in x or "shown" in x))
+
+
+def test_paired_success_resamples_scenes_together_and_seeds_as_clusters() -> None:
+    from mobile_vla.study.paired import paired_success
+
+    def cells(strategy: str, runs: list[list[bool]], seed: int = 1000) -> list[CellResult]:
+        out = []
+        for k, wins in enumerate(runs):
+            d = _cell(strategy, k, wins, 0.1)
+            d["closed_loop"]["seed"] = seed
+            out.append(CellResult.from_json(d))
+        return out
+
+    a = cells("lora", [[True] * 20 + [False] * 4, [True] * 18 + [False] * 6])
+    b = cells("frozen", [[True] * 2 + [False] * 22, [False] * 24])
+    test = paired_success(a, b)
+    assert test["verdict"] == "a" and test["scenes"] == 24 and test["seeds"] == [2, 2]
+    assert test["diff"] == pytest.approx(38 / 48 - 2 / 48)
+    assert test["ci95"][0] > 0.5 and test["discordant"] == [36, 0]
+    assert paired_success(a, a)["verdict"] == "not shown"
+    assert paired_success(a, b)["ci95"] == test["ci95"]  # a fixed bootstrap seed
+    other = cells("frozen", [[False] * 24, [False] * 24], seed=7)
+    assert paired_success(a, other)["verdict"] == "n/a"  # other scenes: no pairing
+
+
+def test_budget_differences_name_what_is_not_the_strategy() -> None:
+    from mobile_vla.study.budgets import budget_clause, budget_differences, budget_row
+
+    frozen = _cell("frozen", 0, [True], 0.1)["budget"]
+    lora = _cell("lora", 0, [True], 0.1)["budget"]
+    assert budget_differences([frozen], [lora]) == []  # the LoRA group is the strategy's own
+    assert budget_clause([frozen], [lora]).startswith("equal budgets")
+    slow = {
+        **lora,
+        "steps": 30,
+        "batch": 1,
+        "windows_seen": 720,
+        "lr": {**lora["lr"], "head": 0.01},
+    }
+    diff = budget_differences([frozen], [slow])
+    assert "steps 400 vs 30" in diff and "batch 4 vs 1" in diff
+    assert "head learning rate 0.001 vs 0.01" in diff
+    assert budget_clause([frozen], [None]).startswith("budgets not recorded")
+    row = budget_row("lora", [lora, {**lora, "train_time_s": 12.0}], [0, 1])
+    assert row[2] == "400" and "lora 0.001" in row[5] and row[7] == "10 / 12" and row[-1] == "0, 1"

@@ -51,6 +51,8 @@ class CellResult:
     train_time_s: float | None = None
     train_samples_per_s: float | None = None
     feature_cache: Any = None
+    budget: dict[str, Any] | None = None  # what the arm was given: study.budgets
+    language: dict[str, Any] | None = None  # metrics.json's language_reliance
 
     @property
     def curve(self) -> list[CurvePoint] | None:
@@ -70,6 +72,8 @@ class CellResult:
         params = json.loads((run / "params.json").read_text())
         table = params.get("params", {}).get("all", {})
         split = json.loads((run / "split.json").read_text())
+        from mobile_vla.study.budgets import run_budget
+
         return cls.from_json(
             {
                 "key": key.__dict__,
@@ -85,6 +89,8 @@ class CellResult:
                 "train_time_s": stats.get("wall_time_s"),
                 "train_samples_per_s": stats.get("train_samples_per_s"),
                 "feature_cache": stats.get("feature_cache"),
+                "budget": run_budget(run, metrics, stats, params, len(split["train"])),
+                "language": metrics.get("language_reliance"),
             }
         )
 
@@ -103,6 +109,8 @@ class CellResult:
             "train_time_s": self.train_time_s,
             "train_samples_per_s": self.train_samples_per_s,
             "feature_cache": self.feature_cache,
+            "budget": self.budget,
+            "language": self.language,
         }
 
     @classmethod
@@ -130,4 +138,6 @@ class CellResult:
             d.get("train_time_s"),
             d.get("train_samples_per_s"),
             d.get("feature_cache"),
+            d.get("budget"),
+            d.get("language"),
         )

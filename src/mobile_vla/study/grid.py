@@ -37,6 +37,7 @@ from mobile_vla.io import atomic_write_json
 from mobile_vla.study.cells import CellKey, CellResult
 from mobile_vla.study.chain import READY
 from mobile_vla.study.jobs import (
+    PHASE,
     Collect,
     Compare,
     Evaluate,
@@ -63,6 +64,9 @@ class StudyData:
     workers: int = 2
     split_seed: int = 0
     """One validation split for every cell (seed, size and strategy alike)."""
+    counterfactual: bool = False
+    """Collect each episode's counterfactual twin too (``collect --counterfactual``); cells use
+    them unless ``data.counterfactual=false`` is among their overrides."""
 
 
 @dataclass
@@ -77,6 +81,9 @@ class StudyClosedLoop:
     curve_steps: list[int] = field(default_factory=list)
     """Keep checkpoints after these steps in every cell (``trainer.checkpoint_steps``) and
     drive each through the same scenes: success-vs-steps curves in the report."""
+    language_scenes: int = 0
+    """Language reliance on this many held-out scenes of the same seed per cell (each driven
+    four times: instructed, left/right swapped, blank, unseen phrasing); 0 = not measured."""
 
 
 @dataclass
@@ -241,6 +248,9 @@ class Study:
         self.results_path = self.out / "results.json"
         self.fork_worker = fork_worker
         self._proc: subprocess.Popen | None = None
+        # (phase, seconds) of each piece of work this invocation ran, by cell id (or
+        # "collect" / "compare ..." / "report"): results.json["phases"]
+        self.phases: dict[str, list[tuple[str, float]]] = {}
 
     # -- bookkeeping ----------------------------------------------------------------------
     def load_results(self) -> dict[str, Any]:
@@ -313,11 +323,13 @@ class Study:
                 proc.kill()
                 proc.wait()
 
-    def _jobs(self, jobs: Sequence[Job], log: Path) -> None:
+    def _jobs(self, jobs: Sequence[Job], log: Path) -> list[tuple[str, float]]:
         """Run ``jobs`` (a cell's train, evaluate and compare) in a process of their own (its own
-        peak memory): a child forked by the study's worker, or else a fresh interpreter."""
+        peak memory): a child forked by the study's worker, or else a fresh interpreter.
+        Returns the (phase, seconds) lines the jobs wrote to ``log``."""
         with open(log, "a") as fh:
             fh.write(f"$ mobile-vla {jobs[0].describe()}\n")
+            offset = fh.tell()
         serialized = [to_json(j) for j in jobs]
         worker = self._worker()
         code: int | None = None
@@ -343,6 +355,7 @@ class Study:
                 f"'mobile-vla {describe_all(jobs)}' failed (exit {code}); see {log}: "
                 + " | ".join(tail)
             )
+        return read_phases(log, offset)
 
     def ensure_data(self) -> Path:
         d = self.study.data
@@ -355,8 +368,9 @@ class Study:
         shutil.rmtree(folder, ignore_errors=True)
         self._say(f"collecting {d.episodes} simulated episodes into {folder}")
         size = (int(d.image_size[0]), int(d.image_size[1]))
-        self._jobs(
-            [Collect(str(folder), d.episodes, d.workers, d.seed, size)], self.out / "study.log"
+        self.phases["collect"] = self._jobs(
+            [Collect(str(folder), d.episodes, d.workers, d.seed, size, d.counterfactual)],
+            self.out / "study.log",
         )
         done.write_text("")
         return folder
@@ -374,17 +388,25 @@ class Study:
         log.parent.mkdir(parents=True, exist_ok=True)
         cl = self.study.closed_loop
         evaluate = Evaluate(
-            str(run), cl.episodes, cl.seed, cl.chunk, cl.chunk_k, cl.videos, bool(cl.curve_steps)
+            str(run),
+            cl.episodes,
+            cl.seed,
+            cl.chunk,
+            cl.chunk_k,
+            cl.videos,
+            bool(cl.curve_steps),
+            cl.language_scenes,
         )
         if (run / "checkpoints" / "last").exists() and not (run / "train_stats.json").exists():
             self._say(f"{cell.id}: resuming interrupted training")
-            self._jobs([Resume(str(run)), evaluate, *then], log)
+            jobs: list[Job] = [Resume(str(run)), evaluate, *then]
         elif not (run / "train_stats.json").exists():
             shutil.rmtree(run, ignore_errors=True)
             overrides = tuple(cell_overrides(self.study, cell, data, cells_dir))
-            self._jobs([Train(str(self.base), overrides), evaluate, *then], log)
+            jobs = [Train(str(self.base), overrides), evaluate, *then]
         else:  # trained earlier, interrupted while evaluating
-            self._jobs([evaluate, *then], log)
+            jobs = [evaluate, *then]
+        self.phases[cell.id] = self._jobs(jobs, log)
         return collect_cell(run, cell)
 
     def compare_job(self, a: Path, b: Path, name: str) -> Compare:
@@ -404,7 +426,8 @@ class Study:
         }
 
     def run_compare(self, a: Path, b: Path, name: str) -> dict[str, Any]:
-        self._jobs([self.compare_job(a, b, name)], self.out / "logs" / f"compare-{name}.log")
+        log = self.out / "logs" / f"compare-{name}.log"
+        self.phases[f"compare {name}"] = self._jobs([self.compare_job(a, b, name)], log)
         return self.compare_result(a, b, name)
 
     def _pair(self, cell: Cell) -> tuple[str, Path, Path]:
@@ -452,6 +475,7 @@ class Study:
             what = "training, evaluating" + (" and comparing with its twin" if then else "")
             self._say(f"[{k}/{len(grid)}] {cell.id}: {what}")
             results["cells"][cell.id] = self.run_cell(cell, data, then)
+            results["phases"] = phase_table(results.get("phases"), self.phases, results["cells"])
             if then:
                 results["compare"][name] = {
                     **self.compare_result(frozen, lora, name),
@@ -475,11 +499,93 @@ class Study:
                 self.save_results(results)
         results["study"] = to_dict(self.study)
         results["base_config"] = str(self.base)
-        results["wall_time_s_this_invocation"] = time.perf_counter() - start
+        t0 = time.perf_counter()
+        results["phases"] = phase_table(results.get("phases"), self.phases, results["cells"])
         self.save_results(results)
         write_report(self.out, results)
+        results["phases"]["report"] = round(time.perf_counter() - t0, 2)
+        results["wall_time_s_this_invocation"] = time.perf_counter() - start
+        results["phases"]["total_this_invocation"] = round(
+            results["wall_time_s_this_invocation"], 2
+        )
+        self.save_results(
+            json.loads((self.out / "results.json").read_text())
+            | {
+                "phases": results["phases"],
+                "wall_time_s_this_invocation": results["wall_time_s_this_invocation"],
+            }
+        )
+        self._say("where the time went:\n" + format_phases(results["phases"]))
         self._say(f"report: {self.out / 'report.html'} (and report.md, results.json)")
         return self.out
+
+
+def phase_table(
+    earlier: dict[str, Any] | None,
+    now: dict[str, list[tuple[str, float]]],
+    cells: dict[str, Any],
+) -> dict[str, Any]:
+    """``results.json["phases"]``: seconds of each phase — collection, and per cell its
+    training (the feature cache's build and the training loop apart, from the run's
+    ``train_stats.json``), evaluation, language reliance, curve and comparison — keeping what
+    an earlier invocation recorded for work not redone now."""
+    table: dict[str, Any] = {"collect": None, "cells": {}, "compare": {}}
+    if earlier:
+        table["collect"] = earlier.get("collect")
+        table["cells"] = dict(earlier.get("cells", {}))
+        table["compare"] = dict(earlier.get("compare", {}))
+    for key, items in now.items():
+        if key == "collect":
+            table["collect"] = round(sum(s for _, s in items), 2)
+        elif key.startswith("compare "):
+            table["compare"][key.removeprefix("compare ")] = round(sum(s for _, s in items), 2)
+        else:
+            row: dict[str, float] = {}
+            for name, secs in items:
+                row[name] = round(row.get(name, 0.0) + secs, 2)
+            budget = (cells.get(key) or {}).get("budget") or {}
+            if "train" in row:
+                if budget.get("cache_s") is not None:
+                    row["feature cache"] = round(float(budget["cache_s"]), 2)
+                if budget.get("train_time_s") is not None:
+                    row["training loop"] = round(float(budget["train_time_s"]), 2)
+            if "compare" in row:
+                table["compare"][key] = row.pop("compare")
+            table["cells"][key] = row
+    return table
+
+
+def format_phases(phases: dict[str, Any]) -> str:
+    """The phase table as the study prints it."""
+    lines = []
+    if phases.get("collect") is not None:
+        lines.append(f"  collect: {phases['collect']:.0f} s")
+    for cell, row in phases.get("cells", {}).items():
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in row.items())
+        lines.append(f"  {cell}: {parts}")
+    for name, secs in phases.get("compare", {}).items():
+        lines.append(f"  compare {name}: {secs:.0f} s")
+    if phases.get("report") is not None:
+        lines.append(f"  report: {phases['report']:.0f} s")
+    if phases.get("total_this_invocation") is not None:
+        lines.append(f"  total (this invocation): {phases['total_this_invocation']:.0f} s")
+    return "\n".join(lines)
+
+
+def read_phases(log: Path, offset: int = 0) -> list[tuple[str, float]]:
+    """The (phase, seconds) lines jobs wrote to ``log`` after byte ``offset``."""
+    with open(log, "rb") as fh:
+        fh.seek(offset)
+        text = fh.read().decode("utf-8", errors="replace")
+    out = []
+    for line in text.splitlines():
+        if line.startswith(PHASE):
+            try:
+                item = json.loads(line[len(PHASE) :])
+                out.append((str(item["phase"]), float(item["seconds"])))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return out
 
 
 def collect_cell(run: Path, cell: Cell) -> dict[str, Any]:

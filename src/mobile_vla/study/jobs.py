@@ -10,12 +10,17 @@ equivalent command line, so a cell's log reads like a shell session that can be 
 
 from __future__ import annotations
 
+import json
+import time
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from mobile_vla.errors import MobileVLAError
+
+#: the prefix of a phase line in a job's log (:func:`phase`)
+PHASE = "[phase] "
 
 
 @dataclass(frozen=True)
@@ -25,12 +30,14 @@ class Collect:
     workers: int
     seed: int
     image_size: tuple[int, int]
+    counterfactual: bool = False
 
     def describe(self) -> str:
         h, w = self.image_size
         return (
             f"collect --out {self.out} --episodes {self.episodes} --workers {self.workers} "
             f"--seed {self.seed} --sim.image_size=[{h},{w}]"
+            + (" --counterfactual" if self.counterfactual else "")
         )
 
 
@@ -60,6 +67,7 @@ class Evaluate:
     chunk_k: int = 1
     videos: int = 0
     curve: bool = False
+    language: int = 0
 
     def describe(self) -> str:
         text = f"eval {self.run}"
@@ -68,6 +76,10 @@ class Evaluate:
                 f" --episodes {self.episodes} --seed {self.seed} --chunk {self.chunk} "
                 f"--chunk-k {self.chunk_k} --videos {self.videos}"
             )
+        if self.language:
+            text += f" --language {self.language}"
+            if not self.episodes:
+                text += f" --seed {self.seed}"
         if self.episodes and self.curve:
             text += (
                 f" then curve {self.run} --episodes {self.episodes} --seed {self.seed} "
@@ -107,12 +119,14 @@ def from_json(obj: dict[str, Any]) -> Job:
 
 
 def execute(job: Job) -> None:
-    """Run one job in this process, printing what the matching command prints."""
+    """Run one job in this process, printing what the matching command prints, and a phase
+    line (:func:`phase`) for each part it times."""
     if isinstance(job, Collect):
         from mobile_vla.config import SimConfig
         from mobile_vla.sim.collect import collect
         from mobile_vla.sim.scenario import parse_scenarios
 
+        t0 = time.perf_counter()
         results = collect(
             job.out,
             job.episodes,
@@ -121,32 +135,50 @@ def execute(job: Job) -> None:
             workers=job.workers,
             cfg=SimConfig(image_size=list(job.image_size)),
             progress=False,
+            counterfactual=job.counterfactual,
         )
         print(f"wrote {len(results)} episodes to {job.out}")
+        phase("collect", time.perf_counter() - t0)
     elif isinstance(job, Train | Resume):
-        from mobile_vla.config import load_config
-        from mobile_vla.training.run import train
-        from mobile_vla.training.runs import check_run
-
-        if isinstance(job, Resume):
-            run = check_run(job.run)
-            out = train(load_config(run / "config.yaml"), resume=run, progress=False)
-        else:
-            out = train(load_config(job.config, list(job.overrides)), progress=False)
-        print(f"run folder: {out}")
+        t0 = time.perf_counter()
+        _train(job)
+        phase("train", time.perf_counter() - t0)
     elif isinstance(job, Evaluate):
         _evaluate(job)
     else:
         from mobile_vla.analysis.compare import compare_runs
 
+        t0 = time.perf_counter()
         r = compare_runs(job.run_a, job.run_b, job.out, samples=job.samples)
         cka = r["context"]["cka"]
         print(f"compared on {r['inputs']['samples']} windows: context CKA {cka:.4f}")
+        phase("compare", time.perf_counter() - t0)
+
+
+def _train(job: Train | Resume) -> None:
+    from mobile_vla.config import load_config
+    from mobile_vla.training.run import train
+    from mobile_vla.training.runs import check_run
+
+    if isinstance(job, Resume):
+        run = check_run(job.run)
+        out = train(load_config(run / "config.yaml"), resume=run, progress=False)
+    else:
+        out = train(load_config(job.config, list(job.overrides)), progress=False)
+    print(f"run folder: {out}")
+
+
+def phase(name: str, seconds: float) -> None:
+    """One machine-readable line in the job's log: how long a phase took (the study reads
+    them back into ``results.json["phases"]``)."""
+    print(PHASE + json.dumps({"phase": name, "seconds": round(seconds, 2)}), flush=True)
 
 
 def _evaluate(job: Evaluate) -> None:
-    from mobile_vla.evaluation.run_eval import evaluate
+    from mobile_vla.evaluation.language import format_language
+    from mobile_vla.evaluation.run_eval import evaluate, evaluate_run_language
 
+    t0 = time.perf_counter()
     evaluate(
         job.run,
         "best",
@@ -157,10 +189,20 @@ def _evaluate(job: Evaluate) -> None:
         videos=job.videos,
         progress=False,
     )
+    phase("evaluate (offline + closed loop)", time.perf_counter() - t0)
+    if job.language:
+        t0 = time.perf_counter()
+        result = evaluate_run_language(
+            job.run, job.language, job.seed, job.chunk, job.chunk_k, progress=False
+        )
+        print(format_language(result))
+        phase("language reliance", time.perf_counter() - t0)
     if job.episodes and job.curve:
         from mobile_vla.evaluation.curve import evaluate_curve, format_curve
 
+        t0 = time.perf_counter()
         print(format_curve(evaluate_curve(job.run, job.episodes, job.seed, job.chunk, job.chunk_k)))
+        phase("curve", time.perf_counter() - t0)
 
 
 def run_jobs(jobs: Iterable[Job], announce_first: bool = False) -> int:

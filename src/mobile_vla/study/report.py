@@ -27,7 +27,9 @@ import numpy as np
 from mobile_vla.evaluation.plots import embedded_figure, save_figure, success_errorbar
 from mobile_vla.evaluation.results import OfflineMetrics, wilson_interval
 from mobile_vla.io import atomic_write_json, atomic_write_text
+from mobile_vla.study.budgets import BUDGET_HEADER, budget_clause, budget_row
 from mobile_vla.study.cells import CellResult
+from mobile_vla.study.paired import paired_success, paired_text
 
 # metric name -> (getter on a cell result, higher is better, format)
 Getter = Callable[[CellResult], Any]
@@ -306,20 +308,28 @@ def _welch_text(test: dict[str, Any], fmt: str = "{:+.4g}") -> str:
 def case3_vs_case4(g: Groups, pt: bool, size: int) -> list[str]:
     """The question the study exists for, asked directly whatever else the grid holds:
     frozen (Case 3) against LoRA (Case 4) at the headline setting, on closed-loop success
-    (episodes pooled, two-proportion z) and on instruction following (per-seed instruction
-    sensitivity, Welch's t), each difference with its 95% interval."""
+    (the same scenes for both: a bootstrap over scenes, paired, and training seeds, as
+    clusters) and on instruction following (per-seed instruction sensitivity, Welch's t),
+    each difference with its 95% interval and each line saying whether the budgets were
+    equal."""
     a, b = g.get(("frozen", pt, size)), g.get(("lora", pt, size))
     if not a or not b:
         return []
+    budgets = budget_clause([c.budget for c in a], [c.budget for c in b])
     out = []
-    test = success_test(a, b)
-    if "z" in test:
-        verdict = {"a": "frozen is better", "b": "LoRA is better"}.get(
-            test["verdict"], "neither is better beyond noise"
+    test = paired_success(a, b)
+    if "diff" in test:
+        verdict = {
+            "a": "**Case 3 (frozen) drives better**",
+            "b": "**Case 4 (LoRA) drives better**",
+        }.get(
+            test["verdict"],
+            f"a difference is **not shown** (this design resolves only differences beyond "
+            f"about ±{100 * test['half_width']:.0f} points)",
         )
         out.append(
             f"Case 3 (frozen) vs Case 4 (LoRA), closed-loop success: {verdict} "
-            f"({_success_text(test)})."
+            f"({paired_text(test)}); {budgets}."
         )
     getter = _sensitivity
     test = compare_two(a, b, getter, True)
@@ -327,14 +337,14 @@ def case3_vs_case4(g: Groups, pt: bool, size: int) -> list[str]:
         ma = _stats([getter(c) for c in a])["mean"]
         mb = _stats([getter(c) for c in b])["mean"]
         verdict = {"a": "frozen follows it more", "b": "LoRA follows it more"}.get(
-            test["verdict"], "neither follows it more beyond noise"
+            test["verdict"], "a difference is not shown"
         )
         detail = f"{ma:.4f} vs {mb:.4f} m/s" + _welch_text(test, "{:+.4f}")
         if test["verdict"].startswith("no noise"):
             detail += ", one seed: no noise estimate"
         out.append(
             f"Case 3 (frozen) vs Case 4 (LoRA), instruction following (sensitivity of the "
-            f"command to swapping left and right): {verdict} ({detail})."
+            f"command to swapping left and right): {verdict} ({detail}); {budgets}."
         )
     return out
 
@@ -346,10 +356,10 @@ def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
     pt, size = headline(results)
     strategies = [s for s in results["study"]["strategies"] if (s, pt, size) in g]
     lines: list[str] = []
+    seeds = ", ".join(f"{s} {len(g[(s, pt, size)])}" for s in strategies)
     setting = (
         f"{'pretrained' if pt else 'randomly initialised'} backbone, "
-        f"{'all' if size == 0 else size} training episodes, {len(results['study']['seeds'])} "
-        "seed(s)"
+        f"{'all' if size == 0 else size} training episodes; training seeds per arm: {seeds}"
     )
     if len(strategies) >= 2:
         lines.append(f"Headline setting: {setting}.")
@@ -362,23 +372,28 @@ def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
                 continue
             ranked.sort(key=lambda s: means[s], reverse=higher)
             best, second = ranked[0], ranked[1]
+            cells_a, cells_b = g[(best, pt, size)], g[(second, pt, size)]
+            budgets = budget_clause([c.budget for c in cells_a], [c.budget for c in cells_b])
             if name == "closed-loop success":
-                test = success_test(g[(best, pt, size)], g[(second, pt, size)])
+                test = success_test(cells_a, cells_b)
                 detail = _success_text(test) if "z" in test else ""
             else:
-                test = compare_two(g[(best, pt, size)], g[(second, pt, size)], getter, higher)
+                test = compare_two(cells_a, cells_b, getter, higher)
                 detail = f"{fmt.format(means[best])} vs {fmt.format(means[second])}"
                 detail += _welch_text(test)
             if test["verdict"] == "a":
-                lines.append(f"**{best}** is best on {name} ({detail}) — significant at 5%.")
+                lines.append(
+                    f"**{best}** is best on {name} ({detail}) — significant at 5%; {budgets}."
+                )
             elif test["verdict"] == "within noise":
                 lines.append(
-                    f"{best} and {second} are **not distinguishable** on {name} ({detail})."
+                    f"{best} vs {second} on {name}: a difference is **not shown** ({detail}); "
+                    f"{budgets}."
                 )
             elif test["verdict"].startswith("no noise"):
                 lines.append(
                     f"{best} leads on {name} ({detail}); one seed gives no noise estimate — "
-                    "add seeds before relying on it."
+                    f"add seeds before relying on it; {budgets}."
                 )
     lines += case3_vs_case4(g, pt, size)
     n = size
@@ -531,6 +546,7 @@ def driving_section(cells_by_strategy: dict[str, list[CellResult]], out: Path) -
             blocks += [Heading(strategy, 3), *shown]
     for plot, alt in (
         (_plot_success_curves(cells_by_strategy, out), "closed-loop success against steps"),
+        (_plot_success_vs_time(cells_by_strategy, out), "closed-loop success against seconds"),
         (_plot_sensitivity(cells_by_strategy, out), "instruction-sensitivity distribution"),
     ):
         if plot is not None:
@@ -585,6 +601,70 @@ def _plot_success_curves(cells_by_strategy: dict[str, list[CellResult]], out: Pa
     return save_figure(fig, out / "figures" / "success_vs_steps.png")
 
 
+def seconds_at(budget: dict[str, Any] | None, step: int) -> float | None:
+    """Training seconds at optimizer ``step``, interpolated on the run's timeline."""
+    timeline = (budget or {}).get("timeline") or []
+    if not timeline:
+        return None
+    steps = [0] + [int(p[0]) for p in timeline]
+    secs = [0.0] + [float(p[1]) for p in timeline]
+    return float(np.interp(step, steps, secs))
+
+
+def success_vs_time(cells: list[CellResult]) -> list[tuple[float, int, int]]:
+    """(training seconds, successes, episodes) of an arm pooled over its seeds: at each
+    curve step every seed has (seconds averaged over seeds), or the evaluated checkpoint's
+    single point."""
+    points = []
+    for step, k, n in success_curves(cells):
+        secs = [seconds_at(c.budget, step) for c in cells]
+        if None not in secs:
+            points.append((float(np.mean(secs)), k, n))  # type: ignore[arg-type]
+    if points:
+        return points
+    times = [c.train_time_s for c in cells]
+    pooled = pooled_success(cells)
+    if None in times or not pooled["episodes"]:
+        return []
+    return [(float(np.mean(times)), pooled["successes"], pooled["episodes"])]  # type: ignore[arg-type]
+
+
+def _plot_success_vs_time(cells_by_strategy: dict[str, list[CellResult]], out: Path) -> Path | None:
+    """Closed-loop success against training seconds per arm (pooled over seeds, 95% Wilson
+    intervals): what each arm's compute bought."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    drawn = False
+    for strategy, cells in cells_by_strategy.items():
+        points = success_vs_time(cells)
+        if not points:
+            continue
+        success_errorbar(
+            ax,
+            [t for t, _, _ in points],
+            [k / n for _, k, n in points],
+            [wilson_interval(k, n) for _, k, n in points],
+            strategy,
+        )
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(
+        xlabel="training seconds (feature cache not counted)",
+        ylabel="closed-loop success",
+        ylim=(-0.02, 1.02),
+    )
+    ax.set_title("Closed-loop success against training time, pooled over seeds", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, out / "figures" / "success_vs_seconds.png")
+
+
 # -- the sections, top to bottom ----------------------------------------------------------------
 
 
@@ -615,6 +695,83 @@ def _intro(st: _Study) -> list[Block]:
             f"closed loop: {cl['episodes']} held-out episodes per cell "
             f"(seed {cl['seed']}, chunk {cl['chunk']})."
         )
+    ]
+
+
+def _budgets(st: _Study) -> list[Block]:
+    """What every arm was given, first: a verdict means something only at equal budgets."""
+    rows = []
+    budgets_json: dict[str, Any] = {}
+    for (strategy, pretrained, size), cells in sorted(
+        st.g.items(), key=lambda x: (x[0][0], not x[0][1], x[0][2])
+    ):
+        name = strategy + ("" if pretrained else ", random init")
+        name += f", {size} episodes" if size else ""
+        seeds = [c.key.seed for c in cells]
+        rows.append(budget_row(name, [c.budget for c in cells], seeds))
+        budgets_json[name] = [c.budget for c in cells]
+    st.summary["budgets"] = budgets_json
+    return [
+        Heading("Budgets"),
+        Para(
+            "What each arm was given. A verdict below compares like with like only where the "
+            "budgets are equal but for what the strategy itself changes (which parameters "
+            "train, at their own learning rates); every verdict says so in its line. "
+            "Training time is the optimizer loop's (validation included); the feature cache "
+            "is built before it and counted apart."
+        ),
+        Table(BUDGET_HEADER, rows),
+    ]
+
+
+def _language(st: _Study) -> list[Block]:
+    """Language reliance per arm, pooled over seeds: the swap-follow score, success with the
+    instruction, swapped, blank and in unseen phrasings."""
+    rows = []
+    out: dict[str, Any] = {}
+    for s in st.strategies:
+        cells = [c for c in st.g[(s, st.pretrained, st.size)] if c.language]
+        if not cells:
+            continue
+        row = [s]
+        for key in (
+            "swap_follow",
+            "success",
+            "swapped_success",
+            "blank_success",
+            "paraphrase_success",
+        ):
+            k = sum(int(c.language[key]["successes"]) for c in cells)  # type: ignore[index]
+            n = sum(int(c.language[key]["episodes"]) for c in cells)  # type: ignore[index]
+            lo, hi = wilson_interval(k, n)
+            out.setdefault(s, {})[key] = {"successes": k, "episodes": n, "ci95": [lo, hi]}
+            row.append(f"{k}/{n} [{lo:.2f}, {hi:.2f}]")
+        row.append(str(len(cells)))
+        rows.append(row)
+    if not rows:
+        return []
+    st.summary["language_reliance"] = out
+    return [
+        Heading("Does the policy follow the instruction? (closed loop)"),
+        Para(
+            "Each held-out scene driven four times: with its instruction; with left and right "
+            "swapped (the language-reliance score is the share of scenes where both runs pass "
+            "the obstacle on their instructed side: ~0 for a language-blind policy, ~1 for one "
+            "that follows the side); with the instruction emptied; and in a phrasing no "
+            "training template uses. Pooled over seeds, 95% Wilson intervals."
+        ),
+        Table(
+            [
+                "arm",
+                "language reliance (swap-follow)",
+                "success, instructed",
+                "success, swapped",
+                "success, blank",
+                "success, unseen phrasing",
+                "seeds",
+            ],
+            rows,
+        ),
     ]
 
 
@@ -748,14 +905,42 @@ def _representations(st: _Study) -> list[Block]:
     return blocks
 
 
+def _phases(st: _Study) -> list[Block]:
+    """Where the study's time went (``results.json["phases"]``), as far as it is known when
+    the report is written."""
+    phases = st.results.get("phases") or {}
+    rows = []
+    if phases.get("collect") is not None:
+        rows.append(["collect episodes", "", f"{phases['collect']:.0f}"])
+    for cell, row in (phases.get("cells") or {}).items():
+        for name, secs in row.items():
+            rows.append([cell, name, f"{secs:.0f}"])
+    for name, secs in (phases.get("compare") or {}).items():
+        rows.append([f"compare {name}", "", f"{secs:.0f}"])
+    if not rows:
+        return []
+    return [
+        Heading("Where the time went"),
+        Para(
+            "Seconds per phase in the invocations that did the work (a cell's train phase holds "
+            "its start-up, data loading, feature cache and training loop; the last two are also "
+            "given apart). The report's own time is in results.json."
+        ),
+        Table(["what", "phase", "seconds"], rows),
+    ]
+
+
 SECTIONS = (
     _intro,
+    _budgets,
     _strategies_table,
+    _language,
     _statement,
     _driving,
     _efficiency,
     _pretraining,
     _representations,
+    _phases,
 )
 
 
