@@ -480,6 +480,34 @@ def test_paired_success_resamples_scenes_together_and_seeds_as_clusters() -> Non
     assert paired_success(a, other)["verdict"] == "n/a"  # other scenes: no pairing
 
 
+def test_paired_cli_reads_eval_metrics_of_several_seeds_per_run(tmp_path: Path, capsys) -> None:
+    """python -m mobile_vla.study.paired: each argument one training run, its evaluations on
+    several closed-loop seeds joined by commas; scenes are (closed-loop seed, index)."""
+    from mobile_vla.study.paired import main
+
+    def metrics(name: str, seed: int, wins: list[bool]) -> str:
+        detail = [{"index": i, "success": w} for i, w in enumerate(wins)]
+        path = tmp_path / f"{name}_{seed}.json"
+        path.write_text(json.dumps({"closed_loop": {"seed": seed, "episodes_detail": detail}}))
+        return str(path)
+
+    good, bad = [True] * 10 + [False] * 2, [False] * 11 + [True]
+    a = [f"{metrics(f'a{k}', 11, good)},{metrics(f'a{k}', 12, good)}" for k in range(2)]
+    b = [f"{metrics(f'b{k}', 11, bad)},{metrics(f'b{k}', 12, bad)}" for k in range(2)]
+    assert main(["--a", *a, "--b", *b]) == 0
+    out = capsys.readouterr().out
+    assert "closed-loop seeds [11, 12]" in out and "same 24 scenes" in out
+    assert "(2 and 2 training seeds)" in out and "verdict: A better" in out
+    assert main(["--a", *a, "--b", *a]) == 0 and "not shown" in capsys.readouterr().out
+    other = metrics("c", 13, good)
+    assert main(["--a", *a, "--b", other]) == 2
+    assert "share no scene" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{}")
+    assert main(["--a", str(tmp_path / "broken.json"), "--b", *b]) == 2
+    err = capsys.readouterr().err
+    assert "broken.json" in err and "closed_loop" in err
+
+
 def test_budget_differences_name_what_is_not_the_strategy() -> None:
     from mobile_vla.study.budgets import budget_clause, budget_differences, budget_row
 
