@@ -167,6 +167,18 @@ def test_finished_study_is_not_redone_and_settings_are_guarded(
     other.write_text(changed)
     assert main(["study", str(other)]) == 2
     assert "different settings" in capsys.readouterr().err
+    # the base config's content (not only its path) and the built-in weights are guarded too
+    fingerprint = out / "base_fingerprint.json"
+    saved = fingerprint.read_text()
+    data = json.loads(saved)
+    assert data["base_config"]["trainer"]["max_steps"] and "builtin_weights_sha256" in data
+    data["base_config"]["head"]["hidden_size"] += 1  # as if the base file had been edited
+    fingerprint.write_text(json.dumps(data))
+    try:
+        assert main(["study", str(config)]) == 2
+        assert "base_config.head.hidden_size" in capsys.readouterr().err
+    finally:
+        fingerprint.write_text(saved)
 
 
 def test_interrupted_training_inside_a_cell_resumes(

@@ -213,6 +213,37 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> tuple[St
     return study, base
 
 
+#: the base config as resolved and the built-in weights' hash, beside study.yaml
+FINGERPRINT = "base_fingerprint.json"
+
+
+def base_fingerprint(base: Path) -> dict[str, Any]:
+    """What the base config resolves to (its parents and the package defaults included) and,
+    for the built-in backbone, the SHA-256 its weights' card records: the settings a cell
+    inherits that study.yaml does not hold."""
+    from mobile_vla.models.backbones.builtin_weights import read_card, shipped_weights
+
+    cfg = load_config(base)
+    sha = None
+    if cfg.backbone.name == "builtin" and cfg.backbone.pretrained:
+        weights = Path(cfg.backbone.builtin.weights) if cfg.backbone.builtin.weights else None
+        try:
+            sha = read_card(weights or shipped_weights()).get("sha256")
+        except ConfigError:
+            sha = "unreadable"
+    return {"base_config": to_dict(cfg), "builtin_weights_sha256": sha}
+
+
+def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (at most 5 named)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b)):
+            out += _changed_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out[:5]
+    return [prefix.rstrip(".")] if a != b else []
+
+
 def cell_overrides(study: StudyConfig, cell: Cell, data: Path, cells_dir: Path) -> list[str]:
     return [
         *study.overrides,
@@ -270,12 +301,24 @@ class Study:
         atomic_write_json(self.results_path, results)
 
     def check_same_study(self) -> None:
+        """Refuse a study folder whose finished cells came from other settings: the study's
+        own keys, the base config's resolved content (not only its path) and the built-in
+        backbone's weights (their SHA-256)."""
         saved = self.out / "study.yaml"
         if not saved.exists():
             return
         old = load_config(saved, cls=StudyConfig)
         keep = ("base", "data", "overrides", "strategy_overrides", "closed_loop")
         changed = [k for k in keep if to_dict(getattr(old, k)) != to_dict(getattr(self.study, k))]
+        fingerprint = self.out / FINGERPRINT
+        if fingerprint.exists():
+            try:
+                before = json.loads(fingerprint.read_text())
+            except json.JSONDecodeError:
+                raise MobileVLAError(
+                    f"'{fingerprint}' is not valid JSON; move it away to start the study over"
+                ) from None
+            changed += _changed_keys(before, base_fingerprint(self.base))
         if changed:
             raise MobileVLAError(
                 f"study folder '{self.out}' was made with different settings ({changed}); "
@@ -452,6 +495,7 @@ class Study:
         self.check_same_study()
         results = self.load_results()
         save_config(self.study, self.out / "study.yaml")
+        atomic_write_json(self.out / FINGERPRINT, base_fingerprint(self.base))
         data = self.ensure_data()
         grid = cells(self.study)
         start = time.perf_counter()
