@@ -35,9 +35,10 @@ sysdeps:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$PKGS >/dev/null; \
 	fi
 
-# The quick study on the built-in backbone (configs/study_quick.yaml): frozen_text, the arm that
-# drives, on all and on 48 training episodes; frozen (Case 3) vs LoRA (Case 4) x 2 seeds; trains,
-# evaluates, compares, writes the report.
+# The quick study on the built-in backbone (configs/study_quick.yaml): frozen (Case 3) vs LoRA
+# (Case 4) x 2 seeds at equal budgets, frozen_text (the arm that drives) beside them; collects,
+# trains, evaluates (closed loop and language reliance), compares, writes the report with every
+# arm's budget. The Case 3 vs Case 4 answer at real budgets: configs/study_case34.yaml.
 demo: install
 	$(BIN)/mobile-vla study configs/study_quick.yaml --output_dir=$(DEMO_DIR)
 

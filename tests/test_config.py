@@ -133,6 +133,7 @@ def test_repository_configs_load() -> None:
         "study_quick.yaml": "study",
         "study_full.yaml": "study",
         "study_pretraining.yaml": "study",
+        "study_case34.yaml": "study",
     }
     for path in files:
         kind = kinds.get(path.name, "policy")
