@@ -70,6 +70,7 @@ bench: install
 	$(BIN)/python bench/bench_feature_cache.py
 	$(BIN)/python bench/bench_compile.py
 	$(BIN)/python bench/bench_cache_memory.py
+	$(BIN)/python bench/bench_case4_limit.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
