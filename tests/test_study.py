@@ -461,6 +461,15 @@ def test_the_statement_answers_frozen_against_lora_with_its_tests() -> None:
         if "closed-loop" in x and x.startswith("Case 3")
     )
     assert "a difference is **not shown**" in line and "beyond about ±" in line
+    # both arms blind on every scene: no discordant pair, so no resolution is claimed
+    zero = [[False] * 24, [False] * 24]
+    line = next(
+        x
+        for x in statement(results(zero, zero), [])
+        if "closed-loop" in x and x.startswith("Case 3")
+    )
+    assert "not shown** (the arms did the same on every scene, both at 0%" in line
+    assert "beyond about" not in line
     # budgets that differ beyond the strategy are named in the verdict's own line
     lines = statement(results(blind, follows, lora_steps=2000), [])
     line = next(x for x in lines if x.startswith("Case 3 (frozen) vs Case 4") and "success" in x)

@@ -319,14 +319,20 @@ def case3_vs_case4(g: Groups, pt: bool, size: int) -> list[str]:
     out = []
     test = paired_success(a, b)
     if "diff" in test:
+        if test["discordant"] == [0, 0]:
+            why = (
+                f"the arms did the same on every scene, both at {100 * test['rates'][0]:.0f}% "
+                "(no discordant pair), so these scenes cannot resolve a difference"
+            )
+        else:
+            why = (
+                "this design resolves only differences beyond about "
+                f"±{100 * test['half_width']:.0f} points"
+            )
         verdict = {
             "a": "**Case 3 (frozen) drives better**",
             "b": "**Case 4 (LoRA) drives better**",
-        }.get(
-            test["verdict"],
-            f"a difference is **not shown** (this design resolves only differences beyond "
-            f"about ±{100 * test['half_width']:.0f} points)",
-        )
+        }.get(test["verdict"], f"a difference is **not shown** ({why})")
         out.append(
             f"Case 3 (frozen) vs Case 4 (LoRA), closed-loop success: {verdict} "
             f"({paired_text(test)}); {budgets}."
