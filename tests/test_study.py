@@ -546,6 +546,11 @@ def test_budget_differences_name_what_is_not_the_strategy() -> None:
     diff = budget_differences([frozen], [slow])
     assert "steps 400 vs 30" in diff and "batch 4 vs 1" in diff
     assert "head learning rate 0.001 vs 0.01" in diff
+    # a recipe's data and losses are part of the budget: twins and the instruction read-out
+    recipe = {**lora, "counterfactual": True, "instruction_aux_weight": 1.0}
+    plain = {**lora, "counterfactual": False, "instruction_aux_weight": 0.0}
+    diff = budget_differences([recipe], [plain])
+    assert diff == ["counterfactual twins True vs False", "instruction read-out weight 1 vs 0"]
     assert budget_clause([frozen], [None]).startswith("budgets not recorded")
     row = budget_row("lora", [lora, {**lora, "train_time_s": 12.0}], [0, 1])
     assert row[2] == "400" and "lora 0.001" in row[5] and row[7] == "10 / 12" and row[-1] == "0, 1"

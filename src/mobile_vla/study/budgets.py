@@ -22,6 +22,11 @@ CHECKPOINT_RULES = {
     "last": "the last step",
     "selected": "closed-loop success on validation scenes",
 }
+#: how a budget key reads in a verdict line
+LABELS = {
+    "counterfactual": "counterfactual twins",
+    "instruction_aux_weight": "instruction read-out weight",
+}
 #: learning-rate groups every strategy has; the others belong to what the strategy trains
 SHARED_GROUPS = ("head", "action_token")
 
@@ -57,6 +62,10 @@ def run_budget(
         "train_time_s": stats.get("wall_time_s"),
         "cache_s": stats.get("feature_cache_s"),
         "checkpoint": which,
+        "counterfactual": bool(data.get("counterfactual", False)),
+        "instruction_aux_weight": float(
+            cfg.get("train_setup", {}).get("instruction_aux_weight", 0.0) or 0.0
+        ),
         "timeline": stats.get("timeline") or [],
     }
 
@@ -90,12 +99,13 @@ def budget_differences(a: list[dict[str, Any] | None], b: list[dict[str, Any] | 
         "warmup_steps",
         "schedule",
         "checkpoint",
+        "counterfactual",
+        "instruction_aux_weight",
     ):
         va, vb = _values(ba, key), _values(bb, key)
         if va != vb:
-            out.append(
-                f"{key.replace('_', ' ')} {'/'.join(map(_fmt, va))} vs {'/'.join(map(_fmt, vb))}"
-            )
+            name = LABELS.get(key, key.replace("_", " "))
+            out.append(f"{name} {'/'.join(map(_fmt, va))} vs {'/'.join(map(_fmt, vb))}")
     seen_a = [x.get("windows_seen") for x in ba]
     seen_b = [x.get("windows_seen") for x in bb]
     if None not in seen_a + seen_b:
