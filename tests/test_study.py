@@ -469,7 +469,7 @@ def test_the_statement_answers_frozen_against_lora_with_its_tests() -> None:
         if "closed-loop" in x and x.startswith("Case 3")
     )
     assert "not shown** (the arms did the same on every scene, both at 0%" in line
-    assert "beyond about" not in line
+    assert "beyond about" not in line and "neither arm drives at this budget" in line
     # budgets that differ beyond the strategy are named in the verdict's own line
     lines = statement(results(blind, follows, lora_steps=2000), [])
     line = next(x for x in lines if x.startswith("Case 3 (frozen) vs Case 4") and "success" in x)

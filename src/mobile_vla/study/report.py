@@ -324,6 +324,12 @@ def case3_vs_case4(g: Groups, pt: bool, size: int) -> list[str]:
                 f"the arms did the same on every scene, both at {100 * test['rates'][0]:.0f}% "
                 "(no discordant pair), so these scenes cannot resolve a difference"
             )
+            if test["rates"] == [0.0, 0.0]:
+                why += (
+                    "; neither arm drives at this budget: the Case-4 recipe needs ~2,400 steps "
+                    "(`mobile-vla study configs/study_case34.yaml`; README, 'Case 3 vs Case 4, "
+                    "answered')"
+                )
         else:
             why = (
                 "this design resolves only differences beyond about "
