@@ -77,3 +77,75 @@ def file_sha256(path: str | Path) -> str:
         while block := fh.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: the file a command holds while it writes into a folder
+LOCK_NAME = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str, say: Any = None) -> Iterator[Path]:
+    """Hold ``folder/.lock`` while ``what`` (e.g. "mobile-vla study") writes into ``folder``:
+    one writer per folder. The lock is an advisory ``flock`` on the file, which the kernel
+    drops when its holder dies however it dies, so a lock left by a killed process is taken
+    over (``say`` is told so, with the dead PID; a clean exit clears the record). A lock held
+    by a live process raises :class:`~mobile_vla.errors.MobileVLAError` naming its PID, its
+    command and how to go on."""
+    import fcntl
+
+    from mobile_vla.errors import MobileVLAError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_lock(fd)
+            pid = holder.get("pid")
+            raise MobileVLAError(
+                f"'{folder}' is in use by PID {pid} ({holder.get('what', 'another command')}, "
+                f"since {holder.get('since', '?')}): one writer per folder. Wait for it to "
+                f"finish, or stop it (kill {pid}) and run this again; to run beside it, choose "
+                "another output folder"
+            ) from None
+        before = _read_lock(fd)
+        old = before.get("pid")
+        if say is not None and isinstance(old, int) and old != os.getpid():
+            state = "no longer running" if not _pid_alive(old) else "no longer holding it"
+            say(f"taking over the lock on '{folder}' from PID {old} ({state})")
+        import datetime as dt
+
+        record = {
+            "pid": os.getpid(),
+            "what": what,
+            "since": f"{dt.datetime.now():%Y-%m-%d %H:%M:%S}",
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            yield path
+        finally:
+            os.ftruncate(fd, 0)  # a clean exit leaves no holder behind to be "taken over"
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _read_lock(fd: int) -> dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}

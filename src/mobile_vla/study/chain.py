@@ -23,6 +23,28 @@ from collections.abc import Sequence
 from typing import Any
 
 READY = "ready"
+#: the environment variable through which the study names itself to its worker and cells
+PARENT_ENV = "MOBILE_VLA_PARENT_PID"
+
+
+def die_with_parent(parent: int | None) -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies (a study killed with
+    ``kill -9`` leaves no worker or cell behind to write into its folder), and exit at once if
+    the parent ``parent`` is already gone. Elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
+
+
+def _study_pid() -> int | None:
+    value = os.environ.get(PARENT_ENV, "")
+    return int(value) if value.isdigit() else None
 
 
 def run_serialized(jobs: Sequence[dict[str, Any]]) -> int:
@@ -82,8 +104,10 @@ def serve(stdin=None, stdout=None) -> int:  # type: ignore[no-untyped-def]
         request = json.loads(line)
         sys.stdout.flush()
         sys.stderr.flush()
+        worker = os.getpid()
         pid = os.fork()
         if pid == 0:
+            die_with_parent(worker)
             _child(request["log"], request["jobs"])
         _, status = os.waitpid(pid, 0)
         print(json.dumps({"exit": os.waitstatus_to_exitcode(status)}), file=stdout, flush=True)
@@ -92,6 +116,8 @@ def serve(stdin=None, stdout=None) -> int:  # type: ignore[no-untyped-def]
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _study_pid() is not None:
+        die_with_parent(_study_pid())
     if argv == ["--serve"]:
         return serve()
     jobs = json.loads(argv[0]) if len(argv) == 1 else None

@@ -33,9 +33,9 @@ from typing import Any, Literal
 
 from mobile_vla.config import STRATEGIES, _fail, load_config, save_config, to_dict
 from mobile_vla.errors import ConfigError, MobileVLAError
-from mobile_vla.io import atomic_write_json
+from mobile_vla.io import atomic_write_json, folder_lock
 from mobile_vla.study.cells import CellKey, CellResult
-from mobile_vla.study.chain import READY
+from mobile_vla.study.chain import PARENT_ENV, READY
 from mobile_vla.study.jobs import (
     PHASE,
     Collect,
@@ -343,7 +343,7 @@ class Study:
                 stdout=subprocess.PIPE,
                 stderr=fh,
                 text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())},
             )
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != READY:
@@ -388,7 +388,7 @@ class Study:
                 )
             code = int(json.loads(reply)["exit"])
         else:
-            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_ENV: str(os.getpid())}
             cmd = [sys.executable, "-m", "mobile_vla.study.chain", json.dumps(serialized)]
             with open(log, "a") as fh:
                 code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
@@ -483,10 +483,12 @@ class Study:
 
     def run(self) -> Path:
         """Run the cells not finished yet, the comparisons, and write the report."""
-        try:
-            return self._run()
-        finally:
-            self.close()
+        # one writer per study folder: a second study on it is refused, naming the PID
+        with folder_lock(self.out, "mobile-vla study", self._say):
+            try:
+                return self._run()
+            finally:
+                self.close()
 
     def _run(self) -> Path:
         from mobile_vla.study.report import write_report

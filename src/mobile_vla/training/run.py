@@ -5,6 +5,7 @@ time). The folder's layout, and everything that reads it back, is in ``training.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -19,7 +20,7 @@ from mobile_vla.data.dataset import DataBundle, build_datasets
 from mobile_vla.data.normalization import ActionStats, Normalizer
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.hardware import resolve_precision
-from mobile_vla.io import atomic_write_json
+from mobile_vla.io import atomic_write_json, folder_lock
 from mobile_vla.models.policy import VLAPolicy
 from mobile_vla.models.strategies import format_table
 from mobile_vla.training.checkpoint import is_complete, recover
@@ -145,28 +146,37 @@ def train(
             f"precision={t.precision!r}): {str(exc).splitlines()[0]}"
         ) from None
 
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-    if resume is None:
-        bundle.stats.save(run / "stats.json")
-        bundle.split.save(run / "split.json")
-    atomic_write_json(run / "params.json", plan.to_json())
-    log.info("run folder: %s\n%s", run, format_table(plan.table))
-    if progress and trainer.is_global_zero:
-        print(
-            f"run folder: {run}\nstrategy {cfg.train_setup.strategy}:\n{format_table(plan.table)}"
-        )
-    start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None)
-    if trainer.is_global_zero:
-        result = stats_cb.result()
-        result["wall_time_s"] = time.perf_counter() - start
-        result["global_step"] = trainer.global_step
-        result["epochs"] = trainer.current_epoch
-        result["feature_cache"] = feature_cache
-        result["feature_cache_s"] = cache_seconds  # building (or opening) it, before training
-        result["precision"] = precision
-        atomic_write_json(run / "train_stats.json", result)
+    # one writer per run folder: a second train (or an orphan) into it is refused by PID (the
+    # other ranks of a multi-device run write through rank 0)
+    held = (
+        folder_lock(run, "mobile-vla train", log.warning)
+        if trainer.is_global_zero
+        else contextlib.nullcontext()
+    )
+    with held:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+        if resume is None:
+            bundle.stats.save(run / "stats.json")
+            bundle.split.save(run / "split.json")
+        atomic_write_json(run / "params.json", plan.to_json())
+        log.info("run folder: %s\n%s", run, format_table(plan.table))
+        if progress and trainer.is_global_zero:
+            print(
+                f"run folder: {run}\nstrategy {cfg.train_setup.strategy}:\n"
+                f"{format_table(plan.table)}"
+            )
+        start = time.perf_counter()
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None)
+        if trainer.is_global_zero:
+            result = stats_cb.result()
+            result["wall_time_s"] = time.perf_counter() - start
+            result["global_step"] = trainer.global_step
+            result["epochs"] = trainer.current_epoch
+            result["feature_cache"] = feature_cache
+            result["feature_cache_s"] = cache_seconds  # building (or opening) it, before training
+            result["precision"] = precision
+            atomic_write_json(run / "train_stats.json", result)
     return run
 
 
