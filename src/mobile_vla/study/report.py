@@ -584,6 +584,24 @@ def success_curves(cells: list[CellResult]) -> list[tuple[int, int, int]]:
 def _plot_success_curves(cells_by_strategy: dict[str, list[CellResult]], out: Path) -> Path | None:
     """Closed-loop success against training steps per strategy, pooled over seeds, with
     95% Wilson intervals."""
+    return _plot_success_against(
+        cells_by_strategy,
+        success_curves,
+        "optimizer steps",
+        "Closed-loop success against training steps, pooled over seeds",
+        out / "figures" / "success_vs_steps.png",
+    )
+
+
+def _plot_success_against(
+    cells_by_strategy: dict[str, list[CellResult]],
+    points_of: Any,
+    xlabel: str,
+    title: str,
+    path: Path,
+) -> Path | None:
+    """One line per arm of (x, successes, episodes) points from ``points_of(cells)``, with
+    95% Wilson intervals; None when no arm has a point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -592,12 +610,12 @@ def _plot_success_curves(cells_by_strategy: dict[str, list[CellResult]], out: Pa
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     drawn = False
     for strategy, cells in cells_by_strategy.items():
-        points = success_curves(cells)
+        points = points_of(cells)
         if not points:
             continue
         success_errorbar(
             ax,
-            [s for s, _, _ in points],
+            [x for x, _, _ in points],
             [k / n for _, k, n in points],
             [wilson_interval(k, n) for _, k, n in points],
             strategy,
@@ -606,11 +624,11 @@ def _plot_success_curves(cells_by_strategy: dict[str, list[CellResult]], out: Pa
     if not drawn:
         plt.close(fig)
         return None
-    ax.set(xlabel="optimizer steps", ylabel="closed-loop success", ylim=(-0.02, 1.02))
-    ax.set_title("Closed-loop success against training steps, pooled over seeds", fontsize=10)
+    ax.set(xlabel=xlabel, ylabel="closed-loop success", ylim=(-0.02, 1.02))
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return save_figure(fig, out / "figures" / "success_vs_steps.png")
+    return save_figure(fig, path)
 
 
 def seconds_at(budget: dict[str, Any] | None, step: int) -> float | None:
@@ -644,37 +662,13 @@ def success_vs_time(cells: list[CellResult]) -> list[tuple[float, int, int]]:
 def _plot_success_vs_time(cells_by_strategy: dict[str, list[CellResult]], out: Path) -> Path | None:
     """Closed-loop success against training seconds per arm (pooled over seeds, 95% Wilson
     intervals): what each arm's compute bought."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    drawn = False
-    for strategy, cells in cells_by_strategy.items():
-        points = success_vs_time(cells)
-        if not points:
-            continue
-        success_errorbar(
-            ax,
-            [t for t, _, _ in points],
-            [k / n for _, k, n in points],
-            [wilson_interval(k, n) for _, k, n in points],
-            strategy,
-        )
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set(
-        xlabel="training seconds (feature cache not counted)",
-        ylabel="closed-loop success",
-        ylim=(-0.02, 1.02),
+    return _plot_success_against(
+        cells_by_strategy,
+        success_vs_time,
+        "training seconds (feature cache not counted)",
+        "Closed-loop success against training time, pooled over seeds",
+        out / "figures" / "success_vs_seconds.png",
     )
-    ax.set_title("Closed-loop success against training time, pooled over seeds", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return save_figure(fig, out / "figures" / "success_vs_seconds.png")
 
 
 # -- the sections, top to bottom ----------------------------------------------------------------
