@@ -55,7 +55,8 @@ TINY_PRETRAIN = [
     "eval_every=75",
     "eval_images=32",
     "checkpoint_every=50",
-    "policy_probe_scenes=8",
+    # the instruction probe at export trains read-outs (~16 s a run): only `run` has it
+    "policy_probe_scenes=0",
 ]
 
 
@@ -73,7 +74,7 @@ def tiny_cfg(corpus: Path, *extra: str) -> PretrainConfig:
 @pytest.fixture(scope="module")
 def run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("prun") / "run"
-    return pretrain(tiny_cfg(corpus), out, progress=False)
+    return pretrain(tiny_cfg(corpus, "policy_probe_scenes=8"), out, progress=False)
 
 
 def test_captions_are_true_and_perturbations_false() -> None:
