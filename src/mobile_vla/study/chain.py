@@ -43,7 +43,9 @@ def die_with_parent(parent: int | None) -> None:
 
 
 def _study_pid() -> int | None:
-    value = os.environ.get(PARENT_ENV, "")
+    """The study's PID, taken out of the environment so that what this process starts (a
+    relaunched multi-device trainer, say) does not take it for its own parent."""
+    value = os.environ.pop(PARENT_ENV, "")
     return int(value) if value.isdigit() else None
 
 
@@ -116,8 +118,9 @@ def serve(stdin=None, stdout=None) -> int:  # type: ignore[no-untyped-def]
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if _study_pid() is not None:
-        die_with_parent(_study_pid())
+    study = _study_pid()
+    if study is not None:
+        die_with_parent(study)
     if argv == ["--serve"]:
         return serve()
     jobs = json.loads(argv[0]) if len(argv) == 1 else None
