@@ -108,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config("configs/builtin_case4.yaml", ["trainer.precision=32"])
-    width = cfg.backbone.builtin.fusion_width
     geometry = cfg.backbone.builtin
+    width = geometry.fusion_width
+    rank = cfg.train_setup.lora_r
     tokens = args.frames * ((geometry.image_size // geometry.patch_size) ** 2 + TEXT_TOKENS)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("\n1. the limit: matrix-multiply throughput (GFLOP/s, best sustained)")
@@ -131,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     if torch.bfloat16 not in limit:
         print("   bfloat16: not native on this CPU (no AVX512-BF16 / AMX): emulated, not a limit")
-    rank = cfg.train_setup.lora_r
     skinny = {
         "LoRA A (tokens, width) @ (width, r)": matmul_gflops(tokens, width, rank, torch.float32),
         "LoRA B (tokens, r) @ (r, width)": matmul_gflops(tokens, rank, width, torch.float32),
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     fb = float(np.median(phases["forward"]) + np.median(phases["backward"]))
     print(
         f"\n2. one Case-4 step ({args.frames} frames, {tokens} image+text tokens, LoRA r "
-        f"{cfg.train_setup.lora_r} in {cfg.backbone.builtin.fusion_layers} fusion layers)"
+        f"{rank} in {geometry.fusion_layers} fusion layers)"
     )
     print(
         f"   counted: {flops / 1e9:.1f} GFLOP (forward + backward); median step {step:.3f} s "
@@ -202,9 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     opt.zero_grad()
     by_kind: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages(group_by_input_shape=True):
-        by_kind[kind_of(evt.key, list(evt.input_shapes or []), cfg.train_setup.lora_r, width)] += (
-            evt.self_cpu_time_total / 1e6
-        )
+        kind = kind_of(evt.key, list(evt.input_shapes or []), rank, width)
+        by_kind[kind] += evt.self_cpu_time_total / 1e6
     total = sum(by_kind.values())
     print("   where forward + backward goes (profiler, self time):")
     for kind, secs in sorted(by_kind.items(), key=lambda x: -x[1]):

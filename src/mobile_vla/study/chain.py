@@ -27,7 +27,7 @@ READY = "ready"
 PARENT_ENV = "MOBILE_VLA_PARENT_PID"
 
 
-def die_with_parent(parent: int | None) -> None:
+def die_with_parent(parent: int) -> None:
     """Linux: have the kernel SIGKILL this process when its parent dies (a study killed with
     ``kill -9`` leaves no worker or cell behind to write into its folder), and exit at once if
     the parent ``parent`` is already gone. Elsewhere nothing."""
@@ -38,7 +38,7 @@ def die_with_parent(parent: int | None) -> None:
 
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-    if parent is not None and os.getppid() != parent:
+    if os.getppid() != parent:
         os._exit(1)
 
 
