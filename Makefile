@@ -10,8 +10,12 @@ DEMO_DIR ?= runs/demo
 PRETRAIN_DIR ?= runs/pretrain
 PRETRAIN_IMAGES ?= 12000
 PYTEST_ARGS ?=
+# The real openpi client (PyPI openpi-client, which pins numpy < 2) in a venv of its own: the
+# tests drive the simulator through it against `mobile-vla serve` (tests/test_openpi.py).
+OPENPI_VENV ?= .venv-openpi
+OPENPI_STAMP := $(OPENPI_VENV)/.installed
 
-.PHONY: install sysdeps demo pretrain test lint bench clean
+.PHONY: install openpi-client sysdeps demo pretrain test lint bench clean
 
 install: $(STAMP)
 
@@ -21,6 +25,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
+
+openpi-client: $(OPENPI_STAMP)
+
+$(OPENPI_STAMP): Makefile
+	@test -x $(OPENPI_VENV)/bin/python || $(PYTHON) -m venv $(OPENPI_VENV)
+	$(OPENPI_VENV)/bin/python -m pip install -q "openpi-client==0.1.2" "typing_extensions>=4"
+	@touch $(OPENPI_STAMP)
 
 # MuJoCo renders headless through EGL (Mesa) or OSMesa; install them when neither is present.
 # The study report's browser test opens the report in Debian's Chromium.
@@ -53,9 +64,9 @@ pretrain: install
 	cp $(PRETRAIN_DIR)/run/export/builtin-vl.safetensors $(PRETRAIN_DIR)/run/export/builtin-vl.json \
 	  $(PRETRAIN_DIR)/run/export/MODEL_CARD.md src/mobile_vla/weights/
 
-test: install
+test: install $(OPENPI_STAMP)
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	MOBILE_VLA_OPENPI_PYTHON=$(OPENPI_VENV)/bin/python $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check src tests bench
@@ -73,4 +84,4 @@ bench: install
 	$(BIN)/python bench/bench_case4_limit.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OPENPI_VENV) runs .pytest_cache .ruff_cache

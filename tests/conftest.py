@@ -181,3 +181,23 @@ def tiny_overrides(
         assert vlms is not None
         over += [f"backbone.name={backbone}", f"backbone.path={vlms[backbone]}"]
     return over
+
+
+@pytest.fixture(scope="session")
+def served_run(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny trained run that the serving tests (HTTP, /stream, openpi) serve."""
+    from mobile_vla.config import load_config
+    from mobile_vla.training.run import train
+
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = load_config(
+        None,
+        [
+            *tiny_overrides(train_data, tmp),
+            "trainer.run_name=srv",
+            "trainer.max_steps=4",
+            "sim.image_size=[48,48]",
+            "sim.max_steps=10",
+        ],
+    )
+    return train(cfg, progress=False)

@@ -18,33 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mobile_vla.config import load_config
 from mobile_vla.serving.client import PredictClient, ServerError, StreamClient, jpeg_224
 from mobile_vla.serving.protocol import packb, unpackb
 from mobile_vla.serving.server import Engine, ServeSettings
 
 from . import http_fuzz
-from .conftest import tiny_overrides
 
 KEY = http_fuzz.KEY
-
-
-@pytest.fixture(scope="module")
-def served_run(train_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mobile_vla.training.run import train
-
-    tmp = tmp_path_factory.mktemp("serve")
-    cfg = load_config(
-        None,
-        [
-            *tiny_overrides(train_data, tmp),
-            "trainer.run_name=srv",
-            "trainer.max_steps=4",
-            "sim.image_size=[48,48]",
-            "sim.max_steps=10",
-        ],
-    )
-    return train(cfg, progress=False)
 
 
 class LiveServer:

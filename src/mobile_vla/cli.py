@@ -502,11 +502,14 @@ def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         chunk_k=args.chunk_k,
         ensemble_decay=args.ensemble_decay,
         history_cache=not args.no_history_cache,
+        openpi_image_key=args.openpi_image_key,
+        openpi_prompt_key=args.openpi_prompt_key,
     )
     engine = load_engine(args.run, settings, device=args.device, which=args.checkpoint)
     print(
         f"serving {args.run} on http://{args.host}:{args.port} (POST /predict, POST /reset, "
-        f"GET /health, WebSocket /stream)"
+        f"GET /health, WebSocket /stream; openpi's WebSocket protocol at ws://{args.host}:"
+        f"{args.port} reading '{args.openpi_image_key}' and '{args.openpi_prompt_key}')"
     )
     serve(engine, args.host, args.port)
     return 0
@@ -556,6 +559,16 @@ def args_serve(sub: Any) -> None:
         "--no-history-cache",
         action="store_true",
         help="re-encode the whole window every request (for comparison)",
+    )
+    p.add_argument(
+        "--openpi-image-key",
+        default="observation/image",
+        help="the key of the camera frame in an openpi client's observation (a/b: nested)",
+    )
+    p.add_argument(
+        "--openpi-prompt-key",
+        default="prompt",
+        help="the key of the instruction in an openpi client's observation",
     )
     p.set_defaults(func=cmd_serve)
 

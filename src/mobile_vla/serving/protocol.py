@@ -34,6 +34,7 @@ class Observation:
     instruction: str
     session_id: str
     reset: bool
+    chunk_mode: str | None = None  # None: the server's; openpi's clients execute whole chunks
 
 
 def _check_utf8(text: str, field: str) -> None:
@@ -139,7 +140,69 @@ def parse_predict(
     return Observation(decode_image(payload["image"], max_side), instruction, session_id, reset)
 
 
+def lookup(message: dict, key: str) -> Any:
+    """``message[key]``, or the nested path ``a/b`` (``message["a"]["b"]``) when the flat key is
+    absent; None when neither is there."""
+    if key in message:
+        return message[key]
+    node: Any = message
+    for part in key.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def parse_openpi(
+    message: Any,
+    image_key: str,
+    prompt_key: str,
+    session_id: str,
+    max_instruction: int = MAX_INSTRUCTION_CHARS,
+    max_side: int = MAX_IMAGE_SIDE,
+) -> Observation:
+    """An openpi observation (``WebsocketClientPolicy.infer(obs)``) -> an observation: the camera
+    frame under ``image_key`` (uint8, H x W x 3 or 3 x H x W, as openpi's examples send it), the
+    instruction under ``prompt_key``, and an optional ``reset`` flag."""
+    if not isinstance(message, dict):
+        raise BadRequest(
+            f"the observation must be a map with '{image_key}' and '{prompt_key}', "
+            f"got {type(message).__name__}"
+        )
+    image = lookup(message, image_key)
+    if image is None:
+        keys = sorted(str(k) for k in message)[:12]
+        raise BadRequest(
+            f"missing '{image_key}' (the camera frame, uint8 H x W x 3); the observation has "
+            f"{keys}. The server's --openpi-image-key names the key it reads"
+        )
+    prompt = lookup(message, prompt_key)
+    if prompt is None:
+        raise BadRequest(
+            f"missing '{prompt_key}' (the instruction text); the server's --openpi-prompt-key "
+            "names the key it reads"
+        )
+    if (
+        isinstance(image, np.ndarray)
+        and image.ndim == 3
+        and image.shape[0] == 3
+        and image.shape[2] != 3
+    ):
+        image = np.ascontiguousarray(image.transpose(1, 2, 0))  # 3 x H x W -> H x W x 3
+    try:
+        image = check_image_array(image, max_side)
+        text = check_instruction(prompt, max_instruction)
+    except BadRequest as exc:  # name the key the robot sent, not the /stream field
+        message_text = str(exc).replace("field 'image'", f"'{image_key}'")
+        raise BadRequest(message_text.replace("field 'instruction'", f"'{prompt_key}'")) from None
+    return Observation(image, text, session_id, check_reset(message.get("reset")))
+
+
 # ---- msgpack with numpy arrays ------------------------------------------------------------------
+# Two spellings of one encoding: ``/stream`` writes the marker keys as text
+# (``{"__ndarray__": true, ...}``, shared/specs/predict_api.md); openpi's ``msgpack_numpy`` (the
+# ``/`` endpoint) writes them as bytes (``{b"__ndarray__": true, ...}``) and scalars as
+# ``{b"__npgeneric__": true, ...}``. Both are read everywhere; each endpoint answers in its own.
 
 
 def _encode(obj: Any) -> Any:
@@ -155,14 +218,45 @@ def _encode(obj: Any) -> Any:
     raise TypeError(f"cannot encode {type(obj).__name__}")
 
 
+def _encode_openpi(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return {
+            b"__ndarray__": True,
+            b"data": obj.tobytes(),
+            b"dtype": obj.dtype.str,
+            b"shape": list(obj.shape),
+        }
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
 _ALLOWED_DTYPES = {"|u1", "<f4", "<f8", "<i4", "<i8", "|b1", "<f2"}
+_MARKERS = {b"__ndarray__": "__ndarray__", b"__npgeneric__": "__npgeneric__"}
+_FIELDS = {b"data": "data", b"dtype": "dtype", b"shape": "shape"}
+
+
+def _check_dtype(dtype: Any) -> str:
+    if isinstance(dtype, bytes):
+        dtype = dtype.decode("ascii", "replace")
+    if dtype not in _ALLOWED_DTYPES:
+        raise BadRequest(
+            f"array dtype {dtype!r} is not accepted (one of {sorted(_ALLOWED_DTYPES)})"
+        )
+    return dtype
 
 
 def _decode(obj: dict) -> Any:
+    if any(k in obj for k in _MARKERS):  # openpi's spelling: bytes keys
+        obj = {_MARKERS.get(k, _FIELDS.get(k, k)): v for k, v in obj.items()}
+    if obj.get("__npgeneric__") is True:
+        dtype = _check_dtype(obj.get("dtype"))
+        value = obj.get("data")
+        if not isinstance(value, (bool, int, float)):
+            raise BadRequest("malformed scalar: expected a number in 'data'")
+        return np.dtype(dtype).type(value).item()
     if obj.get("__ndarray__") is True:
-        dtype = obj.get("dtype")
-        if dtype not in _ALLOWED_DTYPES:
-            raise BadRequest(f"array dtype {dtype!r} is not accepted")
+        dtype = _check_dtype(obj.get("dtype"))
         shape = obj.get("shape")
         data = obj.get("data")
         if (
@@ -182,10 +276,17 @@ def _decode(obj: dict) -> Any:
 
 
 def packb(obj: Any) -> bytes:
+    """msgpack with numpy arrays in ``/stream``'s spelling (text marker keys)."""
     return msgpack.packb(obj, default=_encode, use_bin_type=True)
 
 
+def packb_openpi(obj: Any) -> bytes:
+    """msgpack with numpy arrays in openpi's spelling (``openpi_client.msgpack_numpy``)."""
+    return msgpack.packb(obj, default=_encode_openpi, use_bin_type=True)
+
+
 def unpackb(data: bytes) -> Any:
+    """Either spelling back to Python and numpy; anything else is a :class:`BadRequest`."""
     try:
         return msgpack.unpackb(data, object_hook=_decode, raw=False, strict_map_key=True)
     except BadRequest:
@@ -196,5 +297,6 @@ def unpackb(data: bytes) -> Any:
         msgpack.StackError,
         ValueError,
         TypeError,
+        OverflowError,
     ) as exc:
         raise BadRequest(f"message is not valid msgpack ({type(exc).__name__})") from None

@@ -1,6 +1,7 @@
 """``mobile-vla serve``: the robot's ``/predict`` server, a drop-in replacement for the
-Mobile-VLA robot node's server (``shared/specs/predict_api.md``), plus ``/reset``, ``/health``
-and a msgpack WebSocket stream.
+Mobile-VLA robot node's server (``shared/specs/predict_api.md``), plus ``/reset``, ``/health``,
+a msgpack WebSocket stream (``/stream``) and openpi's WebSocket policy protocol at ``/``, so robot
+code written for ``openpi_client.WebsocketClientPolicy`` works unchanged.
 
 One policy object serves every session. Each session (``session_id``; one shared session by
 default) owns a :class:`PolicyController`: a ring buffer of per-frame context vectors, so a
@@ -29,7 +30,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -46,6 +47,8 @@ from mobile_vla.serving.protocol import (
     check_reset,
     check_session,
     packb,
+    packb_openpi,
+    parse_openpi,
     parse_predict,
     unpackb,
 )
@@ -68,6 +71,8 @@ class ServeSettings:
     max_batch: int = 16  # requests of different sessions answered by one forward pass
     body_timeout_s: float = 10.0  # a request body not complete by then gets 408
     header_timeout_s: float = 10.0  # request headers not complete by then: 408, connection closed
+    openpi_image_key: str = "observation/image"  # where an openpi observation holds the frame
+    openpi_prompt_key: str = "prompt"  # ... and the instruction
 
 
 class Engine:
@@ -81,7 +86,9 @@ class Engine:
         self.lock = threading.Lock()
         self.nonfinite = 0  # replies whose policy output was NaN/inf, replaced by a stop
 
-    def _controller(self, session_id: str, create: bool = True) -> PolicyController | None:
+    def _controller(
+        self, session_id: str, create: bool = True, chunk_mode: str | None = None
+    ) -> PolicyController | None:
         now = time.monotonic()
         ttl = self.settings.session_ttl_s
         for sid in [s for s, (_, seen) in self.sessions.items() if now - seen > ttl]:
@@ -96,7 +103,7 @@ class Engine:
             ctrl = PolicyController(
                 self.policy,
                 self.cfg,
-                s.chunk_mode,
+                chunk_mode or s.chunk_mode,
                 s.chunk_k,
                 s.ensemble_decay,
                 cache_features=s.history_cache,
@@ -127,7 +134,7 @@ class Engine:
             if self.settings.history_cache and len(together) > 1:
                 ctrls = []
                 for i in together:
-                    ctrl = self._controller(batch[i].session_id)
+                    ctrl = self._controller(batch[i].session_id, chunk_mode=batch[i].chunk_mode)
                     assert ctrl is not None
                     if batch[i].reset:
                         ctrl.reset(None)
@@ -144,7 +151,7 @@ class Engine:
 
     def _step_one(self, obs: Observation) -> dict[str, Any]:
         t0 = time.perf_counter()
-        ctrl = self._controller(obs.session_id)
+        ctrl = self._controller(obs.session_id, chunk_mode=obs.chunk_mode)
         assert ctrl is not None
         if obs.reset:
             ctrl.reset(None)
@@ -189,6 +196,11 @@ class Engine:
             ctrl.reset(None)
             return True
 
+    def drop(self, session_id: str) -> None:
+        """Forget a session (its connection closed)."""
+        with self.lock:
+            self.sessions.pop(session_id, None)
+
     def metadata(self) -> dict[str, Any]:
         return {
             "model": self.name,
@@ -205,6 +217,16 @@ class Engine:
 
 def _error(message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def given_key(headers: Any) -> str | None:
+    """The key a request carries: ``X-API-Key: <key>``, or ``Authorization: Api-Key <key>``
+    (openpi's client); never from the URL, which lands in access logs."""
+    key = headers.get("x-api-key")
+    if key is not None:
+        return key
+    scheme, _, value = (headers.get("authorization") or "").strip().partition(" ")
+    return value.strip() if scheme.lower() == "api-key" and value.strip() else None
 
 
 def _authorised(settings: ServeSettings, given: str | None) -> bool:
@@ -296,6 +318,32 @@ def _ws_observation(data: bytes, s: ServeSettings, default_session: str) -> Obse
     )
 
 
+def _openpi_observation(data: bytes, s: ServeSettings, session_id: str) -> Observation:
+    """One openpi message (msgpack, openpi's numpy encoding) -> an observation, or BadRequest."""
+    if len(data) > s.max_body_bytes:
+        raise BadRequest(f"message is {len(data)} bytes; at most {s.max_body_bytes}", 413)
+    obs = parse_openpi(
+        unpackb(data),
+        s.openpi_image_key,
+        s.openpi_prompt_key,
+        session_id,
+        s.max_instruction_chars,
+        s.max_image_side,
+    )
+    obs.chunk_mode = "first"  # a fresh chunk every call: the robot executes it (its broker)
+    return obs
+
+
+def full_chunk(chunk: np.ndarray, action_dims: Sequence[str]) -> np.ndarray:
+    """A chunk of the predicted dimensions (N, D) -> (N, 3) in ``ACTION_NAMES`` order (the
+    dimensions the policy does not predict are 0), so column i is always ``ACTION_NAMES[i]``."""
+    out = np.zeros((len(chunk), len(ACTION_NAMES)), np.float32)
+    for j, name in enumerate(action_dims):
+        if name in ACTION_NAMES:
+            out[:, ACTION_NAMES.index(name)] = np.asarray(chunk, np.float32)[:, j]
+    return out
+
+
 def _fallback(out: dict[str, Any]) -> dict[str, Any]:
     return {"fallback": out["fallback"]} if "fallback" in out else {}
 
@@ -310,8 +358,10 @@ class _Endpoints:
         self.ws_ids = itertools.count()
 
     async def _read_json(self, request: Request) -> Any:
-        if not _authorised(self.s, request.headers.get("x-api-key")):
-            raise BadRequest("missing or wrong X-API-Key header", 401)
+        if not _authorised(self.s, given_key(request.headers)):
+            raise BadRequest(
+                "missing or wrong key (an X-API-Key or Authorization: Api-Key header)", 401
+            )
         body = await _read_body(request, self.s.max_body_bytes, self.s.body_timeout_s)
         return parse_json(body) if body else {}
 
@@ -352,8 +402,68 @@ class _Endpoints:
             return _error(f"unknown session_id {sid!r}", 404)
         return JSONResponse({"session_id": sid, "reset": True})
 
+    async def healthz(self, request: Request) -> PlainTextResponse:
+        """openpi's liveness probe: 200 ``OK`` once the model is loaded."""
+        return PlainTextResponse("OK")
+
+    def openpi_metadata(self) -> dict[str, Any]:
+        return {
+            **self.engine.metadata(),
+            "protocol": "openpi",
+            "action_columns": list(ACTION_NAMES),  # the columns of every reply's "actions"
+            "action_horizon": self.engine.cfg.data.fwd_pred_next_n,
+            "image_key": self.s.openpi_image_key,
+            "prompt_key": self.s.openpi_prompt_key,
+        }
+
+    async def openpi(self, ws: WebSocket) -> None:
+        """openpi's policy protocol (``openpi_client.websocket_client_policy``): the metadata
+        first, then one reply per observation, ``{"actions": float32 (chunk, 3), "server_timing":
+        {...}}``, in openpi's msgpack numpy encoding. Each connection is a session with its own
+        history (an observation may carry ``reset: true`` to start over). Bad input gets a text
+        frame, which openpi's client raises as an error; the connection stays open."""
+        if not _authorised(self.s, given_key(ws.headers)):
+            await ws.close(code=1008, reason="missing or wrong key")
+            return
+        await ws.accept()
+        session = f"openpi-{next(self.ws_ids)}"
+        await ws.send_bytes(packb_openpi(self.openpi_metadata()))
+        dims = self.engine.policy.action_dims
+        prev_total_ms: float | None = None
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                t0 = time.perf_counter()
+                data = message.get("bytes")
+                try:
+                    if data is None:
+                        raise BadRequest("send binary msgpack messages (openpi's msgpack_numpy)")
+                    obs = await run_in_threadpool(_openpi_observation, data, self.s, session)
+                except BadRequest as exc:
+                    await ws.send_text(f"error {exc.status}: {exc}")
+                    continue
+                out = await self.batcher.infer(obs)
+                timing = {"infer_ms": out["infer_ms"]}
+                if prev_total_ms is not None:
+                    timing["prev_total_ms"] = prev_total_ms
+                reply = {
+                    "actions": full_chunk(out["chunk"], dims),
+                    "session_id": session,
+                    "step": out["step"],
+                    "server_timing": timing,
+                    **_fallback(out),
+                }
+                await ws.send_bytes(packb_openpi(reply))
+                prev_total_ms = (time.perf_counter() - t0) * 1000
+        except WebSocketDisconnect:
+            return
+        finally:
+            await run_in_threadpool(self.engine.drop, session)
+
     async def health(self, request: Request) -> JSONResponse:
-        if self.s.api_key and not _authorised(self.s, request.headers.get("x-api-key")):
+        if self.s.api_key and not _authorised(self.s, given_key(request.headers)):
             return JSONResponse({"model_loaded": True})  # the rest is behind the key
         return JSONResponse(
             {
@@ -365,9 +475,8 @@ class _Endpoints:
         )
 
     async def stream(self, ws: WebSocket) -> None:
-        given = ws.headers.get("x-api-key")  # never from the URL: URLs land in access logs
-        if not _authorised(self.s, given):
-            await ws.close(code=1008, reason="missing or wrong X-API-Key")
+        if not _authorised(self.s, given_key(ws.headers)):
+            await ws.close(code=1008, reason="missing or wrong key")
             return
         await ws.accept()
         default_session = f"ws-{next(self.ws_ids)}"
@@ -413,8 +522,9 @@ async def _server_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def create_app(engine: Engine) -> Starlette:
-    """The Starlette app: ``/predict``, ``/reset``, ``/health`` and the ``/stream`` WebSocket;
-    every error a JSON ``{"error": ...}``."""
+    """The Starlette app: ``/predict``, ``/reset``, ``/health``, the ``/stream`` WebSocket and
+    openpi's protocol at ``/`` (and its ``/healthz``); every HTTP error a JSON
+    ``{"error": ...}``."""
     api = _Endpoints(engine)
     return Starlette(
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
@@ -423,6 +533,8 @@ def create_app(engine: Engine) -> Starlette:
             Route("/reset", api.reset, methods=["POST"]),
             Route("/health", api.health, methods=["GET"]),
             WebSocketRoute("/stream", api.stream),
+            WebSocketRoute("/", api.openpi),
+            Route("/healthz", api.healthz, methods=["GET"]),
         ],
     )
 
