@@ -88,13 +88,18 @@ def sim_dataset(tmp_path_factory: pytest.TempPathFactory, small_sim_cfg: SimConf
 
 @pytest.fixture(scope="session")
 def tiny_vlms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny Kosmos-2 and PaliGemma saved with save_pretrained, loaded through from_pretrained."""
-    from .tiny_models import save_tiny_kosmos2, save_tiny_paligemma
+    """Tiny Kosmos-2, PaliGemma, LLaVA, Idefics3, Qwen2-VL and Qwen2.5-VL saved with
+    save_pretrained, loaded through from_pretrained."""
+    from . import tiny_models as tm
 
     root = tmp_path_factory.mktemp("vlms")
     return {
-        "kosmos2": save_tiny_kosmos2(root / "kosmos2"),
-        "paligemma": save_tiny_paligemma(root / "paligemma"),
+        "kosmos2": tm.save_tiny_kosmos2(root / "kosmos2"),
+        "paligemma": tm.save_tiny_paligemma(root / "paligemma"),
+        "llava": tm.save_tiny_llava(root / "llava"),
+        "idefics3": tm.save_tiny_idefics3(root / "idefics3"),
+        "qwen2_vl": tm.save_tiny_qwen2_vl(root / "qwen2_vl"),
+        "qwen2_5_vl": tm.save_tiny_qwen2_vl(root / "qwen2_5_vl", "2.5"),
     }
 
 

@@ -20,6 +20,8 @@ from mobile_vla.training.runs import build_policy
 
 from .conftest import tiny_overrides
 
+# every adapter: the built-in backbone and the transformers families (tiny, from configs)
+BACKBONES = ["kosmos2", "paligemma", "llava", "idefics3", "qwen2_vl", "qwen2_5_vl", "builtin"]
 STATS = ActionStats.from_arrays(
     ["linear_x", "linear_y"], [np.random.default_rng(0).uniform(-1.15, 1.15, (40, 2))]
 )
@@ -62,7 +64,7 @@ def layer_index(name: str) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_frozen_trains_only_head_and_action_token(backbone, tiny_vlms, tmp_path) -> None:
     _, policy, plan = make(backbone, tiny_vlms, tmp_path, "train_setup.strategy=frozen")
     changed = one_step(policy, plan)
@@ -72,7 +74,7 @@ def test_frozen_trains_only_head_and_action_token(backbone, tiny_vlms, tmp_path)
     assert all(not p.requires_grad for p in policy.backbone.parameters())
 
 
-@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_lora_trains_only_lora_and_head(backbone, tiny_vlms, tmp_path) -> None:
     _, policy, plan = make(
         backbone, tiny_vlms, tmp_path, "train_setup.strategy=lora", "train_setup.lora_lr=0.01"
@@ -90,7 +92,7 @@ def test_lora_trains_only_lora_and_head(backbone, tiny_vlms, tmp_path) -> None:
     assert plan.table["lora"]["trainable"] == plan.table["lora"]["total"] > 0
 
 
-@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_partial_trains_exactly_the_last_n_layers(backbone, tiny_vlms, tmp_path) -> None:
     _, policy, plan = make(
         backbone,
@@ -117,7 +119,7 @@ def test_partial_trains_exactly_the_last_n_layers(backbone, tiny_vlms, tmp_path)
     )
 
 
-@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_full_trains_everything(backbone, tiny_vlms, tmp_path) -> None:
     _, policy, plan = make(backbone, tiny_vlms, tmp_path, "train_setup.strategy=full")
     head_and_backbone = [
@@ -194,7 +196,7 @@ def test_per_group_learning_rates(tiny_vlms, tmp_path) -> None:
     assert all(g["weight_decay"] == 0.0 for g in plan.param_groups if "no_decay" in g["name"])
 
 
-@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_gradient_checkpointing_recomputes_layers(backbone, tiny_vlms, tmp_path) -> None:
     calls = {}
     for flag in (False, True):
@@ -259,7 +261,7 @@ def test_action_dimension_missing_from_the_data(train_data, tmp_path) -> None:
         build_datasets(cfg)
 
 
-@pytest.mark.parametrize("backbone", ["kosmos2", "paligemma", "builtin"])
+@pytest.mark.parametrize("backbone", BACKBONES)
 def test_pre_history_mode(backbone, tiny_vlms, tmp_path) -> None:
     _, policy, _plan = make(
         backbone, tiny_vlms, tmp_path, "backbone.history=pre", "backbone.n_action_tokens=2"

@@ -208,3 +208,48 @@ def test_the_classification_json_trains(tmp_path, sim_dataset, caplog) -> None:
     names = [n for part in split.values() if isinstance(part, list) for n in part]
     assert names and all("_left_" in n for n in names)
     assert "initialised" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("llava", "llava"),
+        ("SmolVLM", "idefics3"),
+        ("qwen2-vl", "qwen2_vl"),
+        ("qwen2.5_vl", "qwen2_5_vl"),
+    ],
+)
+def test_robovlms_family_names_map_to_the_adapters(name, family, tiny_vlms, tmp_path) -> None:
+    from mobile_vla.models.policy import VLAPolicy
+
+    path = tiny_vlms[family]
+    for block in (
+        {"vlm": {"name": name, "pretrained_model_name_or_path": str(path)}},
+        {"model": name, "model_path": str(path)},
+    ):
+        conf = tmp_path / "c.json"
+        conf.write_text(json.dumps({**block, "train_setup": {}, "window_size": 2}))
+        cfg = load_config(conf, [f"data.path={tmp_path}"])
+        assert (cfg.backbone.name, cfg.backbone.path) == (family, str(path))
+    stats = ActionStats.from_arrays(["linear_x", "linear_y"], [np.zeros((4, 2))])
+    policy = VLAPolicy(cfg, stats)  # the family's transformers class, loaded from the folder
+    assert policy.backbone.name == family
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("qwen", r"Qwen-VL \(v1"),
+        ("flamingo", "OpenFlamingo"),
+        ("moondream", "remote code"),
+        ("uform", "UForm"),
+        ("blip", "no adapter of that family"),
+    ],
+)
+def test_robovlms_families_not_built_are_refused_by_name(name, words, tmp_path) -> None:
+    for block in ({"vlm": {"name": name}}, {"model": name}):
+        conf = tmp_path / "c.json"
+        conf.write_text(json.dumps({**block, "train_setup": {}}))
+        with pytest.raises(ConfigError, match=words) as err:
+            load_config(conf)
+        assert repr(name) in str(err.value) and "llava" in str(err.value)

@@ -226,7 +226,9 @@ def test_a_resumed_run_counts_epochs_like_the_whole_run(train_data, tmp_path) ->
         torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backbone", ["builtin", "kosmos2"])
+@pytest.mark.parametrize(
+    "backbone", ["builtin", "kosmos2", "llava", "idefics3", "qwen2_vl", "qwen2_5_vl"]
+)
 def test_save_then_load_gives_identical_predictions(
     backbone, train_data, tiny_vlms, tmp_path
 ) -> None:

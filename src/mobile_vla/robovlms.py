@@ -77,7 +77,39 @@ HEAD_TYPES = {  # RoboVLMs / Mobile-VLA head class -> trunk here
     "gptdecoder": "gpt",
 }
 LSTM_DEFAULT_LAYERS = 4  # RoboVLMs' LSTMDecoder and Mobile-VLA's decoders default to 4
-VLM_NAMES = {"kosmos": "kosmos2", "kosmos2": "kosmos2", "paligemma": "paligemma"}
+# RoboVLMs' family names (its `model` / `vlm.name`) and the usual spellings -> adapters here.
+# RoboVLMs' own LLaVA loads the original LLaVA repository's checkpoints; the adapter here loads
+# the transformers ones (llava-hf/...), which backbone.path must name.
+VLM_NAMES = {
+    "kosmos": "kosmos2",
+    "kosmos2": "kosmos2",
+    "paligemma": "paligemma",
+    "llava": "llava",
+    "idefics3": "idefics3",
+    "smolvlm": "idefics3",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2-vl": "qwen2_vl",
+    "qwen2vl": "qwen2_vl",
+    "qwen2.5_vl": "qwen2_5_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "qwen2.5-vl": "qwen2_5_vl",
+}
+NOT_BUILT = {  # RoboVLMs families without an adapter here, and why
+    "qwen": "RoboVLMs' 'qwen' is Qwen-VL (v1, remote code); Qwen2-VL and Qwen2.5-VL are built "
+    "(backbone.name=qwen2_vl or qwen2_5_vl)",
+    "flamingo": "OpenFlamingo (MPT + cross-attention layers) is not in transformers",
+    "mpt": "OpenFlamingo (MPT + cross-attention layers) is not in transformers",
+    "moondream": "MoonDream loads remote code, not a transformers class",
+    "uform": "UForm is not a transformers model",
+}
+
+
+def _family(name: str, key: str) -> str:
+    """A RoboVLMs family name -> the adapter here, or a ConfigError that says why not."""
+    if name in VLM_NAMES:
+        return VLM_NAMES[name]
+    why = NOT_BUILT.get(name, "no adapter of that family here")
+    raise ConfigError(f"{key} {name!r}: {why} (known: {sorted(set(VLM_NAMES))})")
 PRECISION = {
     "bf16": "bf16-mixed",
     "bf16-mixed": "bf16-mixed",
@@ -406,12 +438,7 @@ def _normalization(obj: dict[str, Any], out: Imported) -> None:
 
 def _model_without_vlm(obj: dict[str, Any], out: Imported) -> None:
     name = str(obj["model"]).lower()
-    if name not in VLM_NAMES:
-        raise ConfigError(
-            f"model {obj['model']!r}: no adapter of that family here "
-            f"(known: {sorted(set(VLM_NAMES))})"
-        )
-    out.set("model", "backbone.name", VLM_NAMES[name])
+    out.set("model", "backbone.name", _family(name, "model"))
     path = obj.get("model_path") or _hub_id(obj.get("model_url"))
     if path:
         out.set("model_path" if obj.get("model_path") else "model_url", "backbone.path", str(path))
@@ -428,12 +455,8 @@ def _hub_id(url: Any) -> str:
 
 def _vlm(value: dict[str, Any], out: Imported) -> None:
     name = str(value.get("name", "")).lower()
-    if name in VLM_NAMES:
-        out.set("vlm.name", "backbone.name", VLM_NAMES[name])
-    elif name:
-        raise ConfigError(
-            f"vlm.name {name!r}: no adapter of that family here (known: {sorted(set(VLM_NAMES))})"
-        )
+    if name:
+        out.set("vlm.name", "backbone.name", _family(name, "vlm.name"))
     path = value.get("pretrained_model_name_or_path")
     if path:
         out.set("vlm.pretrained_model_name_or_path", "backbone.path", str(path))

@@ -17,6 +17,10 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "builtin": ("mobile_vla.models.backbones.builtin", "BuiltinBackbone"),
     "kosmos2": ("mobile_vla.models.backbones.kosmos2", "Kosmos2Backbone"),
     "paligemma": ("mobile_vla.models.backbones.paligemma", "PaliGemmaBackbone"),
+    "llava": ("mobile_vla.models.backbones.llava", "LlavaBackbone"),
+    "idefics3": ("mobile_vla.models.backbones.idefics3", "Idefics3Backbone"),
+    "qwen2_vl": ("mobile_vla.models.backbones.qwen2_vl", "Qwen2VLBackbone"),
+    "qwen2_5_vl": ("mobile_vla.models.backbones.qwen2_vl", "Qwen25VLBackbone"),
 }
 
 
