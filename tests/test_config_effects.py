@@ -305,6 +305,14 @@ def fmt(values: list[str], paths: dict[str, Path]) -> list[str]:
     return out
 
 
+LLAVA = ["backbone.name=llava", "backbone.path={llava}"]
+RESAMPLER = [
+    "backbone.resampler.enabled=true",
+    "backbone.resampler.depth=2",
+    "backbone.resampler.dim_head=8",
+    "backbone.resampler.heads=2",
+    "backbone.resampler.num_latents=3",
+]
 MODEL: dict[str, tuple[list[str], list[str]]] = {
     "backbone.name": ([], ["backbone.name=kosmos2", "backbone.path={kosmos2}"]),
     "backbone.path": (
@@ -312,6 +320,14 @@ MODEL: dict[str, tuple[list[str], list[str]]] = {
         ["backbone.name=kosmos2", "backbone.path={paligemma}"],
     ),
     "backbone.history": ([], ["backbone.history=pre"]),
+    "backbone.resampler.enabled": (LLAVA, [*LLAVA, *RESAMPLER]),
+    **{
+        f"backbone.resampler.{k}": (
+            [*LLAVA, *RESAMPLER],
+            [*LLAVA, *RESAMPLER, f"backbone.resampler.{k}={v}"],
+        )
+        for k, v in {"depth": 1, "dim_head": 4, "heads": 4, "num_latents": 2}.items()
+    },
     "backbone.n_action_tokens": ([], ["backbone.n_action_tokens=2"]),
     "backbone.prompt": ([], ["backbone.prompt=Robot, {instruction}"]),
     "backbone.builtin.image_size": ([], ["backbone.builtin.image_size=48"]),

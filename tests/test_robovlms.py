@@ -110,7 +110,10 @@ def test_mobile_vla_classification_config() -> None:
     ("change", "words"),
     [
         ({"act_head": {"type": "ROS2PolicyHead"}}, "act_head.type 'ROS2PolicyHead' has no"),
-        ({"use_vision_resampler": True}, "use_vision_resampler: true"),
+        (
+            {"use_vision_resampler": True, "vision_resampler": {"depth": 0}},
+            r"vision_resampler\.depth must be an integer >= 1",
+        ),
         ({"use_hand_rgb": True}, "hand camera"),
         ({"scheduler": "step"}, "scheduler 'step'"),
         ({"act_head": {"type": "MobileVLAClassificationDecoder", "num_classes": 4}}, "6 or 9"),
@@ -253,3 +256,29 @@ def test_robovlms_families_not_built_are_refused_by_name(name, words, tmp_path) 
         with pytest.raises(ConfigError, match=words) as err:
             load_config(conf)
         assert repr(name) in str(err.value) and "llava" in str(err.value)
+
+
+def test_vision_resampler_is_built_in_the_robovlms_shape(tmp_path) -> None:
+    obj = deep_update(
+        json.loads(CALVIN.read_text()),
+        {
+            "use_vision_resampler": True,
+            "vision_resampler": {
+                "vis_dim": 1024,
+                "depth": 8,
+                "dim_head": 64,
+                "heads": 8,
+                "num_latents": 64,
+            },
+        },
+    )
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(obj))
+    r = load_config(path).backbone.resampler
+    assert (r.enabled, r.depth, r.dim_head, r.heads, r.num_latents) == (True, 8, 64, 8, 64)
+    summary = load_robovlms(path).summary()
+    assert "vision_resampler.vis_dim (the resampler reads the projected image tokens" in summary
+    obj["vlm"]["name"] = "qwen2_vl"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(ConfigError, match=r"backbone\.resampler\.enabled' must be false"):
+        load_config(path)

@@ -226,11 +226,29 @@ def test_a_resumed_run_counts_epochs_like_the_whole_run(train_data, tmp_path) ->
         torch.testing.assert_close(value, b["state_dict"][key], rtol=1e-5, atol=1e-6)
 
 
+RESAMPLER = [  # RoboVLMs' perceiver resampler, small
+    "backbone.resampler.enabled=true",
+    "backbone.resampler.depth=2",
+    "backbone.resampler.dim_head=8",
+    "backbone.resampler.heads=2",
+    "backbone.resampler.num_latents=4",
+]
+
+
 @pytest.mark.parametrize(
-    "backbone", ["builtin", "kosmos2", "llava", "idefics3", "qwen2_vl", "qwen2_5_vl"]
+    ("backbone", "extra"),
+    [
+        ("builtin", []),
+        ("kosmos2", []),
+        ("llava", []),
+        ("idefics3", []),
+        ("qwen2_vl", []),
+        ("qwen2_5_vl", []),
+        ("llava", RESAMPLER),
+    ],
 )
 def test_save_then_load_gives_identical_predictions(
-    backbone, train_data, tiny_vlms, tmp_path
+    backbone, extra, train_data, tiny_vlms, tmp_path
 ) -> None:
     keep = KeepPredictions(fixed_batch())
     cfg = cfg_for(
@@ -239,6 +257,7 @@ def test_save_then_load_gives_identical_predictions(
         "train_setup.strategy=lora",
         "trainer.run_name=s",
         "trainer.max_steps=6",
+        *extra,
         backbone=backbone,
         vlms=tiny_vlms,
     )

@@ -74,3 +74,21 @@ def test_image_token_counts_are_the_models_own(name, tiny_vlms) -> None:
     groups = bb.groups()
     owned = {id(p) for ms in groups.values() for m in ms for p in m.parameters()}
     assert owned == {id(p) for p in bb.model.parameters()}  # every parameter in one group
+
+
+def test_the_perceiver_resampler_trains_in_every_strategy(tiny_vlms, tmp_path) -> None:
+    """Its weights are new: with the backbone frozen it trains beside the head, the language
+    model reads num_latents tokens per frame, and the frozen backbone does not move."""
+    from .test_policy import make, one_step
+    from .test_training import RESAMPLER
+
+    _, policy, plan = make("llava", tiny_vlms, tmp_path, "train_setup.strategy=frozen", *RESAMPLER)
+    bb = policy.backbone
+    assert bb.num_image_tokens == 4
+    pixels = bb.preprocess(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert bb.image_tokens(pixels).shape == (2, 4, bb.hidden_size)
+    moved = {n for n, c in one_step(policy, plan).items() if c}
+    assert any(n.startswith("backbone.perceiver.") for n in moved)
+    assert not any(n.startswith("backbone.model.") for n in moved)
+    assert {g["name"] for g in plan.param_groups} >= {"perceiver", "head"}
+    assert plan.table["resampler"]["trainable"] == sum(p.numel() for p in bb.perceiver.parameters())

@@ -301,11 +301,31 @@ class BuiltinConfig:
 
 
 @dataclass
+class ResamplerConfig:
+    """A perceiver resampler over each frame's image tokens (RoboVLMs' use_vision_resampler):
+    ``num_latents`` learned queries cross-attend to the projected image tokens, so the language
+    model reads ``num_latents`` tokens per frame. New weights: it always trains, at
+    train_setup.learning_rate, whatever the strategy. Families with a layout of their own (the
+    built-in backbone, Qwen2-VL's M-RoPE grid) refuse it."""
+
+    enabled: bool = False
+    depth: int = 8
+    dim_head: int = 64
+    heads: int = 8
+    num_latents: int = 64
+
+    def validate(self, prefix: str) -> None:
+        for key in ("depth", "dim_head", "heads", "num_latents"):
+            if getattr(self, key) < 1:
+                raise _fail(f"{prefix}.{key}", ">= 1", getattr(self, key))
+
+
+@dataclass
 class BackboneConfig:
     """Which VLM, where its weights are, and how frames and the action token enter it."""
 
     name: str = "builtin"
-    """Adapter name: builtin, kosmos2, paligemma."""
+    """Adapter name: builtin, kosmos2, paligemma, llava, idefics3, qwen2_vl, qwen2_5_vl."""
     path: str = ""
     """Hub id or local folder of the VLM; empty = the adapter's default."""
     history: Literal["post", "pre"] = "post"
@@ -321,6 +341,7 @@ class BackboneConfig:
     vision-language pretraining); false = the same architecture from random initialisation,
     for the with/without-pretraining comparison."""
     builtin: BuiltinConfig = field(default_factory=BuiltinConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
 
     def validate(self, prefix: str) -> None:
         if self.n_action_tokens < 1:
@@ -328,6 +349,14 @@ class BackboneConfig:
         if "{instruction}" not in self.prompt:
             raise _fail(f"{prefix}.prompt", "a template containing '{instruction}'", self.prompt)
         self.builtin.validate(f"{prefix}.builtin")
+        self.resampler.validate(f"{prefix}.resampler")
+        if self.resampler.enabled and self.name in ("builtin", "qwen2_vl", "qwen2_5_vl"):
+            raise _fail(
+                f"{prefix}.resampler.enabled",
+                "false for this backbone (its image tokens have positions of their own: "
+                "the built-in fusion layers, Qwen's M-RoPE grid)",
+                f"true with backbone.name={self.name}",
+            )
 
 
 @dataclass

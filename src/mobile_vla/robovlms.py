@@ -110,6 +110,8 @@ def _family(name: str, key: str) -> str:
         return VLM_NAMES[name]
     why = NOT_BUILT.get(name, "no adapter of that family here")
     raise ConfigError(f"{key} {name!r}: {why} (known: {sorted(set(VLM_NAMES))})")
+
+
 PRECISION = {
     "bf16": "bf16-mixed",
     "bf16-mixed": "bf16-mixed",
@@ -318,6 +320,8 @@ def convert(obj: dict[str, Any], source: str = "config") -> Imported:
             _trainer(value, out, source, obj)
         elif key in ("train_dataset", "val_dataset") and isinstance(value, dict):
             _dataset(key, value, out)
+        elif key == "vision_resampler" and obj.get("use_vision_resampler"):
+            pass  # with use_vision_resampler
         else:
             _top_level_other(key, value, obj, out)
     if head is None:
@@ -368,15 +372,35 @@ def _top_level_other(key: str, value: Any, obj: dict[str, Any], out: Imported) -
         out.ignore(key, "false: one camera, as here")
     elif key == "use_vision_resampler":
         if value:
-            raise ConfigError(
-                "use_vision_resampler: true (a perceiver resampler over the image tokens) is not "
-                "built here; set it to false to train without one"
-            )
-        out.ignore(key, "false: no resampler, as here")
+            out.set(key, "backbone.resampler.enabled", True)
+            _vision_resampler(obj.get("vision_resampler"), out)
+        else:
+            out.ignore(key, "false: no resampler, as here")
     elif key == "discrete_action":
         out.ignore(key, "act_head.action_space decides the head's output here")
     else:
         out.ignore(key)
+
+
+def _vision_resampler(block: Any, out: Imported) -> None:
+    """RoboVLMs' vision_resampler block (Flamingo's PerceiverResampler arguments)."""
+    if block is None:
+        out.notes.append("use_vision_resampler without a vision_resampler block: the defaults")
+        return
+    if not isinstance(block, dict):
+        raise ConfigError(f"vision_resampler must be an object, got {type(block).__name__}")
+    for k, v in block.items():
+        if k in ("depth", "dim_head", "heads", "num_latents"):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"vision_resampler.{k} must be an integer >= 1, got {v!r}")
+            out.set(f"vision_resampler.{k}", f"backbone.resampler.{k}", v)
+        elif k == "vis_dim":
+            out.ignore(
+                "vision_resampler.vis_dim",
+                "the resampler reads the projected image tokens, at the language model's width",
+            )
+        else:
+            out.ignore(f"vision_resampler.{k}")
 
 
 def _precision(value: Any, where: str) -> str:

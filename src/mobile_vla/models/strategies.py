@@ -229,6 +229,15 @@ def _set_trainable(
         p.requires_grad_(True)
     policy.head.requires_grad_(True)
     policy.action_token.requires_grad_(True)
+    for m in _new_modules(policy.backbone):
+        m.requires_grad_(True)
+
+
+def _new_modules(backbone: nn.Module) -> list[nn.Module]:
+    """Modules the backbone adds to the pretrained model (the perceiver resampler): they start
+    from random weights, so they train whatever the strategy, like the head."""
+    perceiver = getattr(backbone, "perceiver", None)
+    return [perceiver] if perceiver is not None else []
 
 
 def _gradual_stages(groups: dict[str, list[nn.Module]]) -> list[list[nn.Module]]:
@@ -260,6 +269,7 @@ def _optimizer_groups(
         ("head", list(policy.head.parameters()), setup.learning_rate),
         ("action_token", [policy.action_token], setup.action_token_lr or setup.learning_rate),
         ("lora", lora, setup.lora_lr),
+        ("perceiver", _params(_new_modules(policy.backbone)), setup.learning_rate),
         (
             "vision",
             _params(groups["vision"]),
@@ -309,6 +319,7 @@ def param_table(policy: nn.Module) -> dict[str, dict[str, int]]:
                 rows[name].append(p)
 
     add("lora", [p for n, p in backbone.named_parameters() if "lora_" in n])
+    add("resampler", _params(_new_modules(backbone)))  # the perceiver, beside the projector
     for g in ("vision", "resampler", "text_embedding", "text", "decoder_layers", "decoder_other"):
         add(g, _params(groups[g]))
     add("action_token", [policy.action_token])

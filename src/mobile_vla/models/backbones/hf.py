@@ -13,6 +13,7 @@ import torch
 from mobile_vla.config import BackboneConfig
 from mobile_vla.errors import ConfigError
 from mobile_vla.models.backbones.base import Backbone, normalize_pixels
+from mobile_vla.models.backbones.resampler import PerceiverResampler
 
 
 def _why(exc: BaseException) -> str:
@@ -122,6 +123,13 @@ class HFBackbone(Backbone):
             else (self.image_mean, self.image_std)
         )
         self._geometry(self.model.config)
+        self.perceiver: PerceiverResampler | None = None
+        r = cfg.resampler
+        if r.enabled:  # the language model then reads num_latents tokens per frame
+            self.perceiver = PerceiverResampler(
+                self.hidden_size, r.depth, r.dim_head, r.heads, r.num_latents
+            )
+            self.num_image_tokens = r.num_latents
         if self.tokenizer is not None:
             self._token_ids()
 
@@ -145,11 +153,16 @@ class HFBackbone(Backbone):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixels).pooler_output
 
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, tokens, D): the family's image features, through the perceiver if there is one."""
+        features = self.image_features(pixels)
+        return features if self.perceiver is None else self.perceiver(features)
+
     def encode_post(
         self, pixels: torch.Tensor, texts: Sequence[str], action_embeds: torch.Tensor
     ) -> torch.Tensor:
         rows = self._rows(texts, [[True]] * len(texts), action_embeds.shape[0])
-        return self._run(rows, self.image_features(pixels), action_embeds)
+        return self._run(rows, self.image_tokens(pixels), action_embeds)
 
     def encode_pre(
         self,
@@ -159,7 +172,7 @@ class HFBackbone(Backbone):
         obs_mask: torch.Tensor,
     ) -> torch.Tensor:
         rows = self._rows(texts, obs_mask.bool().tolist(), action_embeds.shape[0])
-        return self._run(rows, self.image_features(pixels.flatten(0, 1)), action_embeds)
+        return self._run(rows, self.image_tokens(pixels.flatten(0, 1)), action_embeds)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         set_hf_checkpointing(self.model, enabled)
