@@ -585,32 +585,96 @@ def cmd_drive_sim(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     else:  # the served run's own simulator settings
         sim = from_dict(SimConfig, health.get("sim", {}), "sim")
     seed = 0 if args.seed is None else args.seed
-    controller = RemoteController(client, pace_hz=args.pace)
+    controller: Any
+    queued = args.execution == "queue"
+    if queued:
+        controller = queue_controller(args, client, health, sim.control_hz)
+    else:
+        controller = RemoteController(client, pace_hz=args.pace)
     summary, results = closed_loop(controller, sim, args.episodes, seed, progress=not args.quiet)
+    execution = execution_report(controller) if queued else {}
     summary = summary.with_settings(
-        chunk_mode=health.get("chunk_mode", "?"),
+        chunk_mode="robot queue" if queued else health.get("chunk_mode", "?"),
         seed=seed,
         step_limit=sim.max_steps,
         episodes_detail=[r.to_json() for r in results],
     )
-    lat = np.asarray(controller.latencies_ms)
     print(format_closed_loop(summary).replace("closed loop", "closed loop through the server", 1))
-    print(
-        f"  request latency: p50 {np.percentile(lat, 50):.1f} ms, p99 "
-        f"{np.percentile(lat, 99):.1f} ms over {len(lat)} requests"
-    )
+    if queued:
+        print(
+            "  robot queue ({mode}): delay {delay_ms:g} ms, silent after {silent_after_s} s, "
+            "deadman {deadman_s} s: longest time without a fresh action {longest_gap_s:.2f} s; "
+            "ticks fresh {fresh}, held {held}, stopped {stopped}; moving past the deadman {over}; "
+            "stale actions dropped {stale_dropped}; {requests} requests".format(
+                **execution,
+                over=execution["over_deadman_moving"],
+                mode="every frame" if execution["every_frame"] else "refill only",
+            )
+        )
+    else:
+        lat = np.asarray(controller.latencies_ms)
+        print(
+            f"  request latency: p50 {np.percentile(lat, 50):.1f} ms, p99 "
+            f"{np.percentile(lat, 99):.1f} ms over {len(lat)} requests"
+        )
     if args.out is not None:
         from mobile_vla.io import atomic_write_json
 
-        atomic_write_json(
-            args.out,
-            {
-                **summary.to_json(),
+        extra = (
+            {"execution": execution}
+            if queued
+            else {
                 "latency_ms_p50": float(np.percentile(lat, 50)),
                 "latency_ms_p99": float(np.percentile(lat, 99)),
-            },
+            }
         )
+        atomic_write_json(args.out, {**summary.to_json(), **extra})
     return 0
+
+
+def queue_controller(args: argparse.Namespace, client: Any, health: dict, hz: float) -> Any:
+    """drive-sim's robot-side queue, with the network's delay simulated on the control clock."""
+    from mobile_vla.serving.execution import DelayedQueueController, ExecutionSettings
+
+    settings = ExecutionSettings(
+        dt=1.0 / hz,
+        refill_below=args.refill_below or int(health.get("chunk_length", 1)),
+        blend=args.blend,
+        deadman_s=args.deadman if args.deadman > 0 else float("inf"),
+        every_frame=not args.refill_only,
+        max_in_flight=args.max_in_flight,
+    )
+    settings.validate()
+    if args.delay_ms < 0:
+        raise MobileVLAError(f"--delay-ms must be >= 0, got {args.delay_ms}")
+    return DelayedQueueController(
+        client.predict_timed,
+        health.get("predicted_dims", ["linear_x", "linear_y"]),
+        settings,
+        delay_s=args.delay_ms / 1000.0,
+        silent_after_s=args.silent_after if args.silent_after >= 0 else float("inf"),
+        deadman_check=0.5 if args.deadman <= 0 else args.deadman,
+    )
+
+
+def execution_report(controller: Any) -> dict[str, Any]:
+    """The queue's settings, its tick counts over all episodes, and the longest gap in any."""
+    episodes = controller.episodes
+    out: dict[str, Any] = {
+        k: int(sum(getattr(e, k) for e in episodes))
+        for k in ("fresh", "held", "stopped", "stale_dropped", "requests", "over_deadman_moving")
+    }
+    out["longest_gap_s"] = float(max((e.longest_gap_s for e in episodes), default=0.0))
+    silent = controller.silent_after_s
+    out.update(
+        delay_ms=controller.delay_s * 1000.0,
+        silent_after_s=None if silent == float("inf") else silent,
+        deadman_s=None if controller.s.deadman_s == float("inf") else controller.s.deadman_s,
+        refill_below=controller.s.refill_below,
+        blend=controller.s.blend,
+        every_frame=controller.s.every_frame,
+    )
+    return out
 
 
 def args_drive_sim(sub: Any) -> None:
@@ -632,6 +696,46 @@ def args_drive_sim(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, default=None, help="write the summary as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument(
+        "--execution",
+        choices=["sync", "queue"],
+        default="sync",
+        help="sync: send each frame and wait (the robot node); queue: the robot-side action "
+        "queue (refill, blending, stale actions dropped, deadman) with a simulated delay",
+    )
+    p.add_argument(
+        "--delay-ms", type=float, default=0.0, help="queue: network delay on the control clock"
+    )
+    p.add_argument(
+        "--silent-after",
+        type=float,
+        default=-1.0,
+        help="queue: the server stops answering after this many seconds of an episode",
+    )
+    p.add_argument(
+        "--refill-below",
+        type=int,
+        default=0,
+        help="queue: ask for a chunk below this many queued actions (0: the chunk length)",
+    )
+    p.add_argument(
+        "--blend", type=float, default=0.7, help="queue: weight of the newer chunk on overlap"
+    )
+    p.add_argument(
+        "--refill-only",
+        action="store_true",
+        help="queue: send a frame only when the queue runs low (default: every frame, which "
+        "the server's history needs)",
+    )
+    p.add_argument(
+        "--max-in-flight", type=int, default=8, help="queue: requests outstanding at once"
+    )
+    p.add_argument(
+        "--deadman",
+        type=float,
+        default=0.5,
+        help="queue: stop after this many seconds without a fresh action (0: off)",
+    )
     p.set_defaults(func=cmd_drive_sim)
 
 

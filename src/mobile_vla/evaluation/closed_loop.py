@@ -181,7 +181,8 @@ def run_episode(
         if info["collision"]:
             end = "collision"
             break
-        still = still + 1 if float(np.abs(cmd).max()) < STOP_SPEED else 0
+        if not getattr(controller, "waiting", False):  # a robot-side queue with nothing to run
+            still = still + 1 if float(np.abs(cmd).max()) < STOP_SPEED else 0
         if still >= STOP_STEPS:
             end = "stopped"
             break

@@ -68,7 +68,12 @@ class PredictClient:
             raise MobileVLAError(f"cannot reach the policy server at {self.url} ({exc})") from None
 
     def predict(
-        self, jpeg: bytes, instruction: str, session_id: str | None = None, reset: bool = False
+        self,
+        jpeg: bytes,
+        instruction: str,
+        session_id: str | None = None,
+        reset: bool = False,
+        obs_time: float | None = None,
     ) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "image": base64.b64encode(jpeg).decode(),
@@ -78,7 +83,16 @@ class PredictClient:
             payload["session_id"] = session_id
         if reset:
             payload["reset"] = True
+        if obs_time is not None:
+            payload["obs_time"] = obs_time
         return self._request("/predict", payload)
+
+    def predict_timed(
+        self, image: np.ndarray, instruction: str, session_id: str, reset: bool, obs_time: float
+    ) -> dict[str, Any]:
+        """The robot's request for a frame taken at ``obs_time`` (a transport of
+        :mod:`mobile_vla.serving.execution`): resized to 224 x 224, JPEG, POSTed."""
+        return self.predict(jpeg_224(image), instruction, session_id, reset, obs_time)
 
     def reset(self, session_id: str = "default") -> dict[str, Any]:
         return self._request("/reset", {"session_id": session_id})

@@ -126,6 +126,16 @@ def check_reset(value: Any) -> bool:
     return value
 
 
+def check_obs_time(value: Any) -> float | None:
+    """The optional ``obs_time``: when the frame was taken on the robot's clock (seconds); the
+    reply echoes it, so the robot knows which times the chunk's actions are for."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise BadRequest(f"field 'obs_time' must be a finite number of seconds, got {value!r}")
+    return float(value)
+
+
 def parse_predict(
     payload: Any, max_instruction: int = MAX_INSTRUCTION_CHARS, max_side: int = MAX_IMAGE_SIDE
 ) -> Observation:

@@ -44,6 +44,7 @@ from mobile_vla.serving.protocol import (
     Observation,
     check_image_array,
     check_instruction,
+    check_obs_time,
     check_reset,
     check_session,
     packb,
@@ -376,9 +377,15 @@ class _Endpoints:
             )
         except BadRequest as exc:
             return _error(str(exc), exc.status)
+        try:
+            obs_time = check_obs_time(payload.get("obs_time"))
+        except BadRequest as exc:
+            return _error(str(exc), exc.status)
         out = await self.batcher.infer(obs)
+        echo = {} if obs_time is None else {"obs_time": obs_time}
         return JSONResponse(
             {
+                **echo,
                 "action": [float(v) for v in out["action"]],
                 "chunk": np.asarray(out["chunk"]).round(6).tolist(),
                 "session_id": obs.session_id,
