@@ -148,7 +148,7 @@ def report(name: str, batch: int, steps: int, step: float, vision: float, frames
 
 
 def batches_of(bundle: Any, batch: int, n: int) -> list[dict]:
-    from mobile_vla.training.module import collate
+    from mobile_vla.training.common import collate
 
     rng = np.random.default_rng(0)
     return [

@@ -688,3 +688,29 @@ def test_concurrent_robots_are_batched_over_http(served_run: Path) -> None:
         assert sorted(out["step"] for _, out in replies) == sorted(list(range(1, 6)) * 8)
     finally:
         live.stop()
+
+
+def test_inference_loads_neither_the_trainer_nor_hdf5(served_run: Path) -> None:
+    """The server, the policy runtime, the closed loop and the robot client: loading a run and
+    answering a frame imports neither Lightning nor h5py (a robot or a server machine need
+    not have the trainer)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import numpy as np
+from mobile_vla.serving.server import ServeSettings, create_app, load_engine
+from mobile_vla.serving.client import PredictClient, StreamClient
+from mobile_vla.evaluation.closed_loop import closed_loop
+from mobile_vla.serving.protocol import Observation
+engine = load_engine({str(served_run)!r}, ServeSettings())
+create_app(engine)
+frame = np.zeros((48, 48, 3), np.uint8)
+assert np.isfinite(engine.step(Observation(frame, "go left", "s", False))["action"]).all()
+loaded = [m for m in ("lightning", "lightning.pytorch", "h5py") if m in sys.modules]
+print(loaded)
+sys.exit(1 if loaded else 0)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]

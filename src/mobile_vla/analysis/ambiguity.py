@@ -109,7 +109,7 @@ def loss_by_frame(run: str | Path, which: str = "best", part: str = "val") -> di
     import torch.nn.functional as F
 
     from mobile_vla.data.dataset import EpisodeDataset
-    from mobile_vla.training.module import collate
+    from mobile_vla.training.common import collate
     from mobile_vla.training.runs import load_policy, validation_episodes
 
     policy, cfg = load_policy(run, which)

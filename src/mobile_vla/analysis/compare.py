@@ -33,7 +33,7 @@ def representations(
     """Context vectors of each sample's current frame, head latents, and the side."""
     from torch.utils.data import DataLoader
 
-    from mobile_vla.training.module import collate
+    from mobile_vla.training.common import collate
 
     policy.eval()
     ctx, lat, side = [], [], []

@@ -46,7 +46,7 @@ def paired_first_frames(cfg: Config, scenes: int, seed: int) -> tuple[torch.Tens
     """uint8 (2 * scenes, 3, H, W) first frames and their instructions: each scene twice,
     instructed left then right (the frames are equal; the two instructions are the scenario's
     own, so their templates may differ)."""
-    from mobile_vla.data.frame_cache import resize_frames
+    from mobile_vla.data.images import resize_frames
     from mobile_vla.sim.env import NavEnv
     from mobile_vla.sim.scenario import make_scenario
 

@@ -20,26 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from mobile_vla.data.hdf5 import EpisodeInfo, FrameReader, verify_frames
+from mobile_vla.data.images import resize_frames
 from mobile_vla.errors import EpisodeError
 from mobile_vla.io import atomic_path, atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
-
-
-def resize_frames(frames: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Resize uint8 (T, H, W, 3) frames to ``size`` = (height, width) with antialiased bilinear,
-    as the robot node does before JPEG-encoding (no crop: the aspect ratio is not kept)."""
-    h, w = int(size[0]), int(size[1])
-    if frames.shape[1:3] == (h, w):
-        return np.ascontiguousarray(frames)
-    out = np.empty((frames.shape[0], h, w, 3), np.uint8)
-    for i, frame in enumerate(frames):
-        out[i] = np.asarray(Image.fromarray(frame).resize((w, h), Image.BILINEAR))
-    return out
 
 
 def stored_channel_order(episode: EpisodeInfo, configured: str = "auto") -> str:

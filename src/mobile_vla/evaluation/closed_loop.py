@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mobile_vla.config import Config, SimConfig
-from mobile_vla.data.frame_cache import resize_frames
+from mobile_vla.data.images import resize_frames
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.evaluation.results import ClosedLoopSummary, SuccessCount, wilson_interval
 from mobile_vla.models.runtime import PolicyController  # the runtime serving shares

@@ -105,7 +105,7 @@ def episode_batches(dataset: Dataset, batch_size: int) -> list[list[int]]:
 def evaluate_offline(
     policy: VLAPolicy, dataset: Dataset, batch_size: int = 16, progress: bool = False
 ) -> OfflineMetrics:
-    from mobile_vla.training.module import collate
+    from mobile_vla.training.common import collate
 
     policy.eval()
     device = policy.action_token.device

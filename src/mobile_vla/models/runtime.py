@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mobile_vla.config import ACTION_NAMES, Config
-from mobile_vla.data.frame_cache import resize_frames
+from mobile_vla.data.images import resize_frames
 
 CHUNK_MODES = ("first", "first_k", "ensemble")
 

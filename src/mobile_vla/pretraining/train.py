@@ -59,7 +59,7 @@ from mobile_vla.pretraining.losses import (
 )
 from mobile_vla.pretraining.model import HeadsConfig, PretrainModel
 from mobile_vla.training.checkpoint import load_folder, save_folder
-from mobile_vla.training.module import warmup_cosine
+from mobile_vla.training.common import warmup_cosine
 
 PERTURBATIONS = 4  # minimally changed captions prepared per training caption
 

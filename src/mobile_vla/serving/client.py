@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mobile_vla.data.frame_cache import resize_frames
+from mobile_vla.data.images import resize_frames
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.serving.protocol import packb, unpackb
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.plugins.io import CheckpointIO
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -206,23 +205,6 @@ def load_folder(path: str | Path) -> dict[str, Any]:
                 "refusing to load it"
             )
     return state
-
-
-class SafeCheckpointIO(CheckpointIO):
-    """Lightning's checkpoint I/O through :func:`save_folder` / :func:`load_folder`."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        save_folder(checkpoint, path)
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        return load_folder(path)
-
-    def remove_checkpoint(self, path: Any) -> None:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def read_weights(path: str | Path, key: str = "train_setup.init_checkpoint") -> dict[str, Any]:

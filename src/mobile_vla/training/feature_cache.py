@@ -333,7 +333,7 @@ class CachedPrefixDataset(Dataset):
         P' <= P drops the trailing prefix positions that are padding in every frame of the
         batch (the text is padded to ``max_text_tokens``): they are masked out of attention,
         so the result is the same, with less to read."""
-        from mobile_vla.training.module import collate
+        from mobile_vla.training.common import collate
 
         batch = collate(samples)
         refs = batch.pop("prefix_ref")  # (B, W, 2)

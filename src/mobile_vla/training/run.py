@@ -96,7 +96,7 @@ def train(
     import lightning.pytorch as pl
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    from mobile_vla.training.checkpoint import SafeCheckpointIO
+    from mobile_vla.training.checkpoint_io import SafeCheckpointIO
     from mobile_vla.training.module import PolicyModule, RunCheckpoints, TrainStats
 
     run = resume if resume is not None else new_run_dir(cfg)

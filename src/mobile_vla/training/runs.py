@@ -131,7 +131,7 @@ def load_policy(
     """The trained policy of a run folder (``best``, else ``last``), in eval mode, with LoRA
     updates merged into the base weights (inference only; ``merge=False`` keeps them apart,
     for bit-exact comparisons with the training process)."""
-    from mobile_vla.training.module import check_architecture
+    from mobile_vla.training.common import check_architecture
 
     run = check_run(run)
     cfg = load_config(run / "config.yaml", overrides or [])
