@@ -372,9 +372,11 @@ class _Endpoints:
         try:
             payload = await self._read_json(request)
             # decoding runs in a worker thread: a slow image never stalls the event loop
+            t_decode = time.perf_counter()
             obs = await run_in_threadpool(
                 parse_predict, payload, s.max_instruction_chars, s.max_image_side
             )
+            decode_ms = (time.perf_counter() - t_decode) * 1000
         except BadRequest as exc:
             return _error(str(exc), exc.status)
         try:
@@ -391,6 +393,7 @@ class _Endpoints:
                 "session_id": obs.session_id,
                 "step": out["step"],
                 "infer_ms": out["infer_ms"],
+                "decode_ms": decode_ms,
                 "batch": out["batch"],
                 "latency_ms": (time.perf_counter() - t0) * 1000,
                 **_fallback(out),
