@@ -426,9 +426,10 @@ def test_shipped_weights_retrieve_on_freshly_rendered_scenes(tmp_path: Path, cap
     out = capsys.readouterr().out
     r1 = float(out.split("R@1 ITC ")[1].split()[0])
     probe = float(out.split("left/right probe")[1].split("ITC ")[1].split()[0])
-    # chance: 0.031 and 0.5; on 100 images the probe asks about some 70 scenes (the card's
-    # figure, on 886 held-out scenes, is above 0.9)
-    assert r1 > 0.25 and probe > 0.7, out
+    # chance: 0.031 and 0.5. On these 100 images (76 probe scenes; the computation is
+    # deterministic) R@1 is 0.690 and the probe 0.941; the card's probe is 0.922 on 886
+    # held-out scenes, so 0.85 is ~2.5 standard errors below it at 76 scenes
+    assert r1 > 0.5 and probe >= 0.85, out
 
 
 def test_head_phase_trains_only_the_heads_and_resumes_exactly(
