@@ -95,3 +95,28 @@ def test_no_import_cycles() -> None:
         if name not in state:
             visit(name, [name])
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_every_module_imports_without_opengl() -> None:
+    """Importing the package probes no OpenGL backend and loads no MuJoCo (the simulator picks
+    its backend when an environment is made), so this file's checks run on a machine without
+    EGL or OSMesa. In a fresh interpreter whose probe fails loudly."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib, os, sys
+os.environ.pop("MUJOCO_GL", None)
+import mobile_vla.sim.gl as gl
+def probe(backend):
+    raise AssertionError(f"probed the {backend} backend at import")
+gl._probe = probe
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+assert "mujoco" not in sys.modules, "mujoco imported at import time"
+"""
+    names = sorted(n for n in modules() if n != "mobile_vla.__main__")
+    out = subprocess.run(
+        [sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]

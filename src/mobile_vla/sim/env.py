@@ -19,13 +19,19 @@ from typing import Any
 import numpy as np
 
 from mobile_vla.config import SimConfig
+from mobile_vla.sim.arena import scenario_xml
 from mobile_vla.sim.gl import ensure_gl_backend
+from mobile_vla.sim.scenario import ROBOT_HALF, Scenario
 
-ensure_gl_backend()
-import mujoco  # noqa: E402  (after the GL backend is chosen)
 
-from mobile_vla.sim.arena import scenario_xml  # noqa: E402
-from mobile_vla.sim.scenario import ROBOT_HALF, Scenario  # noqa: E402
+def load_mujoco() -> Any:
+    """MuJoCo, imported once a headless GL backend is chosen (MuJoCo reads ``MUJOCO_GL`` when
+    it is first imported). Called when an environment is made, not when this module is
+    imported, so importing the simulator's code needs no OpenGL."""
+    ensure_gl_backend()
+    import mujoco
+
+    return mujoco
 
 
 @dataclass
@@ -48,9 +54,10 @@ class NavEnv:
     def __init__(self, cfg: SimConfig | None = None, render: bool = True) -> None:
         self.cfg = cfg or SimConfig()
         self.render_enabled = render
-        self.model: mujoco.MjModel | None = None
-        self.data: mujoco.MjData | None = None
-        self.renderer: mujoco.Renderer | None = None
+        self.mj = load_mujoco()
+        self.model: Any = None  # mujoco.MjModel
+        self.data: Any = None  # mujoco.MjData
+        self.renderer: Any = None  # mujoco.Renderer
         self.scenario: Scenario | None = None
         self._robot_geoms: set[int] = set()
         self.steps = 0
@@ -63,21 +70,21 @@ class NavEnv:
         self.close_renderer()
         h, w = self.cfg.image_size
         xml = scenario_xml(scenario, (h, w), self.cfg.physics_timestep)
-        self.model = mujoco.MjModel.from_xml_string(xml)
-        self.data = mujoco.MjData(self.model)
+        self.model = self.mj.MjModel.from_xml_string(xml)
+        self.data = self.mj.MjData(self.model)
         self.scenario = scenario
-        robot_id = mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_BODY, "robot")
+        robot_id = self.mj.mj_name2id(self.model, self.mj.mjtObj.mjOBJ_BODY, "robot")
         self._robot_geoms = {
             g for g in range(self.model.ngeom) if self.model.geom_bodyid[g] == robot_id
         }
         self._qadr = [
-            self.model.jnt_qposadr[mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_JOINT, j)]
+            self.model.jnt_qposadr[self.mj.mj_name2id(self.model, self.mj.mjtObj.mjOBJ_JOINT, j)]
             for j in ("x", "y", "yaw")
         ]
         self.data.qpos[self._qadr[2]] = scenario.start_yaw
-        mujoco.mj_forward(self.model, self.data)
+        self.mj.mj_forward(self.model, self.data)
         if self.render_enabled:
-            self.renderer = mujoco.Renderer(self.model, h, w)
+            self.renderer = self.mj.Renderer(self.model, h, w)
         self.steps = 0
         self.collision = False
         self.passed_side = None
@@ -135,7 +142,7 @@ class NavEnv:
             self.data.ctrl[0] = c * a[0] - s * a[1]
             self.data.ctrl[1] = s * a[0] + c * a[1]
             self.data.ctrl[2] = a[2]
-            mujoco.mj_step(self.model, self.data)
+            self.mj.mj_step(self.model, self.data)
             if not self.collision and self._touching():
                 self.collision = True
         self.steps += 1
