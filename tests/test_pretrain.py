@@ -261,9 +261,15 @@ def test_pretraining_learns_and_reports_every_metric(run: Path) -> None:
     assert np.mean(loss[-10:]) < np.mean(loss[:10]) - 0.5
     m = json.loads((run / "metrics.json").read_text())["summary"]
     assert m["retrieval_images"] > 20 and m["probe_scenes"] > 10
+    # the recorded figures are what evaluating the saved model gives (deterministic), and a
+    # 150-step tiny model from scratch stays near chance (1/32 for R@1 among 32 candidates)
+    from mobile_vla.pretraining.evaluate import evaluate
+
+    model, cfg, _ = load_run(run)
+    again = evaluate(model, load_corpus(cfg.data), cfg)["summary"]
     for key in ("r1_itc", "r5_itc", "r1_itm", "left_right_itm", "colour_itc", "shape_itm"):
-        assert 0.0 <= m[key] <= 1.0
-    assert m["r5_itc"] >= m["r1_itc"]
+        assert again[key] == pytest.approx(m[key], abs=1e-9), key
+    assert m["r5_itc"] >= m["r1_itc"] and m["r1_itc"] <= 0.35
     # a tiny ViT from scratch needs more than 150 steps to beat chance at retrieval; the
     # shipped weights do (test_shipped_weights_retrieve_on_freshly_rendered_scenes)
     assert (run / "export" / "builtin-vl.safetensors").is_file()
