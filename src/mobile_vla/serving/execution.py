@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from mobile_vla.config import ACTION_NAMES
 from mobile_vla.errors import MobileVLAError
 
-COMMAND_NAMES = ("linear_x", "linear_y", "angular_z")
+COMMAND_NAMES = tuple(ACTION_NAMES)  # the robot's command: [linear_x, linear_y, angular_z]
 
 
 @dataclass
@@ -56,7 +57,9 @@ class ExecutionSettings:
 
 
 def full_commands(chunk: Any, dims: Sequence[str]) -> np.ndarray:
-    """A reply's chunk of the predicted dimensions (N, D) -> (N, 3) robot commands."""
+    """A chunk of the predicted dimensions (N, D) -> (N, 3) robot commands in
+    [linear_x, linear_y, angular_z] order, the dimensions not predicted 0 (numpy only: the
+    robot side needs no torch)."""
     arr = np.asarray(chunk, np.float32).reshape(len(chunk), -1)
     out = np.zeros((len(arr), len(COMMAND_NAMES)), np.float32)
     for j, name in enumerate(dims):

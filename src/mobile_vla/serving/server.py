@@ -36,6 +36,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from mobile_vla.config import ACTION_NAMES, Config
 from mobile_vla.models.runtime import PolicyController, act_many
+from mobile_vla.serving.execution import full_commands
 from mobile_vla.serving.protocol import (
     MAX_BODY_BYTES,
     MAX_IMAGE_SIDE,
@@ -335,16 +336,6 @@ def _openpi_observation(data: bytes, s: ServeSettings, session_id: str) -> Obser
     return obs
 
 
-def full_chunk(chunk: np.ndarray, action_dims: Sequence[str]) -> np.ndarray:
-    """A chunk of the predicted dimensions (N, D) -> (N, 3) in ``ACTION_NAMES`` order (the
-    dimensions the policy does not predict are 0), so column i is always ``ACTION_NAMES[i]``."""
-    out = np.zeros((len(chunk), len(ACTION_NAMES)), np.float32)
-    for j, name in enumerate(action_dims):
-        if name in ACTION_NAMES:
-            out[:, ACTION_NAMES.index(name)] = np.asarray(chunk, np.float32)[:, j]
-    return out
-
-
 def _fallback(out: dict[str, Any]) -> dict[str, Any]:
     return {"fallback": out["fallback"]} if "fallback" in out else {}
 
@@ -459,7 +450,7 @@ class _Endpoints:
                 if prev_total_ms is not None:
                     timing["prev_total_ms"] = prev_total_ms
                 reply = {
-                    "actions": full_chunk(out["chunk"], dims),
+                    "actions": full_commands(out["chunk"], dims),
                     "session_id": session,
                     "step": out["step"],
                     "server_timing": timing,
