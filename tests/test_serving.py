@@ -714,3 +714,20 @@ sys.exit(1 if loaded else 0)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+
+
+def test_obs_time_is_echoed_and_checked(server: LiveServer) -> None:
+    """The robot-side queue's ``obs_time``: echoed as sent; anything but a finite number of
+    seconds (an integer too large for a float included) is a 400 naming the field."""
+    good = {"image": b64_jpeg(frame(4)), "instruction": "go left", "session_id": "t"}
+    status, out = raw_post(server.url, "/predict", json.dumps({**good, "obs_time": 12.5}).encode())
+    assert status == 200 and out["obs_time"] == 12.5 and out["decode_ms"] >= 0
+    status, out = raw_post(server.url, "/predict", json.dumps(good).encode())
+    assert status == 200 and "obs_time" not in out
+    for bad in (10**400, "soon", True, [1]):
+        body = json.dumps({**good, "obs_time": bad}).encode()
+        status, out = raw_post(server.url, "/predict", body)
+        assert status == 400 and "obs_time" in out["error"], (bad, status, out)
+    body = json.dumps({**good}).encode()[:-1] + b', "obs_time": NaN}'
+    status, out = raw_post(server.url, "/predict", body)
+    assert status == 400 and "obs_time" in out["error"]

@@ -131,9 +131,16 @@ def check_obs_time(value: Any) -> float | None:
     reply echoes it, so the robot knows which times the chunk's actions are for."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-        raise BadRequest(f"field 'obs_time' must be a finite number of seconds, got {value!r}")
-    return float(value)
+    bad = BadRequest(f"field 'obs_time' must be a finite number of seconds, got {value!r:.40}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    try:
+        seconds = float(value)  # an integer of hundreds of digits overflows
+    except OverflowError:
+        raise bad from None
+    if not np.isfinite(seconds):
+        raise bad
+    return seconds
 
 
 def parse_predict(
