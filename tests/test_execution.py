@@ -169,7 +169,9 @@ def test_realtime_client_refills_in_the_background_and_stops_when_the_server_die
         if np.abs(client.act(frame, "go")).max() > 0:
             last_moving = client.now()
         time.sleep(0.05)
-    assert last_moving - t_dead < 0.2 + 0.2 + 0.1  # queued actions (<= 0.2 s) + deadman + tick
+    # queued actions (a reply already on its way: <= 4 x 0.05 s) + the deadman (0.2 s) + one
+    # tick of sleep jitter on a busy machine
+    assert last_moving - t_dead < 0.2 + 0.2 + 0.15
     assert client.errors > 0 and client.queue.stats.stopped > 0
     client.close()
 
