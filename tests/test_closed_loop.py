@@ -16,7 +16,7 @@ from mobile_vla.evaluation.closed_loop import (
     wilson_interval,
 )
 from mobile_vla.evaluation.results import ClosedLoopSummary
-from mobile_vla.models.runtime import ChunkExecutor, PolicyController, to_command
+from mobile_vla.models.runtime import ChunkExecutor, ChunkSpec, PolicyController, to_command
 
 SIM = SimConfig(image_size=[32, 32], max_steps=40)
 
@@ -63,17 +63,26 @@ def test_wilson_interval() -> None:
 
 def test_chunk_executor_modes() -> None:
     chunks = [np.arange(4, dtype=np.float32)[:, None] + 10 * t for t in range(4)]
-    first = ChunkExecutor("first")
+    first = ChunkExecutor(ChunkSpec("first"))
     assert [float(first(c)[0]) for c in chunks] == [0, 10, 20, 30]
-    k = ChunkExecutor("first_k", k=2)
+    k = ChunkExecutor(ChunkSpec("first_k", k=2))
     out = []
     for c in chunks:
         out.append(float(k(c if k.needs_prediction() else None)[0]))
     assert out == [0, 1, 20, 21]
-    ens = ChunkExecutor("ensemble", decay=0.0)  # equal weights: plain mean of overlaps
+    ens = ChunkExecutor(ChunkSpec("ensemble", decay=0.0))  # equal weights: mean of overlaps
     got = [float(ens(c)[0]) for c in chunks]
     # step 1: chunk0[1]=1 and chunk1[0]=10 -> 5.5 ; step 2: 2, 11, 20 -> 11
     assert got[:3] == [0.0, 5.5, 11.0]
+    with pytest.raises(ValueError, match="chunk mode must be one of"):
+        ChunkSpec("last")
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        ChunkSpec("first_k", k=0)
+    assert ChunkSpec("first_k", 3).settings() == {
+        "chunk_mode": "first_k",
+        "chunk_k": 3,
+        "ensemble_decay": 0.1,
+    }
 
 
 def test_to_command() -> None:
@@ -136,7 +145,11 @@ def test_policy_controller_history_and_cli(train_data, tmp_path, capsys) -> None
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["closed_loop"]["episodes"] == 4 and "offline" in metrics
     assert metrics["closed_loop"]["chunk_mode"] == "ensemble"
+    assert metrics["closed_loop"]["ensemble_decay"] == 0.1
     assert (run / "eval" / "trajectories_left.png").exists()
+    args = ["eval", str(run), "--episodes", "4", "--chunk", "first_k", "--chunk-k", "0", "-q"]
+    assert main(args) == 2  # refused before anything runs
+    assert "--chunk / --chunk-k: chunk k must be >= 1" in capsys.readouterr().err
     assert list((run / "eval").glob("rollout_*.gif"))
 
 

@@ -262,15 +262,13 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.evaluation.run_eval import evaluate
 
     refuse_overrides(overrides, "eval")
-    run, episodes, seed, chunk, k, decay = closed_loop_args(args)
+    run, episodes, seed, chunk = closed_loop_args(args)
     evaluate(
         run,
         args.checkpoint,
         episodes,
         seed,
         chunk,
-        k,
-        decay,
         videos=args.videos,
         batch_size=args.batch_size,
         expert_steps=args.expert_steps,
@@ -498,9 +496,7 @@ def cmd_serve(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         header_timeout_s=args.header_timeout,
         max_batch=args.max_batch,
         session_ttl_s=args.session_ttl,
-        chunk_mode=args.chunk,
-        chunk_k=args.chunk_k,
-        ensemble_decay=args.ensemble_decay,
+        chunk=chunk_spec(args),
         history_cache=not args.no_history_cache,
         openpi_image_key=args.openpi_image_key,
         openpi_prompt_key=args.openpi_prompt_key,
@@ -991,10 +987,20 @@ def checkpoint_name(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected best, last, selected or step_N, got '{text}'")
 
 
+def chunk_spec(args: argparse.Namespace) -> Any:
+    """``--chunk``, ``--chunk-k`` and ``--ensemble-decay`` as one ChunkSpec."""
+    from mobile_vla.models.runtime import ChunkSpec
+
+    try:
+        return ChunkSpec(args.chunk, args.chunk_k, args.ensemble_decay)
+    except ValueError as exc:
+        raise MobileVLAError(f"--chunk / --chunk-k: {exc}") from None
+
+
 def closed_loop_args(args: argparse.Namespace) -> tuple[Any, ...]:
-    """(run, episodes, seed, chunk mode, k, decay): what every closed-loop evaluation of a
-    run folder takes first."""
-    return (args.run, args.episodes, args.seed, args.chunk, args.chunk_k, args.ensemble_decay)
+    """(run, episodes, seed, chunk): what every closed-loop evaluation of a run folder takes
+    first."""
+    return (args.run, args.episodes, args.seed, chunk_spec(args))
 
 
 def add_chunk_arguments(p: argparse.ArgumentParser) -> None:

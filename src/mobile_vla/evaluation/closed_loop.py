@@ -26,7 +26,11 @@ from mobile_vla.config import Config, SimConfig
 from mobile_vla.data.images import resize_frames
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.evaluation.results import ClosedLoopSummary, SuccessCount, wilson_interval
-from mobile_vla.models.runtime import PolicyController  # the runtime serving shares
+from mobile_vla.models.runtime import (  # the runtime serving shares
+    FIRST,
+    ChunkSpec,
+    PolicyController,
+)
 
 STOP_SPEED = 0.05
 STOP_STEPS = 3
@@ -252,9 +256,7 @@ def evaluate_run_closed_loop(
     run: Any,
     episodes: int,
     seed: int | None = None,
-    chunk_mode: str = "first",
-    k: int = 1,
-    decay: float = 0.1,
+    chunk: ChunkSpec = FIRST,
     videos: int = 2,
     which: str = "best",
     progress: bool = True,
@@ -275,7 +277,7 @@ def evaluate_run_closed_loop(
     policy, cfg = loaded if loaded is not None else load_policy(run, which)
     run = Path(run)
     seed = cfg.seed if seed is None else seed
-    controller: Controller = PolicyController(policy, cfg, chunk_mode, k, decay)
+    controller: Controller = PolicyController(policy, cfg, chunk)
     if expert_steps > 0:
         controller = ExpertStartController(controller, cfg.sim, expert_steps)
     summary, results = closed_loop(
@@ -294,9 +296,7 @@ def evaluate_run_closed_loop(
                 rs, scenarios, out_dir / f"trajectories_{side}.png", f"instructed {side}"
             )
     summary = summary.with_settings(
-        chunk_mode=chunk_mode,
-        chunk_k=k,
-        ensemble_decay=decay,
+        **chunk.settings(),
         seed=seed,
         checkpoint=which,
         step_limit=cfg.sim.max_steps,

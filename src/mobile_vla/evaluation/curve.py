@@ -24,7 +24,7 @@ from typing import Any
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.evaluation.closed_loop import closed_loop
 from mobile_vla.evaluation.plots import save_figure, success_errorbar
-from mobile_vla.models.runtime import PolicyController
+from mobile_vla.models.runtime import FIRST, ChunkSpec, PolicyController
 from mobile_vla.training.checkpoint import SELECTED, load_folder, save_folder
 
 
@@ -48,9 +48,7 @@ def evaluate_curve(
     run: str | Path,
     episodes: int,
     seed: int | None = None,
-    chunk_mode: str = "first",
-    k: int = 1,
-    decay: float = 0.1,
+    chunk: ChunkSpec = FIRST,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Closed-loop success of each checkpoint on the same ``episodes`` held-out scenarios."""
@@ -62,7 +60,7 @@ def evaluate_curve(
     for name, step in curve_points(run):
         policy, cfg = load_policy(run, name)
         used_seed = cfg.seed if seed is None else seed
-        controller = PolicyController(policy, cfg, chunk_mode, k, decay)
+        controller = PolicyController(policy, cfg, chunk)
         summary, _ = closed_loop(controller, cfg.sim, episodes, used_seed, progress=progress)
         rows.append(
             {
@@ -72,7 +70,7 @@ def evaluate_curve(
                 "by_side": {k: v.to_json() for k, v in summary.by_side.items()},
             }
         )
-    out = {"seed": used_seed, "episodes": episodes, "chunk_mode": chunk_mode, "points": rows}
+    out = {"seed": used_seed, "episodes": episodes, "chunk_mode": chunk.mode, "points": rows}
     plot_curve(rows, run / "eval" / "curve.png", run.name)
     update_metrics(run, "curve", out)
     return out

@@ -11,6 +11,7 @@ from typing import Any
 
 from mobile_vla.evaluation.language import LanguageReliance, format_language, language_reliance
 from mobile_vla.evaluation.results import ClosedLoopSummary, OfflineMetrics
+from mobile_vla.models.runtime import FIRST, ChunkSpec
 
 
 def evaluate(
@@ -18,9 +19,7 @@ def evaluate(
     which: str = "best",
     episodes: int = 0,
     seed: int | None = None,
-    chunk_mode: str = "first",
-    k: int = 1,
-    decay: float = 0.1,
+    chunk: ChunkSpec = FIRST,
     videos: int = 2,
     batch_size: int = 16,
     expert_steps: int = 0,
@@ -55,9 +54,7 @@ def evaluate(
             run,
             episodes,
             seed,
-            chunk_mode,
-            k,
-            decay,
+            chunk,
             videos,
             which,
             progress=progress,
@@ -70,9 +67,7 @@ def evaluate(
     if language > 0:
         echo(
             format_language(
-                evaluate_run_language(
-                    run, language, seed, chunk_mode, k, decay, which, progress, loaded
-                )
+                evaluate_run_language(run, language, seed, chunk, which, progress, loaded)
             )
         )
     return offline, closed
@@ -82,9 +77,7 @@ def evaluate_run_language(
     run: str | Path,
     scenes: int,
     seed: int | None = None,
-    chunk_mode: str = "first",
-    k: int = 1,
-    decay: float = 0.1,
+    chunk: ChunkSpec = FIRST,
     which: str = "best",
     progress: bool = True,
     loaded: tuple[Any, Any] | None = None,
@@ -96,7 +89,7 @@ def evaluate_run_language(
 
     policy, cfg = loaded if loaded is not None else load_policy(run, which)
     seed = cfg.seed if seed is None else seed
-    controller = PolicyController(policy, cfg, chunk_mode, k, decay)
+    controller = PolicyController(policy, cfg, chunk)
     result = language_reliance(controller, cfg.sim, scenes, seed, progress)
     update_metrics(Path(run), "language_reliance", {**result.to_json(), "checkpoint": which})
     return result

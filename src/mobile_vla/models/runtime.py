@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,13 +34,36 @@ def to_command(action: np.ndarray, action_dims: Sequence[str]) -> np.ndarray:
     return cmd
 
 
+@dataclass(frozen=True)
+class ChunkSpec:
+    """How a stream of predicted chunks becomes one action per step, in one word for the
+    server, evaluation, the study and the CLI: ``mode`` first (the first action of each new
+    chunk), first_k (execute ``k`` actions of a chunk, then predict again) or ensemble (ACT's
+    temporal ensemble of every chunk that covers the step, weights exp(-``decay`` * i))."""
+
+    mode: str = "first"
+    k: int = 1
+    decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.mode not in CHUNK_MODES:
+            raise ValueError(f"chunk mode must be one of {CHUNK_MODES}, got {self.mode!r}")
+        if self.k < 1:
+            raise ValueError(f"chunk k must be >= 1, got {self.k}")
+
+    def settings(self) -> dict[str, Any]:
+        """The keys ``metrics.json`` records them under."""
+        return {"chunk_mode": self.mode, "chunk_k": self.k, "ensemble_decay": self.decay}
+
+
+FIRST = ChunkSpec()  # the default: the first action of every new chunk
+
+
 class ChunkExecutor:
     """Turns a stream of predicted chunks (N, D) into one action per step."""
 
-    def __init__(self, mode: str = "first", k: int = 1, decay: float = 0.1) -> None:
-        if mode not in CHUNK_MODES:
-            raise ValueError(f"chunk mode must be one of {CHUNK_MODES}, got {mode!r}")
-        self.mode, self.k, self.decay = mode, max(1, k), decay
+    def __init__(self, spec: ChunkSpec = FIRST) -> None:
+        self.mode, self.k, self.decay = spec.mode, spec.k, spec.decay
         self.reset()
 
     def reset(self) -> None:
@@ -80,16 +104,14 @@ class PolicyController:
         self,
         policy: Any,
         cfg: Config,
-        chunk_mode: str = "first",
-        k: int = 1,
-        decay: float = 0.1,
+        chunk: ChunkSpec = FIRST,
         cache_features: bool = True,
         camera: Any = None,
     ) -> None:
         self.policy, self.cfg = policy, cfg
         self.window_size = cfg.data.window_size
         self.size = tuple(cfg.data.image_size)
-        self.executor = ChunkExecutor(chunk_mode, k, decay)
+        self.executor = ChunkExecutor(chunk)
         self.cache = cache_features and cfg.backbone.history == "post"
         self.camera = camera
         self.reset(None)

@@ -34,7 +34,7 @@ class Observation:
     instruction: str
     session_id: str
     reset: bool
-    chunk_mode: str | None = None  # None: the server's; openpi's clients execute whole chunks
+    chunk: Any = None  # a ChunkSpec; None: the server's (openpi's clients execute whole chunks)
 
 
 def _check_utf8(text: str, field: str) -> None:

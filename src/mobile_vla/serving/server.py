@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from mobile_vla.config import ACTION_NAMES, Config
-from mobile_vla.models.runtime import PolicyController, act_many
+from mobile_vla.models.runtime import ChunkSpec, PolicyController, act_many
 from mobile_vla.serving.execution import full_commands
 from mobile_vla.serving.protocol import (
     MAX_BODY_BYTES,
@@ -66,9 +66,7 @@ class ServeSettings:
     max_image_side: int = MAX_IMAGE_SIDE
     session_ttl_s: float = 300.0
     max_sessions: int = 256
-    chunk_mode: str = "first"
-    chunk_k: int = 1
-    ensemble_decay: float = 0.1
+    chunk: ChunkSpec = field(default_factory=ChunkSpec)  # how a session executes chunks
     history_cache: bool = True
     max_batch: int = 16  # requests of different sessions answered by one forward pass
     body_timeout_s: float = 10.0  # a request body not complete by then gets 408
@@ -89,7 +87,7 @@ class Engine:
         self.nonfinite = 0  # replies whose policy output was NaN/inf, replaced by a stop
 
     def _controller(
-        self, session_id: str, create: bool = True, chunk_mode: str | None = None
+        self, session_id: str, create: bool = True, chunk: ChunkSpec | None = None
     ) -> PolicyController | None:
         now = time.monotonic()
         ttl = self.settings.session_ttl_s
@@ -105,9 +103,7 @@ class Engine:
             ctrl = PolicyController(
                 self.policy,
                 self.cfg,
-                chunk_mode or s.chunk_mode,
-                s.chunk_k,
-                s.ensemble_decay,
+                chunk or s.chunk,
                 cache_features=s.history_cache,
             )
         else:
@@ -136,7 +132,7 @@ class Engine:
             if self.settings.history_cache and len(together) > 1:
                 ctrls = []
                 for i in together:
-                    ctrl = self._controller(batch[i].session_id, chunk_mode=batch[i].chunk_mode)
+                    ctrl = self._controller(batch[i].session_id, chunk=batch[i].chunk)
                     assert ctrl is not None
                     if batch[i].reset:
                         ctrl.reset(None)
@@ -153,7 +149,7 @@ class Engine:
 
     def _step_one(self, obs: Observation) -> dict[str, Any]:
         t0 = time.perf_counter()
-        ctrl = self._controller(obs.session_id, chunk_mode=obs.chunk_mode)
+        ctrl = self._controller(obs.session_id, chunk=obs.chunk)
         assert ctrl is not None
         if obs.reset:
             ctrl.reset(None)
@@ -212,7 +208,7 @@ class Engine:
             "chunk_length": self.cfg.data.fwd_pred_next_n,
             "window_size": self.cfg.data.window_size,
             "image_size": list(self.cfg.data.image_size),
-            "chunk_mode": self.settings.chunk_mode,
+            "chunk_mode": self.settings.chunk.mode,
             "history_cache": self.settings.history_cache,
         }
 
@@ -320,6 +316,9 @@ def _ws_observation(data: bytes, s: ServeSettings, default_session: str) -> Obse
     )
 
 
+OPENPI_CHUNK = ChunkSpec("first")
+
+
 def _openpi_observation(data: bytes, s: ServeSettings, session_id: str) -> Observation:
     """One openpi message (msgpack, openpi's numpy encoding) -> an observation, or BadRequest."""
     if len(data) > s.max_body_bytes:
@@ -332,7 +331,7 @@ def _openpi_observation(data: bytes, s: ServeSettings, session_id: str) -> Obser
         s.max_instruction_chars,
         s.max_image_side,
     )
-    obs.chunk_mode = "first"  # a fresh chunk every call: the robot executes it (its broker)
+    obs.chunk = OPENPI_CHUNK  # a fresh chunk every call: the robot executes it (its broker)
     return obs
 
 
