@@ -44,6 +44,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def served_run(tmp_path: Path) -> Path:
+    """The run these benches serve: 12 collected episodes, one training step of
+    configs/builtin_base.yaml (the built-in backbone, window 8)."""
+    collect_episodes(tmp_path / "data", 12, workers=1)
+    subprocess.run(
+        [
+            *MOBILE_VLA,
+            "train",
+            str(ROOT / "configs" / "builtin_base.yaml"),
+            "-q",
+            f"--data.path={tmp_path / 'data'}",
+            f"--trainer.output_dir={tmp_path}",
+            "--trainer.run_name=run",
+            "--trainer.max_steps=1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return tmp_path / "run"
+
+
 def start_server(run: Path, cache: bool, max_batch: int = 16) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
@@ -264,24 +285,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        mvla = MOBILE_VLA
-        collect_episodes(tmp_path / "data", 12, workers=1)
-        subprocess.run(
-            [
-                *mvla,
-                "train",
-                str(ROOT / "configs" / "builtin_base.yaml"),
-                "-q",
-                f"--data.path={tmp_path / 'data'}",
-                f"--trainer.output_dir={tmp_path}",
-                "--trainer.run_name=run",
-                "--trainer.max_steps=1",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        run = tmp_path / "run"
+        run = served_run(Path(tmp))
         frames = camera_frames(30)
         if args.only_capacity:
             repeat_capacity(run, frames, args)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,8 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from bench_serving import camera_frames, start_server  # noqa: E402
-from common import MOBILE_VLA, collect_episodes  # noqa: E402
+from bench_serving import camera_frames, served_run, start_server  # noqa: E402
 from mobile_vla.serving.client import PredictClient, ServerError  # noqa: E402
 
 
@@ -111,24 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cores; {args.robots} robots at 10 Hz for {args.minutes} min")
     with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        collect_episodes(tmp_path / "data", 12, workers=1)
-        subprocess.run(
-            [
-                *MOBILE_VLA,
-                "train",
-                str(ROOT / "configs" / "builtin_base.yaml"),
-                "-q",
-                f"--data.path={tmp_path / 'data'}",
-                f"--trainer.output_dir={tmp_path}",
-                "--trainer.run_name=run",
-                "--trainer.max_steps=1",
-            ],
-            check=True,
-            capture_output=True,
-        )
         frames = camera_frames(30)
-        proc, url = start_server(tmp_path / "run", True, 16)
+        proc, url = start_server(served_run(Path(tmp)), True, 16)
         try:
             rows = soak(proc.pid, url, frames, args)
         finally:

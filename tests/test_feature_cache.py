@@ -204,8 +204,8 @@ def test_training_on_the_cache_matches_live_training(train_data, tmp_path, extra
 def test_batch_of_cached_prefixes_gives_the_live_window_features(train_data, tmp_path) -> None:
     """The collated batch (each distinct frame read once, trailing padding dropped) gives the
     same window features as encoding the batch's images live."""
+    from mobile_vla.training.common import collate
     from mobile_vla.training.feature_cache import CachedPrefixDataset
-    from mobile_vla.training.module import collate
 
     cfg, bundle, policy = setup(train_data, tmp_path)
     policy.eval()

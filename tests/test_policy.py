@@ -15,7 +15,7 @@ from mobile_vla.data.normalization import ActionStats
 from mobile_vla.errors import ConfigError, DataError
 from mobile_vla.models.policy import VLAPolicy
 from mobile_vla.models.strategies import apply_strategy, resolve
-from mobile_vla.training.module import collate
+from mobile_vla.training.common import collate
 from mobile_vla.training.runs import build_policy
 
 from .conftest import tiny_overrides

@@ -26,7 +26,7 @@ from mobile_vla.evaluation.offline import (
 )
 from mobile_vla.evaluation.results import OfflineMetrics
 from mobile_vla.training.checkpoint import CheckpointError, load_folder, save_folder, saved_step
-from mobile_vla.training.module import warmup_cosine
+from mobile_vla.training.common import warmup_cosine
 from mobile_vla.training.run import train
 from mobile_vla.training.runs import load_policy
 

@@ -38,6 +38,19 @@ def save_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
+def _vision(image_size: int, **extra: object) -> dict:
+    """The tiny vision tower every family here gets: 2 layers of width 32, 8 px patches."""
+    return {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": 8,
+        **extra,
+    }
+
+
 def save_tiny_kosmos2(folder: Path, image_size: int = 32) -> Path:
     import torch
     from transformers import Kosmos2Config, Kosmos2Model
@@ -56,14 +69,7 @@ def save_tiny_kosmos2(folder: Path, image_size: int = 32) -> Path:
             "bos_token_id": 1,
             "eos_token_id": 2,
         },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": image_size,
-            "patch_size": 8,
-        },
+        vision_config=_vision(image_size),
         latent_query_num=8,
     )
     Kosmos2Model(cfg).save_pretrained(folder)
@@ -99,16 +105,7 @@ def save_tiny_paligemma(folder: Path, image_size: int = 32) -> Path:
             "bos_token_id": 1,
             "eos_token_id": 2,
         },
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": image_size,
-            "patch_size": 8,
-            "projection_dim": 32,
-        },
+        vision_config=_vision(image_size, model_type="siglip_vision_model", projection_dim=32),
         image_token_index=n,
         projection_dim=32,
         hidden_size=32,
@@ -142,16 +139,7 @@ def save_tiny_llava(folder: Path, image_size: int = 32) -> Path:
     n = len(_vocab())
     cfg = LlavaConfig(
         text_config=_llama_text(n),
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": image_size,
-            "patch_size": 8,
-            "projection_dim": 32,
-        },
+        vision_config=_vision(image_size, model_type="clip_vision_model", projection_dim=32),
         image_token_index=n,
         vision_feature_layer=-1,
     )
@@ -168,14 +156,7 @@ def save_tiny_idefics3(folder: Path, image_size: int = 32) -> Path:
     n = len(_vocab())
     cfg = Idefics3Config(
         text_config=_llama_text(n),
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": image_size,
-            "patch_size": 8,
-        },
+        vision_config=_vision(image_size),
         image_token_id=n,
         scale_factor=2,
     )

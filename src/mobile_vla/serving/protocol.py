@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,30 +223,24 @@ def parse_openpi(
 # ``{b"__npgeneric__": true, ...}``. Both are read everywhere; each endpoint answers in its own.
 
 
-def _encode(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return {
-            "__ndarray__": True,
-            "data": obj.tobytes(),
-            "dtype": obj.dtype.str,
-            "shape": list(obj.shape),
-        }
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+def _array_encoder(key: Callable[[str], Any]) -> Callable[[Any], Any]:
+    """msgpack's ``default`` for numpy values, its marker keys spelled by ``key`` (``str``:
+    ``/stream``'s; ``str.encode``: openpi's)."""
+
+    def encode(obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            fields = ("__ndarray__", "data", "dtype", "shape")
+            values = (True, obj.tobytes(), obj.dtype.str, list(obj.shape))
+            return {key(k): v for k, v in zip(fields, values, strict=True)}
+        if isinstance(obj, np.generic):
+            return obj.item()
+        raise TypeError(f"cannot encode {type(obj).__name__}")
+
+    return encode
 
 
-def _encode_openpi(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return {
-            b"__ndarray__": True,
-            b"data": obj.tobytes(),
-            b"dtype": obj.dtype.str,
-            b"shape": list(obj.shape),
-        }
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+_encode = _array_encoder(str)
+_encode_openpi = _array_encoder(str.encode)
 
 
 _ALLOWED_DTYPES = {"|u1", "<f4", "<f8", "<i4", "<i8", "|b1", "<f2"}

@@ -301,11 +301,16 @@ class FrameBatcher:
                     fut.set_result(out)
 
 
-def _ws_observation(data: bytes, s: ServeSettings, default_session: str) -> Observation:
-    """One WebSocket message (msgpack map) -> an observation, or BadRequest."""
+def _unpack_message(data: bytes, s: ServeSettings) -> Any:
+    """A WebSocket message within the body limit, unpacked (either msgpack spelling)."""
     if len(data) > s.max_body_bytes:
         raise BadRequest(f"message is {len(data)} bytes; at most {s.max_body_bytes}", 413)
-    msg = unpackb(data)
+    return unpackb(data)
+
+
+def _ws_observation(data: bytes, s: ServeSettings, default_session: str) -> Observation:
+    """One WebSocket message (msgpack map) -> an observation, or BadRequest."""
+    msg = _unpack_message(data, s)
     if not isinstance(msg, dict):
         raise BadRequest("message must be a map with 'image' and 'instruction'")
     return Observation(
@@ -321,10 +326,8 @@ OPENPI_CHUNK = ChunkSpec("first")
 
 def _openpi_observation(data: bytes, s: ServeSettings, session_id: str) -> Observation:
     """One openpi message (msgpack, openpi's numpy encoding) -> an observation, or BadRequest."""
-    if len(data) > s.max_body_bytes:
-        raise BadRequest(f"message is {len(data)} bytes; at most {s.max_body_bytes}", 413)
     obs = parse_openpi(
-        unpackb(data),
+        _unpack_message(data, s),
         s.openpi_image_key,
         s.openpi_prompt_key,
         session_id,

@@ -18,12 +18,7 @@ from torch.utils.data import Sampler
 from mobile_vla.config import Config, to_dict
 from mobile_vla.models.policy import VLAPolicy
 from mobile_vla.models.strategies import StrategyPlan
-from mobile_vla.training.common import (  # noqa: F401 - their home before
-    architecture,
-    check_architecture,
-    collate,
-    warmup_cosine,
-)
+from mobile_vla.training.common import architecture, check_architecture, warmup_cosine
 
 
 class EpochSampler(Sampler[int]):

@@ -43,12 +43,8 @@ def _devices(text: str) -> Any:
 
 
 def make_loaders(cfg: Config, bundle: DataBundle) -> tuple[DataLoader, DataLoader]:
-    from mobile_vla.training.module import (
-        EpochSampler,
-        collate,
-        counterfactual_groups,
-        window_runs,
-    )
+    from mobile_vla.training.common import collate
+    from mobile_vla.training.module import EpochSampler, counterfactual_groups, window_runs
 
     t = cfg.trainer
     kw: dict[str, Any] = {"batch_size": t.batch_size, "num_workers": t.num_workers}

@@ -1,7 +1,8 @@
 """The shared part of adapters whose VLM is a vision tower, a projector and a decoder-only
 language model that takes image features in place of placeholder tokens (LLaVA, Idefics3 /
-SmolVLM, Qwen2-VL). A family sets where those three parts live and, if its layout has them,
-the tokens that open and close an image; the sequence is::
+SmolVLM, Qwen2-VL; PaliGemma shares the parts and tokens, with a layout of its own). A family
+sets where those three parts live and, if its layout has them, the tokens that open and close
+an image; the sequence is::
 
     <bos> [open] [image features] [close] ... prompt tokens \\n [action token(s)] <eos>
 
@@ -68,11 +69,8 @@ class DecoderVLMBackbone(HFBackbone):
     def lora_scope(self) -> nn.Module:
         return self.lm
 
-    def text_config(self) -> Any:
-        return self.model.config.text_config
-
     def max_window(self) -> int:
-        positions = self.text_config().max_position_embeddings
+        positions = self.model.config.text_config.max_position_embeddings
         return max(1, (positions - 64) // (self.num_image_tokens + 2))
 
     def _positions(self, rows: list, packed: Packed) -> torch.Tensor | None:
@@ -108,5 +106,9 @@ class DecoderVLMBackbone(HFBackbone):
         return rows
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.model.get_image_features(pixel_values=pixels).pooler_output
-        return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
+        return stacked(self.model.get_image_features(pixel_values=pixels).pooler_output)
+
+
+def stacked(features: Any) -> torch.Tensor:
+    """A family's image features as one (N, tokens, D) tensor (some return one per image)."""
+    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features

@@ -16,9 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from mobile_vla.models.backbones.hf import HFBackbone
+from mobile_vla.models.backbones.decoder import DecoderVLMBackbone
 from mobile_vla.models.backbones.sequence import fill, gather_actions, pack
 
 DEFAULT_ID = "google/paligemma-3b-pt-224"
@@ -26,9 +25,12 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 
-class PaliGemmaBackbone(HFBackbone):
+class PaliGemmaBackbone(DecoderVLMBackbone):
+    """Its parts (``vision_tower``, ``multi_modal_projector``, ``language_model``), groups and
+    special tokens are :class:`DecoderVLMBackbone`'s; its layout (image first, a bidirectional
+    prefix) is its own."""
+
     name = "paligemma"
-    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     model_class = "PaliGemmaModel"
     default_id = DEFAULT_ID
     image_mean, image_std = SIGLIP_MEAN, SIGLIP_STD
@@ -38,30 +40,6 @@ class PaliGemmaBackbone(HFBackbone):
         size = conf.vision_config.image_size
         self.image_size = (size, size)
         self.num_image_tokens = (size // conf.vision_config.patch_size) ** 2
-
-    def _token_ids(self) -> None:
-        tok = self.tokenizer
-        self.bos, self.eos = tok.bos_token_id, tok.eos_token_id
-        self.pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
-        self.placeholder = self.pad
-        self.newline = tok("\n", add_special_tokens=False)["input_ids"]
-
-    @property
-    def lm(self) -> nn.Module:
-        return self.model.language_model
-
-    def groups(self) -> dict[str, list[nn.Module]]:
-        return {
-            "vision": [self.model.vision_tower],
-            "resampler": [self.model.multi_modal_projector],
-            "text_embedding": [self.lm.embed_tokens],
-            "text": [],
-            "decoder_layers": list(self.lm.layers),
-            "decoder_other": [self.lm.norm],
-        }
-
-    def lora_scope(self) -> nn.Module:
-        return self.lm
 
     def max_window(self) -> int:
         positions = self.model.config.text_config.max_position_embeddings

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mobile_vla.models.backbones.decoder import DecoderVLMBackbone
+from mobile_vla.models.backbones.decoder import DecoderVLMBackbone, stacked
 from mobile_vla.models.backbones.sequence import Packed
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -61,10 +61,8 @@ class Qwen2VLBackbone(DecoderVLMBackbone):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         n = pixels.shape[0]
         thw = torch.tensor([[1, self.grid, self.grid]] * n, device=pixels.device)
-        out = self.model.get_image_features(
-            pixel_values=self.patchify(pixels), image_grid_thw=thw
-        ).pooler_output
-        return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
+        out = self.model.get_image_features(pixel_values=self.patchify(pixels), image_grid_thw=thw)
+        return stacked(out.pooler_output)
 
     def _positions(self, rows: list, packed: Packed) -> torch.Tensor:
         """M-RoPE positions (3, B, L): text tokens count up on all three axes; an image span
