@@ -180,6 +180,7 @@ def test_checkpoint_steps_give_a_learning_curve(train_data, tmp_path, capsys) ->
     from mobile_vla.cli import main
     from mobile_vla.config import load_config
     from mobile_vla.evaluation.curve import select_checkpoint
+    from mobile_vla.evaluation.results import LearningCurve
     from mobile_vla.training.checkpoint import selection_of
     from mobile_vla.training.run import train
     from mobile_vla.training.runs import load_policy
@@ -233,14 +234,14 @@ def test_checkpoint_steps_give_a_learning_curve(train_data, tmp_path, capsys) ->
     assert main([*args, "--seed", "8"]) == 0
     # most successes; ties: fewer collisions, then the earlier step
     points = [
-        {"checkpoint": "step_1", "step": 1, "successes": 1, "collision_rate": 0.0},
-        {"checkpoint": "step_2", "step": 2, "successes": 2, "collision_rate": 0.5},
-        {"checkpoint": "last", "step": 3, "successes": 2, "collision_rate": 0.0},
+        {"checkpoint": "step_1", "step": 1, "episodes": 2, "successes": 1, "collision_rate": 0.0},
+        {"checkpoint": "step_2", "step": 2, "episodes": 2, "successes": 2, "collision_rate": 0.5},
+        {"checkpoint": "last", "step": 3, "episodes": 2, "successes": 2, "collision_rate": 0.0},
     ]
     curve = {"points": points, "seed": 9, "episodes": 2, "chunk_mode": "first"}
-    assert select_checkpoint(run, curve)["checkpoint"] == "last"
+    assert select_checkpoint(run, LearningCurve.from_json(curve))["checkpoint"] == "last"
     points[2]["collision_rate"] = 0.5
-    assert select_checkpoint(run, curve)["checkpoint"] == "step_2"
+    assert select_checkpoint(run, LearningCurve.from_json(curve))["checkpoint"] == "step_2"
     assert selection_of(run / "checkpoints" / "step_2") is None
     with pytest.raises(MobileVLAError, match="checkpoint_steps"):
         load_config(None, ["trainer.checkpoint_steps=[2,1]"])

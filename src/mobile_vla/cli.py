@@ -226,12 +226,11 @@ def args_inspect(sub: Any) -> None:
 
 def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from mobile_vla.training.run import train
-    from mobile_vla.training.runs import check_run
+    from mobile_vla.training.runs import Run
 
     if args.resume is not None:
-        run = check_run(args.resume)
-        cfg = load_config(run / "config.yaml", overrides)
-        out = train(cfg, resume=run, progress=not args.quiet)
+        run = Run.open(args.resume, list(overrides))
+        out = train(run.config, resume=run.path, progress=not args.quiet)
     else:
         if args.config is None:
             raise MobileVLAError("train needs a CONFIG file (or --resume RUN)")

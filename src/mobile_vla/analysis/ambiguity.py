@@ -110,10 +110,11 @@ def loss_by_frame(run: str | Path, which: str = "best", part: str = "val") -> di
 
     from mobile_vla.data.dataset import EpisodeDataset
     from mobile_vla.training.common import collate
-    from mobile_vla.training.runs import load_policy, validation_episodes
+    from mobile_vla.training.runs import Run
 
-    policy, cfg = load_policy(run, which)
-    episodes = [e for e in validation_episodes(run, cfg, part) if e.source is None]
+    opened = Run.open(run)
+    policy, cfg = opened.policy(which), opened.config
+    episodes = [e for e in opened.episodes(part) if e.source is None]
     ds = EpisodeDataset(episodes, cfg.data, policy.normalizer, per_step=True)
     w = cfg.data.window_size
     total = np.zeros(w)

@@ -143,10 +143,11 @@ def compare_runs(
 ) -> dict[str, Any]:
     from mobile_vla.data.dataset import EpisodeDataset, make_frame_source
     from mobile_vla.data.episodes import load_episodes
-    from mobile_vla.training.runs import load_policy, validation_episodes
+    from mobile_vla.training.runs import Run
 
-    policy_a, cfg_a = load_policy(run_a)
-    policy_b, cfg_b = load_policy(run_b)
+    opened_a, opened_b = Run.open(run_a), Run.open(run_b)
+    policy_a, cfg_a = opened_a.policy(), opened_a.config
+    policy_b, cfg_b = opened_b.policy(), opened_b.config
     if list(cfg_a.data.action_dims) != list(cfg_b.data.action_dims):
         raise MobileVLAError(
             f"runs predict different action spaces: {run_a} {cfg_a.data.action_dims} vs "
@@ -157,7 +158,7 @@ def compare_runs(
         data_cfg.path = str(data)
         episodes = load_episodes(data_cfg)
     else:
-        episodes = validation_episodes(run_a, cfg_a)
+        episodes = opened_a.episodes()
     reps = {}
     for name, policy, cfg in (("A", policy_a, cfg_a), ("B", policy_b, cfg_b)):
         # the same windows for both; each model sees them at its own window size / resolution

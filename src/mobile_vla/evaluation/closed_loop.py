@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from mobile_vla.config import Config, SimConfig
+from mobile_vla.config import SimConfig
 from mobile_vla.data.images import resize_frames
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.evaluation.results import ClosedLoopSummary, SuccessCount, wilson_interval
@@ -31,6 +32,9 @@ from mobile_vla.models.runtime import (  # the runtime serving shares
     ChunkSpec,
     PolicyController,
 )
+
+if TYPE_CHECKING:
+    from mobile_vla.training.runs import Run
 
 STOP_SPEED = 0.05
 STOP_STEPS = 3
@@ -253,29 +257,25 @@ def closed_loop(
 
 
 def evaluate_run_closed_loop(
-    run: Any,
+    run: str | Path | Run,
     episodes: int,
     seed: int | None = None,
     chunk: ChunkSpec = FIRST,
     videos: int = 2,
     which: str = "best",
     progress: bool = True,
-    loaded: tuple[Any, Config] | None = None,
     expert_steps: int = 0,
 ) -> ClosedLoopSummary:
     """Closed-loop metrics of a run folder; writes ``metrics.json["closed_loop"]``, rollout
-    GIFs and one top-down trajectory plot per side under ``RUN/eval/``. ``loaded`` is the
-    run's (policy, config) when the caller has already loaded them. With ``expert_steps`` the
+    GIFs and one top-down trajectory plot per side under ``RUN/eval/``. With ``expert_steps`` the
     expert drives the first steps (:class:`ExpertStartController`) and the result goes to
     ``metrics.json["closed_loop_expert_start"]`` and ``RUN/eval/expert_start/`` instead."""
-    from pathlib import Path
-
     from mobile_vla.evaluation.plots import rollout_gif, trajectory_plot
     from mobile_vla.sim.scenario import make_scenario
-    from mobile_vla.training.runs import load_policy, update_metrics
+    from mobile_vla.training.runs import Run
 
-    policy, cfg = loaded if loaded is not None else load_policy(run, which)
-    run = Path(run)
+    run = Run.open(run)
+    policy, cfg = run.policy(which), run.config
     seed = cfg.seed if seed is None else seed
     controller: Controller = PolicyController(policy, cfg, chunk)
     if expert_steps > 0:
@@ -283,7 +283,7 @@ def evaluate_run_closed_loop(
     summary, results = closed_loop(
         controller, cfg.sim, episodes, seed, keep_frames=videos, progress=progress
     )
-    out_dir = run / "eval" / ("expert_start" if expert_steps else "")
+    out_dir = run.path / "eval" / ("expert_start" if expert_steps else "")
     for r in results[:videos]:
         rollout_gif(
             r.frames, out_dir / f"rollout_{r.index:03d}_{r.layout}_{r.side}.gif", cfg.sim.control_hz
@@ -304,15 +304,13 @@ def evaluate_run_closed_loop(
         episodes_detail=[r.to_json() for r in results],
     )
     section = "closed_loop_expert_start" if expert_steps else "closed_loop"
-    update_metrics(run, section, summary.to_json())
+    run.update_metrics(section, summary.to_json())
     return summary
 
 
-def refuse_selection_seed(run: Any, which: str, seed: int) -> None:
+def refuse_selection_seed(run: str | Path | Run, which: str, seed: int) -> None:
     """A ``selected`` checkpoint scored on the scenes it was selected on would report the
     selection's luck: refuse, naming the seed to avoid."""
-    from pathlib import Path
-
     from mobile_vla.training.checkpoint import SELECTED, selection_of
 
     if which != SELECTED:

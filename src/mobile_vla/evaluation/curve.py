@@ -19,22 +19,25 @@ validation, report on test).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.evaluation.closed_loop import closed_loop
 from mobile_vla.evaluation.plots import save_figure, success_errorbar
+from mobile_vla.evaluation.results import CurvePoint, LearningCurve
 from mobile_vla.models.runtime import FIRST, ChunkSpec, PolicyController
 from mobile_vla.training.checkpoint import SELECTED, load_folder, save_folder
 
+if TYPE_CHECKING:
+    from mobile_vla.training.runs import Run
 
-def curve_points(run: Path) -> list[tuple[str, int]]:
+
+def curve_points(run: Run) -> list[tuple[str, int]]:
     """(checkpoint name, optimizer step) of every step checkpoint and ``last``."""
     from mobile_vla.training.checkpoint import saved_step
-    from mobile_vla.training.runs import step_checkpoints
 
-    points = [(p.name, int(p.name[5:])) for p in step_checkpoints(run)]
-    last = run / "checkpoints" / "last"
+    points = [(p.name, int(p.name[5:])) for p in run.step_checkpoints()]
+    last = run.path / "checkpoints" / "last"
     if last.exists():
         step = saved_step(last)  # the JSON part only; the weights are loaded once, below
         if not points or step > points[-1][1]:
@@ -45,104 +48,94 @@ def curve_points(run: Path) -> list[tuple[str, int]]:
 
 
 def evaluate_curve(
-    run: str | Path,
+    run: str | Path | Run,
     episodes: int,
     seed: int | None = None,
     chunk: ChunkSpec = FIRST,
     progress: bool = False,
-) -> dict[str, Any]:
+) -> LearningCurve:
     """Closed-loop success of each checkpoint on the same ``episodes`` held-out scenarios."""
-    from mobile_vla.training.runs import load_policy, update_metrics
+    from mobile_vla.training.runs import Run
 
-    run = Path(run)
-    rows = []
-    used_seed = seed
+    run = Run.open(run)
+    cfg = run.config
+    used_seed = cfg.seed if seed is None else seed
+    points = []
     for name, step in curve_points(run):
-        policy, cfg = load_policy(run, name)
-        used_seed = cfg.seed if seed is None else seed
-        controller = PolicyController(policy, cfg, chunk)
+        controller = PolicyController(run.policy(name), cfg, chunk)
         summary, _ = closed_loop(controller, cfg.sim, episodes, used_seed, progress=progress)
-        rows.append(
-            {
-                "checkpoint": name,
-                "step": step,
-                **summary.overall.to_json(),
-                "by_side": {k: v.to_json() for k, v in summary.by_side.items()},
-            }
-        )
-    out = {"seed": used_seed, "episodes": episodes, "chunk_mode": chunk.mode, "points": rows}
-    plot_curve(rows, run / "eval" / "curve.png", run.name)
-    update_metrics(run, "curve", out)
-    return out
+        points.append(CurvePoint(name, step, summary.overall, summary.by_side))
+    curve = LearningCurve(used_seed, episodes, chunk.mode, points)
+    plot_curve(curve, run.path / "eval" / "curve.png", run.name)
+    run.update_metrics("curve", curve.to_json())
+    return curve
 
 
-def select_checkpoint(run: str | Path, curve: dict[str, Any]) -> dict[str, Any]:
+def select_checkpoint(run: str | Path | Run, curve: LearningCurve) -> dict[str, Any]:
     """The curve's checkpoint with the most successes (ties: fewer collisions, then the
     earlier step), copied to ``checkpoints/selected`` with how it was chosen."""
-    run = Path(run)
-    best = max(
-        curve["points"],
-        key=lambda p: (p["successes"], -(p["collision_rate"] or 0.0), -p["step"]),
-    )
+    folder = Path(run) / "checkpoints"
+    best = max(curve.points, key=lambda p: (p.successes, -(p.collision_rate or 0.0), -p.step))
     info = {
-        "checkpoint": best["checkpoint"],
-        "step": best["step"],
-        "seed": curve["seed"],
-        "episodes": curve["episodes"],
-        "successes": best["successes"],
-        "chunk_mode": curve["chunk_mode"],
+        "checkpoint": best.checkpoint,
+        "step": best.step,
+        "seed": curve.seed,
+        "episodes": curve.episodes,
+        "successes": best.successes,
+        "chunk_mode": curve.chunk_mode,
     }
-    state = load_folder(run / "checkpoints" / best["checkpoint"])
+    state = load_folder(folder / best.checkpoint)
     state[SELECTED] = info
-    save_folder(state, run / "checkpoints" / SELECTED)
+    save_folder(state, folder / SELECTED)
     return info
 
 
-def plot_curve(rows: list[dict[str, Any]], path: Path, title: str) -> Path:
+def plot_curve(curve: LearningCurve, path: Path, title: str) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
+    rows = curve.points
+    steps = [r.step for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     success_errorbar(
         ax,
         steps,
-        [r["success_rate"] for r in rows],
-        [r["success_ci95"] for r in rows],
+        [r.success_rate for r in rows],
+        [r.success_ci95 for r in rows],
         "success (95% Wilson)",
     )
     for side, style in (("left", "--"), ("right", ":")):
-        ys = [r["by_side"].get(side, {}).get("success_rate") for r in rows]
+        ys = [r.by_side[side].success_rate if side in r.by_side else None for r in rows]
         if any(y is not None for y in ys):
             ax.plot(steps, ys, style, marker=".", label=side)
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("closed-loop success")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{title}: {rows[0]['episodes']} held-out scenes per point")
+    ax.set_title(f"{title}: {curve.episodes} held-out scenes per point")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
-def format_curve(c: dict[str, Any]) -> str:
+def format_curve(c: LearningCurve) -> str:
     lines = [
-        f"closed-loop success against training steps ({c['episodes']} held-out episodes per "
-        f"checkpoint, seed {c['seed']}, chunk {c['chunk_mode']}):",
+        f"closed-loop success against training steps ({c.episodes} held-out episodes per "
+        f"checkpoint, seed {c.seed}, chunk {c.chunk_mode}):",
         f"  {'checkpoint':<12} {'step':>7} {'success':>9} {'95% CI':>14} {'left':>7} "
         f"{'right':>7} {'collisions':>10}",
     ]
-    for r in c["points"]:
-        side = {s: r["by_side"].get(s, {}) for s in ("left", "right")}
-        lo, hi = r["success_ci95"]
+    for r in c.points:
+        lo, hi = r.success_ci95
+        sides = " ".join(
+            f"{r.by_side[s].successes:>3}/{r.by_side[s].episodes:<3}"
+            if s in r.by_side
+            else f"{0:>3}/{0:<3}"
+            for s in ("left", "right")
+        )
         lines.append(
-            f"  {r['checkpoint']:<12} {r['step']:>7} {r['successes']:>4}/{r['episodes']:<4} "
-            f"[{lo:.2f}, {hi:.2f}]  "
-            + " ".join(
-                f"{side[s].get('successes', 0):>3}/{side[s].get('episodes', 0):<3}"
-                for s in ("left", "right")
-            )
-            + f" {r['collision_rate']:>10.2f}"
+            f"  {r.checkpoint:<12} {r.step:>7} {r.successes:>4}/{r.episodes:<4} "
+            f"[{lo:.2f}, {hi:.2f}]  {sides} {r.collision_rate or 0.0:>10.2f}"
         )
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from mobile_vla.evaluation.results import (
     SensitivityHistogram,
 )
 from mobile_vla.models.policy import VLAPolicy
+
+if TYPE_CHECKING:
+    from mobile_vla.training.runs import Run
 
 DIRECTION_THRESHOLD = 0.1  # m/s
 
@@ -153,33 +156,27 @@ def evaluate_offline(
 
 
 def evaluate_run(
-    run: str | Path,
+    run: str | Path | Run,
     which: str = "best",
     batch_size: int = 16,
     progress: bool = True,
-    loaded: tuple[Any, Any] | None = None,
 ) -> OfflineMetrics:
     """Offline metrics of a run on its test episodes (validation episodes when it has no test
-    split); writes ``metrics.json``.
-    ``loaded`` is the run's (policy, config) when the caller has already loaded them."""
+    split); writes ``metrics.json``."""
     from mobile_vla.data.dataset import EpisodeDataset, make_frame_source
-    from mobile_vla.training.runs import (
-        load_policy,
-        scoring_split,
-        update_metrics,
-        validation_episodes,
-    )
+    from mobile_vla.training.runs import Run
 
-    policy, cfg = loaded if loaded is not None else load_policy(run, which)
-    part = scoring_split(run)  # test when the run holds one out: best was chosen on val
-    episodes = validation_episodes(run, cfg, part)
+    run = Run.open(run)
+    policy, cfg = run.policy(which), run.config
+    part = run.scoring_split  # test when the run holds one out: best was chosen on val
+    episodes = run.episodes(part)
     dataset = EpisodeDataset(
         episodes, cfg.data, policy.normalizer, False, cfg.seed, make_frame_source(cfg.data)
     )
     metrics = evaluate_offline(policy, dataset, batch_size, progress).of_run(
         split=part, episodes=len(episodes), seed=cfg.seed, checkpoint=which, run=str(run)
     )
-    update_metrics(run, "offline", metrics.to_json())
+    run.update_metrics("offline", metrics.to_json())
     return metrics
 
 

@@ -159,6 +159,81 @@ class ClosedLoopSummary:
 
 
 @dataclass(frozen=True)
+class CurvePoint:
+    """One checkpoint of a learning curve: its closed-loop success on the curve's scenes."""
+
+    checkpoint: str
+    step: int
+    overall: SuccessCount
+    by_side: dict[str, SuccessCount]
+
+    @property
+    def episodes(self) -> int:
+        return self.overall.episodes
+
+    @property
+    def successes(self) -> int:
+        return self.overall.successes
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.overall.success_rate
+
+    @property
+    def success_ci95(self) -> tuple[float, float]:
+        return self.overall.success_ci95
+
+    @property
+    def collision_rate(self) -> float | None:
+        return self.overall.collision_rate
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.checkpoint,
+            "step": self.step,
+            **self.overall.to_json(),
+            "by_side": {k: v.to_json() for k, v in self.by_side.items()},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CurvePoint:
+        return cls(
+            str(d.get("checkpoint", "")),
+            int(_need(d, "step", "curve point")),
+            SuccessCount.from_json(d),
+            {k: SuccessCount.from_json(v) for k, v in d.get("by_side", {}).items()},
+        )
+
+
+@dataclass(frozen=True)
+class LearningCurve:
+    """Closed-loop success of a run's checkpoints on the same held-out scenes
+    (``metrics.json["curve"]``)."""
+
+    seed: int | None
+    episodes: int
+    chunk_mode: str
+    points: list[CurvePoint]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "episodes": self.episodes,
+            "chunk_mode": self.chunk_mode,
+            "points": [p.to_json() for p in self.points],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LearningCurve:
+        return cls(
+            d.get("seed"),
+            int(_need(d, "episodes", "learning curve")),
+            str(d.get("chunk_mode", "first")),
+            [CurvePoint.from_json(p) for p in _need(d, "points", "learning curve")],
+        )
+
+
+@dataclass(frozen=True)
 class DirectionAccuracy:
     """sign(pred linear_y) == sign(target linear_y) where |target| > ``threshold``; ``value``
     is None with a ``reason`` when the policy does not predict linear_y."""

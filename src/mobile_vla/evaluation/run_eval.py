@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mobile_vla.evaluation.language import LanguageReliance, format_language, language_reliance
 from mobile_vla.evaluation.results import ClosedLoopSummary, OfflineMetrics
 from mobile_vla.models.runtime import FIRST, ChunkSpec
 
+if TYPE_CHECKING:
+    from mobile_vla.training.runs import Run
+
 
 def evaluate(
-    run: str | Path,
+    run: str | Path | Run,
     which: str = "best",
     episodes: int = 0,
     seed: int | None = None,
@@ -38,15 +41,15 @@ def evaluate(
         refuse_selection_seed,
     )
     from mobile_vla.evaluation.offline import evaluate_run, format_offline
-    from mobile_vla.training.runs import load_policy
+    from mobile_vla.training.runs import Run
 
-    loaded = load_policy(run, which)  # once, for both evaluations
+    run = Run.open(run)  # opened once; its policy loaded once, for every evaluation
     if episodes > 0 or language > 0:  # before anything is computed or written
-        refuse_selection_seed(run, which, loaded[1].seed if seed is None else seed)
-        note = development_note(loaded[1].seed if seed is None else seed)
+        refuse_selection_seed(run, which, run.config.seed if seed is None else seed)
+        note = development_note(run.config.seed if seed is None else seed)
         if note:
             echo(note)
-    offline = evaluate_run(run, which, batch_size, progress, loaded)
+    offline = evaluate_run(run, which, batch_size, progress)
     echo(format_offline(offline))
     closed = None
     if episodes > 0:
@@ -58,38 +61,33 @@ def evaluate(
             videos,
             which,
             progress=progress,
-            loaded=loaded,
             expert_steps=expert_steps,
         )
         if expert_steps:
             echo(f"the expert drove the first {expert_steps} steps (a diagnostic):")
         echo(format_closed_loop(closed))
     if language > 0:
-        echo(
-            format_language(
-                evaluate_run_language(run, language, seed, chunk, which, progress, loaded)
-            )
-        )
+        echo(format_language(evaluate_run_language(run, language, seed, chunk, which, progress)))
     return offline, closed
 
 
 def evaluate_run_language(
-    run: str | Path,
+    run: str | Path | Run,
     scenes: int,
     seed: int | None = None,
     chunk: ChunkSpec = FIRST,
     which: str = "best",
     progress: bool = True,
-    loaded: tuple[Any, Any] | None = None,
 ) -> LanguageReliance:
     """The language reliance of checkpoint ``which`` of ``run`` on ``scenes`` held-out
     scenes (``evaluation.language``); writes ``metrics.json["language_reliance"]``."""
     from mobile_vla.models.runtime import PolicyController
-    from mobile_vla.training.runs import load_policy, update_metrics
+    from mobile_vla.training.runs import Run
 
-    policy, cfg = loaded if loaded is not None else load_policy(run, which)
+    run = Run.open(run)
+    cfg = run.config
     seed = cfg.seed if seed is None else seed
-    controller = PolicyController(policy, cfg, chunk)
+    controller = PolicyController(run.policy(which), cfg, chunk)
     result = language_reliance(controller, cfg.sim, scenes, seed, progress)
-    update_metrics(Path(run), "language_reliance", {**result.to_json(), "checkpoint": which})
+    run.update_metrics("language_reliance", {**result.to_json(), "checkpoint": which})
     return result

@@ -454,20 +454,7 @@ def pretrain(
             model.train()
         row["seconds"] = time.perf_counter() - start
         steplog.write(row)
-        # checkpoints: the last state, and the first phase's end (the second phase can be
-        # redone from it)
-        if step % cfg.checkpoint_every == 0 or step in (cfg.steps, total):
-            _save(last, model, optimizer, step, row["seconds"], cfg, phase.name)
-        if cfg.head_steps and step == cfg.steps:
-            _save(
-                out / "checkpoints" / "phase1",
-                model,
-                optimizer,
-                step,
-                row["seconds"],
-                cfg,
-                phase.name,
-            )
+        _keep_checkpoints(out, model, optimizer, step, row["seconds"], cfg, phase.name)
         if not math.isfinite(row["loss"]):
             raise MobileVLAError(f"pretraining diverged at step {step} (loss {row['loss']})")
 
@@ -479,6 +466,23 @@ def pretrain(
     atomic_write_json(out / "metrics.json", metrics)
     export(out, model, cfg, corpus, metrics, seconds, command, precision)
     return out
+
+
+def _keep_checkpoints(
+    out: Path,
+    model: PretrainModel,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    seconds: float,
+    cfg: PretrainConfig,
+    phase: str,
+) -> None:
+    """The last state every ``checkpoint_every`` steps and at each phase's end, and the first
+    phase's end on its own (the second phase can be redone from it)."""
+    if step % cfg.checkpoint_every == 0 or step in (cfg.steps, cfg.steps + cfg.head_steps):
+        _save(out / "checkpoints" / "last", model, optimizer, step, seconds, cfg, phase)
+    if cfg.head_steps and step == cfg.steps:
+        _save(out / "checkpoints" / "phase1", model, optimizer, step, seconds, cfg, phase)
 
 
 def _save(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mobile_vla.evaluation.results import ClosedLoopSummary, OfflineMetrics
+from mobile_vla.evaluation.results import ClosedLoopSummary, LearningCurve, OfflineMetrics
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,6 @@ class CellKey:
 
 
 @dataclass(frozen=True)
-class CurvePoint:
-    step: int
-    successes: int
-    episodes: int
-
-
-@dataclass(frozen=True)
 class CellResult:
     key: CellKey
     run: str = ""
@@ -43,7 +36,7 @@ class CellResult:
     val_used: int | None = None
     offline: OfflineMetrics | None = None
     closed_loop: ClosedLoopSummary | None = None
-    curve_json: dict[str, Any] | None = field(default=None, repr=False)  # metrics.json's
+    curve: LearningCurve | None = field(default=None, repr=False)  # at closed_loop.curve_steps
     trainable_params: int | None = None
     total_params: int | None = None
     peak_memory_bytes: int | None = None
@@ -53,16 +46,6 @@ class CellResult:
     feature_cache: Any = None
     budget: dict[str, Any] | None = None  # what the arm was given: study.budgets
     language: dict[str, Any] | None = None  # metrics.json's language_reliance
-
-    @property
-    def curve(self) -> list[CurvePoint] | None:
-        """Closed-loop success at the kept steps (``closed_loop.curve_steps``), if measured."""
-        if not self.curve_json:
-            return None
-        return [
-            CurvePoint(int(p["step"]), int(p["successes"]), int(p["episodes"]))
-            for p in self.curve_json["points"]
-        ]
 
     @classmethod
     def from_run(cls, run: Path, key: CellKey) -> CellResult:
@@ -101,7 +84,7 @@ class CellResult:
             "episodes": {"train": self.train_used, "val": self.val_used},
             "offline": self.offline.to_json() if self.offline else {},
             "closed_loop": self.closed_loop.to_json() if self.closed_loop else None,
-            "curve": self.curve_json,
+            "curve": self.curve.to_json() if self.curve else None,
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
             "peak_memory_bytes": self.peak_memory_bytes,
@@ -130,7 +113,7 @@ class CellResult:
             episodes.get("val"),
             OfflineMetrics.from_json(d["offline"]) if d.get("offline") else None,
             ClosedLoopSummary.from_json(d["closed_loop"]) if d.get("closed_loop") else None,
-            d.get("curve"),
+            LearningCurve.from_json(d["curve"]) if d.get("curve") else None,
             d.get("trainable_params"),
             d.get("total_params"),
             d.get("peak_memory_bytes"),

@@ -158,11 +158,11 @@ def execute(job: Job) -> None:
 def _train(job: Train | Resume) -> None:
     from mobile_vla.config import load_config
     from mobile_vla.training.run import train
-    from mobile_vla.training.runs import check_run
+    from mobile_vla.training.runs import Run
 
     if isinstance(job, Resume):
-        run = check_run(job.run)
-        out = train(load_config(run / "config.yaml"), resume=run, progress=False)
+        run = Run.open(job.run)
+        out = train(run.config, resume=run.path, progress=False)
     else:
         out = train(load_config(job.config, list(job.overrides)), progress=False)
     print(f"run folder: {out}")

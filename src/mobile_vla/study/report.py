@@ -570,7 +570,7 @@ def success_curves(cells: list[CellResult]) -> list[tuple[int, int, int]]:
     """(step, successes, episodes) pooled over a strategy's seeds, at the steps every seed's
     curve has (``closed_loop.curve`` of the study)."""
     per_step: dict[int, list[tuple[int, int]]] = defaultdict(list)
-    curves = [c.curve for c in cells if c.curve]
+    curves = [c.curve.points for c in cells if c.curve]
     for points in curves:
         for p in points:
             per_step[p.step].append((p.successes, p.episodes))

@@ -90,20 +90,12 @@ def train(
     """Train per ``cfg`` into a new run folder (or continue ``resume``); returns the folder.
     ``callbacks`` are extra Lightning callbacks."""
     import lightning.pytorch as pl
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from mobile_vla.training.checkpoint_io import SafeCheckpointIO
     from mobile_vla.training.module import PolicyModule, RunCheckpoints, TrainStats
 
     run = resume if resume is not None else new_run_dir(cfg)
-    ckpt = None
-    if resume is not None:
-        ckpt = recover(run / "checkpoints" / "last")
-        if not ckpt.exists():
-            raise MobileVLAError(
-                f"cannot resume '{run}': it has no checkpoints/last (it stopped before its first "
-                "checkpoint); start it again with 'train CONFIG' and the same trainer.run_name"
-            )
+    ckpt = _last_checkpoint(run) if resume is not None else None
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     bundle = build_datasets(cfg, progress=progress)
     if not len(bundle.val):
@@ -124,23 +116,17 @@ def train(
     loggers = _loggers(run, t.wandb)
     stats_cb = TrainStats(steps=cfg.trainer.checkpoint_steps)
     precision = resolve_precision(t.precision, t.accelerator)  # "auto" decided once, recorded
-    try:  # settings Lightning refuses are reported before anything is written
-        trainer = _make_trainer(
-            pl,
-            t,
-            run,
-            loggers,
-            [RunCheckpoints(run / "checkpoints", t.checkpoint_steps), stats_cb, *(callbacks or [])],
-            SafeCheckpointIO(),
-            progress,
-            precision,
-        )
-    except (ValueError, RuntimeError, TypeError, MisconfigurationException) as exc:
-        raise ConfigError(
-            f"Lightning refused the trainer settings (trainer.accelerator="
-            f"{t.accelerator!r}, devices={t.devices!r}, strategy={t.strategy!r}, "
-            f"precision={t.precision!r}): {str(exc).splitlines()[0]}"
-        ) from None
+    # settings Lightning refuses are reported before anything is written
+    trainer = _make_trainer(
+        pl,
+        t,
+        run,
+        loggers,
+        [RunCheckpoints(run / "checkpoints", t.checkpoint_steps), stats_cb, *(callbacks or [])],
+        SafeCheckpointIO(),
+        progress,
+        precision,
+    )
 
     # one writer per run folder: a second train (or an orphan) into it is refused by PID (the
     # other ranks of a multi-device run write through rank 0)
@@ -156,12 +142,7 @@ def train(
             bundle.stats.save(run / "stats.json")
             bundle.split.save(run / "split.json")
         atomic_write_json(run / "params.json", plan.to_json())
-        log.info("run folder: %s\n%s", run, format_table(plan.table))
-        if progress and trainer.is_global_zero:
-            print(
-                f"run folder: {run}\nstrategy {cfg.train_setup.strategy}:\n"
-                f"{format_table(plan.table)}"
-            )
+        _announce(run, cfg, plan, progress and trainer.is_global_zero)
         start = time.perf_counter()
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None)
         if trainer.is_global_zero:
@@ -174,6 +155,27 @@ def train(
             result["precision"] = precision
             atomic_write_json(run / "train_stats.json", result)
     return run
+
+
+def _last_checkpoint(run: Path) -> Path:
+    """The checkpoint a resumed run continues from (``checkpoints/last``, recovered from an
+    interrupted save)."""
+    ckpt = recover(run / "checkpoints" / "last")
+    if not ckpt.exists():
+        raise MobileVLAError(
+            f"cannot resume '{run}': it has no checkpoints/last (it stopped before its first "
+            "checkpoint); start it again with 'train CONFIG' and the same trainer.run_name"
+        )
+    return ckpt
+
+
+def _announce(run: Path, cfg: Config, plan: Any, echo: bool) -> None:
+    """The run folder and what the strategy trains, to the log (and stdout with ``echo``)."""
+    log.info("run folder: %s\n%s", run, format_table(plan.table))
+    if echo:
+        print(
+            f"run folder: {run}\nstrategy {cfg.train_setup.strategy}:\n{format_table(plan.table)}"
+        )
 
 
 def _loggers(run: Path, use_wandb: bool) -> list[Any]:
@@ -244,6 +246,32 @@ def _check_resume_data(run: Path, bundle: DataBundle) -> None:
 
 
 def _make_trainer(
+    pl: Any,
+    t: Any,
+    run: Path,
+    loggers: list[Any],
+    callbacks: list[Any],
+    checkpoint_io: Any,
+    progress: bool,
+    precision: str,
+) -> Any:
+    """Lightning's trainer for ``t``; settings Lightning refuses become a ConfigError that
+    names them."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return _lightning_trainer(
+            pl, t, run, loggers, callbacks, checkpoint_io, progress, precision
+        )
+    except (ValueError, RuntimeError, TypeError, MisconfigurationException) as exc:
+        raise ConfigError(
+            f"Lightning refused the trainer settings (trainer.accelerator="
+            f"{t.accelerator!r}, devices={t.devices!r}, strategy={t.strategy!r}, "
+            f"precision={t.precision!r}): {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def _lightning_trainer(
     pl: Any,
     t: Any,
     run: Path,

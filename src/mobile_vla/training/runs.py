@@ -70,37 +70,6 @@ def check_run(run: str | Path) -> Path:
     return run
 
 
-def validation_episodes(run: str | Path, cfg: Config, part: str = "val") -> list[Any]:
-    """The run's validation (or ``part="test"``: test) episodes (``split.json``), read from
-    ``cfg.data``'s folder."""
-    from mobile_vla.data.episodes import load_episodes
-    from mobile_vla.errors import DataError
-
-    split = json.loads((Path(run) / "split.json").read_text())
-    names = split.get(part, [])
-    by_name = {e.path.name: e for e in load_episodes(cfg.data)}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise DataError(
-            f"{part} episodes of run '{run}' are missing from '{cfg.data.path}': {missing[:5]}"
-        )
-    return [by_name[n] for n in names]
-
-
-def scoring_split(run: str | Path) -> str:
-    """The split offline figures are reported on: ``test`` when the run has one, else ``val``."""
-    split = json.loads((Path(run) / "split.json").read_text())
-    return "test" if split.get("test") else "val"
-
-
-def update_metrics(run: str | Path, key: str, value: dict[str, Any]) -> None:
-    """Set ``metrics.json[key]`` of a run, keeping what other evaluations wrote there."""
-    path = Path(run) / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
-    metrics[key] = value
-    atomic_write_json(path, metrics)
-
-
 def merge_lora(policy: torch.nn.Module) -> int:
     """Fold every LoRA update into its base weight (W + B A s), for inference: the same
     function up to float rounding, without the two extra matmuls per wrapped layer. Returns
@@ -115,59 +84,139 @@ def merge_lora(policy: torch.nn.Module) -> int:
     return merged
 
 
-def step_checkpoints(run: str | Path) -> list[Path]:
-    """The ``checkpoints/step_N`` folders of a run, in step order."""
-    folder = Path(run) / "checkpoints"
-    found = [p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+class Run:
+    """A run folder, opened once: its config (with ``overrides``), action statistics and split
+    are read when it is opened; its episodes, checkpoints, policy and ``metrics.json`` are
+    reached through it. Paths convert it back (``os.fspath(run)``, ``Path(run)``)."""
+
+    def __init__(self, path: str | Path, overrides: list[str] | None = None) -> None:
+        self.path = check_run(path)
+        self.config: Config = load_config(self.path / "config.yaml", overrides or [])
+        self.stats = ActionStats.load(self.path / "stats.json")
+        self.split: dict[str, list[str]] = json.loads((self.path / "split.json").read_text())
+        self._loaded: tuple[tuple[str, bool], VLAPolicy] | None = None
+
+    @classmethod
+    def open(cls, run: str | Path | Run, overrides: list[str] | None = None) -> Run:
+        """``run`` itself when it is already open (and no overrides are asked), else a new
+        handle on the folder."""
+        if isinstance(run, Run) and not overrides:
+            return run
+        return cls(run.path if isinstance(run, Run) else run, overrides)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def scoring_split(self) -> str:
+        """The split offline figures are reported on: ``test`` when the run has one, else
+        ``val``."""
+        return "test" if self.split.get("test") else "val"
+
+    def episodes(self, part: str = "val") -> list[Any]:
+        """The run's episodes of split ``part`` (``split.json``), read from its config's data
+        folder."""
+        from mobile_vla.data.episodes import load_episodes
+        from mobile_vla.errors import DataError
+
+        names = self.split.get(part, [])
+        by_name = {e.path.name: e for e in load_episodes(self.config.data)}
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise DataError(
+                f"{part} episodes of run '{self.path}' are missing from "
+                f"'{self.config.data.path}': {missing[:5]}"
+            )
+        return [by_name[n] for n in names]
+
+    def metrics(self) -> dict[str, Any]:
+        """``metrics.json`` (empty before any evaluation)."""
+        path = self.path / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def update_metrics(self, key: str, value: dict[str, Any]) -> None:
+        """Set ``metrics.json[key]``, keeping what other evaluations wrote there."""
+        metrics = self.metrics()
+        metrics[key] = value
+        atomic_write_json(self.path / "metrics.json", metrics)
+
+    def step_checkpoints(self) -> list[Path]:
+        """The ``checkpoints/step_N`` folders, in step order."""
+        folder = self.path / "checkpoints"
+        found = [p for p in folder.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[5:]))
+
+    def checkpoint(self, which: str = "best") -> Path:
+        """The folder of checkpoint ``which`` (``best`` falls back to ``last``)."""
+        folder = self.path / "checkpoints" / which
+        if which not in ("best", "last") and not folder.exists():
+            kept = ", ".join(p.name for p in self.step_checkpoints()) or "none"
+            raise MobileVLAError(
+                f"run folder '{self.path}' has no checkpoint '{which}' (step checkpoints kept: "
+                f"{kept}; trainer.checkpoint_steps chooses them; 'selected' is made by "
+                f"`mobile-vla curve {self.path} --select`)"
+            )
+        if not folder.exists():
+            folder = self.path / "checkpoints" / "last"
+        if not folder.exists():
+            raise MobileVLAError(
+                f"run folder '{self.path}' has no checkpoint (checkpoints/best or last)"
+            )
+        return folder
+
+    def policy(self, which: str = "best", merge: bool = True) -> VLAPolicy:
+        """The trained policy of checkpoint ``which``, in eval mode, with LoRA updates merged
+        into the base weights (inference only; ``merge=False`` keeps them apart, for
+        bit-exact comparisons with the training process). The last one loaded is kept, so
+        the evaluations of one command load it once."""
+        if self._loaded is not None and self._loaded[0] == (which, merge):
+            return self._loaded[1]
+        policy = self._load(self.checkpoint(which), merge)
+        self._loaded = ((which, merge), policy)
+        return policy
+
+    def _load(self, folder: Path, merge: bool) -> VLAPolicy:
+        from mobile_vla.training.common import check_architecture
+
+        checkpoint = load_folder(folder)
+        policy, _ = build_policy(self.config, self.stats)
+        # the policy's tensors only (a training-time read-out, e.g. instruction_aux, is not
+        # part of it)
+        state = {
+            k.removeprefix("policy."): v
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if k.startswith("policy.")
+        }
+        check_architecture(
+            {"architecture": checkpoint.get("architecture", {}), "state_dict": state},
+            self.config,
+            policy.state_dict(),
+            f"checkpoint '{folder}'",
+        )
+        missing = policy.load_state_dict(state, strict=False)
+        if missing.unexpected_keys:  # pragma: no cover - check_architecture refuses these first
+            raise ConfigError(f"checkpoint '{folder}' has unexpected tensors")
+        policy.eval()
+        policy.requires_grad_(False)
+        if merge:
+            merge_lora(policy)
+        return policy
 
 
 def load_policy(
-    run: str | Path,
+    run: str | Path | Run,
     which: str = "best",
     overrides: list[str] | None = None,
     merge: bool = True,
 ) -> tuple[VLAPolicy, Config]:
-    """The trained policy of a run folder (``best``, else ``last``), in eval mode, with LoRA
-    updates merged into the base weights (inference only; ``merge=False`` keeps them apart,
-    for bit-exact comparisons with the training process)."""
-    from mobile_vla.training.common import check_architecture
-
-    run = check_run(run)
-    cfg = load_config(run / "config.yaml", overrides or [])
-    stats = ActionStats.load(run / "stats.json")
-    folder = run / "checkpoints" / which
-    if which not in ("best", "last") and not folder.exists():
-        kept = ", ".join(p.name for p in step_checkpoints(run)) or "none"
-        raise MobileVLAError(
-            f"run folder '{run}' has no checkpoint '{which}' (step checkpoints kept: {kept}; "
-            "trainer.checkpoint_steps chooses them; 'selected' is made by "
-            f"`mobile-vla curve {run} --select`)"
-        )
-    if not folder.exists():
-        folder = run / "checkpoints" / "last"
-    if not folder.exists():
-        raise MobileVLAError(f"run folder '{run}' has no checkpoint (checkpoints/best or last)")
-    checkpoint = load_folder(folder)
-    policy, _ = build_policy(cfg, stats)
-    # the policy's tensors only (a training-time read-out, e.g. instruction_aux, is not part
-    # of it)
-    state = {
-        k.removeprefix("policy."): v
-        for k, v in checkpoint.get("state_dict", {}).items()
-        if k.startswith("policy.")
-    }
-    check_architecture(
-        {"architecture": checkpoint.get("architecture", {}), "state_dict": state},
-        cfg,
-        policy.state_dict(),
-        f"checkpoint '{folder}'",
-    )
-    missing = policy.load_state_dict(state, strict=False)
-    if missing.unexpected_keys:  # pragma: no cover - check_architecture refuses these first
-        raise ConfigError(f"checkpoint '{folder}' has unexpected tensors")
-    policy.eval()
-    policy.requires_grad_(False)
-    if merge:
-        merge_lora(policy)
-    return policy, cfg
+    """The trained policy of a run folder and its config, for callers that need nothing
+    else of the run (:meth:`Run.policy`)."""
+    handle = Run.open(run, overrides)
+    return handle.policy(which, merge), handle.config
