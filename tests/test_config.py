@@ -125,7 +125,7 @@ def test_repository_configs_load() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("*.yaml"))
     assert files, "configs/ has no YAML files"
-    from mobile_vla.config import PretrainConfig
+    from mobile_vla.pretraining.config import PretrainConfig
     from mobile_vla.study.grid import load_study
 
     kinds = {

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mobile_vla.cli import main
-from mobile_vla.config import BackboneConfig, PretrainConfig, load_config
+from mobile_vla.config import BackboneConfig, load_config
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import file_sha256
 from mobile_vla.pretraining import train as pretrain_module
@@ -32,6 +32,7 @@ from mobile_vla.pretraining.caption_scenes import (
     swap_sides,
     true_facts,
 )
+from mobile_vla.pretraining.config import PretrainConfig
 from mobile_vla.pretraining.corpus import build_corpus, load_corpus
 from mobile_vla.pretraining.evaluate import retrieval_sets
 from mobile_vla.pretraining.model import HeadsConfig

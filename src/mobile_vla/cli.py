@@ -771,7 +771,7 @@ def args_compare(sub: Any) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    from mobile_vla.config import PretrainConfig
+    from mobile_vla.pretraining.config import PretrainConfig
     from mobile_vla.pretraining.train import pretrain
 
     extra = [f"--data={args.data}"] if args.data is not None else []
@@ -857,7 +857,7 @@ def cmd_pretrain_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int
         model, cfg, _ = load_run(args.run)
         data = args.data or cfg.data
     else:
-        from mobile_vla.config import PretrainConfig
+        from mobile_vla.pretraining.config import PretrainConfig
         from mobile_vla.pretraining.train import load_weights_file
 
         if args.data is None:

@@ -47,6 +47,7 @@ DEVELOPMENT_SEEDS = {
     2: "the frozen_text recipe's window, snapping and step count were chosen on it",
     3: "the frozen_text recipe's window, snapping and step count were chosen on it",
     101: "validation scenes: checkpoint selection (curve --select) and the Case-4 recipe",
+    102: "second validation scenes: the Case-4 recipe's chunk execution (first / ensemble)",
     1000: "make demo's closed loop",
 }
 

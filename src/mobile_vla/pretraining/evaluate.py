@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mobile_vla.config import BuiltinConfig, PretrainConfig
+from mobile_vla.config import BuiltinConfig
 from mobile_vla.pretraining.caption_scenes import (
     COLOURS,
     SHAPES,
@@ -47,6 +47,7 @@ from mobile_vla.pretraining.caption_scenes import (
     left_right_probe,
     left_right_probe_held_out,
 )
+from mobile_vla.pretraining.config import PretrainConfig
 from mobile_vla.pretraining.corpus import Corpus
 from mobile_vla.pretraining.model import PretrainModel
 

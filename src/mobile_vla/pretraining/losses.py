@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mobile_vla.config import PretrainConfig
 from mobile_vla.pretraining.caption_scenes import (
     COLOURS,
     SHAPES,
@@ -26,6 +25,7 @@ from mobile_vla.pretraining.caption_scenes import (
     mirror_objects,
     true_facts,
 )
+from mobile_vla.pretraining.config import PretrainConfig
 from mobile_vla.pretraining.corpus import Corpus
 from mobile_vla.pretraining.model import CELLS, PretrainModel
 

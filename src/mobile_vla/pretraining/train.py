@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mobile_vla.config import PretrainConfig, load_config, save_config, to_dict
+from mobile_vla.config import load_config, save_config, to_dict
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.hardware import resolve_precision
 from mobile_vla.io import atomic_write_json, atomic_write_text
@@ -48,6 +48,7 @@ from mobile_vla.pretraining.caption_scenes import (
     swap_sides,
     true_facts,
 )
+from mobile_vla.pretraining.config import PretrainConfig
 from mobile_vla.pretraining.corpus import Corpus, load_corpus
 from mobile_vla.pretraining.losses import (
     TextTable,

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from mobile_vla.config import STRATEGIES, _fail, load_config, save_config, to_dict
+from mobile_vla.config import STRATEGIES, Config, bad_value, load_config, save_config, to_dict
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import atomic_write_json, folder_lock
 from mobile_vla.study.cells import CellKey, CellResult
@@ -132,36 +132,38 @@ class StudyConfig:
 
     def validate(self, prefix: str = "") -> None:
         if not self.strategies:
-            raise _fail("strategies", "a non-empty list", self.strategies)
+            raise bad_value("strategies", "a non-empty list", self.strategies)
         for i, s in enumerate(self.strategies):
             if s not in STRATEGIES:
-                raise _fail(f"strategies[{i}]", f"one of {', '.join(STRATEGIES)}", s)
+                raise bad_value(f"strategies[{i}]", f"one of {', '.join(STRATEGIES)}", s)
         if len(set(self.strategies)) != len(self.strategies):
-            raise _fail("strategies", "distinct names", self.strategies)
+            raise bad_value("strategies", "distinct names", self.strategies)
         for key in self.strategy_overrides:
             if key not in self.strategies:
-                raise _fail(
+                raise bad_value(
                     f"strategy_overrides.{key}", f"a strategy of the study {self.strategies}", key
                 )
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise _fail("seeds", "a non-empty list of distinct seeds", self.seeds)
+            raise bad_value("seeds", "a non-empty list of distinct seeds", self.seeds)
         if not self.train_episodes or any(n < 0 for n in self.train_episodes):
-            raise _fail("train_episodes", "a non-empty list of sizes >= 0", self.train_episodes)
+            raise bad_value("train_episodes", "a non-empty list of sizes >= 0", self.train_episodes)
         if not self.pretrained:
-            raise _fail("pretrained", "[true], [false] or [true, false]", self.pretrained)
+            raise bad_value("pretrained", "[true], [false] or [true, false]", self.pretrained)
         if self.closed_loop.episodes < 0:
-            raise _fail("closed_loop.episodes", ">= 0", self.closed_loop.episodes)
+            raise bad_value("closed_loop.episodes", ">= 0", self.closed_loop.episodes)
         if self.data.episodes < 1 and not self.data.path:
-            raise _fail("data.episodes", ">= 1 (or set data.path)", self.data.episodes)
+            raise bad_value("data.episodes", ">= 1 (or set data.path)", self.data.episodes)
         grid = cells(self, excluding=False)
         for i, rule in enumerate(self.exclude):
             if all(getattr(rule, f.name) is None for f in fields(rule)):
                 keys = ", ".join(f.name for f in fields(rule))
-                raise _fail(f"exclude[{i}]", f"at least one of {keys}", rule)
+                raise bad_value(f"exclude[{i}]", f"at least one of {keys}", rule)
             if not any(rule.matches(c) for c in grid):
-                raise _fail(f"exclude[{i}]", "values on the grid's axes (it matches no cell)", rule)
+                raise bad_value(
+                    f"exclude[{i}]", "values on the grid's axes (it matches no cell)", rule
+                )
         if not cells(self):
-            raise _fail("exclude", "rules that leave at least one cell", self.exclude)
+            raise bad_value("exclude", "rules that leave at least one cell", self.exclude)
 
 
 @dataclass(frozen=True)
@@ -244,24 +246,22 @@ def _changed_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [prefix.rstrip(".")] if a != b else []
 
 
-def cell_overrides(study: StudyConfig, cell: Cell, data: Path, cells_dir: Path) -> list[str]:
-    return [
-        *study.overrides,
-        *study.strategy_overrides.get(cell.strategy, []),
-        f"train_setup.strategy={cell.strategy}",
-        f"seed={cell.seed}",
-        f"backbone.pretrained={str(cell.pretrained).lower()}",
-        f"data.train_episodes={cell.train_episodes}",
-        f"data.split_seed={study.data.split_seed}",
-        f"data.path={data}",
-        f"trainer.output_dir={cells_dir}",
-        f"trainer.run_name={cell.id}",
-        *(
-            [f"trainer.checkpoint_steps=[{','.join(map(str, study.closed_loop.curve_steps))}]"]
-            if study.closed_loop.curve_steps
-            else []
-        ),
-    ]
+def cell_config(study: StudyConfig, base: Path, cell: Cell, data: Path, cells_dir: Path) -> Config:
+    """The config a cell trains: the base with the study's overrides (study.yaml's dotted
+    strings, the user's words), then the cell's axes set on the fields themselves."""
+    cfg = load_config(base, [*study.overrides, *study.strategy_overrides.get(cell.strategy, [])])
+    cfg.train_setup.strategy = cell.strategy
+    cfg.seed = cell.seed
+    cfg.backbone.pretrained = cell.pretrained
+    cfg.data.train_episodes = cell.train_episodes
+    cfg.data.split_seed = study.data.split_seed
+    cfg.data.path = str(data)
+    cfg.trainer.output_dir = str(cells_dir)
+    cfg.trainer.run_name = cell.id
+    if study.closed_loop.curve_steps:
+        cfg.trainer.checkpoint_steps = list(study.closed_loop.curve_steps)
+    cfg.validate()
+    return cfg
 
 
 class Study:
@@ -445,8 +445,9 @@ class Study:
             jobs: list[Job] = [Resume(str(run)), evaluate, *then]
         elif not (run / "train_stats.json").exists():
             shutil.rmtree(run, ignore_errors=True)
-            overrides = tuple(cell_overrides(self.study, cell, data, cells_dir))
-            jobs = [Train(str(self.base), overrides), evaluate, *then]
+            config = self.out / "configs" / f"{cell.id}.yaml"  # what `train` is given
+            save_config(cell_config(self.study, self.base, cell, data, cells_dir), config)
+            jobs = [Train(str(config)), evaluate, *then]
         else:  # trained earlier, interrupted while evaluating
             jobs = [evaluate, *then]
         self.phases[cell.id] = self._jobs(jobs, log)

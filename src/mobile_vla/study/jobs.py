@@ -43,11 +43,10 @@ class Collect:
 
 @dataclass(frozen=True)
 class Train:
-    config: str
-    overrides: tuple[str, ...]
+    config: str  # the cell's resolved config file (study.grid.cell_config)
 
     def describe(self) -> str:
-        return f"train {self.config} " + " ".join(f"--{o}" for o in self.overrides)
+        return f"train {self.config}"
 
 
 @dataclass(frozen=True)
@@ -164,7 +163,7 @@ def _train(job: Train | Resume) -> None:
         run = Run.open(job.run)
         out = train(run.config, resume=run.path, progress=False)
     else:
-        out = train(load_config(job.config, list(job.overrides)), progress=False)
+        out = train(load_config(job.config), progress=False)
     print(f"run folder: {out}")
 
 
