@@ -106,6 +106,28 @@ def test_mobile_vla_classification_config() -> None:
         assert key in summary, key
 
 
+def test_nine_classes_take_the_order_mobile_vla_executes(tmp_path) -> None:
+    """The 9-class decoder with class weights (the shape of the Mobile-VLA project's weighted
+    classification configs): the action set is its inference server's order, so each weight
+    lands on the class it was written for."""
+    shutil.copy(CALVIN, tmp_path / "calvin_base.json")  # the parent, found beside the child
+    obj = json.loads(CLASSES.read_text())
+    weights = [2.0, 0.2, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0]
+    obj["act_head"] = {**obj["act_head"], "num_classes": 9, "class_weights": weights}
+    (tmp_path / "nine.json").write_text(json.dumps(obj))
+    head = load_config(tmp_path / "nine.json").head
+    assert head.action_space == "classes" and head.class_weights == weights
+    stop, forward, backward, left, right, fl, fr, bl, br = head.action_set
+    assert stop == [0.0, 0.0] and forward == [1.15, 0.0] and backward == [-1.15, 0.0]
+    assert left == [0.0, 1.15] and right == [0.0, -1.15]  # +linear_y is left (REP 103)
+    assert fl == [1.15, 1.15] and fr == [1.15, -1.15] and bl == [-1.15, 1.15]
+    assert br == [-1.15, -1.15]
+    obj["act_head"]["class_weights"] = weights[:8]
+    (tmp_path / "nine.json").write_text(json.dumps(obj))
+    with pytest.raises(ConfigError, match="class_weights has 8 entries, expected 9"):
+        load_config(tmp_path / "nine.json")
+
+
 @pytest.mark.parametrize(
     ("change", "words"),
     [

@@ -126,6 +126,16 @@ MOBILE_DIMS = ["linear_x", "linear_y", "angular_z"]
 # Mobile-VLA's 6-class decoder (its docstring's order): Forward, Slide Left, Slide Right,
 # Diag Left, Diag Right, Stop; as (linear_x, linear_y) in units of the teleop speed.
 SIX_CLASSES = [[1, 0], [0, 1], [0, -1], [1, 1], [1, -1], [0, 0]]
+# Its 9-class order, as its inference server turns a class index into the robot's
+# (linear_x, linear_y) command (``class_map`` of ``MobileVLAInference`` in the Mobile-VLA
+# project's ``Mobile_VLA/inference_server.py``): Stop, Forward, Backward, Left, Right,
+# Forward-Left, Forward-Right, Backward-Left, Backward-Right. Its configs' class weights follow
+# that order (e.g. 2.0 for Stop and 0.2 for the most frequent class, Forward).
+NINE_CLASSES = [[0, 0], [1, 0], [-1, 0], [0, 1], [0, -1], [1, 1], [1, -1], [-1, 1], [-1, -1]]
+NINE_CLASS_NAMES = (
+    "Stop, Forward, Backward, Left, Right, Forward-Left, Forward-Right, Backward-Left, "
+    "Backward-Right"
+)
 TELEOP_SPEED = 1.15
 
 _AUX_LOSS = "an auxiliary loss (caption, forward prediction, ...) that is not trained here"
@@ -647,13 +657,12 @@ def _classes(head: dict[str, Any], out: Imported) -> None:
             f"Left, Diag Right, Stop at {TELEOP_SPEED} m/s (the decoder's order)"
         )
     elif n == 9:
-        out.notes.append("MobileVLAClassificationDecoder, 9 classes: the 9 teleop keys here")
-        if head.get("class_weights"):
-            raise ConfigError(
-                "act_head.class_weights with num_classes 9: the order of the 9 classes is not "
-                "documented; give the weights as head.class_weights in the order of "
-                "head.action_set"
-            )
+        keys = [[TELEOP_SPEED * x, TELEOP_SPEED * y] for x, y in NINE_CLASSES]
+        out.set("act_head.num_classes", "head.action_set", keys)
+        out.notes.append(
+            f"MobileVLAClassificationDecoder, 9 classes: {NINE_CLASS_NAMES} at {TELEOP_SPEED} m/s "
+            "(the order of Mobile-VLA's inference server, which executes them)"
+        )
     else:
         raise ConfigError(
             f"act_head.num_classes {n}: Mobile-VLA's decoder has 6 or 9 classes; give others as "
