@@ -626,7 +626,7 @@ def test_train_stats_time_the_loop_including_data_loading(monkeypatch) -> None:
     # each batch: its start, then its end; the loop time is end to end, the step start to end
     clock = iter([-1, 0, 0.5, 1, 2, 3, 9, 10, 11.5, 12, 19, 20, 20.5, 21])
     monkeypatch.setattr(module_mod, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
-    stats = module_mod.TrainStats(warmup_steps=1)
+    stats = module_mod.TrainStatsMeter(warmup_steps=1)
     batch = {"instruction": ["go"] * 4}
 
     def end() -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from mobile_vla.training.common import TrainStats
+
 #: what the study evaluates: the checkpoint with the lowest validation loss
 CHECKPOINT_RULES = {
     "best": "lowest validation loss",
@@ -34,7 +36,7 @@ SHARED_GROUPS = ("head", "action_token")
 def run_budget(
     run: Path,
     metrics: dict[str, Any],
-    stats: dict[str, Any],
+    stats: TrainStats,
     params: dict[str, Any],
     train_episodes: int,
 ) -> dict[str, Any]:
@@ -50,23 +52,23 @@ def run_budget(
     return {
         "strategy": cfg.get("train_setup", {}).get("strategy"),
         "train_episodes": train_episodes,
-        "steps": stats.get("global_step"),
+        "steps": stats.global_step,
         "batch": int(trainer.get("batch_size", 0)) * int(trainer.get("accumulate_grad_batches", 1)),
         "window": data.get("window_size"),
         "per_step": bool(cfg.get("head", {}).get("per_step", False)),
-        "windows_seen": stats.get("windows_seen"),
+        "windows_seen": stats.windows_seen,
         "lr": lrs,
         "warmup_steps": trainer.get("warmup_steps"),
         "schedule": f"{trainer.get('lr_schedule', 'cosine')} to x{trainer.get('min_lr_scale')}",
-        "precision": stats.get("precision"),
-        "train_time_s": stats.get("wall_time_s"),
-        "cache_s": stats.get("feature_cache_s"),
+        "precision": stats.precision,
+        "train_time_s": stats.wall_time_s,
+        "cache_s": stats.feature_cache_s,
         "checkpoint": which,
         "counterfactual": bool(data.get("counterfactual", False)),
         "instruction_aux_weight": float(
             cfg.get("train_setup", {}).get("instruction_aux_weight", 0.0) or 0.0
         ),
-        "timeline": stats.get("timeline") or [],
+        "timeline": stats.timeline,
     }
 
 

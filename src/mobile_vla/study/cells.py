@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mobile_vla.evaluation.results import ClosedLoopSummary, LearningCurve, OfflineMetrics
+from mobile_vla.training.common import TrainStats
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class CellResult:
     def from_run(cls, run: Path, key: CellKey) -> CellResult:
         """What the report needs from a finished run folder."""
         metrics = json.loads((run / "metrics.json").read_text())
-        stats = json.loads((run / "train_stats.json").read_text())
+        stats = TrainStats.load(run)
         params = json.loads((run / "params.json").read_text())
         table = params.get("params", {}).get("all", {})
         split = json.loads((run / "split.json").read_text())
@@ -67,11 +68,11 @@ class CellResult:
                 "curve": metrics.get("curve"),
                 "trainable_params": table.get("trainable"),
                 "total_params": table.get("total"),
-                "peak_memory_bytes": stats.get("peak_memory_bytes"),
-                "peak_memory_kind": stats.get("peak_memory_kind"),
-                "train_time_s": stats.get("wall_time_s"),
-                "train_samples_per_s": stats.get("train_samples_per_s"),
-                "feature_cache": stats.get("feature_cache"),
+                "peak_memory_bytes": stats.peak_memory_bytes,
+                "peak_memory_kind": stats.peak_memory_kind,
+                "train_time_s": stats.wall_time_s,
+                "train_samples_per_s": stats.train_samples_per_s,
+                "feature_cache": stats.feature_cache,
                 "budget": run_budget(run, metrics, stats, params, len(split["train"])),
                 "language": metrics.get("language_reliance"),
             }

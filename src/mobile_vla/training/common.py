@@ -4,13 +4,54 @@ imports this, not :mod:`mobile_vla.training.module`)."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mobile_vla.config import Config
 from mobile_vla.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    """What a finished training measured (``train_stats.json``): throughput in the steady
+    state (the loop's and the optimizer step's, samples = windows x supervised frames), the
+    steps, the wall time and its timeline, peak memory, the feature cache and the precision."""
+
+    wall_time_s: float = 0.0
+    global_step: int = 0
+    epochs: int = 0
+    train_samples_per_s: float | None = None
+    train_step_samples_per_s: float | None = None
+    train_windows_per_s: float | None = None
+    train_step_windows_per_s: float | None = None
+    steady_state_batches: int = 0
+    windows_seen: int = 0
+    #: (optimizer step, seconds since training began) at each kept step and validation
+    timeline: list[list[float]] = field(default_factory=list)
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str | None = None  # cpu_rss or cuda_allocated
+    feature_cache: Any = None  # what the cache did (built, opened, off), in words
+    feature_cache_s: float = 0.0  # building or opening it, before training
+    precision: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainStats:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def load(cls, run: str | Path) -> TrainStats:
+        """``RUN/train_stats.json``."""
+        path = Path(run) / "train_stats.json"
+        return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_scale: float) -> float:

@@ -33,6 +33,7 @@ from typing import Any
 from mobile_vla.config import Config
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.io import atomic_write_json
+from mobile_vla.training.common import TrainStats
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def dagger(
                 _save(path, data, seed, done, collected)
         log.info("DAgger round %d: %s", r, collected)
         run = _train_round(run_cfg, Path(cfg.trainer.output_dir) / run_name, progress)
-        stats = json.loads((run / "train_stats.json").read_text(encoding="utf-8"))
+        stats = TrainStats.load(run)
         record = DaggerRound(
             round=r,
             run=str(run),
@@ -193,8 +194,8 @@ def dagger(
             episodes=collected["episodes"],
             frames=collected["frames"],
             goal_reached=collected["goal_reached"],
-            train_wall_s=round(float(stats.get("wall_time_s", 0.0)), 1),
-            train_steps=int(stats.get("global_step", 0)),
+            train_wall_s=round(stats.wall_time_s, 1),
+            train_steps=stats.global_step,
         )
         done.append(record)
         _save(path, data, seed, done, None)

@@ -303,7 +303,7 @@ def supervised_windows(batch: dict[str, Any]) -> int:
     return int(mask.any(-1).sum())
 
 
-class TrainStats(pl.Callback):
+class TrainStatsMeter(pl.Callback):
     """Samples/s over the steady state (after warm-up steps) and peak memory.
 
     Throughput is the training loop's: each batch counts from the end of the one before it,

@@ -24,6 +24,7 @@ from mobile_vla.io import atomic_write_json, folder_lock
 from mobile_vla.models.policy import VLAPolicy
 from mobile_vla.models.strategies import format_table
 from mobile_vla.training.checkpoint import is_complete, recover
+from mobile_vla.training.common import TrainStats
 from mobile_vla.training.runs import build_policy
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def train(
     import lightning.pytorch as pl
 
     from mobile_vla.training.checkpoint_io import SafeCheckpointIO
-    from mobile_vla.training.module import PolicyModule, RunCheckpoints, TrainStats
+    from mobile_vla.training.module import PolicyModule, RunCheckpoints, TrainStatsMeter
 
     run = resume if resume is not None else new_run_dir(cfg)
     ckpt = _last_checkpoint(run) if resume is not None else None
@@ -114,7 +115,7 @@ def train(
     train_loader, val_loader = make_loaders(cfg, bundle)
     t = cfg.trainer
     loggers = _loggers(run, t.wandb)
-    stats_cb = TrainStats(steps=cfg.trainer.checkpoint_steps)
+    stats_cb = TrainStatsMeter(steps=cfg.trainer.checkpoint_steps)
     precision = resolve_precision(t.precision, t.accelerator)  # "auto" decided once, recorded
     # settings Lightning refuses are reported before anything is written
     trainer = _make_trainer(
@@ -146,14 +147,16 @@ def train(
         start = time.perf_counter()
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None)
         if trainer.is_global_zero:
-            result = stats_cb.result()
-            result["wall_time_s"] = time.perf_counter() - start
-            result["global_step"] = trainer.global_step
-            result["epochs"] = trainer.current_epoch
-            result["feature_cache"] = feature_cache
-            result["feature_cache_s"] = cache_seconds  # building (or opening) it, before training
-            result["precision"] = precision
-            atomic_write_json(run / "train_stats.json", result)
+            result = TrainStats(
+                **stats_cb.result(),
+                wall_time_s=time.perf_counter() - start,
+                global_step=trainer.global_step,
+                epochs=trainer.current_epoch,
+                feature_cache=feature_cache,
+                feature_cache_s=cache_seconds,
+                precision=precision,
+            )
+            atomic_write_json(run / "train_stats.json", result.to_json())
     return run
 
 
