@@ -901,7 +901,7 @@ def cmd_study(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         from mobile_vla.study.report import write_report
 
         results = study.load_results()
-        if not results["cells"]:
+        if not results.cells:
             raise MobileVLAError(f"study folder '{study.out}' has no finished cells yet")
         write_report(study.out, results)
     else:

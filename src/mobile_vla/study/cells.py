@@ -125,3 +125,112 @@ class CellResult:
             d.get("budget"),
             d.get("language"),
         )
+
+
+#: what a comparison keeps of each space's measures (``compare.json``)
+COMPARISON_MEASURES = ("cka", "cka_kind", "cosine", "euclidean", "kl", "correlation", "dims")
+
+
+@dataclass(frozen=True)
+class SpaceComparison:
+    """How two runs' representations relate in one space (context or latent): linear CKA
+    and its kind, paired cosine and euclidean distances, KL, correlation (each as
+    ``analysis.compare`` reports it) and the dimensions compared."""
+
+    cka: float | None = None
+    cka_kind: str | None = None
+    cosine: Any = None
+    euclidean: Any = None
+    kl: Any = None
+    correlation: Any = None
+    dims: Any = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SpaceComparison:
+        return cls(**{k: d.get(k) for k in COMPARISON_MEASURES})
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in COMPARISON_MEASURES}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The frozen-vs-LoRA representation comparison of a pair of cells."""
+
+    runs: list[str]
+    folder: str
+    context: SpaceComparison
+    latent: SpaceComparison
+    samples: int | None = None
+    key: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Comparison:
+        return cls(
+            list(d.get("runs", [])),
+            str(d.get("folder", "")),
+            SpaceComparison.from_json(d.get("context") or {}),
+            SpaceComparison.from_json(d.get("latent") or {}),
+            d.get("samples"),
+            dict(d.get("key") or {}),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "runs": self.runs,
+            "folder": self.folder,
+            "context": self.context.to_json(),
+            "latent": self.latent.to_json(),
+            "samples": self.samples,
+            "key": self.key,
+        }
+
+
+@dataclass
+class StudyResults:
+    """``results.json``: every finished cell and comparison (written after each one, so an
+    interrupted study resumes), the seconds of each phase, the study's settings and, once
+    written, the report's summary."""
+
+    FORMAT = "mobile-vla-study"
+    VERSION = 1
+
+    cells: dict[str, CellResult] = field(default_factory=dict)
+    compare: dict[str, Comparison] = field(default_factory=dict)
+    phases: dict[str, Any] = field(default_factory=dict)
+    study: dict[str, Any] = field(default_factory=dict)  # study.yaml's resolved keys
+    base_config: str = ""
+    wall_time_s_this_invocation: float | None = None
+    report: dict[str, Any] | None = None  # the report's summary (study.report)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> StudyResults:
+        return cls(
+            {k: CellResult.from_json(v) for k, v in (d.get("cells") or {}).items()},
+            {k: Comparison.from_json(v) for k, v in (d.get("compare") or {}).items()},
+            dict(d.get("phases") or {}),
+            dict(d.get("study") or {}),
+            str(d.get("base_config") or ""),
+            d.get("wall_time_s_this_invocation"),
+            d.get("report"),
+        )
+
+    @classmethod
+    def of(cls, results: StudyResults | dict[str, Any]) -> StudyResults:
+        return results if isinstance(results, StudyResults) else cls.from_json(results)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "format": self.FORMAT,
+            "version": self.VERSION,
+            "cells": {k: v.to_json() for k, v in self.cells.items()},
+            "compare": {k: v.to_json() for k, v in self.compare.items()},
+            "phases": self.phases,
+            "study": self.study,
+            "base_config": self.base_config,
+        }
+        if self.wall_time_s_this_invocation is not None:
+            out["wall_time_s_this_invocation"] = self.wall_time_s_this_invocation
+        if self.report is not None:
+            out["report"] = self.report
+        return out

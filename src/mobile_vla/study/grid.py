@@ -34,7 +34,13 @@ from typing import Any, Literal
 from mobile_vla.config import STRATEGIES, Config, bad_value, load_config, save_config, to_dict
 from mobile_vla.errors import ConfigError, MobileVLAError
 from mobile_vla.io import atomic_write_json, folder_lock
-from mobile_vla.study.cells import CellKey, CellResult
+from mobile_vla.study.cells import (
+    CellKey,
+    CellResult,
+    Comparison,
+    SpaceComparison,
+    StudyResults,
+)
 from mobile_vla.study.chain import PARENT_ENV, READY
 from mobile_vla.study.jobs import (
     PHASE,
@@ -48,8 +54,8 @@ from mobile_vla.study.jobs import (
     to_json,
 )
 
-FORMAT = "mobile-vla-study"
-VERSION = 1
+FORMAT = StudyResults.FORMAT
+VERSION = StudyResults.VERSION
 
 
 @dataclass
@@ -284,9 +290,9 @@ class Study:
         self.phases: dict[str, list[tuple[str, float]]] = {}
 
     # -- bookkeeping ----------------------------------------------------------------------
-    def load_results(self) -> dict[str, Any]:
+    def load_results(self) -> StudyResults:
         if not self.results_path.exists():
-            return {"format": FORMAT, "version": VERSION, "cells": {}, "compare": {}}
+            return StudyResults()
         try:
             results = json.loads(self.results_path.read_text())
         except json.JSONDecodeError:
@@ -295,10 +301,10 @@ class Study:
             ) from None
         if results.get("format") != FORMAT or results.get("version") != VERSION:
             raise MobileVLAError(f"'{self.results_path}' is not a {FORMAT} v{VERSION} results file")
-        return results
+        return StudyResults.from_json(results)
 
-    def save_results(self, results: dict[str, Any]) -> None:
-        atomic_write_json(self.results_path, results)
+    def save_results(self, results: StudyResults) -> None:
+        atomic_write_json(self.results_path, results.to_json())
 
     def check_same_study(self) -> None:
         """Refuse a study folder whose finished cells came from other settings: the study's
@@ -422,7 +428,7 @@ class Study:
         if self.progress:
             print(f"[study] {text}", flush=True)
 
-    def run_cell(self, cell: Cell, data: Path, then: Sequence[Job] = ()) -> dict[str, Any]:
+    def run_cell(self, cell: Cell, data: Path, then: Sequence[Job] = ()) -> CellResult:
         """Train and evaluate one cell in one child process; ``then``: more jobs for the same
         process (the comparison with the cell's twin)."""
         cells_dir = self.out / "cells"
@@ -457,22 +463,22 @@ class Study:
         out = self.out / "compare" / name
         return Compare(str(a), str(b), str(out), self.study.compare_samples)
 
-    def compare_result(self, a: Path, b: Path, name: str) -> dict[str, Any]:
+    def compare_result(self, a: Path, b: Path, name: str, key: dict[str, Any]) -> Comparison:
         out = self.out / "compare" / name
         result = json.loads((out / "compare.json").read_text())
-        keep = ("cka", "cka_kind", "cosine", "euclidean", "kl", "correlation", "dims")
-        return {
-            "runs": [str(a), str(b)],
-            "folder": str(out),
-            "context": {k: result["context"].get(k) for k in keep},
-            "latent": {k: result["latent"].get(k) for k in keep},
-            "samples": result["inputs"]["samples"],
-        }
+        return Comparison(
+            [str(a), str(b)],
+            str(out),
+            SpaceComparison.from_json(result["context"]),
+            SpaceComparison.from_json(result["latent"]),
+            result["inputs"]["samples"],
+            key,
+        )
 
-    def run_compare(self, a: Path, b: Path, name: str) -> dict[str, Any]:
+    def run_compare(self, a: Path, b: Path, name: str, key: dict[str, Any]) -> Comparison:
         log = self.out / "logs" / f"compare-{name}.log"
         self.phases[f"compare {name}"] = self._jobs([self.compare_job(a, b, name)], log)
-        return self.compare_result(a, b, name)
+        return self.compare_result(a, b, name, key)
 
     def _pair(self, cell: Cell) -> tuple[str, Path, Path]:
         """The frozen-vs-LoRA comparison a cell belongs to: (name, frozen run, LoRA run)."""
@@ -503,7 +509,7 @@ class Study:
         grid = cells(self.study)
         start = time.perf_counter()
         for k, cell in enumerate(grid, 1):
-            if cell.id in results["cells"]:
+            if cell.id in results.cells:
                 self._say(f"[{k}/{len(grid)}] {cell.id}: finished earlier, skipped")
                 continue
             t0 = time.perf_counter()
@@ -515,19 +521,17 @@ class Study:
                 [self.compare_job(frozen, lora, name)]
                 if comparing
                 and cell.strategy in ("frozen", "lora")
-                and twin in results["cells"]
-                and name not in results["compare"]
+                and twin in results.cells
+                and name not in results.compare
                 else []
             )
             what = "training, evaluating" + (" and comparing with its twin" if then else "")
             self._say(f"[{k}/{len(grid)}] {cell.id}: {what}")
-            results["cells"][cell.id] = self.run_cell(cell, data, then)
-            results["phases"] = phase_table(results.get("phases"), self.phases, results["cells"])
+            results.cells[cell.id] = self.run_cell(cell, data, then)
+            results.phases = phase_table(results.phases, self.phases, results.cells)
             if then:
-                results["compare"][name] = {
-                    **self.compare_result(frozen, lora, name),
-                    "key": {**cell.key(), "strategy": "frozen-vs-lora"},
-                }
+                pair = {**cell.key(), "strategy": "frozen-vs-lora"}
+                results.compare[name] = self.compare_result(frozen, lora, name, pair)
             self.save_results(results)
             self._say(f"[{k}/{len(grid)}] {cell.id}: done in {time.perf_counter() - t0:.0f} s")
         if self.study.compare and {"frozen", "lora"} <= set(self.study.strategies):
@@ -536,33 +540,23 @@ class Study:
                 if cell.strategy != "frozen":
                     continue
                 name, frozen, lora = self._pair(cell)
-                if name in results["compare"] or lora.name not in ids:
+                if name in results.compare or lora.name not in ids:
                     continue
                 self._say(f"comparing representations: {name}")
-                results["compare"][name] = {
-                    **self.run_compare(frozen, lora, name),
-                    "key": {**cell.key(), "strategy": "frozen-vs-lora"},
-                }
+                pair = {**cell.key(), "strategy": "frozen-vs-lora"}
+                results.compare[name] = self.run_compare(frozen, lora, name, pair)
                 self.save_results(results)
-        results["study"] = to_dict(self.study)
-        results["base_config"] = str(self.base)
+        results.study = to_dict(self.study)
+        results.base_config = str(self.base)
         t0 = time.perf_counter()
-        results["phases"] = phase_table(results.get("phases"), self.phases, results["cells"])
+        results.phases = phase_table(results.phases, self.phases, results.cells)
         self.save_results(results)
-        write_report(self.out, results)
-        results["phases"]["report"] = round(time.perf_counter() - t0, 2)
-        results["wall_time_s_this_invocation"] = time.perf_counter() - start
-        results["phases"]["total_this_invocation"] = round(
-            results["wall_time_s_this_invocation"], 2
-        )
-        self.save_results(
-            json.loads((self.out / "results.json").read_text())
-            | {
-                "phases": results["phases"],
-                "wall_time_s_this_invocation": results["wall_time_s_this_invocation"],
-            }
-        )
-        self._say("where the time went:\n" + format_phases(results["phases"]))
+        write_report(self.out, results)  # sets results.report
+        results.phases["report"] = round(time.perf_counter() - t0, 2)
+        results.wall_time_s_this_invocation = time.perf_counter() - start
+        results.phases["total_this_invocation"] = round(results.wall_time_s_this_invocation, 2)
+        self.save_results(results)
+        self._say("where the time went:\n" + format_phases(results.phases))
         self._say(f"report: {self.out / 'report.html'} (and report.md, results.json)")
         return self.out
 
@@ -570,7 +564,7 @@ class Study:
 def phase_table(
     earlier: dict[str, Any] | None,
     now: dict[str, list[tuple[str, float]]],
-    cells: dict[str, Any],
+    cells: dict[str, CellResult],
 ) -> dict[str, Any]:
     """``results.json["phases"]``: seconds of each phase — collection, and per cell its
     training (the feature cache's build and the training loop apart, from the run's
@@ -590,7 +584,7 @@ def phase_table(
             row: dict[str, float] = {}
             for name, secs in items:
                 row[name] = round(row.get(name, 0.0) + secs, 2)
-            budget = (cells.get(key) or {}).get("budget") or {}
+            budget = (cells[key].budget if key in cells else None) or {}
             if "train" in row:
                 if budget.get("cache_s") is not None:
                     row["feature cache"] = round(float(budget["cache_s"]), 2)
@@ -635,6 +629,6 @@ def read_phases(log: Path, offset: int = 0) -> list[tuple[str, float]]:
     return out
 
 
-def collect_cell(run: Path, cell: Cell) -> dict[str, Any]:
-    """What the report needs from a finished run folder, as ``results.json`` stores it."""
-    return CellResult.from_run(run, CellKey(**cell.key())).to_json()
+def collect_cell(run: Path, cell: Cell) -> CellResult:
+    """What the report needs from a finished run folder."""
+    return CellResult.from_run(run, CellKey(**cell.key()))

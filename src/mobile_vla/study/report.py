@@ -28,7 +28,7 @@ from mobile_vla.evaluation.plots import embedded_figure, save_figure, success_er
 from mobile_vla.evaluation.results import OfflineMetrics, wilson_interval
 from mobile_vla.io import atomic_write_json, atomic_write_text
 from mobile_vla.study.budgets import BUDGET_HEADER, budget_clause, budget_row
-from mobile_vla.study.cells import CellResult
+from mobile_vla.study.cells import CellResult, StudyResults
 from mobile_vla.study.paired import paired_success, paired_text
 
 # metric name -> (getter on a cell result, higher is better, format)
@@ -182,11 +182,11 @@ def _fmt(s: dict[str, Any], fmt: str) -> str:
     return text
 
 
-def cell_results(results: dict[str, Any]) -> list[CellResult]:
-    return [CellResult.from_json(c) for c in results["cells"].values()]
+def cell_results(results: StudyResults) -> list[CellResult]:
+    return list(results.cells.values())
 
 
-def groups(results: dict[str, Any]) -> Groups:
+def groups(results: StudyResults) -> Groups:
     out: Groups = defaultdict(list)
     for cell in cell_results(results):
         out[cell.key.group].append(cell)
@@ -211,7 +211,7 @@ def _largest(sizes: list[int]) -> int:
     return 0 if 0 in sizes else max(sizes)
 
 
-def headline(results: dict[str, Any]) -> tuple[bool, int]:
+def headline(results: StudyResults) -> tuple[bool, int]:
     keys = [c.key for c in cell_results(results)]
     pretrained = any(k.pretrained for k in keys)
     return pretrained, _largest([k.train_episodes for k in keys])
@@ -361,12 +361,13 @@ def case3_vs_case4(g: Groups, pt: bool, size: int) -> list[str]:
     return out
 
 
-def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
+def statement(results: StudyResults | dict[str, Any], dims: list[str]) -> list[str]:
     """Plain sentences: per metric, which strategy is best at the headline setting and whether
     it beats the runner-up beyond noise; then what pretraining changed."""
+    results = StudyResults.of(results)
     g = groups(results)
     pt, size = headline(results)
-    strategies = [s for s in results["study"]["strategies"] if (s, pt, size) in g]
+    strategies = [s for s in results.study["strategies"] if (s, pt, size) in g]
     lines: list[str] = []
     seeds = ", ".join(f"{s} {len(g[(s, pt, size)])}" for s in strategies)
     setting = (
@@ -437,7 +438,7 @@ def statement(results: dict[str, Any], dims: list[str]) -> list[str]:
     return lines
 
 
-def _plot_efficiency(results: dict[str, Any], out: Path, dims: list[str]) -> Path | None:
+def _plot_efficiency(results: StudyResults, out: Path, dims: list[str]) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -679,7 +680,7 @@ class _Study:
     """What every section reads: the results, their cells grouped by (strategy, pretrained,
     episodes), the action dimensions, the headline group, and the report folder."""
 
-    results: dict[str, Any]
+    results: StudyResults
     out: Path
     g: Groups
     dims: list[str]
@@ -690,14 +691,14 @@ class _Study:
 
 
 def _intro(st: _Study) -> list[Block]:
-    study = st.results["study"]
+    study = st.results.study
     cl = study["closed_loop"]
     return [
         Para(
-            f"{len(st.results['cells'])} cells: strategies {study['strategies']}, seeds "
+            f"{len(st.results.cells)} cells: strategies {study['strategies']}, seeds "
             f"{study['seeds']}, training episodes "
             f"{[n or 'all' for n in study['train_episodes']]}, pretrained "
-            f"{study['pretrained']}; base config `{st.results.get('base_config', '')}`; "
+            f"{study['pretrained']}; base config `{st.results.base_config}`; "
             f"closed loop: {cl['episodes']} held-out episodes per cell "
             f"(seed {cl['seed']}, chunk {cl['chunk']})."
         )
@@ -875,25 +876,25 @@ def _pretraining(st: _Study) -> list[Block]:
 
 
 def _representations(st: _Study) -> list[Block]:
-    compared = sorted(st.results.get("compare", {}).items())
+    compared = sorted(st.results.compare.items())
     if not compared:
         return []
     rows = []
     for name, c in compared:
         for space in ("context", "latent"):
-            b = c[space]
-            kl = b.get("kl")
+            b = getattr(c, space)
+            kl = b.kl
             rows.append(
                 [
                     name,
                     space,
-                    f"{b['cka']:.4f} ({b['cka_kind']})",
-                    _mean(b.get("cosine")),
-                    _mean(b.get("euclidean")),
+                    f"{b.cka:.4f} ({b.cka_kind})",
+                    _mean(b.cosine),
+                    _mean(b.euclidean),
                     f"{kl['symmetric']:.4f}"
                     if isinstance(kl, dict) and kl.get("symmetric") is not None
                     else "n/a",
-                    _mean(b.get("correlation")),
+                    _mean(b.correlation),
                 ]
             )
     header = ["comparison", "space", "linear CKA", "cosine (paired)", "euclidean", "KL"]
@@ -902,7 +903,7 @@ def _representations(st: _Study) -> list[Block]:
         Table([*header, "correlation"], rows),
     ]
     name, first = compared[0]
-    pca = Path(first["folder"]) / "pca.png"
+    pca = Path(first.folder) / "pca.png"
     if pca.exists():
         target = st.out / "figures" / "representations_pca.png"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -914,7 +915,7 @@ def _representations(st: _Study) -> list[Block]:
 def _phases(st: _Study) -> list[Block]:
     """Where the study's time went (``results.json["phases"]``), as far as it is known when
     the report is written."""
-    phases = st.results.get("phases") or {}
+    phases = st.results.phases
     rows = []
     if phases.get("collect") is not None:
         rows.append(["collect episodes", "", f"{phases['collect']:.0f}"])
@@ -950,18 +951,19 @@ SECTIONS = (
 )
 
 
-def build_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
+def build_report(results: StudyResults | dict[str, Any], out: Path) -> dict[str, Any]:
     """The report's sections, in order, rendered as markdown and as HTML, and what the
     results file keeps of them (headline group, main table, statement)."""
+    results = StudyResults.of(results)
     g = groups(results)
     first = cell_results(results)[0]
     dims = [d for d in (first.offline.rmse if first.offline else {}) if d != "all"] + ["all"]
     pt, size = headline(results)
-    strategies = [s for s in results["study"]["strategies"] if (s, pt, size) in g]
+    strategies = [s for s in results.study["strategies"] if (s, pt, size) in g]
     summary: dict[str, Any] = {"headline": {"pretrained": pt, "train_episodes": size}}
     st = _Study(results, out, g, dims, pt, size, strategies, summary)
     blocks = [block for section in SECTIONS for block in section(st)]
-    summary["cells"] = len(results["cells"])
+    summary["cells"] = len(results.cells)
     return {"markdown": to_markdown(blocks, out), "html": to_html(blocks), **summary}
 
 
@@ -975,7 +977,9 @@ def _mean(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else "n/a"
 
 
-def write_report(out: Path, results: dict[str, Any]) -> None:
+def write_report(out: Path, results: StudyResults) -> None:
+    """``report.md`` and ``report.html``; ``results.report`` gets the report's summary and
+    ``results.json`` is rewritten with it."""
     report = build_report(results, out)
     atomic_write_text(out / "report.md", report["markdown"])
     page = f"""<!doctype html>
@@ -990,8 +994,6 @@ img{{max-width:100%}}li{{margin:0.25em 0}}</style></head><body>
 </body></html>
 """
     atomic_write_text(out / "report.html", page)
-    results = {
-        **results,
-        "report": {k: v for k, v in report.items() if k not in ("markdown", "html")},
-    }
-    atomic_write_json(out / "results.json", json.loads(json.dumps(results, default=float)))
+    summary = {k: v for k, v in report.items() if k not in ("markdown", "html")}
+    results.report = json.loads(json.dumps(summary, default=float))
+    atomic_write_json(out / "results.json", results.to_json())
