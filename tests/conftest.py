@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from mobile_vla.config import BuiltinConfig, SimConfig
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on this 2-core machine: one torch thread each,
+    # so the two do not oversubscribe the cores (processes the tests start keep the default)
+    torch.set_num_threads(1)
 
 REAL_NAME = "episode_20251106_141502_1box_left_core_medium.h5"
 
