@@ -178,6 +178,9 @@ SPECIAL = {
     # twin beside source in the epoch's order:
     # test_training.py::test_counterfactual_pairs_keep_each_twin_beside_its_source
     "trainer.counterfactual_pairs",
+    # the same function either way, by design; which forward runs:
+    # test_lora_fused.py::test_the_key_decides_which_forward_runs
+    "train_setup.lora_fused",
 }
 
 

@@ -441,6 +441,10 @@ class TrainSetup:
     lora_layers: int = 0
     """LoRA only in the top N decoder (fusion) layers; 0 = every layer (Case 4). With the
     built-in backbone, what is below the first adapted layer is then cached."""
+    lora_fused: bool = True
+    """Train the LoRA layers through ``models/lora_fused.py``: PEFT's function in fewer memory
+    passes, where it is exact (one adapter, no dropout, no autocast); false = PEFT's own
+    forward everywhere."""
     gradient_checkpointing: bool = False
     gradual_every_steps: int = 0
     """gradual: unfreeze the next group every N optimizer steps (0 = once per epoch)."""

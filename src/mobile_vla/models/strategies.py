@@ -190,6 +190,10 @@ def _inject_lora(backbone: nn.Module, setup: TrainSetup) -> list[nn.Parameter]:
             )
         within = layers[-setup.lora_layers :]
     apply_lora(backbone.lora_scope(), setup, backbone.lora_targets, within)
+    if setup.lora_fused:
+        from mobile_vla.models import lora_fused
+
+        lora_fused.enable(backbone.lora_scope())
     lora = [p for n, p in backbone.named_parameters() if "lora_" in n]
     lora_ids = {id(p) for p in lora}
     bias = [
