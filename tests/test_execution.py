@@ -144,6 +144,7 @@ def test_drive_sim_reports_the_queue(live, tmp_path: Path, capsys) -> None:
     assert main([*args[:-1], "--refill-below", "-1", "-q"]) == 2  # bad setting: refused
 
 
+@pytest.mark.serial
 def test_realtime_client_refills_in_the_background_and_stops_when_the_server_dies() -> None:
     dead = threading.Event()
 

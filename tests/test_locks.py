@@ -112,6 +112,7 @@ def _descendants(pid: int) -> set[int]:
 @pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's"
 )
+@pytest.mark.serial
 def test_kill_9_of_a_study_leaves_no_process_and_the_rerun_trains_each_cell_once(
     tmp_path: Path, train_data: Path, tiny_weights: dict[str, Path]
 ) -> None:

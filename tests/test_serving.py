@@ -581,6 +581,7 @@ def test_the_kept_fuzz_corpus_gets_json_4xx_never_5xx(served_run: Path) -> None:
     assert counts["2xx"] >= 5  # the good request and the valid variants were answered
 
 
+@pytest.mark.serial
 def test_a_robot_is_not_starved_by_hostile_clients(served_run: Path) -> None:
     """A robot ticking at 10 Hz for a fixed 3 s budget while four clients send image bombs
     (900-byte JPEGs declaring 4096 x 4096), 1024 x 1024 PNGs that must be decoded, and

@@ -579,6 +579,7 @@ def test_robovlms_config_is_accepted_directly_and_converted(tmp_path, capsys, ca
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_two_process_ddp_on_cpu(train_data, tmp_path) -> None:
     over = [
         *tiny_overrides(train_data, tmp_path),

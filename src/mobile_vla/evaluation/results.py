@@ -89,26 +89,11 @@ SETTINGS = (
 )
 
 
-@dataclass(frozen=True)
-class ClosedLoopSummary:
-    """A closed-loop evaluation: all episodes, the same split by side / layout / distance, and
-    how it was run (absent where the caller did not say: ``closed_loop`` alone knows only the
-    episodes; ``evaluate_run_closed_loop`` adds the settings and the per-episode detail)."""
+class _Overall:
+    """The figures of a result's ``overall`` count, read as the result's own."""
 
     overall: SuccessCount
-    by_side: dict[str, SuccessCount]
-    by_layout: dict[str, SuccessCount]
-    by_distance: dict[str, SuccessCount]
-    seed: int | None = None
-    checkpoint: str | None = None
-    chunk_mode: str | None = None
-    chunk_k: int | None = None
-    ensemble_decay: float | None = None
-    step_limit: int | None = None
-    expert_steps: int | None = None
-    episodes_detail: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
-    # the overall figures, read as the summary's own
     @property
     def episodes(self) -> int:
         return self.overall.episodes
@@ -128,6 +113,26 @@ class ClosedLoopSummary:
     @property
     def collision_rate(self) -> float | None:
         return self.overall.collision_rate
+
+
+@dataclass(frozen=True)
+class ClosedLoopSummary(_Overall):
+    """A closed-loop evaluation: all episodes, the same split by side / layout / distance, and
+    how it was run (absent where the caller did not say: ``closed_loop`` alone knows only the
+    episodes; ``evaluate_run_closed_loop`` adds the settings and the per-episode detail)."""
+
+    overall: SuccessCount
+    by_side: dict[str, SuccessCount]
+    by_layout: dict[str, SuccessCount]
+    by_distance: dict[str, SuccessCount]
+    seed: int | None = None
+    checkpoint: str | None = None
+    chunk_mode: str | None = None
+    chunk_k: int | None = None
+    ensemble_decay: float | None = None
+    step_limit: int | None = None
+    expert_steps: int | None = None
+    episodes_detail: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
     def side(self, name: str) -> SuccessCount | None:
         return self.by_side.get(name)
@@ -159,33 +164,13 @@ class ClosedLoopSummary:
 
 
 @dataclass(frozen=True)
-class CurvePoint:
+class CurvePoint(_Overall):
     """One checkpoint of a learning curve: its closed-loop success on the curve's scenes."""
 
     checkpoint: str
     step: int
     overall: SuccessCount
     by_side: dict[str, SuccessCount]
-
-    @property
-    def episodes(self) -> int:
-        return self.overall.episodes
-
-    @property
-    def successes(self) -> int:
-        return self.overall.successes
-
-    @property
-    def success_rate(self) -> float | None:
-        return self.overall.success_rate
-
-    @property
-    def success_ci95(self) -> tuple[float, float]:
-        return self.overall.success_ci95
-
-    @property
-    def collision_rate(self) -> float | None:
-        return self.overall.collision_rate
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -263,8 +263,32 @@ def _make_trainer(
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     try:
-        return _lightning_trainer(
-            pl, t, run, loggers, callbacks, checkpoint_io, progress, precision
+        return pl.Trainer(
+            max_epochs=t.max_epochs if t.max_epochs > 0 else -1,
+            max_steps=t.max_steps,
+            precision=precision,
+            accumulate_grad_batches=t.accumulate_grad_batches,
+            gradient_clip_val=t.gradient_clip_val or None,
+            gradient_clip_algorithm="norm",
+            accelerator=t.accelerator,
+            devices=_devices(t.devices),
+            strategy=t.strategy,
+            logger=loggers,
+            callbacks=callbacks,
+            plugins=[checkpoint_io],
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            use_distributed_sampler=False,
+            log_every_n_steps=t.log_every_n_steps,
+            limit_val_batches=t.limit_val_batches
+            if t.limit_val_batches <= 1
+            else int(t.limit_val_batches),
+            # every N optimizer steps across epochs (Lightning counts batches: N x accumulation)
+            val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches or None,
+            check_val_every_n_epoch=None if t.val_every_n_steps else 1,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            default_root_dir=str(run),
         )
     except (ValueError, RuntimeError, TypeError, MisconfigurationException) as exc:
         raise ConfigError(
@@ -272,42 +296,3 @@ def _make_trainer(
             f"{t.accelerator!r}, devices={t.devices!r}, strategy={t.strategy!r}, "
             f"precision={t.precision!r}): {str(exc).splitlines()[0]}"
         ) from None
-
-
-def _lightning_trainer(
-    pl: Any,
-    t: Any,
-    run: Path,
-    loggers: list[Any],
-    callbacks: list[Any],
-    checkpoint_io: Any,
-    progress: bool,
-    precision: str,
-) -> Any:
-    return pl.Trainer(
-        max_epochs=t.max_epochs if t.max_epochs > 0 else -1,
-        max_steps=t.max_steps,
-        precision=precision,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val or None,
-        gradient_clip_algorithm="norm",
-        accelerator=t.accelerator,
-        devices=_devices(t.devices),
-        strategy=t.strategy,
-        logger=loggers,
-        callbacks=callbacks,
-        plugins=[checkpoint_io],
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        log_every_n_steps=t.log_every_n_steps,
-        limit_val_batches=t.limit_val_batches
-        if t.limit_val_batches <= 1
-        else int(t.limit_val_batches),
-        # every N optimizer steps across epochs (Lightning counts batches: N x accumulation)
-        val_check_interval=t.val_every_n_steps * t.accumulate_grad_batches or None,
-        check_val_every_n_epoch=None if t.val_every_n_steps else 1,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        default_root_dir=str(run),
-    )
