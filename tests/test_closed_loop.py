@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mobile_vla.config import SimConfig
+from mobile_vla.data.commands import to_command
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.evaluation.closed_loop import (
     DEVELOPMENT_SEEDS,
@@ -16,7 +17,7 @@ from mobile_vla.evaluation.closed_loop import (
     wilson_interval,
 )
 from mobile_vla.evaluation.results import ClosedLoopSummary
-from mobile_vla.models.runtime import ChunkExecutor, ChunkSpec, PolicyController, to_command
+from mobile_vla.models.runtime import ChunkExecutor, ChunkSpec, PolicyController
 
 SIM = SimConfig(image_size=[32, 32], max_steps=40)
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mobile_vla.data.commands import full_commands
 from mobile_vla.errors import MobileVLAError
 from mobile_vla.serving.execution import (
     ActionQueue,
     DelayedQueueController,
     ExecutionSettings,
     RealtimeQueueClient,
-    full_commands,
 )
 
 from .test_serving import KEY, start

@@ -19,19 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mobile_vla.config import ACTION_NAMES, Config
+from mobile_vla.config import Config
+from mobile_vla.data.commands import to_command
 from mobile_vla.data.images import resize_frames
 
 CHUNK_MODES = ("first", "first_k", "ensemble")
-
-
-def to_command(action: np.ndarray, action_dims: Sequence[str]) -> np.ndarray:
-    """Predicted dimensions -> the robot's [linear_x, linear_y, angular_z] (others 0)."""
-    cmd = np.zeros(3, np.float32)
-    for value, name in zip(action, action_dims, strict=True):
-        if name in ACTION_NAMES:
-            cmd[ACTION_NAMES.index(name)] = value
-    return cmd
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mobile_vla.config import ACTION_NAMES
+from mobile_vla.data.commands import full_commands
 from mobile_vla.errors import MobileVLAError
 
 COMMAND_NAMES = tuple(ACTION_NAMES)  # the robot's command: [linear_x, linear_y, angular_z]
@@ -54,18 +55,6 @@ class ExecutionSettings:
             raise MobileVLAError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if not self.deadman_s > 0:
             raise MobileVLAError(f"deadman_s must be > 0 s (inf: off), got {self.deadman_s}")
-
-
-def full_commands(chunk: Any, dims: Sequence[str]) -> np.ndarray:
-    """A chunk of the predicted dimensions (N, D) -> (N, 3) robot commands in
-    [linear_x, linear_y, angular_z] order, the dimensions not predicted 0 (numpy only: the
-    robot side needs no torch)."""
-    arr = np.asarray(chunk, np.float32).reshape(len(chunk), -1)
-    out = np.zeros((len(arr), len(COMMAND_NAMES)), np.float32)
-    for j, name in enumerate(dims):
-        if name in COMMAND_NAMES:
-            out[:, COMMAND_NAMES.index(name)] = arr[:, j]
-    return out
 
 
 @dataclass

@@ -8,11 +8,14 @@ import binascii
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # the robot client imports this module: no torch at run time
+    from mobile_vla.models.runtime import ChunkSpec
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_INSTRUCTION_CHARS = 1000
@@ -35,7 +38,7 @@ class Observation:
     instruction: str
     session_id: str
     reset: bool
-    chunk: Any = None  # a ChunkSpec; None: the server's (openpi's clients execute whole chunks)
+    chunk: ChunkSpec | None = None  # None: the server's (openpi's clients execute whole chunks)
 
 
 def _check_utf8(text: str, field: str) -> None:

@@ -35,8 +35,8 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from mobile_vla.config import ACTION_NAMES, Config
-from mobile_vla.models.runtime import ChunkSpec, PolicyController, act_many
-from mobile_vla.serving.execution import full_commands
+from mobile_vla.data.commands import full_commands
+from mobile_vla.models.runtime import FIRST, ChunkSpec, PolicyController, act_many
 from mobile_vla.serving.protocol import (
     MAX_BODY_BYTES,
     MAX_IMAGE_SIDE,
@@ -321,9 +321,6 @@ def _ws_observation(data: bytes, s: ServeSettings, default_session: str) -> Obse
     )
 
 
-OPENPI_CHUNK = ChunkSpec("first")
-
-
 def _openpi_observation(data: bytes, s: ServeSettings, session_id: str) -> Observation:
     """One openpi message (msgpack, openpi's numpy encoding) -> an observation, or BadRequest."""
     obs = parse_openpi(
@@ -334,7 +331,7 @@ def _openpi_observation(data: bytes, s: ServeSettings, session_id: str) -> Obser
         s.max_instruction_chars,
         s.max_image_side,
     )
-    obs.chunk = OPENPI_CHUNK  # a fresh chunk every call: the robot executes it (its broker)
+    obs.chunk = FIRST  # a fresh chunk every call: the robot executes it (its broker)
     return obs
 
 
