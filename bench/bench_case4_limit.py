@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         with FlopCounterMode(display=False) as counter:
             loss, _ = policy.loss(batch)
             loss.backward()
-        flops[name], losses[name] = counter.get_total_flops(), float(loss)
+        flops[name], losses[name] = counter.get_total_flops(), loss.item()
         policy.zero_grad()
     phases = time_steps(variants, batch, args.steps)
     print(

@@ -32,8 +32,6 @@ from mobile_vla.config import ACTION_NAMES
 from mobile_vla.data.commands import full_commands
 from mobile_vla.errors import MobileVLAError
 
-COMMAND_NAMES = tuple(ACTION_NAMES)  # the robot's command: [linear_x, linear_y, angular_z]
-
 
 @dataclass
 class ExecutionSettings:
@@ -79,7 +77,7 @@ class ActionQueue:
         self.s = settings
         self.times: list[float] = []
         self.actions: list[np.ndarray] = []
-        self.last_command = np.zeros(len(COMMAND_NAMES), np.float32)
+        self.last_command = np.zeros(len(ACTION_NAMES), np.float32)
         self.last_fresh: float | None = None
         self.start: float | None = None  # the first tick: gaps count from there
         self.status = "stopped"  # of the last tick: fresh, held or stopped (no action to run)

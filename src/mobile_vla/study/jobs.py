@@ -176,23 +176,24 @@ def phase(name: str, seconds: float) -> None:
 def _evaluate(job: Evaluate) -> None:
     from mobile_vla.evaluation.language import format_language
     from mobile_vla.evaluation.run_eval import evaluate, evaluate_run_language
-
-    t0 = time.perf_counter()
     from mobile_vla.models.runtime import ChunkSpec
+    from mobile_vla.training.runs import Run
 
     chunk = ChunkSpec(job.chunk, job.chunk_k)
-    evaluate(job.run, "best", job.episodes, job.seed, chunk, videos=job.videos, progress=False)
+    t0 = time.perf_counter()
+    run = Run.open(job.run)  # opened once: the language runs reuse the policy loaded here
+    evaluate(run, "best", job.episodes, job.seed, chunk, videos=job.videos, progress=False)
     phase("evaluate (offline + closed loop)", time.perf_counter() - t0)
     if job.language:
         t0 = time.perf_counter()
-        result = evaluate_run_language(job.run, job.language, job.seed, chunk, progress=False)
+        result = evaluate_run_language(run, job.language, job.seed, chunk, progress=False)
         print(format_language(result))
         phase("language reliance", time.perf_counter() - t0)
     if job.episodes and job.curve:
         from mobile_vla.evaluation.curve import evaluate_curve, format_curve
 
         t0 = time.perf_counter()
-        print(format_curve(evaluate_curve(job.run, job.episodes, job.seed, chunk)))
+        print(format_curve(evaluate_curve(run, job.episodes, job.seed, chunk)))
         phase("curve", time.perf_counter() - t0)
 
 
