@@ -615,6 +615,52 @@ def test_per_step_head_skips_padding_and_supervises_every_frame(tmp_path) -> Non
         make("builtin", {}, tmp_path, "head.per_step=true", "backbone.history=pre")
 
 
+def test_change_weight_weighs_the_frames_where_the_command_changes(tmp_path) -> None:
+    """head.change_weight: the chunk entries whose command differs from the frame before (in
+    the chunk, or across to the previous frame's first entry) weigh 1 + w in the training
+    loss; padding and the window's first entry do not count; validation stays unweighted; and
+    the key is refused without per-step windows."""
+    from mobile_vla.models.policy import command_changes
+
+    # commands of frames 0..5 along one episode: forward, forward, left, left, stop, stop
+    seq = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    w_len, n = 3, 3
+    actions = torch.stack([torch.stack([seq[w + j] for j in range(n)]) for w in range(w_len)])[None]
+    mask = torch.ones(1, w_len, n, dtype=torch.bool)
+    mask[0, 2, 2] = False  # frame 4 as the last entry of frame 2's chunk: padding
+    expected = torch.tensor([[[0, 0, 1], [0, 1, 0], [1, 0, 0]]], dtype=torch.float32)
+    torch.testing.assert_close(command_changes(actions, mask), expected)
+    # a change next to padding does not count
+    mask2 = mask.clone()
+    mask2[0, 0, 1] = False
+    assert command_changes(actions, mask2)[0, 0, 2] == 0
+
+    _, policy, _ = make("builtin", {}, tmp_path, "head.per_step=true", "head.change_weight=3")
+    b = batch()
+    b["obs_mask"] = torch.tensor([[True, True, False], [True, True, True]])
+    g = torch.Generator().manual_seed(2)
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    b["actions"] = keys[torch.randint(0, 3, (2, 3, 4), generator=g)]
+    b["action_mask"] = b["obs_mask"][..., None].expand(-1, -1, 4).clone()
+    policy.train()
+    loss, out = policy.loss(b)
+    flat = b["actions"].flatten(0, 1)
+    per = torch.nn.functional.huber_loss(out.logits, flat, reduction="none").mean(-1)
+    weight = (1 + 3 * command_changes(b["actions"], b["action_mask"])).flatten(0, 1)
+    rows = b["action_mask"].flatten(0, 1)
+    assert command_changes(b["actions"], b["action_mask"]).sum() > 0
+    torch.testing.assert_close(loss, (per * weight)[rows].sum() / weight[rows].sum())
+    assert not torch.allclose(loss, per[rows].mean())
+    policy.eval()
+    loss_eval, out = policy.loss(b)
+    per = torch.nn.functional.huber_loss(out.logits, flat, reduction="none").mean(-1)
+    torch.testing.assert_close(loss_eval, per[rows].mean())
+    with pytest.raises(ConfigError, match=r"head\.change_weight"):
+        make("builtin", {}, tmp_path, "head.change_weight=1")
+    with pytest.raises(ConfigError, match=r"head\.change_weight"):
+        make("builtin", {}, tmp_path, "head.per_step=true", "head.change_weight=-1")
+
+
 def test_per_step_validation_loss_equals_one_window_per_frame(train_data, tmp_path) -> None:
     """With the window at least the episode's length, the per-step validation windows (one
     per episode) give exactly the loss of one left-padded window per frame: the same

@@ -388,6 +388,13 @@ class HeadConfig:
     episode length it equals the one-window-per-frame loss); offline evaluation keeps one
     window per frame, as the robot runs it. Saved in the run's config, so evaluation and
     serving skip padding too."""
+    change_weight: float = 0.0
+    """``per_step`` only: extra training-loss weight on the chunk entries whose command differs
+    from the command one frame earlier (the turn into the lane, the turn back, the stop). An
+    episode has only a few of them among ~20 frames, yet each decides a whole step: one step
+    late at the stop drives into a wide target. Such an entry weighs ``1 + change_weight`` and
+    the loss is the weighted mean. Training only: the validation loss stays unweighted, so it
+    compares across settings. 0 = off."""
 
     def validate(self, prefix: str) -> None:
         if self.per_step and self.type != "lstm":
@@ -412,6 +419,15 @@ class HeadConfig:
             raise bad_value(f"{prefix}.gripper_loss_ratio", ">= 0", self.gripper_loss_ratio)
         if not 0.0 <= self.snap_to_keys < 1.0:
             raise bad_value(f"{prefix}.snap_to_keys", "in [0, 1) (0 = off)", self.snap_to_keys)
+        if self.change_weight < 0:
+            raise bad_value(f"{prefix}.change_weight", ">= 0 (0 = off)", self.change_weight)
+        if self.change_weight > 0 and not self.per_step:
+            raise bad_value(
+                f"{prefix}.change_weight",
+                "0 unless head.per_step is true (it compares each frame's command with the "
+                "frame before, which only per-step windows carry)",
+                self.change_weight,
+            )
 
 
 @dataclass

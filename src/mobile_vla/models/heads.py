@@ -211,9 +211,18 @@ class ActionCodec:
         dist = torch.cdist(target.reshape(-1, self.dims), self.action_set.to(target.device))
         return dist.argmin(-1).view(target.shape[:-1])
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean over valid (sample, chunk step) of the weighted per-dimension loss."""
+    def loss(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        mask: torch.Tensor,
+        weight: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean over valid (sample, chunk step) of the weighted per-dimension loss; with
+        ``weight`` (the mask's shape) the mean weighted by it."""
         valid = mask.to(logits.dtype)
+        if weight is not None:
+            valid = valid * weight.to(logits.dtype)
         denom = valid.sum().clamp(min=1.0)
         space = self.cfg.action_space
         if space == "continuous":

@@ -222,9 +222,13 @@ class VLAPolicy(nn.Module):
         actions, mask = batch["actions"], batch["action_mask"]
         every_step = actions.dim() == 4
         out = self(batch, every_step)
+        weight = None
+        if every_step and self.training and self.cfg.head.change_weight > 0:
+            weight = 1.0 + self.cfg.head.change_weight * command_changes(actions, mask)
+            weight = weight.flatten(0, 1)
         if every_step:
             actions, mask = actions.flatten(0, 1), mask.flatten(0, 1)
-        return self.codec.loss(out.logits, actions, mask), out
+        return self.codec.loss(out.logits, actions, mask, weight), out
 
     # -- inference ------------------------------------------------------------------------------
     def decode(self, out: HeadOutput) -> torch.Tensor:
@@ -254,6 +258,21 @@ class VLAPolicy(nn.Module):
             obs_mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device)
         out = self({"images": images, "instruction": list(texts), "obs_mask": obs_mask})
         return self.to_physical(self.decode(out))
+
+
+def command_changes(actions: torch.Tensor, mask: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+    """1.0 where a per-step window's chunk entry differs from the command one frame earlier,
+    else 0.0: (B, W, N) for actions (B, W, N, D) and masks (B, W, N). Entry (w, j) is the command
+    at frame w + j; one frame earlier is entry (w, j - 1), or for j = 0 entry (w - 1, 0). The
+    window's first entry has nothing before it in the window and counts as unchanged, and so
+    does an entry next to padding."""
+    prev = torch.empty_like(actions)
+    prev_ok = torch.zeros_like(mask)
+    prev[:, :, 1:], prev_ok[:, :, 1:] = actions[:, :, :-1], mask[:, :, :-1]
+    prev[:, 1:, 0], prev_ok[:, 1:, 0] = actions[:, :-1, 0], mask[:, :-1, 0]
+    prev[:, 0, 0] = actions[:, 0, 0]
+    changed = (actions - prev).abs().amax(-1) > tol
+    return (changed & mask & prev_ok).to(actions.dtype)
 
 
 def _check_distinct_keys(physical: np.ndarray, normalized: np.ndarray, mode: str) -> None:
