@@ -42,6 +42,46 @@ def test_expert_replay_succeeds_and_zero_policy_fails() -> None:
     assert crash.success_rate == 0.0 and crash.collision_rate == 1.0
 
 
+class _OtherSide(ExpertReplayController):
+    """The expert of the same world instructed the other way: passes on the wrong side."""
+
+    def reset(self, scenario) -> None:
+        import dataclasses
+
+        other = "right" if scenario.side == "left" else "left"
+        super().reset(dataclasses.replace(scenario, side=other))
+
+
+class _NoStop(ExpertReplayController):
+    """The expert, then forward instead of stopping: drives into the target."""
+
+    def act(self, image, instruction) -> np.ndarray:
+        return super().act(image, instruction) if self.actions else np.array([1.15, 0, 0])
+
+
+def test_failures_say_what_the_robot_hit_or_where_it_stopped() -> None:
+    """Each failed episode is sorted by how it failed, and the summary counts them: the
+    obstacle, the target and a wall for collisions (from the geom the robot touched), the
+    wrong side, and a stop outside the goal; a successful run has none."""
+    expert, _ = closed_loop(ExpertReplayController(SIM), SIM, 4, seed=0)
+    assert expert.failures == {}
+    cases = {
+        "hit obstacle": ConstantController([1.15, 0, 0]),
+        "hit wall": ConstantController([0, 1.15, 0]),
+        "stopped outside the goal": ConstantController(),
+        "wrong side": _OtherSide(SIM),
+        "hit target": _NoStop(SIM),
+    }
+    for failure, controller in cases.items():
+        summary, results = closed_loop(controller, SIM, 4, seed=0)
+        assert summary.failures == {failure: 4}, (failure, summary.failures)
+        assert {r.failure for r in results} == {failure}
+        assert ClosedLoopSummary.from_json(summary.to_json()).failures == {failure: 4}
+    hit = results[0].to_json()
+    assert hit["hit"] == "target" and hit["collision"]
+    assert ClosedLoopSummary.from_json({"episodes": 1, "successes": 1}).failures == {}
+
+
 def test_evaluation_seeds_are_held_out_from_collection() -> None:
     from mobile_vla.sim.collect import plan_jobs
     from mobile_vla.sim.scenario import parse_scenarios

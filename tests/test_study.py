@@ -99,6 +99,8 @@ def test_study_grid_resumes_and_reports(finished: tuple[Path, Path]) -> None:
     }
     for c in results["cells"].values():
         assert c["closed_loop"]["episodes"] == 2
+        failed = c["closed_loop"]["episodes"] - c["closed_loop"]["successes"]
+        assert sum(c["closed_loop"]["failures"].values()) == failed
         assert c["trainable_params"] > 0 and c["peak_memory_bytes"] > 0
     sizes = {c["key"]["train_episodes"]: c["episodes"]["train"] for c in results["cells"].values()}
     assert sizes[6] == 6 and sizes[0] > 6
@@ -116,6 +118,7 @@ def test_study_grid_resumes_and_reports(finished: tuple[Path, Path]) -> None:
         "With and without vision-language pretraining",
         "Frozen vs LoRA",
         "How each strategy drives",
+        "| failures, pooled |",
     ):
         assert heading in md
     assert (out / "figures" / "data_efficiency.png").stat().st_size > 10_000

@@ -156,9 +156,26 @@ class EpisodeResult:
     end: str
     trajectory: list[tuple[float, float, float]] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list, repr=False)
+    hit: str | None = None  # what a collision touched first: "obstacle", "target", "wall"
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("frames",)}
+
+    @property
+    def failure(self) -> str | None:
+        """How the episode failed (None when it succeeded): the first that applies of "hit
+        <what>", "wrong side" (passed the obstacle on the other side, or between two boxes:
+        "through"), "stopped outside the goal", "step limit" (still moving, or stopped in the
+        goal after it)."""
+        if self.success:
+            return None
+        if self.collision:
+            return f"hit {self.hit or 'something'}"
+        if self.passed_side is not None and self.passed_side != self.side:
+            return "wrong side" if self.passed_side != "through" else "through the obstacle"
+        if self.end == "stopped":
+            return "stopped outside the goal"
+        return "step limit"
 
 
 def evaluation_jobs(episodes: int, seed: int) -> list[tuple[int, int, str, str, str]]:
@@ -210,6 +227,7 @@ def run_episode(
         end,
         list(env.trajectory),
         frames,
+        out.hit,
     )
 
 
@@ -230,7 +248,17 @@ def summarize(results: Sequence[EpisodeResult]) -> ClosedLoopSummary:
         values = sorted({getattr(r, key) for r in results})
         return {v: block([r for r in results if getattr(r, key) == v]) for v in values}
 
-    return ClosedLoopSummary(block(results), by("side"), by("layout"), by("distance"))
+    failures: dict[str, int] = {}
+    for r in results:
+        if r.failure is not None:
+            failures[r.failure] = failures.get(r.failure, 0) + 1
+    return ClosedLoopSummary(
+        block(results),
+        by("side"),
+        by("layout"),
+        by("distance"),
+        failures=dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
+    )
 
 
 def closed_loop(
@@ -337,4 +365,6 @@ def format_closed_loop(c: ClosedLoopSummary) -> str:
         group = getattr(c, f"by_{key}")
         parts = [f"{name} {b.successes}/{b.episodes}" for name, b in group.items()]
         lines.append(f"  {key}: " + ", ".join(parts))
+    if c.failures:
+        lines.append("  failures: " + ", ".join(f"{k} {n}" for k, n in c.failures.items()))
     return "\n".join(lines)

@@ -133,6 +133,9 @@ class ClosedLoopSummary(_Overall):
     step_limit: int | None = None
     expert_steps: int | None = None
     episodes_detail: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    failures: dict[str, int] = field(default_factory=dict)
+    """Failed episodes by how they failed ("hit target", "stopped outside the goal", ...:
+    ``EpisodeResult.failure``), most frequent first; empty in results written before it."""
 
     def side(self, name: str) -> SuccessCount | None:
         return self.by_side.get(name)
@@ -145,6 +148,7 @@ class ClosedLoopSummary(_Overall):
         for g in GROUPS:
             out[f"by_{g}"] = {k: v.to_json() for k, v in getattr(self, f"by_{g}").items()}
         out.update(_drop_none({k: getattr(self, k) for k in SETTINGS}))
+        out["failures"] = dict(self.failures)
         if self.episodes_detail:
             out["episodes_detail"] = self.episodes_detail
         return out
@@ -160,6 +164,7 @@ class ClosedLoopSummary(_Overall):
             **groups,
             **{k: d.get(k) for k in SETTINGS},
             episodes_detail=list(d.get("episodes_detail", [])),
+            failures={str(k): int(v) for k, v in (d.get("failures") or {}).items()},
         )
 
 

@@ -43,6 +43,7 @@ class Outcome:
     steps: int
     final_x: float
     final_y: float
+    hit: str | None = None  # what the robot first touched: "obstacle", "target", "wall"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +63,7 @@ class NavEnv:
         self._robot_geoms: set[int] = set()
         self.steps = 0
         self.collision = False
+        self.hit: str | None = None
         self.passed_side: str | None = None
         self.trajectory: list[tuple[float, float, float]] = []
 
@@ -87,6 +89,7 @@ class NavEnv:
             self.renderer = self.mj.Renderer(self.model, h, w)
         self.steps = 0
         self.collision = False
+        self.hit = None
         self.passed_side = None
         self.trajectory = [self.pose]
         return self.observation()
@@ -143,23 +146,29 @@ class NavEnv:
             self.data.ctrl[1] = s * a[0] + c * a[1]
             self.data.ctrl[2] = a[2]
             self.mj.mj_step(self.model, self.data)
-            if not self.collision and self._touching():
-                self.collision = True
+            if not self.collision:
+                self.hit = self._touching()
+                self.collision = self.hit is not None
         self.steps += 1
         x, y, _ = self.pose
         self._track_passing(prev_x, x, y)
         self.trajectory.append(self.pose)
         return self.observation(), {"collision": self.collision, "steps": self.steps}
 
-    def _touching(self) -> bool:
+    def _touching(self) -> str | None:
+        """What the robot touches now ("obstacle", "target", "wall" or a geom's name), or
+        None."""
         d = self.data
         for i in range(d.ncon):
             con = d.contact[i]
             if con.dist < 0 and (
                 (con.geom1 in self._robot_geoms) != (con.geom2 in self._robot_geoms)
             ):
-                return True
-        return False
+                other = con.geom2 if con.geom1 in self._robot_geoms else con.geom1
+                return touched_thing(
+                    self.mj.mj_id2name(self.model, self.mj.mjtObj.mjOBJ_GEOM, other)
+                )
+        return None
 
     def _track_passing(self, prev_x: float, x: float, y: float) -> None:
         s = self.scenario
@@ -185,4 +194,15 @@ class NavEnv:
             and self.passed_side == self.scenario.side
             and self.steps <= self.cfg.max_steps
         )
-        return Outcome(success, self.collision, in_goal, self.passed_side, self.steps, x, y)
+        return Outcome(
+            success, self.collision, in_goal, self.passed_side, self.steps, x, y, self.hit
+        )
+
+
+def touched_thing(geom: str | None) -> str:
+    """The kind of thing a geom of the arena is: "obstacle", "target", "wall", else its name."""
+    name = geom or "unnamed"
+    for kind in ("obstacle", "target", "wall"):
+        if name.startswith(kind):
+            return kind
+    return name

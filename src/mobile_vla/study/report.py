@@ -207,6 +207,16 @@ def pooled_success(cells: list[CellResult], side: str | None = None) -> dict[str
     return {"successes": k, "episodes": n, "rate": k / n if n else None, "ci95": [lo, hi]}
 
 
+def pooled_failures(cells: list[CellResult]) -> dict[str, int]:
+    """How the cells' closed-loop episodes failed (``ClosedLoopSummary.failures``), summed over
+    the cells, most frequent first."""
+    out: dict[str, int] = {}
+    for c in cells:
+        for k, n in (c.closed_loop.failures if c.closed_loop else {}).items():
+            out[k] = out.get(k, 0) + n
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def _largest(sizes: list[int]) -> int:
     return 0 if 0 in sizes else max(sizes)
 
@@ -810,6 +820,12 @@ def _strategies_table(st: _Study) -> list[Block]:
                 else "n/a"
             )
         rows.append(row)
+    row = ["failures, pooled"]
+    for s in st.strategies:
+        counts = pooled_failures(cells[s])
+        table_json.setdefault(s, {})["failures, pooled"] = counts
+        row.append(", ".join(f"{k} {n}" for k, n in counts.items()) or "none")
+    rows.append(row)
     st.summary["main_table"] = table_json
     title = (
         f"Strategies ({'pretrained' if st.pretrained else 'random-init'} backbone, "
