@@ -48,6 +48,11 @@ DEVELOPMENT_SEEDS = {
     3: "the frozen_text recipe's window, snapping and step count were chosen on it",
     101: "validation scenes: checkpoint selection (curve --select) and the Case-4 recipe",
     102: "second validation scenes: the Case-4 recipe's chunk execution (first / ensemble)",
+    **dict.fromkeys(
+        (11, 12, 13, 14),
+        "Case 4's failures on it (one step past the stop, into the basket) led to "
+        "head.change_weight",
+    ),
     1000: "make demo's closed loop",
 }
 
