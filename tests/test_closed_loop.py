@@ -30,6 +30,9 @@ def test_expert_replay_succeeds_and_zero_policy_fails() -> None:
     assert set(summary.by_distance) == {"close", "medium", "far"}
     assert all(r.end == "stopped" and r.passed_side == r.side for r in results)
     assert summary.overall.mean_steps_to_success > 5
+    # the expert stops where the goal is: the stop's x follows the goal's x with slope ~1
+    assert summary.stops["episodes"] == 12 and summary.stops["slope"] == pytest.approx(1, abs=0.2)
+    assert all(abs(v) < 0.07 for v in summary.stops["offset_by_distance"].values())
     stored = summary.to_json()  # metrics.json's keys, read back as the same record
     assert stored["by_side"]["left"]["successes"] == 6 and stored["success_ci95"][1] == 1.0
     assert ClosedLoopSummary.from_json(stored) == summary
@@ -38,6 +41,8 @@ def test_expert_replay_succeeds_and_zero_policy_fails() -> None:
     zero, results = closed_loop(ConstantController(), SIM, 6, seed=0)
     assert zero.success_rate == 0.0 and zero.collision_rate == 0.0
     assert all(r.end == "stopped" for r in results)
+    assert zero.stops["slope"] == pytest.approx(0, abs=1e-6)  # stops at the start, always
+    assert all(v < -1 for v in zero.stops["offset_by_distance"].values())
     crash, _ = closed_loop(ConstantController([1.15, 0, 0]), SIM, 4, seed=0)
     assert crash.success_rate == 0.0 and crash.collision_rate == 1.0
 

@@ -162,6 +162,7 @@ class EpisodeResult:
     trajectory: list[tuple[float, float, float]] = field(default_factory=list)
     frames: list[np.ndarray] = field(default_factory=list, repr=False)
     hit: str | None = None  # what a collision touched first: "obstacle", "target", "wall"
+    goal_x: float | None = None  # the goal region's centre along the arena's forward axis (m)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("frames",)}
@@ -233,6 +234,7 @@ def run_episode(
         list(env.trajectory),
         frames,
         out.hit,
+        scenario.goal_center[0],
     )
 
 
@@ -263,7 +265,26 @@ def summarize(results: Sequence[EpisodeResult]) -> ClosedLoopSummary:
         by("layout"),
         by("distance"),
         failures=dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
+        stops=stop_placement(results),
     )
+
+
+def stop_placement(results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    """Where the robot stopped against where the goal was, over the episodes that ended
+    stopped: the mean of (stop x - goal centre x) per distance level, and the slope of the stop's
+    x on the goal's x (least squares). The scripted expert's slope is ~1: it stops where the
+    goal is. A slope well under 1 stops near one typical place whatever the distance, too far on
+    close scenes (into a wide target) and short on far ones. Empty with fewer than 3 stops."""
+    stops = [r for r in results if r.end == "stopped" and r.goal_x is not None and r.trajectory]
+    if len(stops) < 3:
+        return {}
+    goal = np.array([r.goal_x for r in stops], dtype=np.float64)
+    end = np.array([r.trajectory[-1][0] for r in stops], dtype=np.float64)
+    spread = float(np.var(goal))
+    slope = float(np.cov(goal, end, bias=True)[0, 1] / spread) if spread > 0 else None
+    dist = np.array([r.distance for r in stops])
+    offset = {d: round(float(np.mean((end - goal)[dist == d])), 4) for d in sorted(set(dist))}
+    return {"episodes": len(stops), "slope": slope, "offset_by_distance": offset}
 
 
 def closed_loop(
@@ -372,4 +393,10 @@ def format_closed_loop(c: ClosedLoopSummary) -> str:
         lines.append(f"  {key}: " + ", ".join(parts))
     if c.failures:
         lines.append("  failures: " + ", ".join(f"{k} {n}" for k, n in c.failures.items()))
+    if c.stops and c.stops.get("slope") is not None:
+        offsets = ", ".join(f"{d} {v:+.2f}" for d, v in c.stops["offset_by_distance"].items())
+        lines.append(
+            f"  stops ({c.stops['episodes']} episodes): stop x against goal x, slope "
+            f"{c.stops['slope']:.2f} (1 = stops where the goal is); mean stop - goal (m): {offsets}"
+        )
     return "\n".join(lines)

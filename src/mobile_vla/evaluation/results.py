@@ -136,6 +136,10 @@ class ClosedLoopSummary(_Overall):
     failures: dict[str, int] = field(default_factory=dict)
     """Failed episodes by how they failed ("hit target", "stopped outside the goal", ...:
     ``EpisodeResult.failure``), most frequent first; empty in results written before it."""
+    stops: dict[str, Any] = field(default_factory=dict)
+    """Where the episodes that ended stopped stopped against the goal
+    (``closed_loop.stop_placement``: ``slope``, ``offset_by_distance``); empty when fewer than
+    3 stopped, or in results written before it."""
 
     def side(self, name: str) -> SuccessCount | None:
         return self.by_side.get(name)
@@ -149,6 +153,7 @@ class ClosedLoopSummary(_Overall):
             out[f"by_{g}"] = {k: v.to_json() for k, v in getattr(self, f"by_{g}").items()}
         out.update(_drop_none({k: getattr(self, k) for k in SETTINGS}))
         out["failures"] = dict(self.failures)
+        out["stops"] = dict(self.stops)
         if self.episodes_detail:
             out["episodes_detail"] = self.episodes_detail
         return out
@@ -165,6 +170,7 @@ class ClosedLoopSummary(_Overall):
             **{k: d.get(k) for k in SETTINGS},
             episodes_detail=list(d.get("episodes_detail", [])),
             failures={str(k): int(v) for k, v in (d.get("failures") or {}).items()},
+            stops=dict(d.get("stops") or {}),
         )
 
 
