@@ -15,7 +15,7 @@ uses, so evaluation layouts are held out from any collected training data.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,12 @@ import numpy as np
 from mobile_vla.config import SimConfig
 from mobile_vla.data.images import resize_frames
 from mobile_vla.errors import MobileVLAError
-from mobile_vla.evaluation.results import ClosedLoopSummary, SuccessCount, wilson_interval
+from mobile_vla.evaluation.results import (
+    ClosedLoopSummary,
+    SuccessCount,
+    most_frequent_first,
+    wilson_interval,
+)
 from mobile_vla.models.runtime import (  # the runtime serving shares
     FIRST,
     ChunkSpec,
@@ -170,9 +175,9 @@ class EpisodeResult:
     @property
     def failure(self) -> str | None:
         """How the episode failed (None when it succeeded): the first that applies of "hit
-        <what>", "wrong side" (passed the obstacle on the other side, or between two boxes:
-        "through"), "stopped outside the goal", "step limit" (still moving, or stopped in the
-        goal after it)."""
+        <what>", "wrong side" (passed the obstacle on the other side), "through the obstacle"
+        (between two boxes), "stopped outside the goal", "step limit" (still moving, or
+        stopped in the goal after it)."""
         if self.success:
             return None
         if self.collision:
@@ -255,16 +260,12 @@ def summarize(results: Sequence[EpisodeResult]) -> ClosedLoopSummary:
         values = sorted({getattr(r, key) for r in results})
         return {v: block([r for r in results if getattr(r, key) == v]) for v in values}
 
-    failures: dict[str, int] = {}
-    for r in results:
-        if r.failure is not None:
-            failures[r.failure] = failures.get(r.failure, 0) + 1
     return ClosedLoopSummary(
         block(results),
         by("side"),
         by("layout"),
         by("distance"),
-        failures=dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0]))),
+        failures=most_frequent_first(Counter(r.failure for r in results if r.failure)),
         stops=stop_placement(results),
     )
 

@@ -10,6 +10,7 @@ and the CLI read fields (``summary.by_side["left"].successes``), never string pa
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -74,6 +75,11 @@ class SuccessCount:
             d.get("collision_rate"),
             d.get("mean_steps_to_success"),
         )
+
+
+def most_frequent_first(counts: Mapping[str, int]) -> dict[str, int]:
+    """Counts (of failure kinds) as a dict, the most frequent first, ties by name."""
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 GROUPS = ("side", "layout", "distance")

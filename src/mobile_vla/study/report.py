@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mobile_vla.evaluation.plots import embedded_figure, save_figure, success_errorbar
-from mobile_vla.evaluation.results import OfflineMetrics, wilson_interval
+from mobile_vla.evaluation.results import OfflineMetrics, most_frequent_first, wilson_interval
 from mobile_vla.io import atomic_write_json, atomic_write_text
 from mobile_vla.study.budgets import BUDGET_HEADER, budget_clause, budget_row
 from mobile_vla.study.cells import CellResult, StudyResults
@@ -210,11 +210,10 @@ def pooled_success(cells: list[CellResult], side: str | None = None) -> dict[str
 def pooled_failures(cells: list[CellResult]) -> dict[str, int]:
     """How the cells' closed-loop episodes failed (``ClosedLoopSummary.failures``), summed over
     the cells, most frequent first."""
-    out: dict[str, int] = {}
+    total: Counter[str] = Counter()
     for c in cells:
-        for k, n in (c.closed_loop.failures if c.closed_loop else {}).items():
-            out[k] = out.get(k, 0) + n
-    return dict(sorted(out.items(), key=lambda kv: (-kv[1], kv[0])))
+        total.update(c.closed_loop.failures if c.closed_loop else {})
+    return most_frequent_first(total)
 
 
 def _largest(sizes: list[int]) -> int:
