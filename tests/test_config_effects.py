@@ -181,6 +181,9 @@ SPECIAL = {
     # the same function either way, by design; which forward runs:
     # test_lora_fused.py::test_the_key_decides_which_forward_runs
     "train_setup.lora_fused",
+    # the training loss weighted where the command changes, validation unweighted:
+    # test_policy.py::test_change_weight_weighs_the_frames_where_the_command_changes
+    "head.change_weight",
 }
 
 
