@@ -394,7 +394,9 @@ class HeadConfig:
     episode has only a few of them among ~20 frames, yet each decides a whole step: one step
     late at the stop drives into a wide target. Such an entry weighs ``1 + change_weight`` and
     the loss is the weighted mean. Training only: the validation loss stays unweighted, so it
-    compares across settings. 0 = off."""
+    compares across settings. Meant for teleop-key commands (a few discrete values, as the
+    Mobile-VLA robot records them): two entries differ when any normalized dimension differs by
+    more than 1e-3, so with continuous commands nearly every entry counts. 0 = off."""
 
     def validate(self, prefix: str) -> None:
         if self.per_step and self.type != "lstm":
