@@ -500,6 +500,7 @@ class Study:
     def _run(self) -> Path:
         from mobile_vla.study.report import write_report
 
+        start = time.perf_counter()  # the total counts the collection too
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_same_study()
         results = self.load_results()
@@ -507,7 +508,6 @@ class Study:
         atomic_write_json(self.out / FINGERPRINT, base_fingerprint(self.base))
         data = self.ensure_data()
         grid = cells(self.study)
-        start = time.perf_counter()
         for k, cell in enumerate(grid, 1):
             if cell.id in results.cells:
                 self._say(f"[{k}/{len(grid)}] {cell.id}: finished earlier, skipped")
