@@ -266,11 +266,9 @@ def command_changes(actions: torch.Tensor, mask: torch.Tensor, tol: float = 1e-3
     at frame w + j; one frame earlier is entry (w, j - 1), or for j = 0 entry (w - 1, 0). The
     window's first entry has nothing before it in the window and counts as unchanged, and so
     does an entry next to padding."""
-    prev = torch.empty_like(actions)
-    prev_ok = torch.zeros_like(mask)
+    prev, prev_ok = actions.clone(), torch.zeros_like(mask)
     prev[:, :, 1:], prev_ok[:, :, 1:] = actions[:, :, :-1], mask[:, :, :-1]
     prev[:, 1:, 0], prev_ok[:, 1:, 0] = actions[:, :-1, 0], mask[:, :-1, 0]
-    prev[:, 0, 0] = actions[:, 0, 0]
     changed = (actions - prev).abs().amax(-1) > tol
     return (changed & mask & prev_ok).to(actions.dtype)
 

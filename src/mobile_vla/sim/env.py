@@ -62,8 +62,7 @@ class NavEnv:
         self.scenario: Scenario | None = None
         self._robot_geoms: set[int] = set()
         self.steps = 0
-        self.collision = False
-        self.hit: str | None = None
+        self.hit: str | None = None  # what the robot first touched; None: no collision yet
         self.passed_side: str | None = None
         self.trajectory: list[tuple[float, float, float]] = []
 
@@ -88,7 +87,6 @@ class NavEnv:
         if self.render_enabled:
             self.renderer = self.mj.Renderer(self.model, h, w)
         self.steps = 0
-        self.collision = False
         self.hit = None
         self.passed_side = None
         self.trajectory = [self.pose]
@@ -109,6 +107,11 @@ class NavEnv:
         self.close()
 
     # ---- state ----------------------------------------------------------------------
+    @property
+    def collision(self) -> bool:
+        """Whether the robot has touched anything this episode."""
+        return self.hit is not None
+
     @property
     def pose(self) -> tuple[float, float, float]:
         """(x, y, yaw) of the robot in the world frame."""
@@ -148,7 +151,6 @@ class NavEnv:
             self.mj.mj_step(self.model, self.data)
             if not self.collision:
                 self.hit = self._touching()
-                self.collision = self.hit is not None
         self.steps += 1
         x, y, _ = self.pose
         self._track_passing(prev_x, x, y)
