@@ -58,6 +58,11 @@ DEVELOPMENT_SEEDS = {
         "Case 4's failures on it (one step past the stop, into the basket) led to "
         "head.change_weight",
     ),
+    **dict.fromkeys(
+        (15, 16),
+        "Case 4's stops on it (near one typical place, not at the goal) led to "
+        "train_setup.lora_layers with more steps",
+    ),
     1000: "make demo's closed loop",
 }
 
