@@ -291,3 +291,22 @@ def test_checkpoint_steps_give_a_learning_curve(train_data, tmp_path, capsys) ->
     assert selection_of(run / "checkpoints" / "step_2") is None
     with pytest.raises(MobileVLAError, match="checkpoint_steps"):
         load_config(None, ["trainer.checkpoint_steps=[2,1]"])
+
+
+def test_success_error_bars_of_a_perfect_checkpoint_plot(tmp_path) -> None:
+    # 48/48: the Wilson upper bound is 0.999... in floating point, a hair below the rate;
+    # the curve's plot must draw it (it once raised matplotlib's "negative yerr")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mobile_vla.evaluation.plots import success_errorbar
+
+    assert wilson_interval(48, 48)[1] < 1.0
+    fig, ax = plt.subplots()
+    intervals = [wilson_interval(k, 48) for k in (0, 31, 48)]
+    success_errorbar(ax, [800, 1600, 2400], [0.0, 31 / 48, 1.0], intervals, "run")
+    (line,) = ax.lines[:1]
+    assert list(line.get_ydata()) == [0.0, 31 / 48, 1.0]
+    plt.close(fig)
