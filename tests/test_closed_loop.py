@@ -294,8 +294,8 @@ def test_checkpoint_steps_give_a_learning_curve(train_data, tmp_path, capsys) ->
 
 
 def test_success_error_bars_of_a_perfect_checkpoint_plot(tmp_path) -> None:
-    # 48/48: the Wilson upper bound is 0.999... in floating point, a hair below the rate;
-    # the curve's plot must draw it (it once raised matplotlib's "negative yerr")
+    # 48/48: the Wilson upper bound once came out 0.999... in floating point, a hair below
+    # the rate, and the curve's plot raised matplotlib's "negative yerr"
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,7 +303,10 @@ def test_success_error_bars_of_a_perfect_checkpoint_plot(tmp_path) -> None:
 
     from mobile_vla.evaluation.plots import success_errorbar
 
-    assert wilson_interval(48, 48)[1] < 1.0
+    for n in (1, 10, 24, 48, 96, 144, 192, 288, 576):
+        for k in range(n + 1):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0, (k, n)
     fig, ax = plt.subplots()
     intervals = [wilson_interval(k, 48) for k in (0, 31, 48)]
     success_errorbar(ax, [800, 1600, 2400], [0.0, 31 / 48, 1.0], intervals, "run")

@@ -76,12 +76,9 @@ def success_errorbar(
 ) -> None:
     """Success rates against training steps on ``ax``, each with its 95% interval (lo, hi)
     as an asymmetric error bar."""
-    # clipped at 0: a Wilson bound computed in floating point can land a hair inside the
-    # rate itself (48/48 gives an upper bound of 0.999...), and matplotlib refuses a
-    # negative error bar
     err = [
-        [max(0.0, r - lo) for r, (lo, _) in zip(rates, intervals, strict=True)],
-        [max(0.0, hi - r) for r, (_, hi) in zip(rates, intervals, strict=True)],
+        [r - lo for r, (lo, _) in zip(rates, intervals, strict=True)],
+        [hi - r for r, (_, hi) in zip(rates, intervals, strict=True)],
     ]
     ax.errorbar(steps, rates, yerr=err, marker="o", capsize=3, label=label)
 

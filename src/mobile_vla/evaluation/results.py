@@ -18,14 +18,16 @@ from mobile_vla.errors import MobileVLAError
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
+    """95% Wilson score interval of a binomial proportion. It contains the observed
+    proportion, as the Wilson interval does in exact arithmetic (in floating point 48/48's
+    upper bound came out 0.999..., below the rate, and a plot's error bar went negative)."""
     if n == 0:
         return (0.0, 1.0)
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
