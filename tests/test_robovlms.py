@@ -164,10 +164,10 @@ class _Boom:
         return (print, ("unpickled!",))
 
 
-def _tiny_policy(seed: int):
+def _tiny_policy(seed: int, *extra: str):
     from mobile_vla.training.runs import build_policy
 
-    over = [*TINY_BUILTIN, "head.hidden_size=16", "head.num_layers=1", f"seed={seed}"]
+    over = [*TINY_BUILTIN, "head.hidden_size=16", "head.num_layers=1", f"seed={seed}", *extra]
     cfg = load_config(None, over)
     stats = ActionStats.from_arrays(["linear_x", "linear_y"], [np.zeros((4, 2))])
     return build_policy(cfg, stats)[0]
@@ -197,6 +197,24 @@ def test_init_checkpoint_loads_tensors_by_name_and_never_unpickles(tmp_path) -> 
     torch.save(state, bad)
     with pytest.raises(CheckpointError, match="not finite"):
         load_init_weights(target, bad)
+
+
+def test_init_checkpoint_from_a_lora_run_loads_every_tensor(tmp_path) -> None:
+    """A LoRA run's checkpoint names the wrapped layers ``...base_layer.weight``, as the policy
+    that loads it does: every tensor is matched (DAgger's round goes on from such a run)."""
+    lora = ("train_setup.strategy=lora", "train_setup.lora_r=4")
+    source, target = _tiny_policy(1, *lora), _tiny_policy(2, *lora)
+    with torch.no_grad():
+        for name, value in source.state_dict().items():
+            if value.is_floating_point():
+                value.add_(torch.randn_like(value))  # every tensor differs, base layers too
+    assert any(".base_layer." in k for k in source.state_dict())
+    pt = tmp_path / "lora.pt"
+    torch.save(source.state_dict(), pt)
+    message = load_init_weights(target, pt)
+    assert "match no name" not in message, message
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
 
 
 def test_the_classification_json_trains(tmp_path, sim_dataset, caplog) -> None:

@@ -63,6 +63,11 @@ DEVELOPMENT_SEEDS = {
         "Case 4's stops on it (near one typical place, not at the goal) led to "
         "train_setup.lora_layers with more steps",
     ),
+    **dict.fromkeys(
+        (17, 18),
+        "Case 4's failures on it with twice the steps (one step into the basket) led to "
+        "the DAgger round (configs/builtin_case4_dagger.yaml)",
+    ),
     1000: "make demo's closed loop",
 }
 

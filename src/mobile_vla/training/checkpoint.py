@@ -262,7 +262,7 @@ def load_init_weights(policy: torch.nn.Module, path: str | Path) -> str:
     loaded: dict[str, torch.Tensor] = {}
     shape_mismatch, unmatched = [], []
     for name, tensor in read_weights(path).items():
-        short = name
+        short = name.replace(".base_layer.", ".")  # a LoRA run's own file names them so too
         for _ in range(3):
             target = canonical.get(short)
             if target is not None or "." not in short:
