@@ -205,7 +205,7 @@ def test_init_checkpoint_from_a_lora_run_loads_every_tensor(tmp_path) -> None:
     lora = ("train_setup.strategy=lora", "train_setup.lora_r=4")
     source, target = _tiny_policy(1, *lora), _tiny_policy(2, *lora)
     with torch.no_grad():
-        for name, value in source.state_dict().items():
+        for value in source.state_dict().values():
             if value.is_floating_point():
                 value.add_(torch.randn_like(value))  # every tensor differs, base layers too
     assert any(".base_layer." in k for k in source.state_dict())
