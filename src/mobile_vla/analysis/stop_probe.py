@@ -11,7 +11,8 @@ left out) the stop frame is the first frame after the last forward command; the 
 frame (label 1) and the frame ``gap`` steps earlier (label 0). The episodes are split into
 training and held-out ones (by episode, so a scene is on one side only), and a logistic
 read-out (standardised inputs, PCA to at most ``components`` dimensions, the L2 weight chosen
-by cross-validation on the training pairs) is fitted on the training pairs. Reported, train and held-out accuracy (chance 0.5), for each gap and for:
+by cross-validation on the training pairs) is fitted on the training pairs. Reported: train
+and held-out accuracy (chance 0.5), for each gap and for:
 
 * the frozen vision tower's tokens of the frame (what Case 4's fusion layers read; the
   shipped weights, as ``configs/builtin_case4.yaml`` loads them);
@@ -80,9 +81,10 @@ def readout(
 
 def _pairs(data: str | Path, episodes: int, gaps: list[int]) -> dict[str, Any]:
     """Frames of the stop and of each gap before it, per usable recorded episode."""
+    import h5py
+
     from mobile_vla.config import DataConfig
     from mobile_vla.data.episodes import derived_of, load_episodes
-    import h5py
 
     recorded = derived_of(load_episodes(DataConfig(path=str(data))))[0]
     recorded = [ep for ep in recorded if ep.attrs.get("driven_by", "expert") == "expert"]
@@ -142,7 +144,7 @@ def probe_stop(
     n = len(frames)
     rng = np.random.default_rng(seed)
     held = np.zeros(n, bool)
-    held[rng.permutation(n)[: max(2, int(round(n * held_out)))]] = True
+    held[rng.permutation(n)[: max(2, round(n * held_out))]] = True
     features = {"vision tokens": _vision_tokens(frames, config), "pixels": frames / 255.0}
     result: dict[str, Any] = {"episodes": n, "held_out_episodes": int(held.sum()), "gaps": {}}
     for i, gap in enumerate(gaps, start=1):
