@@ -9,7 +9,8 @@ need; if they do not, only the vision tower (adapters in it, or a sharper image)
 For every recorded expert episode of DATA (counterfactual twins and policy-driven episodes
 left out) the stop frame is the first frame after the last forward command; the pair is that
 frame (label 1) and the frame ``gap`` steps earlier (label 0). The episodes are split into
-training and held-out ones (by episode, so a scene is on one side only), and a logistic
+training and held-out ones by episode (an episode's frames are on one side only; the left and
+the right episode of one scene may fall on different sides), and a logistic
 read-out (standardised inputs, PCA to at most ``components`` dimensions, the L2 weight chosen
 by cross-validation on the training pairs) is fitted on the training pairs. Reported: train
 and held-out accuracy (chance 0.5), for each gap and for:
