@@ -34,15 +34,14 @@ from typing import Any
 import numpy as np
 
 from mobile_vla.errors import MobileVLAError
-
-#: a forward command: linear_x above this (m/s)
-FORWARD = 0.05
+from mobile_vla.evaluation.closed_loop import STOP_SPEED
 
 
 def stop_frame(linear_x: np.ndarray) -> int | None:
-    """The first frame after the last forward command, or None if the episode never drives
-    forward or never stops within its frames."""
-    forward = np.flatnonzero(np.asarray(linear_x) > FORWARD)
+    """The first frame after the last forward command (``linear_x`` above the closed loop's
+    ``STOP_SPEED``), or None if the episode never drives forward or never stops within its
+    frames."""
+    forward = np.flatnonzero(np.asarray(linear_x) > STOP_SPEED)
     if not len(forward) or forward[-1] + 1 >= len(linear_x):
         return None
     return int(forward[-1] + 1)
@@ -80,30 +79,32 @@ def readout(
     }
 
 
-def _pairs(data: str | Path, episodes: int, gaps: list[int]) -> dict[str, Any]:
-    """Frames of the stop and of each gap before it, per usable recorded episode."""
-    import h5py
-
+def _pairs(data: str | Path, episodes: int, gaps: list[int]) -> np.ndarray:
+    """Frames of the stop and of each gap before it, per usable recorded episode: (episodes,
+    1 + len(gaps), H, W, 3) uint8, read as training reads them (the file's channel order)."""
     from mobile_vla.config import DataConfig
     from mobile_vla.data.episodes import derived_of, load_episodes
+    from mobile_vla.data.frame_cache import DirectFrames
 
-    recorded = derived_of(load_episodes(DataConfig(path=str(data))))[0]
+    cfg = DataConfig(path=str(data))
+    x = cfg.action_names.index("linear_x")
+    recorded = derived_of(load_episodes(cfg))[0]
     recorded = [ep for ep in recorded if ep.attrs.get("driven_by", "expert") == "expert"]
-    rows: list[tuple[str, list[np.ndarray]]] = []
+    size = recorded[0].image_shape[:2] if recorded else (1, 1)  # none: refused below
+    source = DirectFrames(size, channel_order=cfg.channel_order)
+    rows: list[np.ndarray] = []
     for ep in recorded:
         if len(rows) >= episodes:
             break
-        with h5py.File(ep.path, "r") as fh:
-            stop = stop_frame(np.asarray(fh["actions"][:, 0]))
-            if stop is None or stop - max(gaps) < 0:
-                continue
-            rows.append((ep.path.stem, [np.asarray(fh["images"][stop - g]) for g in (0, *gaps)]))
+        stop = stop_frame(ep.actions[:, x])
+        if stop is not None and stop - max(gaps) >= 0:
+            rows.append(source.window(ep, [stop - g for g in (0, *gaps)]))
     if len(rows) < 8:
         raise MobileVLAError(
             f"stop probe: '{data}' has {len(rows)} expert episodes that stop at least "
             f"{max(gaps)} frames after their first frame; it needs >= 8"
         )
-    return {"names": [r[0] for r in rows], "frames": np.stack([np.stack(r[1]) for r in rows])}
+    return np.stack(rows)
 
 
 def _vision_tokens(frames: np.ndarray, config: str) -> np.ndarray:
@@ -140,28 +141,22 @@ def probe_stop(
     gaps = sorted({int(g) for g in gaps})
     if not gaps or gaps[0] < 1:
         raise MobileVLAError(f"stop probe: --gaps must be >= 1, got {gaps}")
-    pairs = _pairs(data, episodes, list(gaps))
-    frames = pairs["frames"]  # (episodes, 1 + len(gaps), H, W, 3): stop, then each gap
+    frames = _pairs(data, episodes, list(gaps))  # stop, then each gap before it
     n = len(frames)
     rng = np.random.default_rng(seed)
     held = np.zeros(n, bool)
     held[rng.permutation(n)[: max(2, round(n * held_out))]] = True
     features = {"vision tokens": _vision_tokens(frames, config), "pixels": frames / 255.0}
+    y = np.r_[np.ones(n, int), np.zeros(n, int)]  # rows: each stop frame, then its gap frame
+    train = np.r_[~held, ~held]
     result: dict[str, Any] = {"episodes": n, "held_out_episodes": int(held.sum()), "gaps": {}}
     for i, gap in enumerate(gaps, start=1):
-        y = np.r_[np.ones(n, int), np.zeros(n, int)]  # 1 = the stop frame
-        train = np.r_[~held, ~held]
-        row = {
-            name: readout(np.r_[f[:, 0], f[:, i]], y, train, components, seed)
-            for name, f in features.items()
-        }
+        pairs = {name: np.r_[f[:, 0], f[:, i]] for name, f in features.items()}
+        row = {name: readout(x, y, train, components, seed) for name, x in pairs.items()}
         # negative control: each episode's two frames keep their pairing, the label is a coin
-        flip = np.r_[rng.integers(0, 2, n)].astype(bool)
-        ys = np.r_[np.where(flip, 0, 1), np.where(flip, 1, 0)]
-        tokens = features["vision tokens"]
-        row["shuffled labels"] = readout(
-            np.r_[tokens[:, 0], tokens[:, i]], ys, train, components, seed
-        )
+        flip = rng.integers(0, 2, n).astype(bool)
+        shuffled = np.r_[np.where(flip, 0, 1), np.where(flip, 1, 0)]
+        row["shuffled labels"] = readout(pairs["vision tokens"], shuffled, train, components, seed)
         result["gaps"][str(gap)] = row
     return result
 
